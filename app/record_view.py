@@ -1,0 +1,56 @@
+"""`ffnscope record`: the recording job with a rich progress bar, then the per-layer table."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cache.errors import UserError
+
+
+def _config(args):
+    from engine.record import RecordConfig
+
+    if args.tokens <= 0:
+        raise UserError("--tokens must be positive")
+    return RecordConfig(
+        out=args.out, model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
+        seed=args.seed, field=args.field, dtype=args.dtype, device=args.device, tau=args.tau,
+        layers=args.layers, ngram_layers=args.ngram_layers, ngram_max_freq=args.ngram_max_freq, topk=args.topk,
+        samples=args.samples, shard_tokens=args.shard_tokens, batch_tokens=args.batch_tokens,
+        device_memory=args.device_memory, host_memory=args.host_memory, part=args.part,
+        resume=args.resume, force=args.force, trust_remote_code=args.trust_remote_code)
+
+
+def run_record(args) -> int:
+    console = Console(stderr=True)
+    from engine.record import Stopped, check_output, record
+
+    config = _config(args)
+    check_output(config)  # fail on a bad --out before loading anything heavy
+    progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.fields[tokens]}"), TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=console, disable=args.quiet or not console.is_terminal,
+                        transient=True)
+    task = progress.add_task("loading", total=1.0, tokens="", rate="")
+
+    def on_progress(f: dict) -> None:
+        progress.update(task, completed=f["tokens_done"] / max(f["tokens_total"], 1),
+                        description=f"shard {f['shard']}/{f['n_shards']} layer {f['layer']}/{f['n_layers'] - 1}",
+                        tokens=f"{f['tokens_done']:,}/{f['tokens_total']:,} tok",
+                        rate=f"{f['tokens_per_s']:,.0f} tok/s")
+
+    try:
+        with progress:
+            state = record(config, command=sys.argv, on_progress=on_progress,
+                           log=lambda m: console.print(m, markup=False, highlight=False))
+    except Stopped:
+        console.print(f"ffnscope: stopped; the last checkpoint in {config.out} stands. Continue with the "
+                      "same command and --resume", markup=False, highlight=False)
+        return 130
+    console.print(f"recorded {state.n_tokens:,} tokens into {config.out}", markup=False, highlight=False)
+    from app.info_view import print_info
+
+    print_info(config.out)
+    return 0

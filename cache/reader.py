@@ -1,0 +1,56 @@
+"""Read a cache lazily: metadata at once, arrays only when asked, one layer at a time."""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from cache import schema
+from cache.store import open_file
+
+
+class CacheReader:
+    def __init__(self, path: Path, purpose: str = "reading it"):
+        self.path = Path(path)
+        self._file = open_file(self.path, purpose)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @cached_property
+    def meta(self) -> dict:
+        return json.loads(self._file.attrs["meta"])
+
+    @property
+    def status(self) -> str:
+        return str(self._file.attrs["status"])
+
+    @property
+    def shards_done(self) -> int:
+        return int(self._file.attrs["shards_done"])
+
+    @cached_property
+    def layers(self) -> list[int]:
+        return sorted(int(name) for name in self._file["layers"])
+
+    @cached_property
+    def n_tokens(self) -> int:
+        return int(np.prod(self._file["data/tokens"].shape))
+
+    def array(self, layer: int, name: str, rows=slice(None)) -> np.ndarray:
+        """One array of one layer (see cache.schema.LAYER_ARRAYS), or a slice of its rows."""
+        return self._file[schema.layer_group(layer)][name][rows]
+
+    def primary_fire_count(self, layer: int) -> np.ndarray:
+        return self.array(layer, "fire_count", self.meta["recording"]["primary_index"])
+
+    def tokens(self, rows=slice(None)) -> np.ndarray:
+        return self._file["data/tokens"][rows]

@@ -1,0 +1,34 @@
+"""Schema v1 of the recording cache: names, versions and the n-gram key encoding.
+docs/cache-format.md describes the layout for people; this module is the one place code reads it from."""
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT = "ffnscope-recording"
+SCHEMA_VERSION = 1
+PARTIAL, COMPLETE = "partial", "complete"
+
+LAYER_ARRAYS = ("fire_count", "g_sum", "g_sumsq", "g_max", "pos_fire", "topk_value", "topk_index")
+
+
+def layer_group(index: int) -> str:
+    return f"layers/{index:03d}"
+
+
+def encode_grams(windows: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(..., n) token ids -> int64 keys, base vocab_size, first token most significant.
+    Exact for n <= 3 and vocabularies under two million tokens."""
+    key = np.zeros(windows.shape[:-1], np.int64)
+    for i in range(windows.shape[-1]):
+        key = key * vocab_size + windows[..., i]
+    return key
+
+
+def decode_grams(keys: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
+    """int64 keys -> (len(keys), n) token ids."""
+    out = np.empty((len(keys), n), np.int64)
+    rest = np.asarray(keys, np.int64).copy()
+    for i in range(n - 1, -1, -1):
+        out[:, i] = rest % vocab_size
+        rest //= vocab_size
+    return out

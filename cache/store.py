@@ -1,0 +1,118 @@
+"""Write and read recording caches (HDF5, schema v1).
+
+A cache is only ever replaced whole: the new image goes to a temporary file beside it, is
+flushed to disk, and is renamed over the old one. A kill at any moment leaves either the previous
+checkpoint or the new one, never a torn file, and only the final write says `complete`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache import schema
+from cache.errors import UserError
+from cache.state import DataState, GramCounts, LayerState, RecordingState, Samples, Sparse
+
+_GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
+
+
+def _put(group: h5py.Group, name: str, array: np.ndarray, compress: bool = True) -> None:
+    array = np.ascontiguousarray(array)
+    options = _GZIP if compress and array.size >= 4096 else {}
+    group.create_dataset(name, data=array, **options)
+
+
+def write_state(path: Path, state: RecordingState, status: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = schema.FORMAT
+            f.attrs["schema_version"] = schema.SCHEMA_VERSION
+            f.attrs["status"] = status
+            f.attrs["shards_done"] = state.shards_done
+            f.attrs["meta"] = json.dumps(state.meta)
+            data = f.create_group("data")
+            _put(data, "tokens", state.data.tokens)
+            _put(data, "seq_index", state.data.seq_index)
+            _put(data, "domains", state.data.domains)
+            _put(data, "unigram", state.data.unigram)
+            for n, grams in state.data.grams.items():
+                _put(data, f"gram{n}/gram", grams.gram)
+                _put(data, f"gram{n}/count", grams.count)
+            for index, layer in state.layers.items():
+                group = f.create_group(schema.layer_group(index))
+                for name in schema.LAYER_ARRAYS:
+                    value = getattr(layer, name)
+                    _put(group, name, value)
+                if layer.ngram_counted is not None:
+                    _put(group, "ngram_counted", layer.ngram_counted)
+                    for n, sparse in layer.ngrams.items():
+                        for column in ("gram", "neuron", "count"):
+                            _put(group, f"ngram{n}/{column}", getattr(sparse, column))
+            samples = f.create_group("samples")
+            _put(samples, "index", state.samples.index)
+            acts = state.samples.acts
+            chunks = (1, max(1, min(acts.shape[1], 256)), acts.shape[2]) if acts.size else None
+            samples.create_dataset("acts", data=acts, chunks=chunks)
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def open_file(path: Path, purpose: str) -> h5py.File:
+    """Open a cache for reading with a one-line error for everything that is not one of ours."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"cache not found: {path}; record one with `ffnscope record`")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a recording cache file (.h5)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path} is not a readable HDF5 file (truncated or foreign); "
+                        f"record it again or restore a good copy before {purpose}") from None
+    if f.attrs.get("format") != schema.FORMAT:
+        f.close()
+        raise UserError(f"{path} is an HDF5 file but not an ffnscope recording; give a cache written "
+                        "by `ffnscope record`")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != schema.SCHEMA_VERSION:
+        f.close()
+        raise UserError(f"{path} uses cache schema v{version}, this ffnscope reads v{schema.SCHEMA_VERSION}; "
+                        "upgrade ffnscope or record again")
+    return f
+
+
+def _sparse(group: h5py.Group) -> Sparse:
+    return Sparse(group["gram"][:], group["neuron"][:], group["count"][:].astype(np.int64))
+
+
+def read_state(path: Path, purpose: str) -> RecordingState:
+    """Load a whole cache into memory (for resume and merge)."""
+    with open_file(path, purpose) as f:
+        try:
+            meta = json.loads(f.attrs["meta"])
+            data = f["data"]
+            grams = {int(name[4:]): GramCounts(data[name]["gram"][:], data[name]["count"][:])
+                     for name in data if name.startswith("gram")}
+            data_state = DataState(data["tokens"][:], data["seq_index"][:], data["domains"][:],
+                                   data["unigram"][:], grams)
+            layers = {}
+            for name, group in f["layers"].items():
+                arrays = {k: group[k][:] for k in schema.LAYER_ARRAYS}
+                counted = group["ngram_counted"][:] if "ngram_counted" in group else None
+                ngrams = {int(k[5:]): _sparse(group[k]) for k in group if k.startswith("ngram") and k != "ngram_counted"}
+                layers[int(name)] = LayerState(**arrays, ngram_counted=counted, ngrams=ngrams)
+            samples = Samples(f["samples/index"][:], f["samples/acts"][:])
+            return RecordingState(meta, dict(sorted(layers.items())), data_state, samples,
+                                  int(f.attrs["shards_done"]), str(f.attrs["status"]))
+        except (KeyError, ValueError, OSError) as exc:
+            raise UserError(f"{path} is damaged ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+                            "record it again") from None

