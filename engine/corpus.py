@@ -28,10 +28,10 @@ from pathlib import Path
 
 from engine.data import Document
 
-# Shares of characters while every domain lasts. BPE tokenizers split numbers into digits, so math
-# gives about twice the tokens per character of prose; these shares make the token shares about
-# prose 30%, code 40%, math 25% (measured with SmolLM2's tokenizer). Legal is soon used up, and
-# prose (2 M characters) next, after about 2 M tokens; then code and math go on alone.
+# Shares of characters while every domain lasts. Many tokenizers (SmolLM2's, Llama's) split numbers
+# into single digits, so math gives about twice the tokens per character of prose; these shares
+# give token shares of about prose 30%, code 40%, math 25% with SmolLM2's tokenizer. Legal is soon
+# used up, prose (2 M characters) after about 2 M tokens; then code and math go on alone.
 SHARES = {"prose": 0.35, "code": 0.45, "math": 0.15, "legal": 0.05}
 
 _MAX_FILE_BYTES = 200_000
@@ -47,7 +47,7 @@ def builtin_documents(seed: int = 0) -> Iterator[Document]:
         "legal": _license_sections(stdlib, seed),
     }
     emitted = dict.fromkeys(streams, 0)
-    while streams.keys() - {"math"}:
+    while streams.keys() - {"math"}:  # math is endless: stop when the finite domains are used up
         domain = min(streams, key=lambda d: emitted[d] / SHARES[d])
         doc = next(streams[domain], None)
         if doc is None:
@@ -106,9 +106,9 @@ def _module_help(stdlib: Path, seed: int) -> Iterator[Document]:
                 tree = ast.parse(text)
         except (SyntaxError, ValueError):
             continue
-        parts = [ast.get_docstring(tree) or "", *_docstrings(tree.body, "")]
-        if any(parts):
-            body = "\n\n".join(p for p in parts if p)
+        parts = [p for p in [ast.get_docstring(tree), *_docstrings(tree.body, "")] if p]
+        if parts:
+            body = "\n\n".join(parts)
             yield Document(f"Help on module {module}:\n\n{body}", "prose", f"stdlib-doc:{module}")
 
 
@@ -152,7 +152,7 @@ def _math(seed: int) -> Iterator[Document]:
 
 
 def _poly(coefficients: list[int], var: str) -> str:
-    """Format sum(c_k * var**k), highest power first, as in '2*x**2 - 3'. Needs a non-zero c."""
+    """Format sum(c_k * var**k), highest power first, as in '2*x**2 - 3'. Some c_k must be non-zero."""
     terms = []
     for power in reversed(range(len(coefficients))):
         c = coefficients[power]

@@ -51,6 +51,10 @@ def _looks_binary(path: Path) -> bool:
         return b"\0" in f.read(_SNIFF_BYTES)
 
 
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
 def _decode(data: bytes) -> tuple[str, bool]:
     """Text and whether it was valid UTF-8 (else undecodable bytes become U+FFFD)."""
     try:
@@ -71,7 +75,7 @@ class _Source:
         text, valid = _decode(data)
         if not valid and not self._noted_bad_utf8:
             self._noted_bad_utf8 = True
-            first = "" if where == self.spec else f" (first: {where})"
+            first = "" if Path(where) == Path(self.spec) else f" (first: {where})"
             self._notes.append(f"{self.spec}: not valid UTF-8{first}, decoded with replacement characters")
         return text
 
@@ -119,7 +123,8 @@ class _JsonLines(_Source):
             ) from None
         text = obj.get(self.field) if isinstance(obj, dict) else None
         if not isinstance(text, str):
-            found = f"keys: {', '.join(obj) or 'none'}" if isinstance(obj, dict) else "not an object"
+            keys = ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else None
+            found = "not an object" if keys is None else f"keys: {keys or 'none'}"
             raise UserError(
                 f"{self.path} line {self._line_number(offset)} has no text field '{self.field}' "
                 f"({found}); name the text field with --field"
@@ -175,7 +180,9 @@ class Sources:
             try:
                 self._open(spec, field)
             except OSError as e:
-                raise UserError(f"cannot read {e.filename or spec}: {e.strerror}; check its permissions") from None
+                raise UserError(
+                    f"cannot read {e.filename or spec}: {e.strerror or e}; check its permissions"
+                ) from None
 
     def _open(self, spec: str, field: str) -> None:
         path = Path(spec)
@@ -186,13 +193,15 @@ class Sources:
             self._open_directory(spec, path, field)
         elif path.is_file():
             if _looks_binary(path):
-                raise UserError(f"{spec} looks binary (NUL bytes); give text, JSONL or a directory of text files")
-            if path.suffix == ".jsonl":
+                raise UserError(
+                    f"{spec} looks binary (NUL bytes); give text, JSONL or a directory of text files"
+                )
+            if _is_jsonl(path):
                 source: _TextFiles | _JsonLines = _JsonLines(spec, self.notes, path, field, path.stem)
             else:
                 source = _TextFiles(spec, self.notes, [path], [path.stem])
             self._sources.append(source)
-            self._described.append({"kind": "jsonl" if path.suffix == ".jsonl" else "text",
+            self._described.append({"kind": "jsonl" if _is_jsonl(path) else "text",
                                     "path": str(path.resolve()), "size": path.stat().st_size,
                                     "documents": source.count})
         else:
@@ -214,7 +223,7 @@ class Sources:
                 below = path.relative_to(root).parts
                 domain = below[0] if len(below) > 1 else own_name
                 size += path.stat().st_size
-                if path.suffix == ".jsonl":
+                if _is_jsonl(path):
                     opened.append(_JsonLines(str(path), self.notes, path, field, domain))
                 else:
                     texts.append(path)
@@ -297,8 +306,10 @@ def pack(documents: Iterable[Document], tokenizer, seq_len: int, n_seqs: int,
     sequences of seq_len tokens: start_id, if any, then the next stream tokens. A tail too short
     for a full sequence is dropped. Fewer sequences than asked set `short`; none raise UserError."""
     body = seq_len - (start_id is not None)
-    if body < 1 or n_seqs < 1:
+    if body < 1:
         raise UserError(f"--seq-len must be at least {2 if start_id is not None else 1}")
+    if n_seqs < 1:
+        raise ValueError(f"n_seqs must be positive, got {n_seqs}")
     need = body * n_seqs
     pieces: list[np.ndarray] = []  # token ids of each document, separator included
     doc_domains: list[int] = []

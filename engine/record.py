@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,8 +99,11 @@ def check_output(config: RecordConfig) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"output directory does not exist: {parent}; create it or choose another --out")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}; choose a writable --out")
+    try:  # really try: permission bits alone say nothing for root or read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".ffnscope-probe-"):
+            pass
+    except OSError:
+        raise UserError(f"cannot write to {parent}; choose a writable --out") from None
     if out.exists() and not (config.resume or config.force):
         raise UserError(f"{out} exists; add --resume to continue it or --force to overwrite it")
     if config.resume and not out.exists():
@@ -199,7 +203,7 @@ class Recorder:
         ids = torch.as_tensor(tokens.astype(np.int64))
         keys, valid = gram_keys(tokens, self.vocab, self.first_pos)
         sample_mask = self._sample_rows(seq_index)
-        token_index = torch.as_tensor(seq_index[:, None] * self.seq_len + np.arange(self.seq_len))
+        seq_start = torch.as_tensor(seq_index * self.seq_len)
         dev = self.device
 
         contexts = []
@@ -210,7 +214,7 @@ class Recorder:
                 hidden = self._host_buffer((len(tokens), self.seq_len, h.shape[-1]), h.dtype)
             hidden[lo:hi] = h.to("cpu")
             contexts.append(BatchContext(
-                token_index=token_index[lo:hi].reshape(-1).to(dev),
+                seq_start=seq_start[lo:hi].to(dev),
                 gram_keys={n: torch.as_tensor(keys[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
                 gram_valid={n: torch.as_tensor(np.ascontiguousarray(valid[n][lo:hi]).reshape(-1)).to(dev)
                             for n in NGRAM_ORDERS},
@@ -239,7 +243,7 @@ class Recorder:
             del weights
             if stats is not None:
                 results[index] = stats
-        sample_index = token_index.reshape(-1).numpy()[sample_mask.reshape(-1)]
+        sample_index = (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
         return results, sample_index
 
     def _host_buffer(self, shape, dtype) -> torch.Tensor:
@@ -249,10 +253,12 @@ class Recorder:
         # over budget: hidden states live in a file the OS pages in and out
         path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
         self._mapped = path
+        self.spilled = True
         tensor = torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
         return tensor
 
     hidden_budget = 0
+    spilled = False  # hidden states went to a memory-mapped file at least once
     _mapped: Path | None = None
 
     def release_buffers(self) -> None:
@@ -315,7 +321,7 @@ class Recorder:
             write_state(self.config.out, state, schema.PARTIAL)
 
     def _fold(self, state, results, block, seq_index, sample_index) -> None:
-        acts = np.stack([results[i].take_samples(self.d_ffn) for i in self.layers]) if self.layers else None
+        acts = np.stack([results[i].take_samples() for i in self.layers]) if self.layers else None
         for index, stats in results.items():
             state.layers[index].add(stats.to_host())
         unigram, grams = data_counts(block, self.vocab, self.first_pos)
@@ -384,8 +390,11 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
                 recorder.record_shards(state, packed.tokens[lo:hi], lo)
             finally:
                 recorder.release_buffers()
+        meta["recording"]["resident_layers"] = recorder.runner.resident
+        meta["recording"]["hidden_on_disk"] = recorder.spilled
         meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
         write_state(config.out, state, schema.COMPLETE)
+        state.status = schema.COMPLETE
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded")
         return state
     except Stopped:

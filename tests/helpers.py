@@ -1,0 +1,46 @@
+"""Shared test helpers: recording tiny models quickly and comparing caches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache.store import read_state
+from engine.record import RecordConfig, record
+
+FAST = dict(seq_len=32, shard_tokens=256, batch_tokens=64, samples=40, topk=4, device="cpu",
+            calib_tokens=128)
+
+
+def record_tiny(out: Path, model: Path, data: list, tokens: int = 768, **overrides):
+    options = {**FAST, **overrides}
+    return record(RecordConfig(out=out, model=str(model), data=[str(d) for d in data], tokens=tokens,
+                               **options), log=lambda _m: None)
+
+
+def assert_same_cache(path_a: Path, path_b: Path, float_rtol: float = 0.0) -> None:
+    """Every array of two caches equal (integers exactly, floats within float_rtol)."""
+    a, b = read_state(path_a, "testing"), read_state(path_b, "testing")
+    assert a.status == b.status
+    assert a.layers.keys() == b.layers.keys()
+    for name in ("tokens", "seq_index", "domains", "unigram"):
+        np.testing.assert_array_equal(getattr(a.data, name), getattr(b.data, name), err_msg=name)
+    for n in a.data.grams:
+        np.testing.assert_array_equal(a.data.grams[n].gram, b.data.grams[n].gram)
+        np.testing.assert_array_equal(a.data.grams[n].count, b.data.grams[n].count)
+    for index, la in a.layers.items():
+        lb = b.layers[index]
+        for name in ("fire_count", "pos_fire", "topk_index"):
+            np.testing.assert_array_equal(getattr(la, name), getattr(lb, name), err_msg=f"{index}.{name}")
+        for name in ("g_sum", "g_sumsq", "g_max", "topk_value"):
+            np.testing.assert_allclose(getattr(la, name), getattr(lb, name), rtol=float_rtol, atol=0,
+                                       err_msg=f"{index}.{name}")
+        if la.ngram_counted is not None:
+            np.testing.assert_array_equal(la.ngram_counted, lb.ngram_counted)
+            for n, sa in la.ngrams.items():
+                for column in ("gram", "neuron", "count"):
+                    np.testing.assert_array_equal(getattr(sa, column), getattr(lb.ngrams[n], column),
+                                                  err_msg=f"{index}.ngram{n}.{column}")
+    np.testing.assert_array_equal(a.samples.index, b.samples.index)
+    np.testing.assert_allclose(a.samples.acts.astype(np.float32), b.samples.acts.astype(np.float32),
+                               rtol=max(float_rtol, 1e-3) if float_rtol else 0)
