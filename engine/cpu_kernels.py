@@ -9,7 +9,11 @@ pass. engine.stats uses the torch formulation on GPUs, and as the reference in t
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import config, njit, prange
+
+# OpenMP's pool spins between parallel regions and starves torch's own threads of the cores they
+# share (twice slower layers measured); the workqueue pool sleeps instead.
+config.THREADING_LAYER = "workqueue"
 
 _STRIPE = 64  # columns per parallel task: a few cache lines of each row
 

@@ -100,10 +100,8 @@ class LayerRunner:
         if index < self.resident:
             return None
         layer = self.layers[index]
-        state = {k: v.to(self.device, non_blocking=True) for k, v in layer.state_dict().items()}
-        if self.device.type != "cpu":
-            self.bytes_moved += param_bytes(layer)
-        return state
+        self.bytes_moved += param_bytes(layer)  # what a device copy moves (a no-op copy on CPU)
+        return {k: v.to(self.device, non_blocking=True) for k, v in layer.state_dict().items()}
 
     @torch.inference_mode()
     def run(self, index: int, hidden: torch.Tensor, weights: dict | None) -> torch.Tensor:

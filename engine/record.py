@@ -144,7 +144,7 @@ def gram_keys(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[dict, dic
             prev[:, shift:] = tokens[:, :-shift]
             key = key + prev * vocab ** shift
         keys[n] = key
-        valid[n] = np.broadcast_to(positions - n + 1 >= first_pos, tokens.shape)
+        valid[n] = np.broadcast_to(positions - n + 1 >= first_pos, tokens.shape).copy()
     return keys, valid
 
 
@@ -180,6 +180,7 @@ class Recorder:
         self.progress = progress
         self.on_progress = on_progress
         self.stop_flag = {"stop": False}
+        self.seconds = {"statistics": 0.0, "checkpoints": 0.0}  # where recording time goes beyond the layers
 
     # --- one pass over a block of sequences -------------------------------------------------
     def _batches(self, n_seqs: int):
@@ -216,8 +217,7 @@ class Recorder:
             contexts.append(BatchContext(
                 seq_start=seq_start[lo:hi].to(dev),
                 gram_keys={n: torch.as_tensor(keys[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
-                gram_valid={n: torch.as_tensor(np.ascontiguousarray(valid[n][lo:hi]).reshape(-1)).to(dev)
-                            for n in NGRAM_ORDERS},
+                gram_valid={n: torch.as_tensor(valid[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
                 sample_rows=torch.as_tensor(np.flatnonzero(sample_mask[lo:hi].reshape(-1))).to(dev),
                 seq_len=self.seq_len))
 
@@ -235,7 +235,9 @@ class Recorder:
                     out = self.runner.run(index, h, weights)
                     g, act = self.probe.take()
                     if stats is not None:
+                        t0 = time.perf_counter()
                         stats.update(g, act, contexts[b])
+                        self.seconds["statistics"] += time.perf_counter() - t0
                     if index < last:
                         hidden[lo:hi] = out.to("cpu")
                     if report:
@@ -318,7 +320,9 @@ class Recorder:
             state.shards_done = shard + 1
             if self.progress:
                 self.progress.update(force=True, phase="checkpoint")
+            t0 = time.perf_counter()
             write_state(self.config.out, state, schema.PARTIAL)
+            self.seconds["checkpoints"] += time.perf_counter() - t0
 
     def _fold(self, state, results, block, seq_index, sample_index) -> None:
         acts = np.stack([results[i].take_samples() for i in self.layers]) if self.layers else None

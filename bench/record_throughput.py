@@ -1,0 +1,148 @@
+"""Recording throughput against a bare forward pass, and weight traffic of layer-major streaming
+against per-batch offloading, on the same tokens, in one run.
+
+    python bench/record_throughput.py [--model default] [--tokens 32768] [--budget-layers 2]
+
+Prints: bare forward tokens/s (base model, no LM head); recording tokens/s (all layers, n-gram
+statistics on the first half, checkpoint included) and the ratio; the same under a device budget
+of N layers and its ratio to all-resident; weight bytes moved per token by layer-major streaming
+and by accelerate's cpu_offload (counted by wrapping its tensor mover) on the same batches.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cache import schema  # noqa: E402
+from cache.store import write_state  # noqa: E402
+from engine.budget import plan_device  # noqa: E402
+from engine.data import open_sources, pack  # noqa: E402
+from engine.layer_runner import param_bytes  # noqa: E402
+from engine.meta import build_meta  # noqa: E402
+from engine.models import load_model  # noqa: E402
+from engine.record import Recorder, RecordConfig, empty_state, special_ids  # noqa: E402
+
+
+def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:
+    ids = torch.as_tensor(tokens.astype(np.int64))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for lo in range(0, len(ids), per_batch):
+            lm.adapter.base(input_ids=ids[lo:lo + per_batch], use_cache=False)
+    return time.perf_counter() - start
+
+
+def run_recording(config, lm, meta, tokens, domains, resident: int) -> tuple[float, float, Recorder]:
+    recorder = Recorder(config, lm, meta, torch.device("cpu"), resident, None)
+    recorder.domains = domains
+    recorder.hidden_budget = 1 << 62
+    t0 = time.perf_counter()
+    counted = recorder.calibrate(tokens)
+    t1 = time.perf_counter()
+    state = empty_state(meta, counted)
+    recorder.record_shards(state, tokens, 0)
+    write_state(config.out, state, schema.COMPLETE)
+    return t1 - t0, time.perf_counter() - t1, recorder
+
+
+def accelerate_offload_bytes(lm, tokens: np.ndarray, per_batch: int, n_batches: int) -> int:
+    """Bytes accelerate's cpu_offload moves to the execution device for the first batches."""
+    import accelerate.hooks as hooks
+    from accelerate import cpu_offload
+
+    moved = {"bytes": 0}
+    original = hooks.set_module_tensor_to_device
+
+    def counting(module, name, device, value=None, *args, **kwargs):
+        if value is not None:
+            moved["bytes"] += value.numel() * value.element_size()
+        return original(module, name, device, value, *args, **kwargs)
+
+    hooks.set_module_tensor_to_device = counting
+    try:
+        model = cpu_offload(lm.adapter.base, execution_device=torch.device("cpu"))
+        ids = torch.as_tensor(tokens.astype(np.int64))
+        with torch.inference_mode():
+            for lo in range(0, min(len(ids), n_batches * per_batch), per_batch):
+                model(input_ids=ids[lo:lo + per_batch], use_cache=False)
+    finally:
+        hooks.set_module_tensor_to_device = original
+    return moved["bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--shard-tokens", type=int, default=262144)
+    parser.add_argument("--budget-layers", type=int, default=2)
+    parser.add_argument("--skip-streaming", action="store_true")
+    args = parser.parse_args()
+
+    lm = load_model(args.model)
+    start_id, sep_id = special_ids(lm.tokenizer)
+    sources = open_sources(["builtin"])
+    packed = pack(sources.documents(), lm.tokenizer, args.seq_len, args.tokens // args.seq_len, start_id, sep_id)
+    tokens = packed.tokens
+    n_tok = tokens.size
+    per_batch = max(1, args.batch_tokens // args.seq_len)
+    print(f"model {lm.name}: {len(lm.adapter.layers)} layers, d_ffn {lm.adapter.d_ffn}; "
+          f"{n_tok} tokens in {len(tokens)} sequences of {args.seq_len}; batches of {per_batch} sequences; "
+          f"torch threads {torch.get_num_threads()}")
+
+    out = Path(tempfile.mkdtemp()) / "bench.h5"
+    config = RecordConfig(out=out, model=args.model, tokens=n_tok, seq_len=args.seq_len,
+                          batch_tokens=args.batch_tokens, shard_tokens=args.shard_tokens, device="cpu",
+                          calib_tokens=args.seq_len * per_batch)
+    meta = build_meta(config, lm, sources, packed, args.seq_len, start_id, sep_id)
+    # warm-up: JIT-compile the CPU kernels and touch the weights once, outside every timing
+    from engine.stats import cpu_kernels
+
+    if cpu_kernels is not None:
+        g = np.zeros((args.seq_len, 64), np.float32)
+        cpu_kernels.batch_stats(g, g, np.zeros(1, np.float32), 0, args.seq_len, np.zeros((1, 64), np.int64),
+                                np.zeros(64), np.zeros(64), np.zeros(64, np.float32),
+                                np.zeros((args.seq_len, 64), np.int64), np.zeros((1, 64), np.float32),
+                                np.zeros((1, 64), np.int64), np.zeros(64, np.int64))
+    bare_forward(lm, tokens[:1], 1)
+
+    bare = bare_forward(lm, tokens, per_batch)
+    calib, rec, recorder = run_recording(config, lm, meta, tokens, packed.domains, len(lm.adapter.layers))
+    print(f"bare forward        {n_tok / bare:9.1f} tok/s  ({bare:.1f} s)")
+    print(f"recording           {n_tok / rec:9.1f} tok/s  ({rec:.1f} s; ratio to bare forward {bare / rec:.3f})")
+    print(f"  statistics        {recorder.seconds['statistics']:.1f} s; checkpoints {recorder.seconds['checkpoints']:.1f} s; "
+          f"without checkpoints: ratio {bare / (rec - recorder.seconds['checkpoints']):.3f}")
+    print(f"  calibration pass  {calib:.1f} s on {config.calib_tokens} tokens "
+          f"(once per recording: {calib / 1e6 * 100 / (rec / n_tok):.2f}% of a 1M-token recording)")
+    print(f"  cache size        {out.stat().st_size / 2**20:.1f} MiB")
+
+    if args.skip_streaming:
+        return
+    layers = list(lm.adapter.layers)
+    fixed = param_bytes(lm.adapter.base) - sum(param_bytes(layer) for layer in layers)
+    budget = fixed + args.budget_layers * max(param_bytes(layer) for layer in layers)
+    resident = plan_device(budget, lm, torch.device("cpu"), args.batch_tokens)
+    config_s = RecordConfig(**{**config.__dict__, "out": out.with_name("stream.h5")})
+    _, rec_s, rec_obj = run_recording(config_s, lm, meta, tokens, packed.domains, resident)
+    print(f"streaming (budget {args.budget_layers} layers: {resident} resident, the rest stream): "
+          f"{n_tok / rec_s:9.1f} tok/s; ratio to all-resident {rec / rec_s:.3f}")
+    n_batches = 2
+    offload = accelerate_offload_bytes(lm, tokens, per_batch, n_batches) / (n_batches * per_batch * args.seq_len)
+    ours = rec_obj.runner.bytes_moved / n_tok
+    print(f"weight bytes moved per token: layer-major streaming {ours:,.0f} "
+          f"(shards of {args.shard_tokens} tokens); accelerate cpu_offload {offload:,.0f} "
+          f"(batches of {args.batch_tokens} tokens); ratio {offload / max(ours, 1e-9):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
