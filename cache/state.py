@@ -144,6 +144,8 @@ class RecordingState:
     samples: Samples
     shards_done: int = 0
     status: str = "partial"
+    vocab: list[str] = field(default_factory=list)    # decoded string of each token id
+    pieces: list[str] = field(default_factory=list)   # the tokenizer's own piece of each id ("Ġthe")
 
     @property
     def n_tokens(self) -> int:

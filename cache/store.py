@@ -54,6 +54,8 @@ def write_state(path: Path, state: RecordingState, status: str) -> None:
                     for n, sparse in layer.ngrams.items():
                         for column in ("gram", "neuron", "count"):
                             _put(group, f"ngram{n}/{column}", getattr(sparse, column))
+            _put_strings(f, "tokenizer/vocab", state.vocab)
+            _put_strings(f, "tokenizer/pieces", state.pieces)
             samples = f.create_group("samples")
             _put(samples, "index", state.samples.index)
             acts = state.samples.acts
@@ -90,6 +92,22 @@ def open_file(path: Path, purpose: str) -> h5py.File:
     return f
 
 
+def _put_strings(f: h5py.File, name: str, strings: list[str]) -> None:
+    """Strings as one UTF-8 blob plus offsets: exact for any text, NUL and control characters
+    included (HDF5's variable-length strings stop at NUL)."""
+    encoded = [s.encode("utf-8", "surrogatepass") for s in strings]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in encoded])
+    _put(f, f"{name}/bytes", np.frombuffer(b"".join(encoded), np.uint8))
+    _put(f, f"{name}/offsets", offsets)
+
+
+def read_strings(f: h5py.File, name: str) -> list[str]:
+    blob = f[f"{name}/bytes"][:].tobytes()
+    offsets = f[f"{name}/offsets"][:]
+    return [blob[a:b].decode("utf-8", "replace") for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def _sparse(group: h5py.Group) -> Sparse:
     return Sparse(group["gram"][:], group["neuron"][:], group["count"][:].astype(np.int64))
 
@@ -112,7 +130,8 @@ def read_state(path: Path, purpose: str) -> RecordingState:
                 layers[int(name)] = LayerState(**arrays, ngram_counted=counted, ngrams=ngrams)
             samples = Samples(f["samples/index"][:], f["samples/acts"][:])
             return RecordingState(meta, dict(sorted(layers.items())), data_state, samples,
-                                  int(f.attrs["shards_done"]), str(f.attrs["status"]))
+                                  int(f.attrs["shards_done"]), str(f.attrs["status"]),
+                                  read_strings(f, "tokenizer/vocab"), read_strings(f, "tokenizer/pieces"))
         except (KeyError, ValueError, OSError) as exc:
             raise UserError(f"{path} is damaged ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
                             "record it again") from None

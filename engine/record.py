@@ -387,6 +387,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
                 progress.update(force=True, phase="calibrating")
                 counted = recorder.calibrate(packed.tokens)
                 state = empty_state(meta, counted)
+                state.vocab, state.pieces = vocabulary(lm.tokenizer, meta["model"]["vocab_size"])
                 write_state(config.out, state, schema.PARTIAL)
             else:
                 state = previous
@@ -410,6 +411,16 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
     except BaseException as exc:
         progress.finish(FAILED, f"{exc.__class__.__name__}: {exc}")
         raise
+
+
+def vocabulary(tokenizer, size: int) -> tuple[list[str], list[str]]:
+    """Each token id's decoded text and raw piece, so tables show tokens without a tokenizer.
+    Ids past the tokenizer (padded embedding rows) get empty strings."""
+    n = min(size, len(tokenizer))
+    vocab = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    pieces = [p or "" for p in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    pad = [""] * (size - n)
+    return vocab + pad, pieces + pad
 
 
 def special_ids(tokenizer) -> tuple[int | None, int | None]:

@@ -23,6 +23,7 @@ def assert_same_cache(path_a: Path, path_b: Path, float_rtol: float = 0.0) -> No
     a, b = read_state(path_a, "testing"), read_state(path_b, "testing")
     assert a.status == b.status
     assert a.layers.keys() == b.layers.keys()
+    assert a.vocab == b.vocab and a.pieces == b.pieces
     for name in ("tokens", "seq_index", "domains", "unigram"):
         np.testing.assert_array_equal(getattr(a.data, name), getattr(b.data, name), err_msg=name)
     for n in a.data.grams:

@@ -39,3 +39,13 @@ def test_positional_neuron_counts_are_exact(planted_state):
     expected = np.zeros(planted_state.data.tokens.shape[1], np.int64)
     expected[POS_RANGE[0]:POS_RANGE[1]] = n_seqs
     np.testing.assert_array_equal(layer.pos_fire[:, POSITIONAL], expected)
+
+
+def test_vocabulary_is_stored_exactly(planted_state, tmp_path_factory):
+    from cache.store import read_state
+
+    vocab = planted_state.vocab
+    assert len(vocab) == planted_state.meta["model"]["vocab_size"]
+    assert vocab[ord("a")] == "a" and vocab[0] == "\x00" and vocab[ord("\n")] == "\n"
+    path = next(tmp_path_factory.getbasetemp().glob("planted*/c.h5"))
+    assert read_state(path, "testing").vocab == vocab

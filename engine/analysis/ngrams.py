@@ -1,0 +1,101 @@
+"""N-gram coverage and detectors (Voita et al. 2023, Sec. 4.1-4.3, App. A). Numpy only.
+
+A neuron's coverage number for n-grams is the smallest number of n-grams, most frequent triggers
+first, that account for >= `coverage` (95 %) of its fires. An n-gram is covered by the neuron when
+the neuron fires on >= `covered` (95 %) of the n-gram's occurrences (and the n-gram occurs at least
+`min_occurrences` times, so a token seen once does not count). A neuron is a detector when its
+coverage number is at most `max_coverage` and its covered n-grams account for >= `coverage` of its
+fires. Fires whose n-gram would include the start token are not counted (the paper excludes BOS).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from cache.state import GramCounts, Sparse
+
+COVERAGE_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, 200), (201, 1000), (1001, 2000), (2001, None))
+NOT_COUNTED = -1  # coverage of a neuron whose n-gram counts were not kept (never "no detector")
+
+
+@dataclass(frozen=True)
+class NgramParams:
+    coverage: float = 0.95         # share of a neuron's fires its triggers must explain
+    covered: float = 0.95          # share of an n-gram's occurrences the neuron must fire on
+    min_occurrences: int = 5       # an n-gram seen fewer times is never "covered"
+    max_coverage_1: int = 5        # token detectors: 1-5 tokens (paper)
+    max_coverage_2: int = 50       # bigram detectors: our choice, as trigrams
+    max_coverage_3: int = 50       # trigram detectors: 1-50 trigrams (paper)
+
+    def max_coverage(self, n: int) -> int:
+        return {1: self.max_coverage_1, 2: self.max_coverage_2, 3: self.max_coverage_3}[n]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class NgramResult:
+    """One layer, one n. Arrays over neurons unless said otherwise."""
+    n: int
+    fires: np.ndarray          # (d_ffn,) int64 fires counted for this n (start-token n-grams excluded)
+    coverage: np.ndarray       # (d_ffn,) int64 coverage number; 0 = never fired; NOT_COUNTED = not kept
+    detector: np.ndarray       # (d_ffn,) bool
+    covered_neuron: np.ndarray  # (c,) int32 } the covered n-grams of detectors, one row per
+    covered_gram: np.ndarray    # (c,) int64 } (detector, n-gram), most fires first per detector
+    covered_count: np.ndarray   # (c,) int64 }
+
+
+def coverage_numbers(sparse: Sparse, d_ffn: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """-> (fires per neuron, coverage number per neuron; 0 where the neuron never fired)."""
+    fires = np.bincount(sparse.neuron, weights=sparse.count, minlength=d_ffn).astype(np.int64)
+    order = np.lexsort((-sparse.count, sparse.neuron))           # per neuron, biggest triggers first
+    neuron, count = sparse.neuron[order], sparse.count[order]
+    starts = np.searchsorted(neuron, np.arange(d_ffn))
+    cum = np.cumsum(count)
+    before = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0)  # fires of lower neurons
+    within = cum - before[neuron]
+    short = within < share * fires[neuron]                       # still below the share after this gram
+    coverage = np.bincount(neuron[short], minlength=d_ffn) + 1
+    coverage[fires == 0] = 0
+    return fires, coverage.astype(np.int64)
+
+
+def ngram_layer(sparse: Sparse, grams: GramCounts, counted: np.ndarray, n: int,
+                params: NgramParams = NgramParams()) -> NgramResult:
+    d_ffn = len(counted)
+    fires, coverage = coverage_numbers(sparse, d_ffn, params.coverage)
+    occurrences = grams.count[np.searchsorted(grams.gram, sparse.gram)] if len(sparse) else np.zeros(0, np.int64)
+    is_covered = (occurrences >= params.min_occurrences) & (sparse.count >= params.covered * occurrences)
+    covered_fires = np.bincount(sparse.neuron[is_covered], weights=sparse.count[is_covered], minlength=d_ffn)
+    detector = ((coverage >= 1) & (coverage <= params.max_coverage(n))
+                & (covered_fires >= params.coverage * fires) & counted)
+    coverage[~counted] = NOT_COUNTED
+    keep = is_covered & detector[sparse.neuron]
+    order = np.lexsort((-sparse.count[keep], sparse.neuron[keep]))
+    return NgramResult(n, fires, coverage, detector, sparse.neuron[keep][order], sparse.gram[keep][order],
+                       sparse.count[keep][order])
+
+
+def unigram_counts(unigram: np.ndarray) -> GramCounts:
+    """The data's token counts in the sparse form the n-gram code takes."""
+    tokens = np.flatnonzero(unigram)
+    return GramCounts(tokens.astype(np.int64), unigram[tokens])
+
+
+def coverage_histogram(coverage: np.ndarray) -> list[int]:
+    """Alive, counted neurons per COVERAGE_BUCKETS bucket (paper Fig. 2)."""
+    return [int(((coverage >= lo) & ((coverage <= hi) if hi else True)).sum()) for lo, hi in COVERAGE_BUCKETS]
+
+
+def ensemble(detected: list[set[int]]) -> list[dict]:
+    """Per layer: detected n-grams, new versus all lower layers and versus the previous layer,
+    cumulative (paper Fig. 3b, 4, 15)."""
+    rows, seen, previous = [], set(), set()
+    for layer_set in detected:
+        rows.append({"detected": len(layer_set), "new_overall": len(layer_set - seen),
+                     "new_vs_previous": len(layer_set - previous), "cumulative": len(seen | layer_set)})
+        seen |= layer_set
+        previous = layer_set
+    return rows

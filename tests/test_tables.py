@@ -1,0 +1,251 @@
+"""engine.tables: the columnar Table, the safe filter language, and exports that keep hostile token strings."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from cache.errors import UserError
+from engine.tables import Table, concat, export, filter_rows, read_back
+
+HOSTILE = ["\x1b[31mred\x1b[0m", "[bold red]x[/]", "a\r\nb", "\x00nul", "=1+2", "+cmd", "-x", "@SUM(A1)",
+           "'=already", "", "日本", "\tTAB", "\rCR", "'", "a|b`c\\", "line\u2028sep\x85", "\"quoted\",comma"]
+
+
+def hostile_table() -> Table:
+    n = len(HOSTILE)
+    return Table({
+        "tok": HOSTILE,
+        "triggers": [[s, "plain"] if i % 3 else [] if i % 2 else [s] for i, s in enumerate(HOSTILE)],
+        "layer": np.arange(n, dtype=np.int64) - 3,
+        "score": [0.1 + 0.2, 1e-300, -0.0, 1 / 3, math.inf, 2.5e17] + [float(i) / 7 for i in range(n - 6)],
+        "flag": [i % 2 == 0 for i in range(n)],
+    })
+
+
+def expected_rows(table: Table) -> list[dict]:
+    return list(table.rows())
+
+
+# --- Table ---------------------------------------------------------------------------------------
+
+
+def test_table_basics():
+    t = hostile_table()
+    assert len(t) == len(HOSTILE)
+    assert t.columns == ["tok", "triggers", "layer", "score", "flag"]
+    assert t.kinds == {"tok": "str", "triggers": "list", "layer": "int", "score": "float", "flag": "bool"}
+    row = next(t.rows())
+    assert row == {"tok": HOSTILE[0], "triggers": [HOSTILE[0]], "layer": -3, "score": 0.1 + 0.2, "flag": True}
+    assert [type(v) for v in row.values()] == [str, list, int, float, bool]
+    # NUL survives (numpy's 'U' dtype would drop a trailing one)
+    assert Table({"s": np.array(["x"])})["s"].dtype == object
+    assert next(Table({"s": ["x\x00"]}).rows())["s"] == "x\x00"
+
+
+def test_take_and_concat():
+    t = hostile_table()
+    assert [r["layer"] for r in t.take([2, 0]).rows()] == [-1, -3]
+    mask = t["flag"]
+    assert len(t.take(mask)) == int(mask.sum())
+    empty = t.take([])
+    assert len(empty) == 0 and empty.kinds == t.kinds  # an empty list column stays a list column
+    both = concat([t, t.take(np.arange(3))])
+    assert len(both) == len(t) + 3 and list(both.rows())[-1] == list(t.rows())[2]
+    assert Table.concat([]).columns == []
+    with pytest.raises(ValueError):
+        concat([t, Table({"x": [1]})])
+    with pytest.raises(ValueError):
+        Table({"a": [1, 2], "b": [1]})
+
+
+# --- exports -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_round_trip_exact(tmp_path, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    t = hostile_table()
+    path = tmp_path / f"out.{fmt}"
+    export(t, path, fmt)
+    back = read_back(path, fmt)
+    want = expected_rows(t)
+    assert back == want
+    for got, exp in zip(back, want):
+        assert [type(v) for v in got.values()] == [type(v) for v in exp.values()]
+        assert math.copysign(1, got["score"]) == math.copysign(1, exp["score"])  # -0.0 stays -0.0
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_csv_cells_are_guarded(tmp_path):
+    path = tmp_path / "out.csv"
+    export(hostile_table(), path, "csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["tok:str", "triggers:list", "layer:int", "score:float", "flag:bool"]
+    text_cells = [r[0] for r in rows[1:]] + [r[1] for r in rows[1:]]
+    for cell in text_cells:
+        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    by_value = dict(zip(HOSTILE, (r[0] for r in rows[1:])))
+    assert by_value["=1+2"] == "'=1+2"
+    assert by_value["'=already"] == "''=already"  # a leading quote is always doubled: unambiguous
+    assert by_value["\x1b[31mred\x1b[0m"] == "\x1b[31mred\x1b[0m"  # otherwise exact
+    assert json.loads(rows[2][1]) == ["[bold red]x[/]", "plain"]
+    # numbers are numbers, never quoted text: a negative one may start with '-'
+    assert rows[1][2] == "-3" and rows[1][3] == repr(0.1 + 0.2)
+
+
+def test_jsonl_one_object_per_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    export(hostile_table(), path, "jsonl")
+    raw = path.read_bytes()
+    assert raw.count(b"\n") == len(HOSTILE) and b"\r" not in raw and b"\x1b" not in raw
+    assert "日本" in raw.decode("utf-8")  # ensure_ascii=False
+
+
+def test_parquet_types(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "out.parquet"
+    export(hostile_table(), path, "parquet")
+    schema = pq.read_schema(path)
+    assert schema.field("triggers").type == pa.list_(pa.string())
+    assert [str(schema.field(n).type) for n in ("tok", "layer", "score", "flag")] == \
+        ["string", "int64", "double", "bool"]
+
+
+def test_markdown_stays_a_table(tmp_path):
+    t = hostile_table()
+    path = tmp_path / "out.md"
+    export(t, path, "markdown")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == len(t) + 2
+    assert "\x1b" not in text and "\r" not in text and "\x00" not in text
+    for line in lines[:-1]:
+        # a row has exactly len(columns)+1 unescaped pipes
+        unescaped = line.replace("\\\\", "").replace("\\|", "")
+        assert unescaped.count("|") == len(t.columns) + 1, line
+
+
+def test_export_errors(tmp_path):
+    t = hostile_table()
+    for bad, fmt in [(tmp_path / "missing" / "x.csv", "csv"), (tmp_path, "csv"), (tmp_path / "x.txt", "xlsx")]:
+        with pytest.raises(UserError) as e:
+            export(t, bad, fmt)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError):
+        read_back(tmp_path / "nope.csv", "csv")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions, not root")
+def test_unwritable_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="cannot write"):
+            export(hostile_table(), locked / "x.jsonl", "jsonl")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_export_replaces_existing_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    export(Table({"a": [1]}), path, "jsonl")
+    assert read_back(path, "jsonl") == [{"a": 1}]
+
+
+# --- filter_rows ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def neurons() -> Table:
+    return Table({
+        "layer": [0, 1, 2, 3, 4],
+        "frac": [0.0, 0.25, 0.5, 0.75, 1.0],
+        "pos_type": ["oscillatory", "both_extremes", "other", "one_extreme", "oscillatory"],
+        "token_detector": [True, True, False, True, False],
+        "dead": [False, True, False, False, True],
+        "triggers": [["the", " a"], ["=1"], [], ["the"], ["x\x1b"]],
+        "tok": ["hello", "[bold]", "a|b", "THE", ""],
+    })
+
+
+def rows_of(table: Table, expr: str) -> list[int]:
+    mask = filter_rows(table, expr)
+    assert mask.dtype == bool and mask.shape == (len(table),)
+    return np.flatnonzero(mask).tolist()
+
+
+@pytest.mark.parametrize("expr, want", [
+    ("layer == 2", [2]),
+    ("layer != 2", [0, 1, 3, 4]),
+    ("layer >= 3", [3, 4]),
+    ("1 <= layer < 3", [1, 2]),
+    ("frac > 0.3 and frac <= 0.75", [2, 3]),
+    ("layer < 1 or layer > 3", [0, 4]),
+    ("not (layer < 1 or layer > 3)", [1, 2, 3]),
+    ("layer > -1", [0, 1, 2, 3, 4]),
+    ("pos_type == 'other'", [2]),
+    ('pos_type in ("oscillatory", "both_extremes")', [0, 1, 4]),
+    ("pos_type not in ['oscillatory']", [1, 2, 3]),
+    ("layer in (1, 3)", [1, 3]),
+    ("token_detector", [0, 1, 3]),
+    ("token_detector and not dead", [0, 3]),
+    ("token_detector == true", [0, 1, 3]),
+    ("dead == False", [0, 2, 3]),
+    ('contains(triggers, "the")', [0, 3]),
+    ('contains(triggers, "th")', []),  # list items must be equal, not just contain
+    ('contains(triggers, "x\\x1b")', [4]),
+    ('contains(tok, "|")', [2]),  # str column: substring
+    ("len(triggers) == 0", [2]),
+    ("len(tok) > 4", [0, 1]),
+    ("tok == '[bold]'", [1]),
+    ("tok == none", []),
+    ("true", [0, 1, 2, 3, 4]),
+    ("  ", [0, 1, 2, 3, 4]),  # a blank filter keeps every row
+])
+def test_filter_constructs(neurons, expr, want):
+    assert rows_of(neurons, expr) == want
+
+
+def test_filter_mask_is_a_copy(neurons):
+    mask = filter_rows(neurons, "dead")
+    mask[:] = False
+    assert neurons["dead"].tolist() == [False, True, False, False, True]
+
+
+@pytest.mark.parametrize("expr, words", [
+    ("nope > 1", "unknown column 'nope'"),
+    ("__import__('os')", "not allowed"),
+    ("__import__('os').system('echo hi')", "not allowed"),
+    ("a.b", "attribute access"),
+    ("layer.real > 0", "attribute access"),
+    ("triggers[0] == 'x'", "subscripts"),
+    ("layer + 1 > 2", "arithmetic"),
+    ("(lambda: 1)()", "not allowed"),
+    ("layer", "not a condition"),
+    ("tok > 3", "cannot compare"),
+    ("triggers == 'the'", "list column"),
+    ("'the' in triggers", "literal list"),
+    ("layer in ('a',)", "cannot look for"),
+    ("contains(layer, 'x')", "str or list column"),
+    ("contains(triggers, tok)", "quoted string"),
+    ("layer ==", "cannot parse"),
+    ("layer == 1\nor True", "cannot parse"),
+    ("b'x' == tok", "not allowed"),
+    ("[x for x in tok]", "not allowed"),
+])
+def test_filter_refuses(neurons, expr, words):
+    with pytest.raises(UserError) as e:
+        filter_rows(neurons, expr)
+    message = str(e.value)
+    assert words in message
+    assert "\n" not in message and "\r" not in message
+    assert message.endswith("columns: layer, frac, pos_type, token_detector, dead, triggers, tok")
