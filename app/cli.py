@@ -77,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="provenance and per-layer table of a cache")
     info.add_argument("file", type=Path)
 
+    ana = sub.add_parser("analyze", help="compute the paper's analyses on a cache (only what is missing or stale)")
+    ana.add_argument("file", type=Path)
+    ana.add_argument("--only", nargs="+", metavar="NAME", help="dead, ngrams, positional, suppression")
+    ana.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                     help="analysis parameters, like ngrams.min_occurrences=3 or mi_threshold=0.1")
+
+    exp = sub.add_parser("export", help="write the neuron or layer table to CSV, JSONL, Parquet or Markdown")
+    exp.add_argument("file", type=Path)
+    exp.add_argument("--table", choices=("neurons", "layers"), default="neurons")
+    exp.add_argument("--format", choices=("csv", "jsonl", "parquet", "markdown"), default="csv")
+    exp.add_argument("--where", help="row filter, like \"token_detector and fire_freq < 0.01\" or "
+                                     "\"pos_type in ('oscillatory', 'both_extremes')\"")
+    exp.add_argument("--layers", help="layers to export, like 0-5,8")
+    exp.add_argument("--dead", action="store_true", help="only dead neurons")
+    exp.add_argument("--detector", choices=("token", "bigram", "trigram"), help="only detectors of this kind")
+    exp.add_argument("--positional", nargs="?", const="any", metavar="TYPE",
+                     help="only positional neurons (of TYPE: oscillatory, both_extremes, one_extreme, other)")
+    exp.add_argument("--out", type=Path, required=True)
+
+    rep = sub.add_parser("report", help="the paper's figures in the terminal; several caches are overlaid")
+    rep.add_argument("files", type=Path, nargs="+")
+    rep.add_argument("--position-plots", type=int, default=3, help="position plots of the strongest positional neurons")
+
     merge = sub.add_parser("merge", help="sum part caches into one")
     merge.add_argument("files", type=Path, nargs="+")
     merge.add_argument("--out", type=Path, required=True)
@@ -105,7 +128,33 @@ def cmd_merge(args) -> int:
     return 0
 
 
-COMMANDS = {"record": cmd_record, "info": cmd_info, "merge": cmd_merge}
+def cmd_analyze(args) -> int:
+    import time
+
+    from engine.analysis.run import analyze
+
+    start = time.perf_counter()
+    status = analyze(args.file, args.only, args.settings, log=lambda m: print(m, file=sys.stderr))
+    done = ", ".join(f"{name} {state}" for name, state in status.items())
+    print(f"{args.file}: {done} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from app.export_view import run_export
+
+    return run_export(args)
+
+
+def cmd_report(args) -> int:
+    from app.report_view import print_report
+
+    print_report(args.files, position_plots=args.position_plots)
+    return 0
+
+
+COMMANDS = {"record": cmd_record, "info": cmd_info, "analyze": cmd_analyze, "export": cmd_export,
+            "report": cmd_report, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,19 @@ from pathlib import Path
 import numpy as np
 
 from cache import schema
-from cache.store import open_file
+from cache.state import GramCounts, Sparse
+from cache.store import open_file, read_strings
 
 
 class CacheReader:
     def __init__(self, path: Path, purpose: str = "reading it"):
         self.path = Path(path)
         self._file = open_file(self.path, purpose)
+
+    @property
+    def file(self):
+        """The open h5py file, for modules that know the schema (cache.analysis_store)."""
+        return self._file
 
     def close(self) -> None:
         self._file.close()
@@ -54,3 +60,20 @@ class CacheReader:
 
     def tokens(self, rows=slice(None)) -> np.ndarray:
         return self._file["data/tokens"][rows]
+
+    def ngrams(self, layer: int, n: int) -> tuple[Sparse, np.ndarray]:
+        """(n-gram, neuron) fire counts of an n-gram layer, and which neurons were counted."""
+        group = self._file[schema.layer_group(layer)]
+        if "ngram_counted" not in group:
+            raise KeyError(f"layer {layer} has no n-gram counts")
+        g = group[f"ngram{n}"]
+        return Sparse(g["gram"][:], g["neuron"][:], g["count"][:]), group["ngram_counted"][:]
+
+    def gram_counts(self) -> dict[int, GramCounts]:
+        """Occurrence counts of the data's bigrams and trigrams."""
+        data = self._file["data"]
+        return {int(k[4:]): GramCounts(data[k]["gram"][:], data[k]["count"][:]) for k in data if k.startswith("gram")}
+
+    @cached_property
+    def vocab(self) -> list[str]:
+        return read_strings(self._file, "tokenizer/vocab")

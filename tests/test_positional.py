@@ -101,9 +101,9 @@ def test_mutual_information_edge_cases():
 def test_params_change_the_verdicts():
     names, pos_fire = planted()
     window = np.zeros((T, 1), dtype=np.int64)
-    window[300:600] = N_SEQS  # off, on, off: two switches
-    assert positional_layer(window, N_SEQS).kind[0] == "oscillatory"
-    assert positional_layer(window, N_SEQS, PositionalParams(min_alternations=4)).kind[0] == "both_extremes"
+    window[300:600] = N_SEQS  # off, on, off: one window, not repeated
+    assert positional_layer(window, N_SEQS).kind[0] == "both_extremes"
+    assert positional_layer(window, N_SEQS, PositionalParams(min_alternations=3)).kind[0] == "oscillatory"
     # With a tolerance below 0.03 the weak step's 0.97 / 0.02 plateaus are no longer "near" 0 or 1.
     weak = pos_fire[:, [names.index("weak_step")]]
     assert positional_layer(weak, N_SEQS, PositionalParams(extreme_eps=0.01)).kind[0] == "other"

@@ -71,13 +71,15 @@ def test_round_trip_exact(tmp_path, fmt):
     t = hostile_table()
     path = tmp_path / f"out.{fmt}"
     export(t, path, fmt)
-    back = read_back(path, fmt)
+    back = read_back(path, fmt, t.kinds)
     want = expected_rows(t)
     assert back == want
     for got, exp in zip(back, want):
         assert [type(v) for v in got.values()] == [type(v) for v in exp.values()]
         assert math.copysign(1, got["score"]) == math.copysign(1, exp["score"])  # -0.0 stays -0.0
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    if fmt != "csv":
+        assert read_back(path, fmt) == want  # kinds are optional where the file carries its types
 
 
 def test_csv_cells_are_guarded(tmp_path):
@@ -85,7 +87,7 @@ def test_csv_cells_are_guarded(tmp_path):
     export(hostile_table(), path, "csv")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["tok:str", "triggers:list", "layer:int", "score:float", "flag:bool"]
+    assert rows[0] == ["tok", "triggers", "layer", "score", "flag"]  # bare names, for pandas and spreadsheets
     text_cells = [r[0] for r in rows[1:]] + [r[1] for r in rows[1:]]
     for cell in text_cells:
         assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
@@ -139,7 +141,7 @@ def test_export_errors(tmp_path):
             export(t, bad, fmt)
         assert "\n" not in str(e.value)
     with pytest.raises(UserError):
-        read_back(tmp_path / "nope.csv", "csv")
+        read_back(tmp_path / "nope.csv", "csv", t.kinds)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions, not root")
@@ -154,11 +156,28 @@ def test_unwritable_directory(tmp_path):
         locked.chmod(0o700)
 
 
+def test_failed_write_leaves_target_and_no_temp(tmp_path, monkeypatch):
+    import engine.tables as tables
+
+    path = tmp_path / "out.csv"
+    path.write_text("old")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tables.os, "replace", refuse)
+    with pytest.raises(UserError, match="cannot write .*Permission denied"):
+        export(hostile_table(), path, "csv")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
 def test_export_replaces_existing_file(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text("old\n")
     export(Table({"a": [1]}), path, "jsonl")
     assert read_back(path, "jsonl") == [{"a": 1}]
+    assert read_back(path, "jsonl", {"a": "int"}) == [{"a": 1}]
 
 
 # --- filter_rows ---------------------------------------------------------------------------------
@@ -249,3 +268,208 @@ def test_filter_refuses(neurons, expr, words):
     assert words in message
     assert "\n" not in message and "\r" not in message
     assert message.endswith("columns: layer, frac, pos_type, token_detector, dead, triggers, tok")
+
+
+# --- nullable values (None: "not known") ---------------------------------------------------------
+
+
+def nullable_table() -> Table:
+    return Table({
+        "layer": [0, 1, 2, 3, 4, 5],
+        "flag": [True, False, None, True, None, False],
+        "score": [0.5, None, 2.0, None, 3.0, -0.0],
+        "count": [None, 1, 2, 3, None, 0],
+        "nan_or_none": [math.nan, None, math.inf, 1.0, None, 2.0],
+        "unknown": [None] * 6,  # only None: the kind must be given
+        "tok": ["=a", "", "b", "'", "c", "d"],
+    }, kinds={"unknown": "bool"})
+
+
+def test_nullable_storage():
+    t = nullable_table()
+    assert t.kinds == {"layer": "int", "flag": "bool", "score": "float", "count": "int", "nan_or_none": "float",
+                       "unknown": "bool", "tok": "str"}
+    for name in ("flag", "score", "count", "unknown"):
+        assert t[name].dtype == object and t.has_none(name)
+    assert t["layer"].dtype == np.int64 and not t.has_none("layer") and not t.has_none("tok")
+    row = list(t.rows())[1]
+    assert row["flag"] is False and row["score"] is None and type(row["count"]) is int
+    assert [r["flag"] for r in t.rows()] == [True, False, None, True, None, False]
+    # without None a numeric column is a plain numpy array again
+    known = t.take([0, 1, 3])
+    assert known["flag"].dtype == bool and known.kind("flag") == "bool"
+    assert known["count"].dtype == object  # row 0's count is None
+    assert t.take([1, 2])["count"].dtype == np.int64
+    assert Table({"x": [1, None]}, kinds={"x": "float"})["x"].tolist() == [1.0, None]
+    assert Table({"x": [1, 2]}, kinds={"x": "float"})["x"].dtype == np.float64
+    # concat keeps None and widens int + float
+    both = concat([t.take([1, 2]), t.take([0])])
+    assert both["count"].tolist() == [1, 2, None] and both.kind("count") == "int"
+    assert concat([Table({"x": [1]}), Table({"x": [None, 2.5]})])["x"].tolist() == [1.0, None, 2.5]
+    # str and list columns are not nullable; a column of only None needs its kind
+    for bad in ({"s": ["a", None]}, {"l": [["a"], None]}, {"n": [None, None]}):
+        with pytest.raises(ValueError):
+            Table(bad)
+    with pytest.raises(ValueError):
+        Table({"x": [1.5, None]}, kinds={"x": "int"})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_nullable_round_trip(tmp_path, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    t = nullable_table()
+    path = tmp_path / f"out.{fmt}"
+    export(t, path, fmt)
+    back = read_back(path, fmt, t.kinds)
+    want = expected_rows(t)
+    assert len(back) == len(want)
+    for got, exp in zip(back, want):
+        assert list(got) == list(exp)
+        for name in exp:
+            g, e = got[name], exp[name]
+            assert type(g) is type(e), (name, g, e)
+            if isinstance(e, float) and math.isnan(e):
+                assert math.isnan(g)  # NaN is a value, not None
+            else:
+                assert g == e, (name, g, e)
+    assert back[1]["score"] is None and back[0]["nan_or_none"] is not None
+    assert [r["flag"] for r in back] == [True, False, None, True, None, False]  # None never reads as False
+
+
+def test_nullable_in_each_file(tmp_path):
+    t = nullable_table()
+    export(t, tmp_path / "t.csv", "csv")
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["layer", "flag", "score", "count", "nan_or_none", "unknown", "tok"]
+    assert rows[3] == ["2", "", "2.0", "2", "inf", "", "b"]  # None is an empty cell
+    assert rows[2][-1] == ""  # an empty string stays an empty string
+    export(t, tmp_path / "t.jsonl", "jsonl")
+    first = (tmp_path / "t.jsonl").read_text(encoding="utf-8").split("\n")[0]
+    assert json.loads(first)["count"] is None and '"count": null' in first
+    export(t, tmp_path / "t.md", "markdown")
+    md = (tmp_path / "t.md").read_text(encoding="utf-8").split("\n")
+    assert md[4] == "| 2 |  | 2.0 | 2 | inf |  | b |"
+
+
+def test_nullable_parquet_schema(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    export(nullable_table(), path, "parquet")
+    arrow = pq.read_table(path)
+    assert [arrow.schema.field(n).type for n in ("flag", "score", "count", "unknown")] == \
+        [pa.bool_(), pa.float64(), pa.int64(), pa.bool_()]
+    assert [arrow.column(n).null_count for n in ("layer", "flag", "score", "count", "nan_or_none", "unknown")] == \
+        [0, 2, 2, 2, 2, 6]
+
+
+def test_csv_header_is_bare_names(tmp_path):
+    t = Table({"layer": [1], "neuron": [7], "=cmd": ["x"], "'q": [True], "a,b": [0.5]})
+    path = tmp_path / "t.csv"
+    export(t, path, "csv")
+    header = path.read_bytes().decode("utf-8").split("\r\n")[0]
+    assert header == "layer,neuron,'=cmd,''q,\"a,b\""  # names only, still formula-guarded
+    assert read_back(path, "csv", t.kinds) == [{"layer": 1, "neuron": 7, "=cmd": "x", "'q": True, "a,b": 0.5}]
+    # kinds given in another order still match by name
+    shuffled = dict(reversed(list(t.kinds.items())))
+    assert read_back(path, "csv", shuffled) == list(t.rows())
+
+
+def test_read_back_kinds(tmp_path):
+    t = nullable_table()
+    for fmt in ("csv", "jsonl", "parquet"):
+        export(t, tmp_path / f"t.{fmt}", fmt)
+    bad_cases = [
+        ("csv", None, "needs its column kinds"),
+        ("csv", {"layer": "int"}, "the kinds given name"),
+        ("csv", {**t.kinds, "layer": "bool"}, "is not a bool value"),
+        ("csv", {**t.kinds, "layer": "number"}, "unknown column kind"),
+        ("jsonl", {**t.kinds, "extra": "int"}, "the kinds given name"),
+        ("jsonl", {**t.kinds, "layer": "float"}, "is not a float value"),
+        ("jsonl", {**t.kinds, "tok": "int"}, "is not a int value"),
+        ("parquet", {**t.kinds, "count": "float"}, "not float"),
+    ]
+    for fmt, kinds, words in bad_cases:
+        with pytest.raises(UserError) as e:
+            read_back(tmp_path / f"t.{fmt}", fmt, kinds)
+        assert words in str(e.value) and "\n" not in str(e.value), (fmt, kinds, str(e.value))
+
+
+@pytest.fixture
+def nullable() -> Table:
+    return nullable_table()
+
+
+@pytest.mark.parametrize("expr, want", [
+    # a bare nullable bool column is true only where True; `not` only where False; None rows match neither
+    ("flag", [0, 3]),
+    ("not flag", [1, 5]),
+    ("flag or not flag", [0, 1, 3, 5]),
+    ("flag == true", [0, 3]),
+    ("flag != true", [1, 5]),
+    ("flag == false", [1, 5]),
+    ("flag in (true,)", [0, 3]),
+    ("unknown", []),
+    ("not unknown", []),
+    # a comparison involving None is never true, nor is its negation (SQL's unknown)
+    ("score > 1", [2, 4]),
+    ("score <= 1", [0, 5]),
+    ("not (score > 1)", [0, 5]),
+    ("score != 2", [0, 4, 5]),
+    ("0 <= count < 3", [1, 2, 5]),
+    ("-count < -1", [2, 3]),
+    ("count in (1, 2)", [1, 2]),
+    ("count not in (1, 2)", [3, 5]),
+    ("count == score", [2, 5]),  # 0 == -0.0
+    ("nan_or_none != 1", [0, 2, 5]),  # NaN is a value: NaN != 1 holds
+    ("flag == none", []),  # use missing(flag)
+    ("flag != none", []),
+    ("layer == none", []),
+    # and / or decide where the known part suffices
+    ("flag or score > 1", [0, 2, 3, 4]),
+    ("not flag and count > 0", [1]),
+    ("false and flag", []),
+    ("not (false and flag)", [0, 1, 2, 3, 4, 5]),
+    ("true or unknown", [0, 1, 2, 3, 4, 5]),
+    ("not (true or unknown)", []),
+    # known / missing
+    ("known(flag)", [0, 1, 3, 5]),
+    ("missing(flag)", [2, 4]),
+    ("not known(flag)", [2, 4]),
+    ("flag or missing(flag)", [0, 2, 3, 4]),
+    ("missing(score) or missing(count)", [0, 1, 3, 4]),
+    ("known(score) and score < 1", [0, 5]),
+    ("missing(unknown)", [0, 1, 2, 3, 4, 5]),
+    ("known(layer)", [0, 1, 2, 3, 4, 5]),
+    ("missing(tok)", []),
+    ("layer > 2 or missing(score)", [1, 3, 4, 5]),
+])
+def test_filter_with_none(nullable, expr, want):
+    assert rows_of(nullable, expr) == want
+
+
+@pytest.mark.parametrize("expr, words", [
+    ("count", "not a condition"),
+    ("score < none", "none can only be compared"),
+    ("count in (1, none)", "cannot look for"),
+    ("known(1)", "write known(column)"),
+    ("missing(true)", "needs a column"),
+    ("known(flag, 1)", "write known(column)"),
+    ("known(nope)", "unknown column 'nope'"),
+    ("isnull(flag)", "not allowed"),
+])
+def test_filter_with_none_refuses(nullable, expr, words):
+    with pytest.raises(UserError) as e:
+        filter_rows(nullable, expr)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_filter_leaves_nullable_columns_alone(nullable):
+    before = nullable["flag"].tolist()
+    mask = filter_rows(nullable, "flag or missing(flag)")
+    mask[:] = False
+    assert nullable["flag"].tolist() == before
+    assert rows_of(nullable.take(filter_rows(nullable, "known(flag)")), "not flag") == [1, 3]

@@ -56,35 +56,84 @@ def tiny_model_dir(directory: Path, model_type: str, n_layers: int = 4, seed: in
 
 
 # --- planted behaviour in OPT's first layer -------------------------------------------------
-TOKEN_DIM, POS_DIM = 0, 1          # residual dimensions the planted neurons read
-DEAD, DETECTOR, POSITIONAL = 3, 5, 7  # neuron indices in layer 0
+# Layer 0 of the planted OPT sees only token + position embeddings (its attention writes nothing).
+# A few residual dimensions carry +5/-5 flags set in the embeddings; each planted neuron reads one
+# or two of them, so whether it fires depends on exactly the token or position we chose.
+TOKEN_DIM, POS_DIM, OSC_DIM, SIDE_DIM, VARIANT_DIM, HALF_DIM, BOS_DIM = range(7)
+N_FLAGS = 7
+FLAG_DIMS = 2 * N_FLAGS  # each flag has a mirror (minus it): the layer norm's mean and scale never
+                         # change, so a neuron sees a flag only if it reads it
+DEAD, DETECTOR, VARIANTS, POSITIONAL, OSCILLATING, ONE_SIDED, MANY, BOS_AND_A = 3, 5, 6, 7, 9, 10, 11, 12
 DETECTED = (ord("a"), ord("b"))
-POS_RANGE = (8, 20)                # the positional neuron fires at positions 8..19
+VARIANT_TOKENS = (ord("t"), ord("T"))
+MANY_TOKENS = tuple(range(ord("a"), ord("m") + 1))  # 13 letters: far too many for a detector
+PROMOTED = ord("z")                 # the detector's update promotes 'z' and suppresses 'a', 'b'
+POS_RANGE = (8, 20)                 # the positional neuron fires at positions 8..19
+SIDE_START = 10                     # the one-sided neuron never fires before this position
+
+
+def _flag(rows: int, on) -> torch.Tensor:
+    flag = torch.full((rows,), -5.0)
+    flag[list(on)] = 5.0
+    return flag
 
 
 @torch.no_grad()
 def planted_opt(n_layers: int = 4, seed: int = 0):
-    """OPT whose layer 0 sees only token + position embeddings (its attention writes nothing), with
-    a dead neuron, a neuron that fires exactly on tokens 'a' and 'b', and one that fires exactly at
-    positions 8-19, whatever the text."""
+    """OPT with planted neurons in layer 0: dead, token detector ('a', 'b'; its update suppresses
+    them and promotes 'z'), variants detector ('t', 'T'), position-range indicator, oscillating,
+    one-sided (never before position 10, then on letters a-m), many-token (letters a-m), and one
+    firing on the start token and 'a', 'b' (the start token must not count as a trigger)."""
     model = build("opt", n_layers, seed)
     decoder = model.model.decoder
-    emb = decoder.embed_tokens.weight
-    emb[:, TOKEN_DIM] = -5.0
-    emb[list(DETECTED), TOKEN_DIM] = 5.0
-    emb[:, POS_DIM] = 0.0
-    pos = decoder.embed_positions.weight          # row p + 2 embeds position p
-    pos[:, TOKEN_DIM] = 0.0
-    pos[:, POS_DIM] = -5.0
-    pos[POS_RANGE[0] + 2: POS_RANGE[1] + 2, POS_DIM] = 5.0
+    emb, pos = decoder.embed_tokens.weight, decoder.embed_positions.weight  # pos row p + 2 is position p
+    emb[:, :FLAG_DIMS] = 0.0
+    pos.zero_()  # position reaches layer 0 through the flags alone
+    emb[:, TOKEN_DIM] = _flag(VOCAB, DETECTED)
+    emb[:, VARIANT_DIM] = _flag(VOCAB, VARIANT_TOKENS)
+    emb[:, HALF_DIM] = _flag(VOCAB, MANY_TOKENS)
+    emb[:, BOS_DIM] = _flag(VOCAB, [BOS])
+    positions = torch.arange(pos.shape[0] - 2)
+    pos[2:, POS_DIM] = torch.where((positions >= POS_RANGE[0]) & (positions < POS_RANGE[1]), 5.0, -5.0)
+    pos[2:, OSC_DIM] = torch.where((positions // 8) % 2 == 0, 5.0, -5.0)
+    pos[2:, SIDE_DIM] = torch.where(positions >= SIDE_START, 5.0, -5.0)
+    emb[BOS, FLAG_DIMS:] = 0.0  # unplanted neurons stay silent at position 0, which always holds BOS
+    emb[:, N_FLAGS:FLAG_DIMS] = -emb[:, :N_FLAGS]
+    pos[:, N_FLAGS:FLAG_DIMS] = -pos[:, :N_FLAGS]
     layer = decoder.layers[0]
+    layer.fc1.weight[:, :FLAG_DIMS] = 0.0  # unplanted neurons read only the random content dimensions
     layer.self_attn.out_proj.weight.zero_()
     layer.self_attn.out_proj.bias.zero_()
     fc1 = layer.fc1
-    for neuron, dim in ((DETECTOR, TOKEN_DIM), (POSITIONAL, POS_DIM)):
+    wiring = {DETECTOR: ((TOKEN_DIM,), 0.0), VARIANTS: ((VARIANT_DIM,), 0.0), POSITIONAL: ((POS_DIM,), 0.0),
+              OSCILLATING: ((OSC_DIM,), 0.0), ONE_SIDED: ((SIDE_DIM, HALF_DIM), -1.0), MANY: ((HALF_DIM,), 0.0),
+              BOS_AND_A: ((BOS_DIM, TOKEN_DIM), 0.5)}
+    for neuron, (dims, bias) in wiring.items():
         fc1.weight[neuron].zero_()
-        fc1.weight[neuron, dim] = 1.0
-        fc1.bias[neuron] = 0.0
+        fc1.weight[neuron, list(dims)] = 1.0
+        fc1.bias[neuron] = bias
     fc1.weight[DEAD].zero_()
     fc1.bias[DEAD] = -10.0
+    # the detector's update: away from its triggers' unembeddings, toward 'z' (OPT ties lm_head to
+    # the embeddings). Those three tokens get distinctive vectors in the dimensions no flag uses,
+    # so the update's effect stands out of the random ones; the flags play no part in it.
+    gen = torch.Generator().manual_seed(seed)
+    for token in (*DETECTED, PROMOTED):
+        rest = torch.randn(emb.shape[1] - FLAG_DIMS, generator=gen)
+        emb[token, FLAG_DIMS:] = 2.0 * rest / rest.norm()
+    unembed = emb.clone()
+    unembed[:, :FLAG_DIMS] = 0.0
+    direction = 3 * unembed[PROMOTED] - unembed[DETECTED[0]] - unembed[DETECTED[1]]
+    layer.fc2.weight[:, DETECTOR] = direction / direction.norm()
+    return model
+
+
+@torch.no_grad()
+def degenerate_opt(n_layers: int = 2, seed: int = 0):
+    """OPT whose layer 0 is entirely dead but for neuron 0, which fires on every token."""
+    model = build("opt", n_layers, seed)
+    fc1 = model.model.decoder.layers[0].fc1
+    fc1.weight.zero_()
+    fc1.bias.fill_(-100.0)
+    fc1.bias[0] = 100.0
     return model

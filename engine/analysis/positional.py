@@ -37,8 +37,8 @@ class PositionalParams:
     extreme_eps: float = 0.05           # fr <= eps is "near 0", fr >= 1 - eps "near 1" (weak); exact 0/1 strong
     min_run: int = 5                    # an interval at an extreme spans at least this many positions;
                                         # shorter touches are chance (few sequences per position)
-    min_alternations: int = 3           # oscillatory: at least this many alternating extreme intervals
-                                        # (3 = two switches, e.g. off-on-off); fewer is both_extremes
+    min_alternations: int = 4           # oscillatory: at least this many alternating extreme intervals
+                                        # (4 = on-off-on-off: repeats); one window (off-on-off) is both_extremes
     smooth_max_roughness: float = 0.05  # "other" is strong (smooth) if neighbour roughness / range <= this
 
     def as_dict(self) -> dict:

@@ -1,0 +1,142 @@
+"""`ffnscope report FILE...`: the paper's figures in the terminal, as tables and plotext charts.
+Several recordings (models of different sizes or families) are overlaid against relative depth,
+one series per model, as in the paper's figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import plotext as plt
+from rich.console import Console
+from rich.table import Table as RichTable
+from rich.text import Text
+
+from cache import analysis_store as store
+from cache.reader import CacheReader
+from engine.analysis.ngrams import COVERAGE_BUCKETS
+from engine.analysis.neuron_table import layer_table, require
+from engine.analysis.positional import KINDS
+
+
+def _chart(title: str, series: dict[str, tuple[list[float], list[float]]], ylabel: str, width: int) -> str:
+    plt.clear_figure()
+    plt.theme("clear")
+    plt.plotsize(min(width, 100), 16)
+    for label, (x, y) in series.items():
+        plt.plot(x, y, label=label, marker="braille")
+    plt.title(title)
+    plt.xlabel("layer (relative depth)")
+    plt.ylabel(ylabel)
+    return plt.build()
+
+
+def _label(reader: CacheReader) -> str:
+    model = reader.meta["model"]
+    return f"{model['name']} ({model['n_layers']}L)"
+
+
+def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
+    table = RichTable(title=f"{_label(reader)}: alive neurons by number of tokens covering 95 % of their "
+                            "fires (Fig. 2)")
+    table.add_column("layer", justify="right")
+    for lo, hi in COVERAGE_BUCKETS:
+        table.add_column(f"{lo}-{hi}" if hi else f"{lo}+", justify="right")
+    for layer, hist in zip(ngrams["layers"], ngrams["n1/coverage_hist"]):
+        table.add_row(str(layer), *(str(v) for v in hist))
+    return table
+
+
+def _summary_table(reader: CacheReader, rows) -> RichTable:
+    rec = reader.meta["recording"]
+    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {rec['firing_rule']}"))
+    columns = (("layer", "layer"), ("dead %", "dead_pct"), ("alive freq %", "alive_freq"),
+               ("tok det", "token_detectors"), ("2g det", "bigram_detectors"), ("3g det", "trigram_detectors"),
+               ("tokens", "detected_tokens"), ("new", "new_tokens"), ("cumul.", "cumulative_tokens"),
+               ("suppress", "suppress_frac"), ("positional", "positional"))
+    for header, _ in columns:
+        table.add_column(header, justify="right")
+    for row in rows.rows():
+        cells = []
+        for _, key in columns:
+            value = row[key]
+            if key == "alive_freq":
+                cells.append(f"{100 * value:.3f}")
+            elif key == "suppress_frac":
+                cells.append(f"{100 * value:.0f} %" if row["token_detectors"] else "-")
+            elif key == "dead_pct":
+                cells.append(f"{value:.1f}")
+            elif key == "positional":
+                kinds = ", ".join(f"{row[f'pos_{k}']} {k.split('_')[0][:4]}" for k in KINDS if row[f"pos_{k}"])
+                cells.append(f"{value}" + (f" ({kinds})" if kinds else ""))
+            elif key in ("token_detectors", "bigram_detectors", "trigram_detectors", "detected_tokens",
+                         "new_tokens", "cumulative_tokens"):
+                cells.append(str(value) if row["ngram_layer"] else "-")
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
+    return table
+
+
+def _position_plots(reader: CacheReader, pos: dict, count: int, width: int) -> list[str]:
+    """Firing frequency by position of the strongest positional neurons (Fig. 7, 9)."""
+    mi = np.where(pos["positional"], pos["mi"], -1.0)
+    flat = np.argsort(-mi, axis=None)[:count]
+    n_seqs = reader.n_tokens // reader.meta["data"]["seq_len"]
+    out = []
+    for index in flat:
+        row, neuron = np.unravel_index(index, mi.shape)
+        if mi[row, neuron] <= 0:
+            break
+        layer = int(pos["layers"][row])
+        freq = reader.array(layer, "pos_fire", (slice(None), int(neuron))) / max(n_seqs, 1)
+        kind = KINDS[pos["kind"][row, neuron] - 1]
+        strength = "strong" if pos["strong"][row, neuron] else "weak"
+        plt.clear_figure()
+        plt.theme("clear")
+        plt.plotsize(min(width, 100), 12)
+        plt.plot(list(range(len(freq))), freq.tolist(), marker="braille")
+        plt.ylim(0, 1)
+        plt.title(f"layer {layer} neuron {neuron}: {kind} ({strength}), MI {mi[row, neuron]:.3f}")
+        plt.xlabel("position")
+        out.append(plt.build())
+    return out
+
+
+def print_report(paths: list[Path], console: Console | None = None, position_plots: int = 3) -> None:
+    console = console or Console()
+    width = console.width
+    readers = [CacheReader(p, "reporting on it") for p in paths]
+    try:
+        series: dict[str, dict] = {k: {} for k in ("dead", "freq", "det", "tokens", "cum", "supp", "pos")}
+        for reader in readers:
+            results = require(reader)
+            rows = layer_table(reader)
+            console.print(_summary_table(reader, rows))
+            console.print(_bucket_table(reader, results["ngrams"]))
+            label = _label(reader)
+            depth = rows["rel_depth"].tolist()
+            ngram = rows["ngram_layer"]
+            series["dead"][label] = (depth, rows["dead_pct"].tolist())
+            series["freq"][label] = (depth, (100 * rows["alive_freq"]).tolist())
+            series["pos"][label] = (depth, rows["positional"].tolist())
+            d = rows["rel_depth"][ngram].tolist()
+            series["det"][label] = (d, rows["token_detectors"][ngram].tolist())
+            series["tokens"][label] = (d, rows["detected_tokens"][ngram].tolist())
+            series["cum"][label] = (d, rows["cumulative_tokens"][ngram].tolist())
+            series["supp"][label] = (d, (100 * rows["suppress_frac"][ngram]).tolist())
+        charts = [("dead neurons (Fig. 1a)", "dead", "%"), ("mean firing frequency of alive neurons (Fig. 1b)",
+                                                             "freq", "%"),
+                  ("token-detecting neurons (Fig. 3a)", "det", "neurons"),
+                  ("detected tokens per layer (Fig. 3b, solid)", "tokens", "tokens"),
+                  ("detected tokens, cumulative (Fig. 3b, dashed)", "cum", "tokens"),
+                  ("detectors suppressing their triggers (Sec. 4.4)", "supp", "%"),
+                  ("positional neurons (Fig. 8)", "pos", "neurons")]
+        for title, key, unit in charts:
+            console.print(Text(_chart(title, series[key], unit, width)))
+        for reader in readers:
+            pos = store.read_group(reader, "positional")
+            for plot in _position_plots(reader, pos, position_plots, width):
+                console.print(Text(plot))
+    finally:
+        for reader in readers:
+            reader.close()

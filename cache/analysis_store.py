@@ -1,0 +1,97 @@
+"""Derived tables stored in the cache under `analysis/<name>`, each with the parameters and the
+recording state that produced it, so `analyze` recomputes only what is missing or stale.
+
+Writes are copy-on-write: the cache is copied beside itself, the copy gets the new groups and is
+renamed over the original. A recording may have cost hours of GPU time; an analysis killed in the
+middle of an in-place HDF5 write could leave it unreadable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache import schema
+from cache.errors import UserError
+from cache.reader import CacheReader
+
+ROOT = "analysis"
+
+
+def recording_key(reader: CacheReader) -> str:
+    """What an analysis result depends on in the recording itself."""
+    meta = reader.meta
+    basis = [meta["data"]["fingerprint"], meta["model"]["fingerprint"], meta["created"],
+             meta["recording"].get("parts"), reader.n_tokens, reader.status]
+    return hashlib.sha256(json.dumps(basis, default=str).encode()).hexdigest()[:16]
+
+
+def stored(reader: CacheReader, name: str) -> dict | None:
+    """-> {"params": ..., "recording": ..., "inputs": ...} of a stored analysis, or None."""
+    group = reader.file.get(f"{ROOT}/{name}")
+    if group is None:
+        return None
+    return {key: json.loads(group.attrs[key]) for key in ("params", "recording", "inputs") if key in group.attrs}
+
+
+def is_current(reader: CacheReader, name: str, params: dict, inputs: dict | None = None) -> bool:
+    info = stored(reader, name)
+    return (info is not None and info.get("params") == params and info.get("recording") == recording_key(reader)
+            and info.get("inputs", {}) == (inputs or {}))
+
+
+def read_group(reader: CacheReader, name: str) -> dict[str, np.ndarray]:
+    """Every dataset of an analysis group, keyed by its path inside the group."""
+    group = reader.file[f"{ROOT}/{name}"]
+    out: dict[str, np.ndarray] = {}
+    group.visititems(lambda key, obj: out.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+class Result:
+    """One analysis' output: datasets plus the attributes that say how it was made."""
+
+    def __init__(self, name: str, params: dict, inputs: dict | None = None):
+        self.name = name
+        self.params = params
+        self.inputs = inputs or {}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def put(self, key: str, array) -> None:
+        self.arrays[key] = np.asarray(array)
+
+
+def write_results(path: Path, results: list[Result], recording: str) -> None:
+    if not results:
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.analysis.tmp")
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a") as f:
+            if f.attrs.get("format") != schema.FORMAT:
+                raise UserError(f"{path} changed while being analysed; run analyze again")
+            for result in results:
+                key = f"{ROOT}/{result.name}"
+                if key in f:
+                    del f[key]
+                group = f.create_group(key)
+                group.attrs["params"] = json.dumps(result.params)
+                group.attrs["recording"] = json.dumps(recording)
+                group.attrs["inputs"] = json.dumps(result.inputs)
+                for name, array in result.arrays.items():
+                    options = dict(compression="gzip", compression_opts=1) if array.size >= 4096 else {}
+                    group.create_dataset(name, data=array, **options)
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"could not write analyses into {path} ({exc.strerror or exc}); "
+                        "check free disk space (a copy of the cache is needed) and permissions") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,188 @@
+"""`analyze`: compute the paper's analyses on a recording, store them in the cache, and recompute
+only what is missing or stale (other parameters, another recording state, changed inputs)."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from cache import analysis_store as store
+from cache.errors import UserError
+from cache.reader import CacheReader
+from engine.analysis.dead import firing_by_layer
+from engine.analysis.ngrams import NgramParams, coverage_histogram, ensemble, ngram_layer, unigram_counts
+from engine.analysis.positional import KINDS, PositionalParams, positional_layer
+from engine.analysis.suppression import SuppressionParams, suppression_layer
+
+NAMES = ("dead", "ngrams", "positional", "suppression")  # in dependency order
+PARAMS = {"ngrams": NgramParams, "positional": PositionalParams, "suppression": SuppressionParams}
+
+
+def parse_settings(pairs: list[str]) -> dict[str, dict]:
+    """["ngrams.min_occurrences=3", "mi_threshold=0.1"] -> {"ngrams": {...}, "positional": {...}}.
+    An unqualified key must belong to exactly one analysis."""
+    out: dict[str, dict] = {name: {} for name in PARAMS}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--set '{pair}' is not key=value; for example --set ngrams.min_occurrences=3")
+        name, _, field_name = key.rpartition(".")
+        owners = [name] if name else [n for n, p in PARAMS.items() if field_name in _field_types(p)]
+        if len(owners) != 1 or owners[0] not in PARAMS or field_name not in _field_types(PARAMS[owners[0]]):
+            known = ", ".join(f"{n}.{f}" for n, p in PARAMS.items() for f in _field_types(p))
+            raise UserError(f"--set: unknown parameter '{key}'; known: {known}")
+        kind = _field_types(PARAMS[owners[0]])[field_name]
+        try:
+            out[owners[0]][field_name] = int(value) if kind is int else float(value)
+        except ValueError:
+            raise UserError(f"--set {key}: '{value}' is not a number") from None
+    return out
+
+
+def _field_types(cls) -> dict[str, type]:
+    return {f.name: type(f.default) for f in fields(cls)}
+
+
+class Analyzer:
+    def __init__(self, reader: CacheReader, settings: dict[str, dict], log=print):
+        self.reader = reader
+        self.meta = reader.meta
+        self.log = log
+        self.params = {name: replace(cls(), **settings.get(name, {})) for name, cls in PARAMS.items()}
+        self.ngram_layers: list[int] = self.meta["recording"]["ngram_layers"]
+        self.fresh: dict[str, store.Result] = {}
+
+    def inputs(self, name: str) -> dict:
+        """Results an analysis builds on: changing them makes it stale."""
+        return {"ngrams": self.params["ngrams"].as_dict()} if name == "suppression" else {}
+
+    def params_of(self, name: str) -> dict:
+        return self.params[name].as_dict() if name in self.params else {}
+
+    def run(self, only: list[str] | None) -> dict[str, str]:
+        wanted = list(NAMES) if not only else [n for n in NAMES if n in only]
+        status = {}
+        for name in wanted:
+            if store.is_current(self.reader, name, self.params_of(name), self.inputs(name)) and \
+                    not any(dep in self.fresh for dep in self.inputs(name)):
+                status[name] = "current"
+                continue
+            self.log(f"analyzing: {name}")
+            self.fresh[name] = getattr(self, f"_{name}")()
+            status[name] = "computed"
+        return status
+
+    # --- the analyses -------------------------------------------------------------------------
+    def _dead(self) -> store.Result:
+        result = store.Result("dead", {})
+        rows = firing_by_layer(self.reader)
+        taus = self.meta["recording"]["taus"]
+        result.put("layers", [r.layer for r in rows])
+        result.put("dead_fraction", [[r.dead(t) for t in taus] for r in rows])
+        result.put("alive_freq", [r.alive_freq for r in rows])
+        return result
+
+    def _ngrams(self) -> store.Result:
+        params = self.params["ngrams"]
+        result = store.Result("ngrams", params.as_dict())
+        result.put("layers", np.array(self.ngram_layers, np.int64))
+        data = self.reader.gram_counts()
+        data[1] = unigram_counts(self.reader.file["data/unigram"][:])
+        for n in (1, 2, 3):
+            per_layer, detected = [], []
+            for layer in self.ngram_layers:
+                sparse, counted = self.reader.ngrams(layer, n)
+                per_layer.append(ngram_layer(sparse, data[n], counted, n, params))
+                detected.append(set(np.unique(per_layer[-1].covered_gram).tolist()))
+            for key in ("fires", "coverage", "detector"):
+                result.put(f"n{n}/{key}", np.stack([getattr(r, key) for r in per_layer]) if per_layer
+                           else np.zeros((0, self.meta["model"]["d_ffn"])))
+            covered_layer = np.concatenate([np.full(len(r.covered_neuron), layer) for layer, r
+                                            in zip(self.ngram_layers, per_layer)]) if per_layer else []
+            result.put(f"n{n}/covered_layer", np.asarray(covered_layer, np.int64))
+            for key in ("covered_neuron", "covered_gram", "covered_count"):
+                result.put(f"n{n}/{key}", np.concatenate([getattr(r, key) for r in per_layer]) if per_layer
+                           else np.zeros(0, np.int64))
+            result.put(f"n{n}/coverage_hist", [coverage_histogram(r.coverage) for r in per_layer])
+            result.put(f"n{n}/ensemble", [[row[k] for k in ("detected", "new_overall", "new_vs_previous",
+                                                            "cumulative")] for row in ensemble(detected)])
+        return result
+
+    def _positional(self) -> store.Result:
+        params = self.params["positional"]
+        result = store.Result("positional", params.as_dict())
+        n_seqs = self.reader.n_tokens // self.meta["data"]["seq_len"]
+        layers = self.reader.layers
+        mi, positional, kind, strong, ranges = [], [], [], [], []
+        for layer in layers:
+            r = positional_layer(self.reader.array(layer, "pos_fire"), n_seqs, params)
+            mi.append(r.mi)
+            positional.append(r.positional)
+            kind.append(np.array([KINDS.index(k) + 1 if k else 0 for k in r.kind], np.uint8))
+            strong.append(r.strong)
+            ranges += [(layer, neuron, a, b) for neuron, spans in sorted(r.ranges.items()) for a, b in spans]
+        result.put("layers", np.array(layers, np.int64))
+        for key, value in (("mi", mi), ("positional", positional), ("kind", kind), ("strong", strong)):
+            result.put(key, np.stack(value))
+        result.put("ranges", np.array(ranges, np.int64).reshape(-1, 4))  # layer, neuron, start, end
+        return result
+
+    def _suppression(self) -> store.Result:
+        params = self.params["suppression"]
+        result = store.Result("suppression", params.as_dict(), self.inputs("suppression"))
+        ngrams = self.fresh["ngrams"].arrays if "ngrams" in self.fresh else store.read_group(self.reader, "ngrams")
+        lm = self._load_model()
+        adapter = lm.adapter
+        norm = adapter.final_norm_scale()
+        norm = None if norm is None else norm.detach().float().numpy()
+        unembedding = adapter.unembedding().detach().float().numpy()
+        keys = ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_score",
+                "trigger_rank", "suppresses")
+        parts: dict[str, list] = {k: [] for k in keys + ("layer",)}
+        for row, layer in enumerate(ngrams["layers"]):
+            neurons = np.flatnonzero(ngrams["n1/detector"][row])
+            mine = ngrams["n1/covered_layer"] == layer
+            triggers = [ngrams["n1/covered_gram"][mine & (ngrams["n1/covered_neuron"] == i)] for i in neurons]
+            rows = adapter.w_out(int(layer)).detach().float().numpy()[neurons]
+            signs = np.where(self.reader.array(int(layer), "g_sum")[neurons] < 0, -1.0, 1.0)
+            r = suppression_layer(neurons, triggers, rows, signs, norm, unembedding, params)
+            for k in keys:
+                parts[k].append(getattr(r, k))
+            parts["layer"].append(np.full(len(neurons), layer, np.int64))
+        top = params.top
+        for k, chunks in parts.items():
+            empty = np.zeros((0, top) if k in ("promoted", "promoted_score", "suppressed", "suppressed_score")
+                             else 0)
+            result.put(k, np.concatenate(chunks) if chunks else empty)
+        return result
+
+    def _load_model(self):
+        from engine.models import load_model
+
+        model_meta = self.meta["model"]
+        try:
+            lm = load_model(model_meta["spec"], "float32")
+        except UserError as exc:
+            raise UserError(f"suppression needs the recorded model '{model_meta['spec']}': {exc}; "
+                            "or skip it with --only dead ngrams positional") from None
+        if lm.fingerprint != model_meta["fingerprint"]:
+            raise UserError(f"'{model_meta['spec']}' is not the model this cache was recorded with "
+                            f"(fingerprint {lm.fingerprint} vs {model_meta['fingerprint']}); "
+                            "give the original model or skip suppression with --only dead ngrams positional")
+        return lm
+
+
+def analyze(path: Path, only: list[str] | None = None, settings: list[str] | None = None, log=print) -> dict[str, str]:
+    unknown = set(only or ()) - set(NAMES)
+    if unknown:
+        raise UserError(f"--only: unknown analysis {', '.join(sorted(unknown))}; choose from {', '.join(NAMES)}")
+    parsed = parse_settings(settings or [])
+    with CacheReader(path, "analyzing it") as reader:
+        if reader.status != "complete":
+            raise UserError(f"{path} is a partial recording; finish it with `ffnscope record ... --resume` first")
+        analyzer = Analyzer(reader, parsed, log)
+        status = analyzer.run(only)
+        fresh, recording = list(analyzer.fresh.values()), store.recording_key(reader)
+    store.write_results(path, fresh, recording)
+    return status
