@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from app.safe_text import printable
 from cache import analysis_store as store
 from cache.reader import CacheReader
 from engine.analysis.ngrams import COVERAGE_BUCKETS
@@ -32,7 +33,7 @@ def _chart(title: str, series: dict[str, tuple[list[float], list[float]]], ylabe
 
 def _label(reader: CacheReader) -> str:
     model = reader.meta["model"]
-    return f"{model['name']} ({model['n_layers']}L)"
+    return printable(f"{model['name']} ({model['family']}, {model['n_layers']}L)")
 
 
 def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
@@ -48,32 +49,37 @@ def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
 
 def _summary_table(reader: CacheReader, rows) -> RichTable:
     rec = reader.meta["recording"]
-    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {rec['firing_rule']}"))
-    columns = (("layer", "layer"), ("dead %", "dead_pct"), ("alive freq %", "alive_freq"),
-               ("tok det", "token_detectors"), ("2g det", "bigram_detectors"), ("3g det", "trigram_detectors"),
-               ("tokens", "detected_tokens"), ("new", "new_tokens"), ("cumul.", "cumulative_tokens"),
-               ("suppress", "suppress_frac"), ("positional", "positional"))
-    for header, _ in columns:
+    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec['firing_rule'])}"))
+    for header in ("layer", "dead %", "alive %", "tok det", "2g det", "3g det", "suppress", "positional"):
         table.add_column(header, justify="right")
     for row in rows.rows():
-        cells = []
-        for _, key in columns:
-            value = row[key]
-            if key == "alive_freq":
-                cells.append(f"{100 * value:.3f}")
-            elif key == "suppress_frac":
-                cells.append(f"{100 * value:.0f} %" if row["token_detectors"] else "-")
-            elif key == "dead_pct":
-                cells.append(f"{value:.1f}")
-            elif key == "positional":
-                kinds = ", ".join(f"{row[f'pos_{k}']} {k.split('_')[0][:4]}" for k in KINDS if row[f"pos_{k}"])
-                cells.append(f"{value}" + (f" ({kinds})" if kinds else ""))
-            elif key in ("token_detectors", "bigram_detectors", "trigram_detectors", "detected_tokens",
-                         "new_tokens", "cumulative_tokens"):
-                cells.append(str(value) if row["ngram_layer"] else "-")
-            else:
-                cells.append(str(value))
-        table.add_row(*cells)
+        ngram = row["ngram_layer"]
+        table.add_row(str(row["layer"]), f"{row['dead_pct']:.1f}", f"{100 * row['alive_freq']:.3f}",
+                      *(str(row[k]) if ngram else "-" for k in ("token_detectors", "bigram_detectors",
+                                                                "trigram_detectors")),
+                      f"{100 * row['suppress_frac']:.0f} %" if row["token_detectors"] else "-",
+                      str(row["positional"]))
+    return table
+
+
+def _ensemble_table(reader: CacheReader, rows) -> RichTable:
+    table = RichTable(title=f"{_label(reader)}: detected tokens per layer (Fig. 3b, 4)")
+    for header in ("layer", "detected", "new overall", "new vs previous", "cumulative"):
+        table.add_column(header, justify="right")
+    for row in rows.rows():
+        if row["ngram_layer"]:
+            table.add_row(*(str(row[k]) for k in ("layer", "detected_tokens", "new_tokens", "new_vs_previous",
+                                                  "cumulative_tokens")))
+    return table
+
+
+def _positional_table(reader: CacheReader, rows) -> RichTable:
+    table = RichTable(title=f"{_label(reader)}: positional neurons by type (Fig. 8)")
+    for header in ("layer", "positional", *KINDS, "strong"):
+        table.add_column(header, justify="right")
+    for row in rows.rows():
+        table.add_row(str(row["layer"]), str(row["positional"]), *(str(row[f"pos_{k}"]) for k in KINDS),
+                      str(row["pos_strong"]))
     return table
 
 
@@ -111,8 +117,9 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
         for reader in readers:
             results = require(reader)
             rows = layer_table(reader)
-            console.print(_summary_table(reader, rows))
-            console.print(_bucket_table(reader, results["ngrams"]))
+            for table in (_summary_table(reader, rows), _bucket_table(reader, results["ngrams"]),
+                          _ensemble_table(reader, rows), _positional_table(reader, rows)):
+                console.print(table)
             label = _label(reader)
             depth = rows["rel_depth"].tolist()
             ngram = rows["ngram_layer"]
@@ -132,11 +139,11 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
                   ("detectors suppressing their triggers (Sec. 4.4)", "supp", "%"),
                   ("positional neurons (Fig. 8)", "pos", "neurons")]
         for title, key, unit in charts:
-            console.print(Text(_chart(title, series[key], unit, width)))
+            console.print(Text.from_ansi(_chart(title, series[key], unit, width)))
         for reader in readers:
             pos = store.read_group(reader, "positional")
             for plot in _position_plots(reader, pos, position_plots, width):
-                console.print(Text(plot))
+                console.print(Text.from_ansi(plot))
     finally:
         for reader in readers:
             reader.close()

@@ -53,9 +53,8 @@ def coverage_numbers(sparse: Sparse, d_ffn: int, share: float) -> tuple[np.ndarr
     order = np.lexsort((-sparse.count, sparse.neuron))           # per neuron, biggest triggers first
     neuron, count = sparse.neuron[order], sparse.count[order]
     starts = np.searchsorted(neuron, np.arange(d_ffn))
-    cum = np.cumsum(count)
-    before = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0)  # fires of lower neurons
-    within = cum - before[neuron]
+    cum = np.concatenate([[0], np.cumsum(count)])
+    within = cum[1:] - cum[starts][neuron]  # this neuron's fires up to and including each gram
     short = within < share * fires[neuron]                       # still below the share after this gram
     coverage = np.bincount(neuron[short], minlength=d_ffn) + 1
     coverage[fires == 0] = 0
