@@ -10,11 +10,11 @@ from cache.reader import CacheReader
 from engine.analysis.neuron_table import layer_table, neuron_table
 from engine.analysis.run import analyze
 from tests.helpers import record_tiny
-from tests.tiny_models import (BOS_AND_A, DEAD, DETECTED, DETECTOR, MANY, ONE_SIDED, OSCILLATING, POS_RANGE,
+from tests.tiny_models import (BIGRAM, BOS_AND_A, DEAD, DETECTED, DETECTOR, MANY, ONE_SIDED, OSCILLATING, POS_RANGE,
                                POSITIONAL, PROMOTED, VARIANT_TOKENS, VARIANTS, degenerate_opt, planted_opt, save)
 
 WORDS = ("The cat sat on a mat . Tom ate a big bun and then the tall dog bit the ball . That is "
-         "it ! Then Ted told a tale to the Baker , but the bat flew at the table .").split()
+         "it ! Then Ted told a tale to the Baker , but the bat flew at the table . Aha , oh !").split()
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,14 @@ def test_token_detectors_found_exactly(layer0):
     assert sorted(layer0[DETECTOR]["trigger_tokens"]) == tokens(*DETECTED)
     assert sorted(layer0[VARIANTS]["trigger_tokens"]) == tokens(*VARIANT_TOKENS)  # a word's variants
     assert layer0[DETECTOR]["unigram_coverage"] == 2
+
+
+def test_bigram_detector(layer0):
+    """BIGRAM fires on 'h' only after 't' (its attention head looks one token back)."""
+    row = layer0[BIGRAM]
+    assert row["bigram_detector"] is True and row["trigger_bigrams"] == ["th"]
+    assert row["token_detector"] is False  # 'h' also follows 'T' and 'a' without it firing
+    assert all("h" not in row["trigger_tokens"] for row in layer0.values())
 
 
 def test_many_token_neuron_is_not_a_detector(layer0):

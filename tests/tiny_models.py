@@ -56,14 +56,19 @@ def tiny_model_dir(directory: Path, model_type: str, n_layers: int = 4, seed: in
 
 
 # --- planted behaviour in OPT's first layer -------------------------------------------------
-# Layer 0 of the planted OPT sees only token + position embeddings (its attention writes nothing).
-# A few residual dimensions carry +5/-5 flags set in the embeddings; each planted neuron reads one
-# or two of them, so whether it fires depends on exactly the token or position we chose.
-TOKEN_DIM, POS_DIM, OSC_DIM, SIDE_DIM, VARIANT_DIM, HALF_DIM, BOS_DIM = range(7)
-N_FLAGS = 7
-FLAG_DIMS = 2 * N_FLAGS  # each flag has a mirror (minus it): the layer norm's mean and scale never
-                         # change, so a neuron sees a flag only if it reads it
+# Layer 0 of the planted OPT sees token + position embeddings and one attention head that copies
+# "the previous token is 't'" into the residual stream. Residual dimensions carry +5/-5 flags set
+# in the embeddings; each planted neuron reads one or two of them, so whether it fires depends on
+# exactly the token, position or bigram we chose. Every flag has a mirror (minus it), so the layer
+# norms' mean and scale never change and a neuron sees a flag only if it reads it.
+TOKEN_DIM, POS_DIM, OSC_DIM, SIDE_DIM, VARIANT_DIM, HALF_DIM, BOS_DIM, T_DIM, H_DIM = range(9)
+N_FLAGS = 9
+CLOCK_DIMS = (18, 19)    # 5 cos(theta p), 5 sin(theta p): lets a query find the key one position back
+PREV_DIM = 22            # written by the attention head: +5 where the previous token is 't'
+CONTENT_DIMS = 24        # dimensions from here on keep their random values (what unplanted neurons read)
+THETA = torch.pi / 64
 DEAD, DETECTOR, VARIANTS, POSITIONAL, OSCILLATING, ONE_SIDED, MANY, BOS_AND_A = 3, 5, 6, 7, 9, 10, 11, 12
+BIGRAM = 13              # fires on 'h' after 't' only: a bigram detector, not a token detector
 DETECTED = (ord("a"), ord("b"))
 VARIANT_TOKENS = (ord("t"), ord("T"))
 MANY_TOKENS = tuple(range(ord("a"), ord("m") + 1))  # 13 letters: far too many for a detector
@@ -82,32 +87,37 @@ def _flag(rows: int, on) -> torch.Tensor:
 def planted_opt(n_layers: int = 4, seed: int = 0):
     """OPT with planted neurons in layer 0: dead, token detector ('a', 'b'; its update suppresses
     them and promotes 'z'), variants detector ('t', 'T'), position-range indicator, oscillating,
-    one-sided (never before position 10, then on letters a-m), many-token (letters a-m), and one
-    firing on the start token and 'a', 'b' (the start token must not count as a trigger)."""
+    one-sided (never before position 10, then on letters a-m), many-token (letters a-m), one
+    firing on the start token and 'a', 'b' (the start token must not count as a trigger), and a
+    bigram detector ('h' after 't')."""
     model = build("opt", n_layers, seed)
     decoder = model.model.decoder
     emb, pos = decoder.embed_tokens.weight, decoder.embed_positions.weight  # pos row p + 2 is position p
-    emb[:, :FLAG_DIMS] = 0.0
+    emb[:, :CONTENT_DIMS] = 0.0
     pos.zero_()  # position reaches layer 0 through the flags alone
     emb[:, TOKEN_DIM] = _flag(VOCAB, DETECTED)
     emb[:, VARIANT_DIM] = _flag(VOCAB, VARIANT_TOKENS)
     emb[:, HALF_DIM] = _flag(VOCAB, MANY_TOKENS)
     emb[:, BOS_DIM] = _flag(VOCAB, [BOS])
+    emb[:, T_DIM] = _flag(VOCAB, [ord("t")])
+    emb[:, H_DIM] = _flag(VOCAB, [ord("h")])
     positions = torch.arange(pos.shape[0] - 2)
     pos[2:, POS_DIM] = torch.where((positions >= POS_RANGE[0]) & (positions < POS_RANGE[1]), 5.0, -5.0)
     pos[2:, OSC_DIM] = torch.where((positions // 8) % 2 == 0, 5.0, -5.0)
     pos[2:, SIDE_DIM] = torch.where(positions >= SIDE_START, 5.0, -5.0)
-    emb[BOS, FLAG_DIMS:] = 0.0  # unplanted neurons stay silent at position 0, which always holds BOS
-    emb[:, N_FLAGS:FLAG_DIMS] = -emb[:, :N_FLAGS]
-    pos[:, N_FLAGS:FLAG_DIMS] = -pos[:, :N_FLAGS]
+    pos[2:, CLOCK_DIMS[0]] = 5.0 * torch.cos(THETA * positions)
+    pos[2:, CLOCK_DIMS[1]] = 5.0 * torch.sin(THETA * positions)
+    emb[BOS, CONTENT_DIMS:] = 0.0  # unplanted neurons stay silent at position 0, which always holds BOS
+    emb[:, N_FLAGS:2 * N_FLAGS] = -emb[:, :N_FLAGS]
+    pos[:, N_FLAGS:2 * N_FLAGS] = -pos[:, :N_FLAGS]
+    pos[:, CLOCK_DIMS[1] + 1:CLOCK_DIMS[1] + 3] = -pos[:, list(CLOCK_DIMS)]
     layer = decoder.layers[0]
-    layer.fc1.weight[:, :FLAG_DIMS] = 0.0  # unplanted neurons read only the random content dimensions
-    layer.self_attn.out_proj.weight.zero_()
-    layer.self_attn.out_proj.bias.zero_()
+    _previous_token_head(layer.self_attn, scale=float((emb[0] + pos[2]).std(unbiased=False)))
+    layer.fc1.weight[:, :CONTENT_DIMS] = 0.0  # unplanted neurons read only the random content dimensions
     fc1 = layer.fc1
     wiring = {DETECTOR: ((TOKEN_DIM,), 0.0), VARIANTS: ((VARIANT_DIM,), 0.0), POSITIONAL: ((POS_DIM,), 0.0),
               OSCILLATING: ((OSC_DIM,), 0.0), ONE_SIDED: ((SIDE_DIM, HALF_DIM), -1.0), MANY: ((HALF_DIM,), 0.0),
-              BOS_AND_A: ((BOS_DIM, TOKEN_DIM), 0.5)}
+              BOS_AND_A: ((BOS_DIM, TOKEN_DIM), 0.5), BIGRAM: ((PREV_DIM, H_DIM), -5.0 / 4.15)}
     for neuron, (dims, bias) in wiring.items():
         fc1.weight[neuron].zero_()
         fc1.weight[neuron, list(dims)] = 1.0
@@ -119,13 +129,29 @@ def planted_opt(n_layers: int = 4, seed: int = 0):
     # so the update's effect stands out of the random ones; the flags play no part in it.
     gen = torch.Generator().manual_seed(seed)
     for token in (*DETECTED, PROMOTED):
-        rest = torch.randn(emb.shape[1] - FLAG_DIMS, generator=gen)
-        emb[token, FLAG_DIMS:] = 2.0 * rest / rest.norm()
+        rest = torch.randn(emb.shape[1] - CONTENT_DIMS, generator=gen)
+        emb[token, CONTENT_DIMS:] = 2.0 * rest / rest.norm()
     unembed = emb.clone()
-    unembed[:, :FLAG_DIMS] = 0.0
+    unembed[:, :CONTENT_DIMS] = 0.0
     direction = 3 * unembed[PROMOTED] - unembed[DETECTED[0]] - unembed[DETECTED[1]]
     layer.fc2.weight[:, DETECTOR] = direction / direction.norm()
     return model
+
+
+def _previous_token_head(attn, scale: float, gain: float = 200.0) -> None:
+    """Head 0 attends from position p to p - 1 (its query is the clock turned back by THETA) and
+    writes the flag of the token there, "is it 't'", into PREV_DIM (+5 or -5, mirrored)."""
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+        proj.weight.zero_()
+        proj.bias.zero_()
+    cos_dim, sin_dim = CLOCK_DIMS
+    c, s = torch.cos(torch.tensor(THETA)), torch.sin(torch.tensor(THETA))
+    attn.q_proj.weight[0, cos_dim], attn.q_proj.weight[0, sin_dim] = gain * c, gain * s
+    attn.q_proj.weight[1, cos_dim], attn.q_proj.weight[1, sin_dim] = -gain * s, gain * c
+    attn.k_proj.weight[0, cos_dim] = attn.k_proj.weight[1, sin_dim] = gain
+    attn.v_proj.weight[0, T_DIM] = 1.0
+    attn.out_proj.weight[PREV_DIM, 0] = scale          # undo the layer norm: +-5 in the residual
+    attn.out_proj.weight[PREV_DIM + 1, 0] = -scale
 
 
 @torch.no_grad()
