@@ -44,14 +44,18 @@ PROBE = ("import sys; from app.cli import main\n"
          "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["record", "--help"], ["info", "CACHE"]])
+@pytest.mark.parametrize("args", [["--help"], ["record", "--help"], ["info", "CACHE"],
+                                  ["export", "CACHE", "--format", "parquet", "--out", "OUT"],
+                                  ["export", "CACHE", "--table", "layers", "--out", "OUT"]])
 def test_light_commands_do_not_import_torch(args, tmp_path, model_dirs, text_file):
     if "CACHE" in args:
+        from engine.analysis.run import analyze
         from tests.helpers import record_tiny
 
         cache = tmp_path / "c.h5"
         record_tiny(cache, model_dirs["opt"], [text_file])
-        args = [str(cache) if a == "CACHE" else a for a in args]
+        analyze(cache, log=lambda _m: None)
+        args = [{"CACHE": str(cache), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
     out = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True,
                          env=env_for_subprocess(), timeout=120)
     assert out.returncode == 0, out.stderr
