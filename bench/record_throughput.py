@@ -41,9 +41,7 @@ def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:
 
 
 def run_recording(config, lm, meta, tokens, domains, resident: int) -> tuple[float, float, Recorder]:
-    recorder = Recorder(config, lm, meta, torch.device("cpu"), resident, None)
-    recorder.domains = domains
-    recorder.hidden_budget = 1 << 62
+    recorder = Recorder(config, lm, meta, torch.device("cpu"), resident, domains)
     t0 = time.perf_counter()
     counted = recorder.calibrate(tokens)
     t1 = time.perf_counter()

@@ -22,6 +22,23 @@ def read_progress(output: Path) -> dict | None:
         return None
 
 
+def running_job(output: Path) -> int | None:
+    """The pid of a live job that says it is writing `output`, if any."""
+    progress = read_progress(output)
+    if not progress or progress.get("status") != RUNNING:
+        return None
+    pid = int(progress.get("pid", 0))
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # it died without saying so (SIGKILL): the file is stale
+    except PermissionError:
+        pass  # alive, another user's
+    return pid
+
+
 class ProgressFile:
     def __init__(self, output: Path, command: list[str], interval: float = 0.5):
         self.path = progress_path(output)

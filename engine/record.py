@@ -29,7 +29,7 @@ from engine.layer_runner import FFNProbe, LayerRunner
 from cache.merge import check_same_recording
 from engine.meta import build_meta
 from engine.models import LoadedModel, load_model
-from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile
+from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
 from engine.stats import BatchContext, LayerStats
 
 EXTRA_TAUS = (0.0, 0.5, 1.0, 2.0)
@@ -96,6 +96,10 @@ def resolve_device(name: str) -> torch.device:
 
 def check_output(config: RecordConfig) -> None:
     out = Path(config.out)
+    pid = running_job(out)
+    if pid is not None:
+        raise UserError(f"another ffnscope job (pid {pid}) is recording into {out}; wait for it, stop it, "
+                        "or choose another --out")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"output directory does not exist: {parent}; create it or choose another --out")
@@ -159,9 +163,14 @@ def data_counts(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[np.ndar
 
 
 class Recorder:
-    def __init__(self, config: RecordConfig, lm: LoadedModel, meta: dict, device: torch.device,
-                 resident: int, progress: ProgressFile | None, on_progress=None):
+    def __init__(self, config: RecordConfig, lm: LoadedModel, meta: dict, device: torch.device, resident: int,
+                 domains: np.ndarray, hidden_budget: int = 1 << 62, progress: ProgressFile | None = None,
+                 on_progress=None):
         self.config = config
+        self.domains = domains              # (all sequences, seq_len) domain ids of the packed data
+        self.hidden_budget = hidden_budget  # bytes of hidden states kept in RAM before a mapped file
+        self.spilled = False                # hidden states went to a memory-mapped file at least once
+        self._mapped: Path | None = None
         self.lm = lm
         self.meta = meta
         rec = meta["recording"]
@@ -250,18 +259,13 @@ class Recorder:
 
     def _host_buffer(self, shape, dtype) -> torch.Tensor:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-        if self.config.host_memory is None or nbytes <= self.hidden_budget:
+        if nbytes <= self.hidden_budget:
             return torch.empty(shape, dtype=dtype)
         # over budget: hidden states live in a file the OS pages in and out
         path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
         self._mapped = path
         self.spilled = True
-        tensor = torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
-        return tensor
-
-    hidden_budget = 0
-    spilled = False  # hidden states went to a memory-mapped file at least once
-    _mapped: Path | None = None
+        return torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
 
     def release_buffers(self) -> None:
         if self._mapped is not None:
@@ -378,9 +382,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
             raise UserError(f"part {config.part[0]}/{config.part[1]} gets no sequence of the "
                             f"{len(packed.tokens)}; use fewer parts or more --tokens")
         resident = plan_device(config.device_memory, lm, device, config.batch_tokens)
-        recorder = Recorder(config, lm, meta, device, resident, progress, on_progress)
-        recorder.domains = packed.domains
-        recorder.hidden_budget = plan_host(config.host_memory, lm, meta)
+        recorder = Recorder(config, lm, meta, device, resident, packed.domains,
+                            plan_host(config.host_memory, lm, meta), progress, on_progress)
         with _stop_on_signals() as flag:
             recorder.stop_flag = flag
             if previous is None:

@@ -163,3 +163,17 @@ def test_non_utf8_text_is_reported_once(tmp_path, model_dirs):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("UTF-8") == 1, r.stderr
     assert read_state(out, "testing").status == "complete"
+
+
+def test_second_job_on_the_same_output_is_refused(tmp_path, model_dirs, text_file):
+    import json
+    import os
+
+    out = tmp_path / "c.h5"
+    progress = tmp_path / "c.h5.progress.json"
+    progress.write_text(json.dumps({"pid": os.getppid(), "status": "running"}))  # a live process
+    r = run_cli("record", "--model", model_dirs["opt"], "--data", text_file, "--out", out, *SMALL)
+    assert_one_line_error(r, "another ffnscope job", str(os.getppid()))
+    progress.write_text(json.dumps({"pid": 2**22 + 12345, "status": "running"}))  # long gone
+    r = run_cli("record", "--model", model_dirs["opt"], "--data", text_file, "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
