@@ -206,9 +206,11 @@ class Recorder:
             mask[:, : self.first_pos] = False
         return mask
 
-    def run_block(self, tokens: np.ndarray, seq_index: np.ndarray, layers: list[int],
-                  stats_for, report=None) -> tuple[dict[int, LayerStats], np.ndarray]:
-        """Push sequences through layers 0..max(layers), layer-major; -> stats per layer, sample index."""
+    def run_block(self, tokens: np.ndarray, seq_index: np.ndarray, layers: list[int], stats_for,
+                  layer_done, report=None) -> np.ndarray:
+        """Push sequences through layers 0..max(layers), layer-major, handing each wanted layer's
+        statistics to layer_done(index, stats) as soon as the layer is through (so only one layer's
+        accumulators exist at a time); -> the global indices of the sampled tokens."""
         batches = self._batches(len(tokens))
         ids = torch.as_tensor(tokens.astype(np.int64))
         keys, valid = gram_keys(tokens, self.vocab, self.first_pos)
@@ -230,7 +232,6 @@ class Recorder:
                 sample_rows=torch.as_tensor(np.flatnonzero(sample_mask[lo:hi].reshape(-1))).to(dev),
                 seq_len=self.seq_len))
 
-        results: dict[int, LayerStats] = {}
         wanted = set(layers)
         last = max(layers)
         for index in range(last + 1):
@@ -253,9 +254,8 @@ class Recorder:
                         report(index, last, b + 1, len(batches))
             del weights
             if stats is not None:
-                results[index] = stats
-        sample_index = (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
-        return results, sample_index
+                layer_done(index, stats)
+        return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
 
     def _host_buffer(self, shape, dtype) -> torch.Tensor:
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
@@ -280,13 +280,18 @@ class Recorder:
         n = max(1, min(len(tokens), self.config.calib_tokens // self.seq_len))
         stats_for = lambda _i: LayerStats(self.d_ffn, self.seq_len, [self.taus[self.primary]], 0, 1,
                                           self.device, None)
+        limit = self.meta["recording"]["ngram_max_freq"] * n * self.seq_len
+        counted: dict[int, np.ndarray] = {}
+
+        def layer_done(index, stats):
+            counted[index] = (stats.fire_count[0] <= limit).cpu().numpy()
+
         saved_rate, self.sample_rate = self.sample_rate, 0.0
         try:
-            results, _ = self.run_block(tokens[:n], np.arange(n), layers, stats_for)
+            self.run_block(tokens[:n], np.arange(n), layers, stats_for, layer_done)
         finally:
             self.sample_rate = saved_rate
-        limit = self.meta["recording"]["ngram_max_freq"] * n * self.seq_len
-        return {i: (s.fire_count[0] <= limit).cpu().numpy() for i, s in results.items()}
+        return counted
 
     # --- the shard loop ------------------------------------------------------------------------
     def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
@@ -319,23 +324,23 @@ class Recorder:
                 return LayerStats(self.d_ffn, self.seq_len, self.taus, self.primary, rec["topk"],
                                   self.device, counted.get(index))
 
-            results, sample_index = self.run_block(block, seq_index, self.layers, stats_for, report)
-            self._fold(state, results, block, seq_index, sample_index)
+            samples: dict[int, np.ndarray] = {}
+
+            def layer_done(index, stats):
+                samples[index] = stats.take_samples()
+                state.layers[index].add(stats.to_host())
+
+            sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
+            acts = np.stack([samples[i] for i in self.layers])
+            unigram, grams = data_counts(block, self.vocab, self.first_pos)
+            state.data.add(DataState(block, seq_index, self.domains[seq_index], unigram, grams))
+            state.samples.add(Samples(sample_index.astype(np.int64), acts))
             state.shards_done = shard + 1
             if self.progress:
                 self.progress.update(force=True, phase="checkpoint")
             t0 = time.perf_counter()
             write_state(self.config.out, state, schema.PARTIAL)
             self.seconds["checkpoints"] += time.perf_counter() - t0
-
-    def _fold(self, state, results, block, seq_index, sample_index) -> None:
-        acts = np.stack([results[i].take_samples() for i in self.layers]) if self.layers else None
-        for index, stats in results.items():
-            state.layers[index].add(stats.to_host())
-        unigram, grams = data_counts(block, self.vocab, self.first_pos)
-        domains = self.domains[seq_index]
-        state.data.add(DataState(block, seq_index, domains, unigram, grams))
-        state.samples.add(Samples(sample_index.astype(np.int64), acts))
 
 
 def empty_state(meta: dict, counted: dict[int, np.ndarray]) -> RecordingState:
