@@ -43,28 +43,36 @@ def project(rows: np.ndarray, norm_scale: np.ndarray | None, unembedding: np.nda
     return rows @ unembedding.T
 
 
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k largest values per row, largest first."""
+    k = min(k, values.shape[1])
+    part = np.argpartition(-values, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(values, part, 1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1)
+
+
 def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.ndarray, signs: np.ndarray,
-                      norm_scale, unembedding: np.ndarray, params: SuppressionParams = SuppressionParams()
-                      ) -> SuppressionResult:
-    """neurons (m,), their trigger token ids, their W_out rows (m, d_model) and update signs (m,)."""
+                      norm_scale, unembedding: np.ndarray, params: SuppressionParams = SuppressionParams(),
+                      chunk: int = 256) -> SuppressionResult:
+    """neurons (m,), their trigger token ids, their W_out rows (m, d_model) and update signs (m,).
+    Works through the detectors `chunk` at a time: never an (all detectors x vocabulary) array."""
     m, top = len(neurons), params.top
-    logits = project(rows * signs[:, None], norm_scale, unembedding).astype(np.float32) if m else \
-        np.zeros((0, unembedding.shape[0]), np.float32)
-    order = np.argsort(-logits, axis=1, kind="stable")
-    promoted, suppressed = order[:, :top], order[:, ::-1][:, :top]
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order[:, ::-1], np.arange(logits.shape[1])[None, :].repeat(m, 0), axis=1)
-    score = np.zeros(m, np.float32)
-    rank = np.zeros(m, np.float32)
-    for row, tokens in enumerate(triggers):
-        values = logits[row]
-        score[row] = (values[tokens].mean() - values.mean()) / (values.std() + 1e-12)
-        rank[row] = ranks[row, tokens].mean() / max(len(values) - 1, 1)
-    mean_trigger = np.array([logits[r, t].mean() if len(t) else 0.0 for r, t in enumerate(triggers)], np.float32)
-    return SuppressionResult(neurons.astype(np.int32), promoted, np.take_along_axis(logits, promoted, 1),
-                             suppressed, np.take_along_axis(logits, suppressed, 1), score, rank,
-                             mean_trigger < 0)
-
-
-def params_dict(params: SuppressionParams) -> dict:
-    return asdict(params)
+    promoted = np.zeros((m, top), np.int64)
+    suppressed = np.zeros((m, top), np.int64)
+    promoted_score = np.zeros((m, top), np.float32)
+    suppressed_score = np.zeros((m, top), np.float32)
+    score, rank, mean = (np.zeros(m, np.float32) for _ in range(3))
+    for lo in range(0, m, chunk):
+        hi = min(lo + chunk, m)
+        logits = project(rows[lo:hi] * signs[lo:hi, None], norm_scale, unembedding).astype(np.float32)
+        promoted[lo:hi] = _top(logits, top)
+        suppressed[lo:hi] = _top(-logits, top)
+        promoted_score[lo:hi] = np.take_along_axis(logits, promoted[lo:hi], 1)
+        suppressed_score[lo:hi] = np.take_along_axis(logits, suppressed[lo:hi], 1)
+        for row, values in enumerate(logits, start=lo):
+            trig = values[triggers[row]]
+            mean[row] = trig.mean()
+            score[row] = (mean[row] - values.mean()) / (values.std() + 1e-12)
+            rank[row] = np.mean([(values < v).sum() for v in trig]) / max(len(values) - 1, 1)
+    return SuppressionResult(neurons.astype(np.int32), promoted, promoted_score, suppressed, suppressed_score,
+                             score, rank, mean < 0)

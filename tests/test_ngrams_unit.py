@@ -1,0 +1,37 @@
+"""Coverage numbers and detector rules on hand-built counts."""
+import numpy as np
+
+from cache.state import GramCounts, Sparse
+from engine.analysis.ngrams import NgramParams, coverage_histogram, coverage_numbers, ensemble, ngram_layer
+
+
+def sparse(rows):
+    gram, neuron, count = zip(*rows)
+    return Sparse.reduce([Sparse(np.array(gram, np.int64), np.array(neuron, np.int32), np.array(count, np.int64))])
+
+
+def test_coverage_numbers_by_hand():
+    s = sparse([(1, 0, 50), (2, 0, 30), (3, 0, 15), (4, 0, 5), (7, 1, 96), (8, 1, 4)])
+    fires, coverage = coverage_numbers(s, 3, 0.95)
+    assert fires.tolist() == [100, 100, 0]
+    assert coverage.tolist() == [3, 1, 0]  # 50+30+15 = 95 %; 96 %; never fired
+
+
+def test_detector_rules():
+    # neuron 0 fires on every occurrence of grams 1 and 2 (a detector); neuron 1 on gram 3 but only on
+    # half its occurrences; neuron 2 on gram 9, seen only twice (below min_occurrences)
+    s = sparse([(1, 0, 60), (2, 0, 40), (3, 1, 50), (9, 2, 2)])
+    grams = GramCounts(np.array([1, 2, 3, 9], np.int64), np.array([60, 40, 100, 2], np.int64))
+    counted = np.array([True, True, True, False])
+    r = ngram_layer(s, grams, counted, 1, NgramParams())
+    assert r.detector.tolist() == [True, False, False, False]
+    assert r.coverage.tolist() == [2, 1, 1, -1]  # neuron 3 was not counted: -1, never 0
+    assert list(zip(r.covered_neuron.tolist(), r.covered_gram.tolist())) == [(0, 1), (0, 2)]
+    assert coverage_histogram(r.coverage)[0] == 3
+
+
+def test_ensemble_counts():
+    rows = ensemble([{1, 2}, {2, 3}, {1, 4}])
+    assert rows == [{"detected": 2, "new_overall": 2, "new_vs_previous": 2, "cumulative": 2},
+                    {"detected": 2, "new_overall": 1, "new_vs_previous": 1, "cumulative": 3},
+                    {"detected": 2, "new_overall": 1, "new_vs_previous": 2, "cumulative": 4}]
