@@ -27,6 +27,18 @@ def plan_device(budget: int | None, lm, device: torch.device, batch_tokens: int)
     return len(layers) if fit >= len(layers) else int(fit) - 1
 
 
+RUNTIME_BYTES = 1 << 30  # interpreter, torch, transformers, numba's compiled kernels
+
+
+def batch_workspace(lm, meta: dict, batch_tokens: int) -> int:
+    """Bytes one forward batch of one layer needs: CPU attention materializes its score matrix."""
+    config, seq_len = lm.config, meta["data"]["seq_len"]
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    seqs = max(1, batch_tokens // seq_len)
+    tokens = seqs * seq_len
+    return 4 * (seqs * heads * seq_len * seq_len + tokens * (6 * meta["model"]["d_ffn"] + 12 * meta["model"]["d_model"]))
+
+
 def plan_host(budget: int | None, lm, meta: dict) -> int:
     """Bytes the shard's hidden states may take in RAM before they go to a memory-mapped file."""
     if budget is None:
@@ -34,9 +46,11 @@ def plan_host(budget: int | None, lm, meta: dict) -> int:
     rec, model = meta["recording"], meta["model"]
     n_layers = len(rec["layers"])
     state = n_layers * model["d_ffn"] * (meta["data"]["seq_len"] * 4 + rec["topk"] * 12 + 64)
+    one_layer = state // max(n_layers, 1) * 3  # a layer's accumulators in flight (int64 positions)
     samples = rec["samples"] * n_layers * model["d_ffn"] * 2
     weights = param_bytes(lm.model)
-    room = budget - weights - 2 * state - 2 * samples - (512 << 20)  # interpreter, libraries
+    room = (budget - weights - state - one_layer - 2 * samples - RUNTIME_BYTES
+            - batch_workspace(lm, meta, rec["batch_tokens"]))
     if room <= 0:
         raise UserError(f"--host-memory {human(budget)} is below the model weights and statistics "
                         f"({human(budget - room)}); raise it")

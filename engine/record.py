@@ -27,6 +27,7 @@ from engine.budget import plan_device, plan_host
 from engine.data import open_sources, pack
 from engine.layer_runner import FFNProbe, LayerRunner
 from cache.merge import check_same_recording
+from engine.memory import release_freed_memory
 from engine.meta import build_meta
 from engine.models import LoadedModel, load_model
 from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
@@ -255,6 +256,7 @@ class Recorder:
             del weights
             if stats is not None:
                 layer_done(index, stats)
+            release_freed_memory()
         return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
 
     def _host_buffer(self, shape, dtype) -> torch.Tensor:
