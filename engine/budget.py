@@ -39,18 +39,23 @@ def batch_workspace(lm, meta: dict, batch_tokens: int) -> int:
     return 4 * (seqs * heads * seq_len * seq_len + tokens * (6 * meta["model"]["d_ffn"] + 12 * meta["model"]["d_model"]))
 
 
-def plan_host(budget: int | None, lm, meta: dict) -> int:
-    """Bytes the shard's hidden states may take in RAM before they go to a memory-mapped file."""
-    if budget is None:
-        return 1 << 62
+def host_fixed_bytes(lm, meta: dict) -> int:
+    """Host memory a recording needs besides the shard's hidden states."""
     rec, model = meta["recording"], meta["model"]
     n_layers = len(rec["layers"])
     state = n_layers * model["d_ffn"] * (meta["data"]["seq_len"] * 4 + rec["topk"] * 12 + 64)
     one_layer = state // max(n_layers, 1) * 3  # a layer's accumulators in flight (int64 positions)
     samples = rec["samples"] * n_layers * model["d_ffn"] * 2
     weights = param_bytes(lm.model)
-    room = (budget - weights - state - one_layer - 2 * samples - RUNTIME_BYTES
-            - batch_workspace(lm, meta, rec["batch_tokens"]))
+    return (weights + state + one_layer + 2 * samples + RUNTIME_BYTES
+            + batch_workspace(lm, meta, rec["batch_tokens"]))
+
+
+def plan_host(budget: int | None, lm, meta: dict) -> int:
+    """Bytes the shard's hidden states may take in RAM before they go to a memory-mapped file."""
+    if budget is None:
+        return 1 << 62
+    room = budget - host_fixed_bytes(lm, meta)
     if room <= 0:
         raise UserError(f"--host-memory {human(budget)} is below the model weights and statistics "
                         f"({human(budget - room)}); raise it")

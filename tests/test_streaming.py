@@ -1,4 +1,5 @@
 """Streaming under a small device budget, or with hidden states on disk, changes no number."""
+from engine.budget import host_fixed_bytes
 from engine.layer_runner import param_bytes
 from engine.models import load_model
 from tests.helpers import assert_same_cache, record_tiny
@@ -20,10 +21,9 @@ def test_one_layer_budget_equals_all_resident(model_dirs, text_file, tmp_path):
 
 def test_hidden_states_on_disk_when_over_host_budget(model_dirs, text_file, tmp_path):
     model_dir = model_dirs["opt"]
-    record_tiny(tmp_path / "ram.h5", model_dir, [text_file])
-    lm = load_model(str(model_dir))
+    ram = record_tiny(tmp_path / "ram.h5", model_dir, [text_file])
     # room for weights and statistics but not for one shard of hidden states
-    tight = param_bytes(lm.model) + (512 << 20) + 2 * 4 * 64 * (32 * 4 + 4 * 12 + 64) + 2 * 40 * 4 * 64 * 2 + 1000
+    tight = host_fixed_bytes(load_model(str(model_dir)), ram.meta) + 1000
     state = record_tiny(tmp_path / "disk.h5", model_dir, [text_file], host_memory=tight)
     assert state.meta["recording"]["hidden_on_disk"]
     assert not list(tmp_path.glob(".*hidden"))  # the mapped file is gone afterwards
