@@ -28,7 +28,8 @@ from engine.data import open_sources, pack  # noqa: E402
 from engine.layer_runner import param_bytes  # noqa: E402
 from engine.meta import build_meta  # noqa: E402
 from engine.models import load_model  # noqa: E402
-from engine.record import Recorder, RecordConfig, empty_state, special_ids  # noqa: E402
+from engine.record import RecordConfig, empty_state, special_ids  # noqa: E402
+from engine.streaming import Recorder  # noqa: E402
 
 
 def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:

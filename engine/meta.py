@@ -7,6 +7,14 @@ from cache.schema import SCHEMA_VERSION
 from engine.version import __version__
 
 
+EXTRA_TAUS = (0.0, 0.5, 1.0, 2.0)  # thresholds always recorded besides the primary one
+
+
+def part_range(n_seqs: int, part: tuple[int, int]) -> tuple[int, int]:
+    i, n = part
+    return (i - 1) * n_seqs // n, i * n_seqs // n
+
+
 def parse_layers(text: str | None, n_layers: int, option: str) -> list[int] | None:
     """'0-5,8,10-11' -> sorted unique layer indices, checked against the model."""
     if text is None:
@@ -28,8 +36,6 @@ def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> d
     adapter = lm.adapter
     n_layers = len(adapter.layers)
     primary = config.tau if config.tau is not None else (0.0 if adapter.is_relu else 1.0)
-    from engine.record import EXTRA_TAUS, part_range
-
     taus = sorted(set(EXTRA_TAUS) | {float(primary)})
     layers = parse_layers(config.layers, n_layers, "--layers") or list(range(n_layers))
     ngram = parse_layers(config.ngram_layers, n_layers, "--ngram-layers")

@@ -1,5 +1,4 @@
 """Kill-and-resume and part-and-merge both give the cache one uninterrupted run gives."""
-import json
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from cache.merge import merge
 from cache.store import read_state
 from engine.progress import read_progress
 from tests.conftest import env_for_subprocess
-from tests.helpers import FAST, assert_same_cache, record_tiny
+from tests.helpers import assert_same_cache, record_tiny
 
 LONG = ["--tokens", "49152", "--seq-len", "32", "--shard-tokens", "1024", "--batch-tokens", "64",
         "--samples", "40", "--topk", "4", "--device", "cpu", "--quiet"]

@@ -1,0 +1,242 @@
+"""The layer-major streaming executor (DESIGN.md, "Layer-major streaming").
+
+For each shard (many sequences) the model's embeddings are computed once; then each layer up to
+the last recorded one gets its weights onto the device once, every batch of the shard goes
+through it while its statistics accumulate, and the shard's hidden states (host memory, or a
+memory-mapped file when over the host budget) move on to the next layer. No logits are computed.
+After each shard the whole cache is checkpointed atomically, so a killed job resumes from there.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cache import schema
+from cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples
+from cache.store import write_state
+from engine.layer_runner import FFNProbe, LayerRunner
+from engine.memory import release_freed_memory
+from engine.models import LoadedModel
+from engine.progress import ProgressFile
+from engine.stats import BatchContext, LayerStats
+
+if TYPE_CHECKING:
+    from engine.record import RecordConfig
+
+
+class Stopped(Exception):
+    """SIGINT/SIGTERM arrived; the last checkpoint stands and --resume continues from it."""
+
+
+
+def gram_keys(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[dict, dict]:
+    """Keys of the n-gram ending at each token, and whether it avoids the start token."""
+    seq_len = tokens.shape[1]
+    keys, valid = {}, {}
+    positions = np.arange(seq_len)
+    for n in NGRAM_ORDERS:
+        key = tokens.astype(np.int64)
+        for shift in range(1, n):  # first token most significant, as cache.schema.encode_grams
+            prev = np.zeros_like(key)
+            prev[:, shift:] = tokens[:, :-shift]
+            key = key + prev * vocab ** shift
+        keys[n] = key
+        valid[n] = np.broadcast_to(positions - n + 1 >= first_pos, tokens.shape).copy()
+    return keys, valid
+
+
+def data_counts(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[np.ndarray, dict[int, GramCounts]]:
+    keys, valid = gram_keys(tokens, vocab, first_pos)
+    unigram = np.bincount(keys[1][valid[1]], minlength=vocab).astype(np.int64)
+    grams = {}
+    for n in (2, 3):
+        gram, count = np.unique(keys[n][valid[n]], return_counts=True)
+        grams[n] = GramCounts(gram, count.astype(np.int64))
+    return unigram, grams
+
+
+class Recorder:
+    def __init__(self, config: RecordConfig, lm: LoadedModel, meta: dict, device: torch.device, resident: int,
+                 domains: np.ndarray, hidden_budget: int = 1 << 62, progress: ProgressFile | None = None,
+                 on_progress=None):
+        self.config = config
+        self.domains = domains              # (all sequences, seq_len) domain ids of the packed data
+        self.hidden_budget = hidden_budget  # bytes of hidden states kept in RAM before a mapped file
+        self.spilled = False                # hidden states went to a memory-mapped file at least once
+        self._mapped: Path | None = None
+        self.lm = lm
+        self.meta = meta
+        rec = meta["recording"]
+        self.layers: list[int] = rec["layers"]
+        self.ngram_layers: set[int] = set(rec["ngram_layers"])
+        self.taus: list[float] = rec["taus"]
+        self.primary: int = rec["primary_index"]
+        self.seq_len: int = meta["data"]["seq_len"]
+        self.vocab: int = meta["model"]["vocab_size"]
+        self.first_pos: int = 0 if meta["tokenizer"]["start_id"] is None else 1
+        self.sample_rate: float = rec["sample_rate"]
+        self.d_ffn: int = meta["model"]["d_ffn"]
+        self.device = device
+        self.runner = LayerRunner(lm.adapter, device, resident)
+        self.probe = FFNProbe(lm.adapter)
+        self.progress = progress
+        self.on_progress = on_progress
+        self.stop_flag = {"stop": False}
+        self.seconds = {"statistics": 0.0, "checkpoints": 0.0}  # where recording time goes beyond the layers
+
+    # --- one pass over a block of sequences -------------------------------------------------
+    def _batches(self, n_seqs: int):
+        per_batch = max(1, self.config.batch_tokens // self.seq_len)
+        return [(lo, min(lo + per_batch, n_seqs)) for lo in range(0, n_seqs, per_batch)]
+
+    def _sample_rows(self, seq_index: np.ndarray) -> np.ndarray:
+        """Fixed random token positions, decided per global sequence so parts agree."""
+        mask = np.zeros((len(seq_index), self.seq_len), bool)
+        if self.sample_rate > 0:
+            for row, s in enumerate(seq_index):
+                draw = np.random.default_rng([self.meta["data"]["seed"], int(s)]).random(self.seq_len)
+                mask[row] = draw < self.sample_rate
+            mask[:, : self.first_pos] = False
+        return mask
+
+    def run_block(self, tokens: np.ndarray, seq_index: np.ndarray, layers: list[int], stats_for,
+                  layer_done, report=None) -> np.ndarray:
+        """Push sequences through layers 0..max(layers), layer-major, handing each wanted layer's
+        statistics to layer_done(index, stats) as soon as the layer is through (so only one layer's
+        accumulators exist at a time); -> the global indices of the sampled tokens."""
+        batches = self._batches(len(tokens))
+        ids = torch.as_tensor(tokens.astype(np.int64))
+        keys, valid = gram_keys(tokens, self.vocab, self.first_pos)
+        sample_mask = self._sample_rows(seq_index)
+        seq_start = torch.as_tensor(seq_index * self.seq_len)
+        dev = self.device
+
+        contexts = []
+        hidden = None
+        for b, (lo, hi) in enumerate(batches):
+            h = self.runner.embed(ids[lo:hi])
+            if hidden is None:
+                hidden = self._host_buffer((len(tokens), self.seq_len, h.shape[-1]), h.dtype)
+            hidden[lo:hi] = h.to("cpu")
+            contexts.append(BatchContext(
+                seq_start=seq_start[lo:hi].to(dev),
+                gram_keys={n: torch.as_tensor(keys[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
+                gram_valid={n: torch.as_tensor(valid[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
+                sample_rows=torch.as_tensor(np.flatnonzero(sample_mask[lo:hi].reshape(-1))).to(dev),
+                seq_len=self.seq_len))
+
+        wanted = set(layers)
+        last = max(layers)
+        for index in range(last + 1):
+            stats = stats_for(index) if index in wanted else None
+            weights = self.runner.weights(index)
+            with self.probe.attached(self.runner.layers[index]):
+                for b, (lo, hi) in enumerate(batches):
+                    if self.stop_flag["stop"]:
+                        raise Stopped()
+                    h = hidden[lo:hi].to(dev, non_blocking=True)
+                    out = self.runner.run(index, h, weights)
+                    g, act = self.probe.take()
+                    if stats is not None:
+                        t0 = time.perf_counter()
+                        stats.update(g, act, contexts[b])
+                        self.seconds["statistics"] += time.perf_counter() - t0
+                    if index < last:
+                        hidden[lo:hi] = out.to("cpu")
+                    if report:
+                        report(index, last, b + 1, len(batches))
+            del weights
+            if stats is not None:
+                layer_done(index, stats)
+            release_freed_memory()
+        return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
+
+    def _host_buffer(self, shape, dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        if nbytes <= self.hidden_budget:
+            return torch.empty(shape, dtype=dtype)
+        # over budget: hidden states live in a file the OS pages in and out
+        path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
+        self._mapped = path
+        self.spilled = True
+        return torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+
+    def release_buffers(self) -> None:
+        if self._mapped is not None:
+            self._mapped.unlink(missing_ok=True)
+            self._mapped = None
+
+    # --- calibration: which neurons are rare enough for exact n-gram counts -----------------
+    def calibrate(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
+        layers = sorted(self.ngram_layers)
+        if not layers:
+            return {}
+        n = max(1, min(len(tokens), self.config.calib_tokens // self.seq_len))
+        stats_for = lambda _i: LayerStats(self.d_ffn, self.seq_len, [self.taus[self.primary]], 0, 1,
+                                          self.device, None)
+        limit = self.meta["recording"]["ngram_max_freq"] * n * self.seq_len
+        counted: dict[int, np.ndarray] = {}
+
+        def layer_done(index, stats):
+            counted[index] = (stats.fire_count[0] <= limit).cpu().numpy()
+
+        saved_rate, self.sample_rate = self.sample_rate, 0.0
+        try:
+            self.run_block(tokens[:n], np.arange(n), layers, stats_for, layer_done)
+        finally:
+            self.sample_rate = saved_rate
+        return counted
+
+    # --- the shard loop ------------------------------------------------------------------------
+    def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
+        rec = self.meta["recording"]
+        per_shard = max(1, rec["shard_tokens"] // self.seq_len)
+        n_shards = rec["n_shards"]
+        counted = {i: state.layers[i].ngram_counted for i in self.ngram_layers}
+        started, done_at_start = time.time(), state.shards_done
+        for shard in range(state.shards_done, n_shards):
+            lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(tokens))
+            block, seq_index = tokens[lo:hi], np.arange(seq_lo + lo, seq_lo + hi)
+
+            def report(layer, last, batch, n_batches, shard=shard):
+                frac_shard = (layer + batch / n_batches) / (last + 1)
+                done = (shard + frac_shard) / n_shards
+                elapsed = time.time() - started
+                fresh = done - done_at_start / n_shards
+                total = self.meta["recording"]["part_tokens"]
+                rate = fresh * total / elapsed if elapsed > 0 else 0.0
+                eta = (1 - done) * total / rate if rate > 0 else None
+                fields = dict(phase="recording", shard=shard + 1, n_shards=n_shards, layer=layer,
+                              n_layers=last + 1, tokens_done=int(done * total), tokens_total=total,
+                              tokens_per_s=rate, eta_s=eta)
+                if self.progress:
+                    self.progress.update(**fields)
+                if self.on_progress:
+                    self.on_progress(fields)
+
+            def stats_for(index):
+                return LayerStats(self.d_ffn, self.seq_len, self.taus, self.primary, rec["topk"],
+                                  self.device, counted.get(index))
+
+            samples: dict[int, np.ndarray] = {}
+
+            def layer_done(index, stats):
+                samples[index] = stats.take_samples()
+                state.layers[index].add(stats.to_host())
+
+            sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
+            acts = np.stack([samples[i] for i in self.layers])
+            unigram, grams = data_counts(block, self.vocab, self.first_pos)
+            state.data.add(DataState(block, seq_index, self.domains[seq_index], unigram, grams))
+            state.samples.add(Samples(sample_index.astype(np.int64), acts))
+            state.shards_done = shard + 1
+            if self.progress:
+                self.progress.update(force=True, phase="checkpoint")
+            t0 = time.perf_counter()
+            write_state(self.config.out, state, schema.PARTIAL)
+            self.seconds["checkpoints"] += time.perf_counter() - t0
