@@ -28,3 +28,18 @@ def test_hidden_states_on_disk_when_over_host_budget(model_dirs, text_file, tmp_
     assert state.meta["recording"]["hidden_on_disk"]
     assert not list(tmp_path.glob(".*hidden"))  # the mapped file is gone afterwards
     assert_same_cache(tmp_path / "ram.h5", tmp_path / "disk.h5")
+
+
+def test_nothing_runs_after_the_last_recorded_layer(model_dirs, text_file, tmp_path, monkeypatch):
+    """--layers 0-1 of a 4-layer model: layers 2 and 3 and the LM head never run."""
+    import engine.record
+
+    lm = load_model(str(model_dirs["llama"]))
+    calls = {"layer2": 0, "layer3": 0, "lm_head": 0}
+    lm.adapter.layers[2].register_forward_hook(lambda *_: calls.__setitem__("layer2", calls["layer2"] + 1))
+    lm.adapter.layers[3].register_forward_hook(lambda *_: calls.__setitem__("layer3", calls["layer3"] + 1))
+    lm.model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+    monkeypatch.setattr(engine.record, "load_model", lambda *a, **k: lm)
+    state = record_tiny(tmp_path / "c.h5", model_dirs["llama"], [text_file], layers="0-1")
+    assert sorted(state.layers) == [0, 1]
+    assert calls == {"layer2": 0, "layer3": 0, "lm_head": 0}
