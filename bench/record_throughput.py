@@ -47,6 +47,7 @@ def run_recording(config, lm, meta, tokens, domains, resident: int) -> tuple[flo
     counted = recorder.calibrate(tokens)
     t1 = time.perf_counter()
     state = empty_state(meta, counted)
+    recorder.runner.bytes_moved = 0  # count the recording's weight traffic, not the calibration's
     recorder.record_shards(state, tokens, 0)
     write_state(config.out, state, schema.COMPLETE)
     return t1 - t0, time.perf_counter() - t1, recorder
@@ -113,11 +114,23 @@ def main() -> None:
                                 np.zeros(64), np.zeros(64), np.zeros(64, np.float32),
                                 np.zeros((args.seq_len, 64), np.int64), np.zeros((1, 64), np.float32),
                                 np.zeros((1, 64), np.int64), np.zeros(64, np.int64))
-    bare_forward(lm, tokens[:1], 1)
+    bare_forward(lm, tokens[:per_batch], per_batch)  # first touch of the batch buffers
 
-    bare = bare_forward(lm, tokens, per_batch)
+    # bare forward before and after the recordings: this machine's speed drifts by several percent
+    bare_before = bare_forward(lm, tokens, per_batch)
     calib, rec, recorder = run_recording(config, lm, meta, tokens, packed.domains, len(lm.adapter.layers))
-    print(f"bare forward        {n_tok / bare:9.1f} tok/s  ({bare:.1f} s)")
+    rec_s = None
+    if not args.skip_streaming:
+        layers = list(lm.adapter.layers)
+        fixed = param_bytes(lm.adapter.base) - sum(param_bytes(layer) for layer in layers)
+        budget = fixed + args.budget_layers * max(param_bytes(layer) for layer in layers)
+        resident = plan_device(budget, lm, torch.device("cpu"), args.batch_tokens)
+        config_s = RecordConfig(**{**config.__dict__, "out": out.with_name("stream.h5")})
+        _, rec_s, rec_obj = run_recording(config_s, lm, meta, tokens, packed.domains, resident)
+    bare_after = bare_forward(lm, tokens, per_batch)
+    bare = (bare_before + bare_after) / 2
+    print(f"bare forward        {n_tok / bare:9.1f} tok/s  (mean of {bare_before:.1f} s before and "
+          f"{bare_after:.1f} s after the recordings)")
     print(f"recording           {n_tok / rec:9.1f} tok/s  ({rec:.1f} s; ratio to bare forward {bare / rec:.3f})")
     print(f"  statistics        {recorder.seconds['statistics']:.1f} s; checkpoints {recorder.seconds['checkpoints']:.1f} s; "
           f"without checkpoints: ratio {bare / (rec - recorder.seconds['checkpoints']):.3f}")
@@ -125,22 +138,17 @@ def main() -> None:
           f"(once per recording: {calib / 1e6 * 100 / (rec / n_tok):.2f}% of a 1M-token recording)")
     print(f"  cache size        {out.stat().st_size / 2**20:.1f} MiB")
 
-    if args.skip_streaming:
+    if rec_s is None:
         return
-    layers = list(lm.adapter.layers)
-    fixed = param_bytes(lm.adapter.base) - sum(param_bytes(layer) for layer in layers)
-    budget = fixed + args.budget_layers * max(param_bytes(layer) for layer in layers)
-    resident = plan_device(budget, lm, torch.device("cpu"), args.batch_tokens)
-    config_s = RecordConfig(**{**config.__dict__, "out": out.with_name("stream.h5")})
-    _, rec_s, rec_obj = run_recording(config_s, lm, meta, tokens, packed.domains, resident)
     print(f"streaming (budget {args.budget_layers} layers: {resident} resident, the rest stream): "
           f"{n_tok / rec_s:9.1f} tok/s; ratio to all-resident {rec / rec_s:.3f}")
     n_batches = 2
     offload = accelerate_offload_bytes(lm, tokens, per_batch, n_batches) / (n_batches * per_batch * args.seq_len)
     ours = rec_obj.runner.bytes_moved / n_tok
-    print(f"weight bytes moved per token: layer-major streaming {ours:,.0f} "
-          f"(shards of {args.shard_tokens} tokens); accelerate cpu_offload {offload:,.0f} "
-          f"(batches of {args.batch_tokens} tokens); ratio {offload / max(ours, 1e-9):.1f}x")
+    shard = min(args.shard_tokens, n_tok)
+    print(f"weight bytes moved per token: layer-major streaming {ours:,.0f} (one copy of the streamed "
+          f"layers per shard of {shard} tokens); accelerate cpu_offload {offload:,.0f} (every weight per "
+          f"batch of {args.batch_tokens} tokens); ratio {offload / max(ours, 1e-9):.1f}x")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from cache.state import DataState, GramCounts, LayerState, RecordingState, Sampl
 from cache.store import read_state, write_state
 from engine.budget import plan_device, plan_host
 from engine.data import open_sources, pack
+from engine.memory import release_freed_memory
 from engine.meta import build_meta, part_range
 from engine.models import LoadedModel, load_model
 from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
@@ -166,6 +167,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
             if previous is None:
                 progress.update(force=True, phase="calibrating")
                 counted = recorder.calibrate(packed.tokens)
+                release_freed_memory()
                 state = empty_state(meta, counted)
                 state.vocab, state.pieces = vocabulary(lm.tokenizer, meta["model"]["vocab_size"])
                 write_state(config.out, state, schema.PARTIAL)
