@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--shard-tokens", type=int, default=262144)
     parser.add_argument("--budget-layers", type=int, default=2)
     parser.add_argument("--skip-streaming", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating bare/recording pairs")
     args = parser.parse_args()
 
     lm = load_model(args.model)
@@ -116,9 +117,14 @@ def main() -> None:
                                 np.zeros((1, 64), np.int64), np.zeros(64, np.int64))
     bare_forward(lm, tokens[:per_batch], per_batch)  # first touch of the batch buffers
 
-    # bare forward before and after the recordings: this machine's speed drifts by several percent
-    bare_before = bare_forward(lm, tokens, per_batch)
-    calib, rec, recorder = run_recording(config, lm, meta, tokens, packed.domains, len(lm.adapter.layers))
+    # bare forward and recording alternate, --repeat times: this machine's speed drifts by 10-25 %
+    # between minutes, so each recording is compared with the bare passes right around it
+    bares, recs = [bare_forward(lm, tokens, per_batch)], []
+    for _ in range(args.repeat):
+        calib, rec, recorder = run_recording(config, lm, meta, tokens, packed.domains, len(lm.adapter.layers))
+        recs.append(rec)
+        bares.append(bare_forward(lm, tokens, per_batch))
+    ratios = [(bares[i] + bares[i + 1]) / 2 / recs[i] for i in range(len(recs))]
     rec_s = None
     if not args.skip_streaming:
         layers = list(lm.adapter.layers)
@@ -127,11 +133,12 @@ def main() -> None:
         resident = plan_device(budget, lm, torch.device("cpu"), args.batch_tokens)
         config_s = RecordConfig(**{**config.__dict__, "out": out.with_name("stream.h5")})
         _, rec_s, rec_obj = run_recording(config_s, lm, meta, tokens, packed.domains, resident)
-    bare_after = bare_forward(lm, tokens, per_batch)
-    bare = (bare_before + bare_after) / 2
-    print(f"bare forward        {n_tok / bare:9.1f} tok/s  (mean of {bare_before:.1f} s before and "
-          f"{bare_after:.1f} s after the recordings)")
-    print(f"recording           {n_tok / rec:9.1f} tok/s  ({rec:.1f} s; ratio to bare forward {bare / rec:.3f})")
+    bare = float(np.median(bares))
+    print(f"bare forward        {n_tok / bare:9.1f} tok/s  (median of {', '.join(f'{b:.1f}' for b in bares)} s)")
+    print(f"recording           {n_tok / float(np.median(recs)):9.1f} tok/s  "
+          f"(runs {', '.join(f'{r:.1f}' for r in recs)} s)")
+    print(f"  ratio to the bare passes around each run: {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"median {float(np.median(ratios)):.3f}")
     print(f"  statistics        {recorder.seconds['statistics']:.1f} s; checkpoints {recorder.seconds['checkpoints']:.1f} s; "
           f"without checkpoints: ratio {bare / (rec - recorder.seconds['checkpoints']):.3f}")
     print(f"  calibration pass  {calib:.1f} s on {config.calib_tokens} tokens "
