@@ -6,14 +6,10 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cache.errors import UserError
-
 
 def _config(args):
     from engine.record import RecordConfig
 
-    if args.tokens <= 0:
-        raise UserError("--tokens must be positive")
     return RecordConfig(
         out=args.out, model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
         seed=args.seed, field=args.field, dtype=args.dtype, device=args.device, tau=args.tau,
