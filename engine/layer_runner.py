@@ -81,9 +81,6 @@ class LayerRunner:
         for layer in self.layers[: self.resident]:
             layer.to(device)
 
-    def layer_bytes(self, index: int) -> int:
-        return param_bytes(self.layers[index])
-
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden state entering layer 0; also records each layer's call for this batch shape."""

@@ -1,4 +1,4 @@
-"""Host memory: give freed heap back to the OS, and read this process's resident size."""
+"""Host memory: give freed heap back to the OS."""
 from __future__ import annotations
 
 import ctypes
@@ -18,13 +18,3 @@ def release_freed_memory() -> None:
     if _libc is not None:
         _libc.malloc_trim(0)
 
-
-def resident_bytes() -> int:
-    """Current resident set size (Linux), 0 where unknown."""
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

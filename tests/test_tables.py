@@ -64,15 +64,17 @@ def test_take_and_concat():
 # --- exports -------------------------------------------------------------------------------------
 
 
+def _export_and_read(table, tmp_path, fmt):
+    """Export, read back with the table's kinds; -> (path, rows read, rows expected)."""
+    path = tmp_path / f"out.{fmt}"
+    export(table, path, fmt)
+    return path, read_back(path, fmt, table.kinds), expected_rows(table)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_round_trip_exact(tmp_path, fmt):
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
     t = hostile_table()
-    path = tmp_path / f"out.{fmt}"
-    export(t, path, fmt)
-    back = read_back(path, fmt, t.kinds)
-    want = expected_rows(t)
+    path, back, want = _export_and_read(t, tmp_path, fmt)
     assert back == want
     for got, exp in zip(back, want):
         assert [type(v) for v in got.values()] == [type(v) for v in exp.values()]
@@ -109,7 +111,7 @@ def test_jsonl_one_object_per_line(tmp_path):
 
 
 def test_parquet_types(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = tmp_path / "out.parquet"
@@ -316,13 +318,7 @@ def test_nullable_storage():
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_nullable_round_trip(tmp_path, fmt):
-    if fmt == "parquet":
-        pytest.importorskip("pyarrow")
-    t = nullable_table()
-    path = tmp_path / f"out.{fmt}"
-    export(t, path, fmt)
-    back = read_back(path, fmt, t.kinds)
-    want = expected_rows(t)
+    _, back, want = _export_and_read(nullable_table(), tmp_path, fmt)
     assert len(back) == len(want)
     for got, exp in zip(back, want):
         assert list(got) == list(exp)
@@ -354,7 +350,7 @@ def test_nullable_in_each_file(tmp_path):
 
 
 def test_nullable_parquet_schema(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = tmp_path / "t.parquet"
