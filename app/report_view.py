@@ -6,29 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import plotext as plt
 from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from app.charts import line_chart, position_chart
 from app.safe_text import printable
 from cache import analysis_store as store
 from cache.reader import CacheReader
 from engine.analysis.ngrams import COVERAGE_BUCKETS
 from engine.analysis.neuron_table import layer_table, require
 from engine.analysis.positional import KINDS
-
-
-def _chart(title: str, series: dict[str, tuple[list[float], list[float]]], ylabel: str, width: int) -> str:
-    plt.clear_figure()
-    plt.theme("clear")
-    plt.plotsize(min(width, 100), 16)
-    for label, (x, y) in series.items():
-        plt.plot(x, y, label=label, marker="braille")
-    plt.title(title)
-    plt.xlabel("layer (relative depth)")
-    plt.ylabel(ylabel)
-    return plt.build()
 
 
 def _label(reader: CacheReader) -> str:
@@ -83,7 +71,7 @@ def _positional_table(reader: CacheReader, rows) -> RichTable:
     return table
 
 
-def _position_plots(reader: CacheReader, pos: dict, count: int, width: int) -> list[str]:
+def _position_plots(reader: CacheReader, pos: dict, count: int, width: int) -> list[Text]:
     """Firing frequency by position of the strongest positional neurons (Fig. 7, 9)."""
     mi = np.where(pos["positional"], pos["mi"], -1.0)
     flat = np.argsort(-mi, axis=None)[:count]
@@ -97,14 +85,8 @@ def _position_plots(reader: CacheReader, pos: dict, count: int, width: int) -> l
         freq = reader.array(layer, "pos_fire", (slice(None), int(neuron))) / max(n_seqs, 1)
         kind = KINDS[pos["kind"][row, neuron] - 1]
         strength = "strong" if pos["strong"][row, neuron] else "weak"
-        plt.clear_figure()
-        plt.theme("clear")
-        plt.plotsize(min(width, 100), 12)
-        plt.plot(list(range(len(freq))), freq.tolist(), marker="braille")
-        plt.ylim(0, 1)
-        plt.title(f"layer {layer} neuron {neuron}: {kind} ({strength}), MI {mi[row, neuron]:.3f}")
-        plt.xlabel("position")
-        out.append(plt.build())
+        title = f"layer {layer} neuron {neuron}: {kind} ({strength}), MI {mi[row, neuron]:.3f}"
+        out.append(position_chart(freq, title, min(width, 100)))
     return out
 
 
@@ -139,11 +121,11 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
                   ("detectors suppressing their triggers (Sec. 4.4)", "supp", "%"),
                   ("positional neurons (Fig. 8)", "pos", "neurons")]
         for title, key, unit in charts:
-            console.print(Text.from_ansi(_chart(title, series[key], unit, width)))
+            console.print(line_chart(title, series[key], min(width, 100), 16, "layer (relative depth)", unit))
         for reader in readers:
             pos = store.read_group(reader, "positional")
             for plot in _position_plots(reader, pos, position_plots, width):
-                console.print(Text.from_ansi(plot))
+                console.print(plot)
     finally:
         for reader in readers:
             reader.close()

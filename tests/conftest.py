@@ -36,6 +36,14 @@ def model_dirs(tmp_path_factory):
     return {mt: tiny_model_dir(base / mt, mt) for mt in CONFIGS}
 
 
+@pytest.fixture(scope="session")
+def hostile_cache(tmp_path_factory, text_file) -> Path:
+    """A planted, analyzed recording whose detector triggers are hostile strings (tests.helpers)."""
+    from tests.helpers import hostile_recording
+
+    return hostile_recording(tmp_path_factory.mktemp("hostile"), text_file)
+
+
 def env_for_subprocess() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

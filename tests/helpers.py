@@ -7,6 +7,11 @@ import numpy as np
 
 from cache.store import read_state
 from engine.record import RecordConfig, record
+from tests.tiny_models import DETECTED
+
+# token strings that must never reach a terminal or a spreadsheet as anything but text
+HOSTILE = dict(zip(DETECTED, ("\x1b[31mred\x1b[0m", "=HYPERLINK(\"x\")\n[bold]b[/bold]\r\x00")))
+FIXED_CREATED = "2026-01-02T03:04:05Z"  # so screenshots of a recording do not change with the day
 
 FAST = dict(seq_len=32, shard_tokens=256, batch_tokens=64, samples=40, topk=4, device="cpu",
             calib_tokens=128)
@@ -45,3 +50,23 @@ def assert_same_cache(path_a: Path, path_b: Path, float_rtol: float = 0.0) -> No
     np.testing.assert_array_equal(a.samples.index, b.samples.index)
     np.testing.assert_allclose(a.samples.acts.astype(np.float32), b.samples.acts.astype(np.float32),
                                rtol=max(float_rtol, 1e-3) if float_rtol else 0)
+
+
+def hostile_recording(directory: Path, text_file: Path) -> Path:
+    """The planted OPT recorded and analyzed, with the detector's two trigger tokens renamed to
+    hostile strings and a fixed creation date."""
+    from cache import schema
+    from cache.store import write_state
+    from engine.analysis.run import analyze
+    from tests.tiny_models import planted_opt, save
+
+    model_dir = save(planted_opt(), directory / "model")
+    cache = directory / "c.h5"
+    record_tiny(cache, model_dir, [text_file], tokens=2048, ngram_max_freq=1.0)
+    state = read_state(cache, "testing")
+    for token, text in HOSTILE.items():
+        state.vocab[token] = text
+    state.meta["created"] = FIXED_CREATED
+    write_state(cache, state, schema.COMPLETE)
+    analyze(cache, log=lambda _m: None)
+    return cache

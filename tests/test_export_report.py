@@ -4,32 +4,13 @@ import sys
 
 import pytest
 
-from cache import schema
 from cache.reader import CacheReader
-from cache.store import read_state, write_state
 from engine.analysis.neuron_table import LAYER_KINDS, NEURON_KINDS, neuron_table
 from engine.analysis.run import analyze
 from engine.tables import read_back
 from tests.conftest import env_for_subprocess
-from tests.helpers import record_tiny
-from tests.tiny_models import DEAD, DETECTED, DETECTOR, OSCILLATING, planted_opt, save
-
-HOSTILE = {DETECTED[0]: "\x1b[31mred\x1b[0m", DETECTED[1]: "=HYPERLINK(\"x\")\n[bold]b[/bold]\r\x00"}
-
-
-@pytest.fixture(scope="module")
-def hostile_cache(tmp_path_factory, text_file):
-    """The planted recording, with the detector's two trigger tokens renamed to hostile strings."""
-    tmp = tmp_path_factory.mktemp("hostile")
-    model_dir = save(planted_opt(), tmp / "model")
-    cache = tmp / "c.h5"
-    record_tiny(cache, model_dir, [text_file], tokens=2048, ngram_max_freq=1.0)
-    state = read_state(cache, "testing")
-    for token, text in HOSTILE.items():
-        state.vocab[token] = text
-    write_state(cache, state, schema.COMPLETE)
-    analyze(cache, log=lambda _m: None)
-    return cache
+from tests.helpers import HOSTILE, record_tiny
+from tests.tiny_models import DEAD, DETECTOR, OSCILLATING
 
 
 def run_cli(*args):

@@ -1,0 +1,33 @@
+"""plotext charts as Rich Text, for the report and the TUI. Only numbers and our own titles go
+into a chart; untrusted names are escaped by the caller (app.safe_text) before they become labels.
+plotext keeps global state, so every chart is built under one lock (TUI workers are threads)."""
+from __future__ import annotations
+
+import threading
+
+import plotext as plt
+from rich.text import Text
+
+_LOCK = threading.Lock()
+
+
+def line_chart(title: str, series: dict[str, tuple[list[float], list[float]]], width: int, height: int,
+               xlabel: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None) -> Text:
+    with _LOCK:
+        plt.clear_figure()
+        plt.theme("clear")
+        plt.plotsize(max(width, 20), max(height, 5))
+        for label, (x, y) in series.items():
+            plt.plot(x, y, label=label or None, marker="braille")
+        if ylim:
+            plt.ylim(*ylim)
+        plt.title(title)
+        plt.xlabel(xlabel)
+        plt.ylabel(ylabel)
+        return Text.from_ansi(plt.build())
+
+
+def position_chart(freq, title: str, width: int, height: int = 12) -> Text:
+    """Firing frequency by position (the paper's Fig. 7)."""
+    return line_chart(title, {"": (list(range(len(freq))), [float(v) for v in freq])}, width, height,
+                      xlabel="position", ylim=(0, 1))

@@ -1,0 +1,39 @@
+"""The frame every screen shares: a header saying what is open, a breadcrumb, the content and a
+footer with the screen's verbs."""
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+FRAME_CSS = """
+.title-bar { height: 1; background: $primary; color: $text; text-style: bold; }
+.crumbs { height: 1; color: $text-muted; }
+.status-line { height: 1; background: $boost; }
+"""
+
+
+class FramedScreen(Screen):
+    HELP_TITLE = ""
+    DEFAULT_CSS = FRAME_CSS
+    BINDINGS = [Binding("escape", "back", "back", show=False)]
+
+    def frame_top(self) -> ComposeResult:
+        yield Static(id="title-bar", classes="title-bar")
+        yield Static(id="crumbs", classes="crumbs")
+
+    def frame_bottom(self) -> ComposeResult:
+        yield Footer()
+
+    def set_header(self, left: str, right: str = "", crumbs: str = "") -> None:
+        """Untrusted parts must already be escaped (app.safe_text); nothing here is markup."""
+        width = max(self.app.size.width, 20)
+        room = max(width - len(right) - 2, 1)
+        self.query_one("#title-bar", Static).update(Text(f" {left[:room]:<{room}}{right} "))
+        self.query_one("#crumbs", Static).update(Text(f" {crumbs}"))
+
+    def action_back(self) -> None:
+        if len(self.app.screen_stack) > 2:
+            self.app.pop_screen()

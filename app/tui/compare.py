@@ -1,0 +1,71 @@
+"""Compare: several recordings side by side, per-layer figures against relative depth, one series
+per model (the paper's view across model sizes), and a summary table."""
+from __future__ import annotations
+
+import numpy as np
+from rich.table import Table as RichTable
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from app.charts import line_chart
+from app.tui.base import FramedScreen
+from app.tui.recording import OpenRecording
+
+FIGURES = (("dead neurons, % (Fig. 1a)", "dead_pct", 1.0), ("alive firing frequency, % (Fig. 1b)", "alive_freq", 100.0),
+           ("token detectors (Fig. 3a)", "token_detectors", 1.0), ("positional neurons (Fig. 8)", "positional", 1.0))
+
+
+class CompareScreen(FramedScreen):
+    HELP_TITLE = "Compare recordings against relative depth"
+    BINDINGS = FramedScreen.BINDINGS + [Binding("j,down", "scroll(2)", "scroll down", show=False),
+                                        Binding("k,up", "scroll(-2)", "scroll up", show=False),
+                                        Binding("escape", "back", "back")]
+    DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "CompareScreen VerticalScroll { height: 1fr; padding: 0 1; }"
+
+    def __init__(self, recs: list[OpenRecording]):
+        super().__init__()
+        self.recs = recs
+
+    def compose(self) -> ComposeResult:
+        yield from self.frame_top()
+        with VerticalScroll():
+            yield Static(id="summary")
+            for _, key, _ in FIGURES:
+                yield Static(id=key)
+        yield from self.frame_bottom()
+
+    def on_mount(self) -> None:
+        self.set_header(f"comparing {len(self.recs)} recordings", "", "Recordings > Compare")
+        self.query_one(VerticalScroll).focus()
+        self.draw()
+
+    def on_resize(self) -> None:
+        self.draw()
+
+    def _label(self, rec: OpenRecording) -> str:
+        return f"{rec.model_name} ({len(rec.index.layers)}L)"
+
+    def draw(self) -> None:
+        figures = [(rec, rec.index.per_layer()) for rec in self.recs]
+        summary = RichTable(box=None, header_style="bold")
+        for title in ("model", "layers", "d_ffn", "tokens", "dead %", "tok det", "positional"):
+            summary.add_column(title, justify="left" if title == "model" else "right")
+        for rec, f in figures:
+            summary.add_row(Text(self._label(rec)), str(len(rec.index.layers)), f"{rec.index.d_ffn:,}",
+                            f"{rec.n_tokens:,}", f"{float(np.mean(f['dead_pct'])):.1f}",
+                            str(int(f["token_detectors"].sum())), str(int(f["positional"].sum())))
+        self.query_one("#summary", Static).update(summary)
+        width = max(self.app.size.width - 4, 30)
+        for title, key, scale in FIGURES:
+            series = {}
+            for rec, f in figures:
+                n_layers = rec.meta["model"]["n_layers"]
+                depth = (f["layer"] / max(n_layers - 1, 1)).tolist()
+                series[self._label(rec)] = (depth, (np.nan_to_num(f[key].astype(float)) * scale).tolist())
+            self.query_one(f"#{key}", Static).update(line_chart(title, series, width, 12, "relative depth"))
+
+    def action_scroll(self, lines: int) -> None:
+        self.query_one(VerticalScroll).scroll_relative(y=lines, animate=False)

@@ -1,0 +1,154 @@
+"""Neuron detail: statistics, triggers with their share of the firings, promoted and suppressed
+tokens, firing frequency by position (Fig. 7), and the strongest contexts with the token marked.
+`[` and `]` step through the rows of the neurons list it was opened from."""
+from __future__ import annotations
+
+import numpy as np
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from app.charts import position_chart
+from app.safe_text import printable
+from app.tui.base import FramedScreen
+from app.tui.cells import num, pct, token, tokens, yes_no
+from app.tui.recording import OpenRecording
+from engine.analysis.neuron_detail import NeuronDetail, neuron_detail
+
+NGRAM_NAMES = {1: "tokens", 2: "bigrams", 3: "trigrams"}
+
+
+class DetailScreen(FramedScreen):
+    HELP_TITLE = "Neuron detail"
+    BINDINGS = FramedScreen.BINDINGS + [
+        Binding("right_square_bracket", "step(1)", "next", key_display="]"),
+        Binding("left_square_bracket", "step(-1)", "previous", key_display="["),
+        Binding("j,down", "scroll(1)", "scroll down", show=False), Binding("k,up", "scroll(-1)", "scroll up", show=False),
+        Binding("escape", "back", "back"),
+    ]
+    DEFAULT_CSS = FramedScreen.DEFAULT_CSS + """
+    DetailScreen VerticalScroll { height: 1fr; padding: 0 1; }
+    DetailScreen .section { height: auto; margin-bottom: 1; }
+    """
+
+    def __init__(self, rec: OpenRecording, rows: np.ndarray, position: int):
+        super().__init__()
+        self.rec, self.rows, self.position = rec, rows, position
+        self.detail: NeuronDetail | None = None
+
+    def compose(self) -> ComposeResult:
+        yield from self.frame_top()
+        with VerticalScroll():
+            for name in ("summary", "plot", "triggers", "contexts"):
+                yield Static(id=name, classes="section")
+        yield from self.frame_bottom()
+
+    def on_mount(self) -> None:
+        self.query_one(VerticalScroll).focus()
+        self.load()
+
+    @property
+    def row(self) -> int:
+        return int(self.rows[self.position])
+
+    def load(self) -> None:
+        index = self.rec.index
+        layer, neuron = int(index.cols["layer"][self.row]), int(index.cols["neuron"][self.row])
+        self.set_header(self.rec.title(), self.rec.status,
+                        f"Recordings > {self.rec.path.name} > Layer {layer} > Neuron {neuron} "
+                        f"({self.position + 1:,} of {len(self.rows):,})")
+        self._load(self.row)
+
+    @work(thread=True, exclusive=True, group="detail")
+    def _load(self, row: int) -> None:
+        detail = neuron_detail(self.rec.reader, self.rec.index, row)
+        width = max(self.app.size.width - 4, 30)
+        seq_len = len(detail.pos_freq)
+        chart = position_chart(detail.pos_freq, f"firing frequency by position (of {seq_len})", width, 12)
+        self.app.call_from_thread(self._show, detail, chart)
+
+    def _show(self, detail: NeuronDetail, chart: Text) -> None:
+        self.detail = detail
+        self.query_one("#summary", Static).update(summary_text(detail))
+        self.query_one("#plot", Static).update(chart)
+        self.query_one("#triggers", Static).update(triggers_text(detail))
+        self.query_one("#contexts", Static).update(contexts_text(detail))
+
+    def action_step(self, step: int) -> None:
+        position = self.position + step
+        if 0 <= position < len(self.rows):
+            self.position = position
+            self.load()
+
+    def action_scroll(self, lines: int) -> None:
+        self.query_one(VerticalScroll).scroll_relative(y=lines, animate=False)
+
+
+def kind_text(detail: NeuronDetail) -> str:
+    s = detail.stats
+    kinds = [name for key, name in (("token_detector", "token detector"), ("bigram_detector", "bigram detector"),
+                                    ("trigram_detector", "trigram detector")) if s.get(key)]
+    if s.get("dead"):
+        kinds.append("dead")
+    if s.get("positional"):
+        kinds.append(f"positional, {detail.pos_type.replace('_', ' ')} ({'strong' if s.get('pos_strong') else 'weak'})")
+    if s.get("background"):
+        kinds.append("background")
+    return "; ".join(kinds) or "no special role found"
+
+
+def summary_text(detail: NeuronDetail) -> Text:
+    s = detail.stats
+    out = Text()
+    out.append(f"Layer {detail.layer} · neuron {detail.neuron} · ", style="bold")
+    out.append(kind_text(detail), style="bold")
+    out.append(f" · MI {num(s.get('pos_mi'), 3)}\n")
+    out.append(f"fires {s['fire_count']:,} times ({pct(s['fire_freq'], 3)} % of tokens) · g mean {num(s['g_mean'], 3)}"
+               f" std {num(s['g_std'], 3)} max {num(s['g_max'], 3)}\n")
+    coverage = s.get("unigram_coverage")
+    out.append(f"coverage number {'' if coverage is None else coverage or '-'} · "
+               f"suppresses its triggers: {yes_no(s.get('suppresses_triggers')) or 'n/a'}"
+               f" (score {num(s.get('trigger_suppression'), 2) or 'n/a'})")
+    if s.get("ngram_counted") is None:
+        out.append("\nn-grams: not counted in this layer")
+    elif s.get("ngram_counted") is False:
+        out.append("\nn-grams: not counted (fires more often than --ngram-max-freq)")
+    if detail.pos_ranges:
+        out.append(f"\nindicates positions {', '.join(detail.pos_ranges)}")
+    extra = {k: v for k, v in s.items() if k.startswith("npl_")}
+    if extra:
+        out.append("\n" + " · ".join(f"{k} {num(v, 3)}" for k, v in extra.items()))
+    return out
+
+
+def triggers_text(detail: NeuronDetail) -> Text:
+    out = Text()
+    for n in (1, 2, 3):
+        items = detail.triggers[n]
+        if items:
+            out.append(f"trigger {NGRAM_NAMES[n]} (share of firings): ", style="bold")
+            out.append(", ".join(f"{token(text)} {100 * share:.0f}%" for text, share in items[:20]))
+            out.append("\n")
+    if not any(detail.triggers.values()):
+        out.append("triggers: none found", style="bold")
+        out.append("\n")
+    out.append("top promoted:   ", style="bold")
+    out.append(tokens(detail.promoted, 10) or "n/a (not a token detector)")
+    out.append("\ntop suppressed: ", style="bold")
+    out.append(tokens(detail.suppressed, 10) or "n/a")
+    return out
+
+
+def contexts_text(detail: NeuronDetail) -> Text:
+    out = Text()
+    out.append(f"top activating contexts ({len(detail.contexts)})\n", style="bold")
+    for c in detail.contexts:
+        out.append(f"{c.value:8.3f}  ")
+        out.append(printable("".join(c.before)))
+        out.append(printable(c.token), style="reverse bold")
+        out.append(printable("".join(c.after)))
+        out.append(f"   (seq {c.sequence}, pos {c.position})\n", style="dim")
+    return out

@@ -1,0 +1,242 @@
+"""Neurons: the neuron table of one layer or of all layers, filtered and sorted with numpy in a
+worker (engine.analysis.neuron_index), shown through a virtual table, so millions of rows scroll
+like ten. The number of matching rows is always on the status line."""
+from __future__ import annotations
+
+import numpy as np
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Static
+
+from app.tui.base import FramedScreen
+from app.tui.cells import num, pct, tokens, yes_no
+from app.tui.export import export_neurons
+from app.tui.modals import AskScreen, ChooseScreen, ExportScreen
+from app.tui.recording import OpenRecording
+from app.tui.table import Column, VirtualTable
+from engine.analysis.neuron_index import SORT_KEYS, NeuronFilter
+from engine.analysis.positional import KINDS
+
+SHORT_KIND = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "other"}
+COLUMNS = [Column("layer", "layer", 5), Column("neuron", "neuron", 6), Column("freq", "freq %", 7),
+           Column("cover", "cov", 4), Column("det", "det", 3, "left"), Column("triggers", "triggers", 0, "left"),
+           Column("supp", "supp", 4, "left"), Column("mi", "pos MI", 6), Column("type", "type", 11, "left")]
+SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firing frequency",
+               "unigram_coverage": "coverage number", "pos_mi": "positional MI",
+               "trigger_suppression": "trigger suppression score", "g_mean": "mean activation",
+               "g_std": "activation std", "g_max": "max activation"}
+
+
+def parse_range(text: str, scale: float) -> tuple[float | None, float | None]:
+    """"0.1-2" / "-2" / "0.1-" / "" -> (lo, hi) divided by scale; ValueError if not that."""
+    text = text.strip()
+    if not text:
+        return None, None
+    lo, sep, hi = text.partition("-") if not text.startswith("-") else ("", "-", text[1:])
+    if not sep:
+        raise ValueError
+    lo_v = float(lo) / scale if lo.strip() else None
+    hi_v = float(hi) / scale if hi.strip() else None
+    if lo_v is not None and hi_v is not None and lo_v > hi_v:
+        raise ValueError
+    return lo_v, hi_v
+
+
+def _range_error(scale: float):
+    def check(text: str) -> str | None:
+        try:
+            parse_range(text, scale)
+        except ValueError:
+            return "write MIN-MAX, MIN- or -MAX (numbers), or nothing to clear"
+        return None
+    return check
+
+
+class NeuronsScreen(FramedScreen):
+    HELP_TITLE = "Neurons: filter, sort and open neurons"
+    BINDINGS = FramedScreen.BINDINGS + [
+        Binding("d", "dead", "dead"), Binding("t", "detector", "detector"), Binding("p", "positional", "positional"),
+        Binding("s", "sort", "sort"), Binding("slash", "search", "search", key_display="/"),
+        Binding("e", "export", "export"), Binding("enter", "open", "open", show=False),
+        Binding("f", "freq", "firing frequency range", show=False), Binding("m", "mi", "MI range", show=False),
+        Binding("r", "reverse", "reverse sort order", show=False), Binding("c", "clear", "clear filters", show=False),
+        Binding("a", "all_layers", "all layers / this layer", show=False),
+    ]
+    EXTRA_HELP = [("enter", "open the neuron's detail"), ("j k ↑ ↓ pgup pgdn g G", "move")]
+
+    def __init__(self, rec: OpenRecording, layer: int | None = None):
+        super().__init__()
+        self.rec, self.index = rec, rec.index
+        self.home_layer = layer
+        self.filter = NeuronFilter(layers=None if layer is None else (layer,))
+        self.sort, self.descending = "layer", False
+        self.rows = np.zeros(0, np.int64)
+
+    def compose(self) -> ComposeResult:
+        yield from self.frame_top()
+        yield Static(id="status", classes="status-line")
+        yield VirtualTable(COLUMNS, id="neurons")
+        yield from self.frame_bottom()
+
+    def on_mount(self) -> None:
+        self.query_one(VirtualTable).focus()
+        self.refilter()
+
+    # --- filtering --------------------------------------------------------------------------------
+    def refilter(self, keep_cursor: bool = False) -> None:
+        self._compute(self.filter, self.sort, self.descending, keep_cursor)
+
+    @work(thread=True, exclusive=True, group="filter")
+    def _compute(self, f: NeuronFilter, sort: str, descending: bool, keep_cursor: bool) -> None:
+        rows = self.index.select(f, sort, descending)
+        self.app.call_from_thread(self._show, rows, keep_cursor)
+
+    def _show(self, rows: np.ndarray, keep_cursor: bool) -> None:
+        self.rows = rows
+        self.query_one(VirtualTable).show(len(rows), self._cell, cursor=None if keep_cursor else 0)
+        self._header()
+
+    def _header(self) -> None:
+        scope = "all layers" if self.filter.layers is None else f"layer {self.filter.layers[0]}"
+        total = self.index.n if self.filter.layers is None else self.index.d_ffn
+        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.path.name} > Layers > "
+                        f"Neurons ({scope})")
+        order = SORT_LABELS.get(self.sort, self.sort) + (" ↓" if self.descending else "")
+        missing = [name for name, ok in self.index.analyses.items() if not ok]
+        note = f" · not analyzed: {', '.join(missing)}" if missing else ""
+        self.query_one("#status", Static).update(Text(
+            f" {scope} · {total:,} neurons · filter: {self.filter.describe()} · {len(self.rows):,} match · "
+            f"sort: {order}{note}"))
+
+    def _cell(self, i: int, key: str) -> str:
+        row = int(self.rows[i])
+        index, cols = self.index, self.index.cols
+        if key == "layer":
+            return str(cols["layer"][row])
+        if key == "neuron":
+            return str(cols["neuron"][row])
+        if key == "freq":
+            return pct(float(cols["fire_freq"][row]), 3)
+        if key == "cover":
+            value = index.known("unigram_coverage", row)
+            return "" if value is None else str(value)
+        if key == "det":
+            return "".join(mark for name, mark in (("token_detector", "T"), ("bigram_detector", "B"),
+                                                    ("trigram_detector", "3")) if cols[name][row] == 1)
+        if key == "triggers":
+            for n in (1, 2, 3):
+                if row in index.triggers[n]:
+                    return tokens(index.triggers[n][row])
+            return ""
+        if key == "supp":
+            return yes_no(index.known("suppresses_triggers", row))
+        if key == "mi":
+            return num(index.known("pos_mi", row), 3)
+        if key == "type":
+            kind = index.pos_type(row)
+            if not kind or not cols["positional"][row]:
+                return ""
+            return f"{SHORT_KIND[kind]} {'strong' if cols['pos_strong'][row] else 'weak'}"
+        return ""
+
+    # --- actions ----------------------------------------------------------------------------------
+    def action_dead(self) -> None:
+        self.filter.dead = {None: True, True: False, False: None}[self.filter.dead]
+        self.refilter()
+
+    def action_detector(self) -> None:
+        choices = [("off", "any neuron"), ("any", "any detector"), ("token", "token detectors"),
+                   ("bigram", "bigram detectors"), ("trigram", "trigram detectors")]
+
+        def done(value):
+            if value is not None:
+                self.filter.detector = None if value == "off" else value
+                self.refilter()
+        self.app.push_screen(ChooseScreen("Show detectors", choices, self.filter.detector or "off"), done)
+
+    def action_positional(self) -> None:
+        choices = [("off", "any neuron"), ("any", "positional, any type"), ("any+", "positional, strong only")]
+        for kind in KINDS:
+            label = kind.replace("_", " ")
+            choices += [(kind, label), (kind + "+", f"{label}, strong only")]
+        current = "off" if not self.filter.positional else self.filter.positional + ("+" if self.filter.strong_only else "")
+
+        def done(value):
+            if value is not None:
+                self.filter.positional = None if value == "off" else value.rstrip("+")
+                self.filter.strong_only = value.endswith("+")
+                self.refilter()
+        self.app.push_screen(ChooseScreen("Show positional neurons", choices, current), done)
+
+    def _ask_range(self, prompt: str, attr: str, scale: float) -> None:
+        lo, hi = getattr(self.filter, attr)
+        value = "" if lo is None and hi is None else f"{'' if lo is None else f'{lo * scale:g}'}-" \
+                                                      f"{'' if hi is None else f'{hi * scale:g}'}"
+
+        def done(text):
+            if text is not None:
+                setattr(self.filter, attr, parse_range(text, scale))
+                self.refilter()
+        self.app.push_screen(AskScreen(prompt, value, "MIN-MAX", _range_error(scale)), done)
+
+    def action_freq(self) -> None:
+        self._ask_range("Firing frequency range in % (like 0.01-1, -0.5 or 2-; empty clears)", "freq", 100.0)
+
+    def action_mi(self) -> None:
+        self._ask_range("Positional MI range (like 0.05-, 0.1-0.5; empty clears)", "mi", 1.0)
+
+    def action_search(self) -> None:
+        def done(text):
+            if text is not None:
+                self.filter.trigger = text
+                self.refilter()
+        self.app.push_screen(AskScreen("Trigger n-gram contains (case-insensitive; empty clears)",
+                                       self.filter.trigger), done)
+
+    def action_sort(self) -> None:
+        keys = [k for k in SORT_KEYS if k in self.index.cols] + \
+               [k for k in self.index.cols if k.startswith("npl_") and k not in SORT_KEYS]
+        choices = [(k, SORT_LABELS.get(k, k)) for k in keys]
+
+        def done(value):
+            if value is not None:
+                self.sort = value
+                self.descending = value not in ("layer", "neuron", "unigram_coverage")
+                self.refilter()
+        self.app.push_screen(ChooseScreen("Sort by (r reverses)", choices, self.sort), done)
+
+    def action_reverse(self) -> None:
+        self.descending = not self.descending
+        self.refilter()
+
+    def action_clear(self) -> None:
+        self.filter = NeuronFilter(layers=self.filter.layers)
+        self.refilter()
+
+    def action_all_layers(self) -> None:
+        if self.filter.layers is None and self.home_layer is not None:
+            self.filter.layers = (self.home_layer,)
+        else:
+            self.filter.layers = None
+        self.refilter()
+
+    def action_open(self) -> None:
+        table = self.query_one(VirtualTable)
+        if len(self.rows):
+            from app.tui.detail import DetailScreen
+
+            self.app.push_screen(DetailScreen(self.rec, self.rows, table.cursor))
+
+    def on_virtual_table_chosen(self, event: VirtualTable.Chosen) -> None:
+        self.action_open()
+
+    def action_export(self) -> None:
+        stem = self.rec.path.with_suffix("").name + ("-neurons" if self.filter.layers is None
+                                                     else f"-layer{self.filter.layers[0]}")
+
+        def done(choice):
+            if choice is not None:
+                export_neurons(self.app, self.index, self.rows.copy(), *choice)
+        self.app.push_screen(ExportScreen("neuron table", len(self.rows), self.app.export_dir / stem), done)

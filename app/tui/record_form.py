@@ -1,0 +1,121 @@
+"""The form that starts a recording job: model spec, data sources, tokens, layers, device and
+memory budgets. The job runs in its own process (engine.jobs) and analyzes itself when done."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Button, Input, Label, Static
+
+from app.safe_text import printable
+from app.tui.base import FramedScreen
+from cache.errors import UserError
+from engine import jobs
+from engine.units import parse_bytes
+
+# (id, label, default, placeholder)
+FIELDS = [
+    ("name", "output name", "", "file name in the recordings directory, like smollm2-1m"),
+    ("model", "model", "default", "default, a HF model directory, a .gguf file or a cached hub id"),
+    ("data", "data", "builtin", "builtin, text files, directories or .jsonl files, separated by spaces"),
+    ("tokens", "tokens", "16384", "tokens to record"),
+    ("layers", "layers", "", "like 0-11,15 (empty: all)"),
+    ("device", "device", "auto", "auto, cpu, cuda or cuda:N"),
+    ("device_memory", "device memory", "", "weights kept on the device, like 24GiB (empty: all it has)"),
+    ("host_memory", "host memory", "", "host memory budget, like 32GiB (empty: most of it)"),
+    ("options", "more options", "", "other `ffnscope record` options, like --seq-len 512 --tau 0.5"),
+]
+
+
+def check(values: dict[str, str]) -> dict:
+    """Form values -> start_record keyword arguments; UserError names the first bad field."""
+    name = values["name"].strip() or "recording"
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise UserError("output name: use letters, digits, '.', '_', '+' or '-'")
+    out = jobs.recordings_dir() / (name if name.endswith(".h5") else name + ".h5")
+    try:
+        tokens = int(values["tokens"].replace(",", "").replace("_", ""))
+    except ValueError:
+        raise UserError("tokens: write a whole number, like 65536") from None
+    if tokens <= 0:
+        raise UserError("tokens: must be positive")
+    data = values["data"].split()
+    if not data:
+        raise UserError("data: give at least one source, or builtin")
+    for source in data:
+        if source != "builtin" and not Path(source).expanduser().exists():
+            raise UserError(f"data: {source} does not exist")
+    if values["layers"].strip() and not re.fullmatch(r"[\d,\- ]+", values["layers"]):
+        raise UserError("layers: write them like 0-11,15")
+    kwargs = dict(out=out, model=values["model"].strip() or "default", data=[str(Path(d).expanduser()) if d != "builtin"
+                                                                           else d for d in data],
+                  tokens=tokens, layers=values["layers"].replace(" ", "") or None,
+                  device=values["device"].strip() or "auto")
+    for key, option in (("device_memory", "device memory"), ("host_memory", "host memory")):
+        text = values[key].strip()
+        kwargs[key] = parse_bytes(text, option) if text else None
+    try:
+        kwargs["extra"] = shlex.split(values["options"])
+    except ValueError as exc:
+        raise UserError(f"more options: {exc}") from None
+    if any(opt in kwargs["extra"] for opt in ("--out", "--model", "--data", "--tokens")):
+        raise UserError("more options: --out, --model, --data and --tokens have their own fields")
+    return kwargs
+
+
+class RecordFormScreen(FramedScreen):
+    HELP_TITLE = "New recording"
+    BINDINGS = [Binding("escape", "back", "cancel"), Binding("ctrl+s", "start", "start")]
+    EXTRA_HELP = [("tab / shift+tab", "next / previous field"), ("enter", "next field; on the last one, start")]
+    DEFAULT_CSS = FramedScreen.DEFAULT_CSS + """
+    RecordFormScreen VerticalScroll { height: 1fr; padding: 0 1; }
+    RecordFormScreen .field { height: 1; }
+    RecordFormScreen .field Label { width: 15; }
+    RecordFormScreen .field Input { width: 1fr; border: none; height: 1; padding: 0; }
+    RecordFormScreen #error { color: $error; height: auto; }
+    RecordFormScreen #start-row { height: 3; align-horizontal: right; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield from self.frame_top()
+        with VerticalScroll():
+            for key, label, default, placeholder in FIELDS:
+                with Horizontal(classes="field"):
+                    yield Label(label)
+                    yield Input(default, placeholder=placeholder, id=key)
+            yield Static(id="error")
+            with Horizontal(id="start-row"):
+                yield Button("Start (ctrl+s)", id="start", variant="primary")
+        yield from self.frame_bottom()
+
+    def on_mount(self) -> None:
+        self.set_header("ffnscope", "", "Recordings > New recording (runs as a job; esc cancels)")
+        self.query_one("#name", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == FIELDS[-1][0]:
+            self.action_start()
+        else:
+            self.focus_next()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_start()
+
+    def action_start(self) -> None:
+        values = {key: self.query_one(f"#{key}", Input).value for key, *_ in FIELDS}
+        try:
+            job = jobs.start_record(**check(values))
+        except UserError as exc:
+            self.query_one("#error", Static).update(Text(printable(str(exc))))
+            return
+        self.app.started_jobs.add(job.output)
+        self.app.notify(printable(f"recording {job.output.name} started (pid {job.pid})"), markup=False)
+        self.app.pop_screen()
+
+    def action_back(self) -> None:
+        self.app.pop_screen()

@@ -1,0 +1,49 @@
+"""An opened recording: its reader and neuron index, loaded once and shared by the screens."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from app.safe_text import printable
+from cache.reader import CacheReader
+from engine.analysis.neuron_index import NeuronIndex
+
+
+class OpenRecording:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.mtime = os.stat(self.path).st_mtime_ns
+        self.reader = CacheReader(self.path, "opening it")
+        self.index = NeuronIndex(self.reader)
+        self.meta = self.reader.meta
+        self.status = self.reader.status
+        self.n_tokens = self.reader.n_tokens
+
+    @property
+    def stale(self) -> bool:
+        """True when a job has replaced the file since it was opened."""
+        try:
+            return os.stat(self.path).st_mtime_ns != self.mtime
+        except OSError:
+            return False
+
+    @property
+    def analyzed(self) -> bool:
+        return all(self.index.analyses.values())
+
+    @property
+    def model_name(self) -> str:
+        return printable(self.meta["model"]["name"])
+
+    def title(self) -> str:
+        """The one-line header: what is open."""
+        rec, data = self.meta["recording"], self.meta["data"]
+        return (f"{self.model_name} · {_tokens(self.n_tokens)} tok · tau {rec['taus'][rec['primary_index']]:g}"
+                f" · seq {data['seq_len']}")
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _tokens(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1_000_000 else f"{n / 1e3:.0f}k" if n >= 10_000 else str(n)

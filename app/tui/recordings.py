@@ -1,0 +1,205 @@
+"""Recordings: the caches in the user cache directory and those given on the command line, with
+the jobs writing them (live progress from their progress files). Start, cancel and resume
+recordings; open one, or mark several and compare them."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Static
+
+from app.safe_text import printable
+from app.tui.base import FramedScreen
+from app.tui.cells import duration
+from app.tui.table import Column, VirtualTable
+from cache.errors import UserError
+from engine import catalog, jobs
+
+COLUMNS = [Column("mark", "", 1, "left"), Column("name", "recording", 0, "left"), Column("model", "model", 16, "left"),
+           Column("tokens", "tokens", 9), Column("date", "date", 10, "left"), Column("status", "status", 26, "left")]
+REFRESH_S = 1.0
+
+
+@dataclass
+class Row:
+    path: Path
+    summary: catalog.RecordingSummary | None
+    job: jobs.Job | None
+
+    def status(self) -> str:
+        job, s = self.job, self.summary
+        if job is not None and job.status == jobs.RUNNING:
+            if job.phase == "recording" and job.fraction is not None:
+                rate = f" {job.tokens_per_s:,.0f} tok/s" if job.tokens_per_s else ""
+                eta = f" ETA {duration(job.eta_s)}" if job.eta_s is not None else ""
+                return f"{100 * job.fraction:.0f}%{rate}{eta}"
+            return job.activity
+        if job is not None and job.status in (jobs.STOPPED, jobs.INTERRUPTED, jobs.FAILED) and \
+                not (s is not None and s.status == catalog.COMPLETE and job.kind == "record" and job.status != jobs.FAILED):
+            return job.status + (": r resumes" if job.status != jobs.FAILED else "")
+        if s is None:
+            return job.status if job is not None else ""
+        if s.status == catalog.ERROR:
+            return "error"
+        if s.status == catalog.COMPLETE:
+            return "complete" if s.analyzed else "complete, not analyzed"
+        return s.status
+
+    def message(self) -> str:
+        """The line under the table: why a row failed, where a job logs."""
+        s, job = self.summary, self.job
+        if s is not None and s.error:
+            return s.error
+        if job is not None and job.message and job.status != jobs.RUNNING:
+            return f"{job.kind} {job.status}: {job.message}"
+        if job is not None and job.status == jobs.RUNNING:
+            return f"{job.kind} job pid {job.pid}, log {job.log}"
+        return str(self.path)
+
+
+class RecordingsScreen(FramedScreen):
+    HELP_TITLE = "Recordings: caches and the jobs writing them"
+    BINDINGS = FramedScreen.BINDINGS + [
+        Binding("enter", "open", "open"), Binding("n", "new", "new recording"), Binding("x", "cancel", "cancel job"),
+        Binding("r", "resume", "resume"), Binding("A", "analyze", "analyze"), Binding("m", "mark", "mark"),
+        Binding("c", "compare", "compare marked"),
+    ]
+    EXTRA_HELP = [("j k ↑ ↓", "move")]
+    DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "RecordingsScreen #message { height: 2; color: $text-muted; }"
+
+    def __init__(self, files: list[Path], dirs: list[Path] | None):
+        super().__init__()
+        self.files, self.dirs = files, dirs
+        self.rows: list[Row] = []
+        self.marked: set[Path] = set()
+
+    def compose(self) -> ComposeResult:
+        yield from self.frame_top()
+        yield VirtualTable(COLUMNS, id="recordings")
+        yield Static(id="message")
+        yield from self.frame_bottom()
+
+    def on_mount(self) -> None:
+        self.set_header("ffnscope", "", "Recordings")
+        self.query_one(VirtualTable).focus()
+        self.scan()
+        self.set_interval(REFRESH_S, self.scan)
+
+    @work(thread=True, exclusive=True, group="scan")
+    def scan(self) -> None:
+        dirs = self.dirs if self.dirs is not None else [jobs.recordings_dir()]
+        summaries = catalog.scan(self.files, dirs)
+        job_list = jobs.list_jobs(dirs, self.files)
+        by_path = {j.output.resolve(): j for j in job_list}
+        rows = [Row(s.path, s, by_path.pop(s.path.resolve(), None)) for s in summaries]
+        rows += [Row(j.output, None, j) for j in by_path.values() if j.status == jobs.RUNNING]
+        self.app.call_from_thread(self._show, rows)
+
+    def _show(self, rows: list[Row]) -> None:
+        table = self.query_one(VirtualTable)
+        current = self.current
+        self.rows = rows
+        paths = [r.path for r in rows]
+        cursor = paths.index(current.path) if current is not None and current.path in paths else None
+        table.show(len(rows), self._cell, cursor=cursor)
+        self._message()
+        self.app.jobs_changed(rows)
+
+    @property
+    def current(self) -> Row | None:
+        table = self.query_one(VirtualTable)
+        return self.rows[table.cursor] if 0 <= table.cursor < len(self.rows) else None
+
+    def _cell(self, i: int, key: str) -> str:
+        row = self.rows[i]
+        s = row.summary
+        if key == "mark":
+            return "*" if row.path in self.marked else ""
+        if key == "name":
+            return printable(row.path.name)
+        if key == "model":
+            return printable(s.model or "") if s else ""
+        if key == "tokens":
+            return f"{s.n_tokens:,}" if s and s.n_tokens is not None else ""
+        if key == "date":
+            return (s.created or "")[:10] if s else time.strftime("%Y-%m-%d", time.localtime(row.job.started or 0))
+        if key == "status":
+            return row.status()
+        return ""
+
+    def _message(self) -> None:
+        row = self.current
+        self.query_one("#message", Static).update(Text(printable(row.message()) if row else
+                                                       "no recordings yet: n starts one"))
+
+    def on_virtual_table_moved(self, event: VirtualTable.Moved) -> None:
+        self._message()
+
+    def on_virtual_table_chosen(self, event: VirtualTable.Chosen) -> None:
+        self.action_open()
+
+    # --- actions ----------------------------------------------------------------------------------
+    def action_open(self) -> None:
+        row = self.current
+        if row is None:
+            return
+        if row.summary is None or row.summary.status == catalog.ERROR:
+            self.app.notify(printable(row.message()), severity="error", markup=False)
+            return
+        self.app.open_recording(row.path)
+
+    def action_new(self) -> None:
+        from app.tui.record_form import RecordFormScreen
+
+        self.app.push_screen(RecordFormScreen())
+
+    def action_cancel(self) -> None:
+        row = self.current
+        if row is None or row.job is None or row.job.status != jobs.RUNNING:
+            self.app.notify("no running job on this row", severity="warning")
+            return
+        if jobs.cancel(row.job):
+            self.app.notify(printable(f"asked {row.path.name} to stop; it keeps its last checkpoint"), markup=False)
+        self.scan()
+
+    def action_resume(self) -> None:
+        row = self.current
+        if row is None or row.job is None:
+            self.app.notify("no job to resume on this row", severity="warning")
+            return
+        try:
+            job = jobs.resume(row.job)
+        except UserError as exc:
+            self.app.notify(printable(str(exc)), severity="error", markup=False)
+            return
+        self.app.started_jobs.add(job.output)
+        self.scan()
+
+    def action_analyze(self) -> None:
+        row = self.current
+        if row is not None and row.summary is not None and row.summary.status == catalog.COMPLETE:
+            self.app.start_analysis(row.path)
+            self.scan()
+        else:
+            self.app.notify("only a complete recording can be analyzed", severity="warning")
+
+    def action_mark(self) -> None:
+        row = self.current
+        if row is None:
+            return
+        self.marked.symmetric_difference_update({row.path})
+        table = self.query_one(VirtualTable)
+        table.refresh()
+        table.action_move(1)
+
+    def action_compare(self) -> None:
+        paths = [r.path for r in self.rows if r.path in self.marked and r.summary and r.summary.ok]
+        if len(paths) < 2:
+            self.app.notify("mark two or more recordings with m, then c compares them", severity="warning")
+            return
+        self.app.compare(paths)

@@ -1,0 +1,147 @@
+"""A table that renders only the rows on screen (Textual's line API), so a view over millions of
+neurons costs the same as one over ten. Rows are fetched through a callback by position in the
+current view order; the widget never holds the data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from rich.segment import Segment
+from textual.binding import Binding
+from textual.events import Click, MouseScrollDown, MouseScrollUp
+from textual.message import Message
+from textual.reactive import reactive
+from textual.strip import Strip
+from textual.widget import Widget
+
+from app.tui.cells import fit
+
+
+@dataclass
+class Column:
+    key: str
+    title: str
+    width: int          # 0: takes what the other columns leave
+    align: str = "right"
+
+
+class VirtualTable(Widget, can_focus=True):
+    DEFAULT_CSS = """
+    VirtualTable { height: 1fr; }
+    VirtualTable > .virtual-table--header { text-style: bold; background: $panel; }
+    VirtualTable > .virtual-table--cursor { background: $accent 40%; }
+    VirtualTable:focus > .virtual-table--cursor { background: $accent; color: $text; }
+    """
+    COMPONENT_CLASSES = {"virtual-table--header", "virtual-table--cursor"}
+    BINDINGS = [
+        Binding("up,k", "move(-1)", "up", show=False), Binding("down,j", "move(1)", "down", show=False),
+        Binding("pageup,ctrl+b", "page(-1)", "page up", show=False),
+        Binding("pagedown,ctrl+f,space", "page(1)", "page down", show=False),
+        Binding("home,g", "jump(0)", "first", show=False), Binding("end,G", "jump(-1)", "last", show=False),
+        Binding("enter", "choose", "open", show=False),
+    ]
+    cursor = reactive(0, always_update=True)
+
+    class Chosen(Message):
+        """Enter on a row: `index` is the position in the current view."""
+        def __init__(self, table: "VirtualTable", index: int):
+            super().__init__()
+            self.table, self.index = table, index
+
+        @property
+        def control(self) -> "VirtualTable":
+            return self.table
+
+    class Moved(Message):
+        def __init__(self, table: "VirtualTable", index: int):
+            super().__init__()
+            self.table, self.index = table, index
+
+        @property
+        def control(self) -> "VirtualTable":
+            return self.table
+
+    def __init__(self, columns: list[Column], *, id: str | None = None):
+        super().__init__(id=id)
+        self.columns = columns
+        self.count = 0
+        self.cell: Callable[[int, str], str] = lambda i, key: ""
+        self.top = 0
+
+    def show(self, count: int, cell: Callable[[int, str], str], cursor: int | None = 0) -> None:
+        """New rows: `cell(i, key)` gives the text of row i (view order) in column `key`."""
+        self.count, self.cell = count, cell
+        if cursor is not None:
+            self.top = 0
+            self.cursor = min(cursor, max(count - 1, 0))
+        else:
+            self.cursor = min(self.cursor, max(count - 1, 0))
+        self.refresh()
+
+    @property
+    def body_height(self) -> int:
+        return max(self.size.height - 1, 1)
+
+    def widths(self) -> list[int]:
+        fixed = sum(c.width + 1 for c in self.columns if c.width)
+        flex = [c for c in self.columns if not c.width]
+        rest = max(self.size.width - fixed - len(flex), 4 * len(flex))
+        return [c.width or rest // max(len(flex), 1) for c in self.columns]
+
+    def _line(self, texts: list[str]) -> str:
+        cells = [fit(text, w, col.align) for text, w, col in zip(texts, self.widths(), self.columns)]
+        return fit(" ".join(cells), self.size.width)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        if y == 0:
+            style = self.get_component_rich_style("virtual-table--header")
+            return Strip([Segment(self._line([c.title for c in self.columns]), style)], width)
+        i = self.top + y - 1
+        if i >= self.count:
+            return Strip.blank(width, self.rich_style)
+        text = self._line([self.cell(i, c.key) for c in self.columns])
+        style = self.get_component_rich_style("virtual-table--cursor") if i == self.cursor else self.rich_style
+        return Strip([Segment(text, style)], width)
+
+    def watch_cursor(self, old: int, new: int) -> None:
+        if new < self.top:
+            self.top = new
+        elif new >= self.top + self.body_height:
+            self.top = new - self.body_height + 1
+        self.refresh()
+        if old != new:
+            self.post_message(self.Moved(self, new))
+
+    def on_resize(self) -> None:
+        self.cursor = self.cursor
+
+    def action_move(self, step: int) -> None:
+        self.cursor = max(0, min(self.cursor + step, self.count - 1))
+
+    def action_page(self, direction: int) -> None:
+        self.action_move(direction * self.body_height)
+
+    def action_jump(self, where: int) -> None:
+        self.cursor = max(self.count - 1, 0) if where < 0 else 0
+
+    def action_choose(self) -> None:
+        if self.count:
+            self.post_message(self.Chosen(self, self.cursor))
+
+    def _on_mouse_scroll_down(self, event: MouseScrollDown) -> None:
+        self.top = max(0, min(self.top + 3, self.count - self.body_height))
+        self.refresh()
+        event.stop()
+
+    def _on_mouse_scroll_up(self, event: MouseScrollUp) -> None:
+        self.top = max(0, self.top - 3)
+        self.refresh()
+        event.stop()
+
+    def _on_click(self, event: Click) -> None:
+        if event.y >= 1 and self.top + event.y - 1 < self.count:
+            index = self.top + event.y - 1
+            if event.chain >= 2 and index == self.cursor:
+                self.action_choose()
+            self.cursor = index
