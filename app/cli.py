@@ -3,7 +3,9 @@ that need them, so `--help`, `info` and `merge` start in a blink."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from cache.errors import UserError
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--force", action="store_true", help="overwrite an existing output")
     rec.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.add_argument("--analyze", action="store_true",
+                     help="run the analyses (as `ffnscope analyze`) once the recording is complete")
 
     info = sub.add_parser("info", help="provenance and per-layer table of a cache")
     info.add_argument("file", type=Path)
@@ -100,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("files", type=Path, nargs="+")
     rep.add_argument("--position-plots", type=int, default=3, help="position plots of the strongest positional neurons")
 
+    jobs = sub.add_parser("jobs", help="recording and analysis jobs and their progress",
+                          description="List the jobs whose progress files are in the recordings directory "
+                                      "of the user cache and in the given directories.")
+    jobs.add_argument("dirs", type=Path, nargs="*", metavar="DIR", help="more directories to look in")
+
+    tui = sub.add_parser("tui", help="the terminal explorer (the default when no command is given)",
+                         description="Open the Textual explorer: recordings, layers, neurons, detail, compare.")
+    tui.add_argument("files", type=Path, nargs="*", metavar="FILE",
+                     help="caches to list beside those in the recordings directory (one file opens at once)")
+    tui.add_argument("--start-default", action="store_true",
+                     help="open the default model's recording, recording it on the built-in corpus first "
+                          "when there is none (the quick start)")
+    tui.add_argument("--tokens", type=int, default=16384,
+                     help="tokens for that first recording (default: %(default)s, about a minute on a laptop CPU)")
+
     merge = sub.add_parser("merge", help="sum part caches into one")
     merge.add_argument("files", type=Path, nargs="+")
     merge.add_argument("--out", type=Path, required=True)
@@ -110,7 +129,52 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_record(args) -> int:
     from app.record_view import run_record
 
-    return run_record(args)
+    if not args.analyze:
+        return run_record(args)
+
+    def after(_state, progress) -> None:  # the recording is complete; the progress file still says running
+        try:
+            _run_analyses(args.out, progress)
+        except UserError as exc:
+            raise UserError(f"the recording in {args.out} is complete, but its analysis failed: {exc}") from None
+
+    return run_record(args, after=after)
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops an analysis like ctrl-c (so the progress file says stopped, not running)."""
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_analyses(path: Path, progress, only=None, settings=None) -> dict[str, str]:
+    """engine.analysis.run.analyze with its steps in the progress file: phase "analyzing", and
+    "analysis" naming the one under way."""
+    from engine.analysis.run import analyze
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+        if message.startswith("analyzing: "):
+            progress.update(force=True, phase="analyzing", analysis=message[len("analyzing: "):].strip())
+
+    progress.update(force=True, phase="analyzing", analysis=None)
+    with _sigterm_interrupts():
+        status = analyze(path, only, settings, log=log)
+    progress.update(force=True, analysis=None)
+    print("analyses: " + ", ".join(f"{name} {state}" for name, state in status.items()), file=sys.stderr)
+    return status
 
 
 def cmd_info(args) -> int:
@@ -129,15 +193,97 @@ def cmd_merge(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    import os
     import time
 
-    from engine.analysis.run import analyze
+    from cache.reader import CacheReader
+    from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
 
+    pid = running_job(args.file)
+    if pid is not None:
+        raise UserError(f"another ffnscope job (pid {pid}) is working on {args.file}; wait for it or stop it")
+    with CacheReader(args.file, "analyzing it"):
+        pass  # a bad path gets its one-line error before any progress file is written
     start = time.perf_counter()
-    status = analyze(args.file, args.only, args.settings, log=lambda m: print(m, file=sys.stderr))
+    try:
+        progress = ProgressFile(args.file, args.argv)
+    except OSError as exc:
+        raise UserError(f"cannot write beside {args.file} ({exc.strerror or exc}); "
+                        "analyses are stored in the cache, so its directory must be writable") from None
+    try:
+        progress.update(force=True, cwd=os.getcwd())
+        status = _run_analyses(args.file, progress, args.only, args.settings)
+    except KeyboardInterrupt:
+        progress.finish(STOPPED, "stopped by signal; run analyze again (it redoes only what is missing)")
+        raise
+    except UserError as exc:
+        progress.finish(FAILED, _one_line(str(exc)))
+        raise
+    except BaseException as exc:
+        progress.finish(FAILED, _one_line(f"{exc.__class__.__name__}: {exc}"))
+        raise
     done = ", ".join(f"{name} {state}" for name, state in status.items())
+    progress.update(phase="done")
+    progress.finish(COMPLETE, done)
     print(f"{args.file}: {done} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _one_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
+
+
+def cmd_jobs(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from engine.jobs import list_jobs
+    from engine.paths import user_cache_dir
+
+    jobs = list_jobs(args.dirs)
+    console = Console()
+    if not jobs:
+        places = ", ".join(str(d) for d in [user_cache_dir() / "recordings", *args.dirs])
+        console.print(f"no jobs in {escape(places)}", highlight=False)
+        return 0
+    table = Table(box=None, header_style="bold")
+    for column, justify in (("output", "left"), ("kind", "left"), ("status", "left"), ("phase", "left"),
+                            ("tokens", "right"), ("tok/s", "right"), ("ETA", "right"), ("pid", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    colours = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow",
+               "stopped": "yellow"}
+    notes = []
+    for job in jobs:
+        tokens = "" if job.tokens_done is None else (
+            f"{job.tokens_done:,}/{job.tokens_total:,}" if job.tokens_total else f"{job.tokens_done:,}")
+        rate = f"{job.tokens_per_s:,.0f}" if job.tokens_per_s and job.active else ""
+        status = f"[{colours.get(job.status, 'white')}]{escape(job.status)}[/]"
+        table.add_row(escape(_shown_path(job.output)), escape(job.kind), status, escape(job.activity), tokens,
+                      rate, _eta(job) if job.active else "", str(job.pid or ""))
+        if job.message and not job.active:
+            notes.append(f"{escape(job.output.name)} ({escape(job.status)}): {escape(job.message)}")
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False, style="dim")
+    return 0
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _eta(job) -> str:
+    import time
+
+    if job.eta_s is None:
+        return ""
+    left = max(0.0, job.eta_s - (time.time() - job.updated) if job.updated else job.eta_s)
+    hours, rest = divmod(int(round(left)), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def cmd_export(args) -> int:
@@ -153,24 +299,74 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_tui(args) -> int:
+    if args.tokens <= 0:
+        raise UserError("--tokens must be positive")
+    missing = [str(f) for f in args.files if not f.exists()]
+    if missing:
+        raise UserError(f"no such file: {', '.join(missing)}; give recording caches (.h5)")
+    from app.tui.app import FFNScopeApp
+
+    FFNScopeApp(args.files, main_job=args.start_default, main_tokens=args.tokens).run()
+    return 0
+
+
 COMMANDS = {"record": cmd_record, "info": cmd_info, "analyze": cmd_analyze, "export": cmd_export,
-            "report": cmd_report, "merge": cmd_merge}
+            "report": cmd_report, "merge": cmd_merge, "jobs": cmd_jobs, "tui": cmd_tui}
+
+
+def _job_output(args) -> Path | None:
+    """The file a record or analyze command works on (its progress file sits beside it)."""
+    return {"record": lambda: args.out, "analyze": lambda: args.file}.get(args.command, lambda: None)()
+
+
+def _argv_output(argv: list[str]) -> Path | None:
+    """The same, from a command line argparse refused."""
+    if "--out" in argv[:-1] and "record" in argv:
+        return Path(argv[argv.index("--out") + 1])
+    if "analyze" in argv[:-1]:
+        return Path(argv[argv.index("analyze") + 1])
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    raw = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(raw)
+    except SystemExit as exc:
+        output = _argv_output(raw) if exc.code else None
+        if output is not None:  # a job started with a bad option: say so in its progress file
+            from engine.jobs import fail_if_own
+
+            fail_if_own(output, "the command line was refused; see the job's log")
+        raise
+    if args.command is None:  # plain `ffnscope`: the explorer
+        args = parser.parse_args(["tui"])
+    args.argv = list(sys.argv) if argv is None else ["ffnscope", *raw]
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"ffnscope: error: {exc}", file=sys.stderr)
+        _fail_own_job(args, str(exc))
         return 2
     except KeyboardInterrupt:
         print("ffnscope: interrupted", file=sys.stderr)
+        _fail_own_job(args, "interrupted before it started")
         return 130
+    except BaseException as exc:
+        _fail_own_job(args, f"{exc.__class__.__name__}: {exc}")
+        raise
+
+
+def _fail_own_job(args, message: str) -> None:
+    """A job that ends before its own progress handling started (a refused --out, a missing file)
+    must not stay 'running' in the progress file its starter wrote."""
+    output = _job_output(args)
+    if output is not None:
+        from engine.jobs import fail_if_own
+
+        fail_if_own(output, message)
 
 
 if __name__ == "__main__":

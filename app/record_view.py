@@ -19,7 +19,7 @@ def _config(args):
         resume=args.resume, force=args.force, trust_remote_code=args.trust_remote_code)
 
 
-def run_record(args) -> int:
+def run_record(args, after=None) -> int:
     console = Console(stderr=True)
     from engine.record import Stopped, check_output, record
 
@@ -39,7 +39,7 @@ def run_record(args) -> int:
 
     try:
         with progress:
-            state = record(config, command=sys.argv, on_progress=on_progress,
+            state = record(config, command=sys.argv, on_progress=on_progress, after=after,
                            log=lambda m: console.print(m, markup=False, highlight=False))
     except Stopped:
         console.print(f"ffnscope: stopped; the last checkpoint in {config.out} stands. Continue with the "

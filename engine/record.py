@@ -2,6 +2,7 @@
 (engine.streaming): load, pack, calibrate, record shards with checkpoints, finish or stop cleanly."""
 from __future__ import annotations
 
+import os
 import signal
 import tempfile
 from contextlib import contextmanager
@@ -128,16 +129,22 @@ def empty_state(meta: dict, counted: dict[int, np.ndarray]) -> RecordingState:
     return RecordingState(meta, layers, data, samples)
 
 
-def record(config: RecordConfig, command: list[str] | None = None, on_progress=None, log=print) -> RecordingState:
-    """Run (or resume) a recording job to completion; raises UserError or Stopped."""
+def record(config: RecordConfig, command: list[str] | None = None, on_progress=None, log=print,
+           after=None) -> RecordingState:
+    """Run (or resume) a recording job to completion; raises UserError or Stopped.
+
+    `after(state, progress)`, if given, runs once the cache is written complete, while the progress
+    file still says running (the CLI's `record --analyze` runs the analyses there). If it raises, the
+    complete recording stands and the progress file says failed (or stopped, for a signal)."""
     check_output(config)
     previous = read_state(config.out, "resuming") if config.resume else None
     if previous is not None and previous.status == schema.COMPLETE:
         raise UserError(f"{config.out} is already complete; nothing to resume (use --force to record it again)")
     sources = open_sources(config.data, field=config.field, seed=config.seed)
     progress = ProgressFile(config.out, command or [])
+    recorded = False
     try:
-        progress.update(force=True, phase="loading model")
+        progress.update(force=True, phase="loading model", cwd=os.getcwd())
         lm = load_model(config.model, config.dtype, config.trust_remote_code)
         device = resolve_device(config.device)
         seq_len = config.seq_len or min(model_max_len(lm), 2048)
@@ -182,17 +189,33 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
         write_state(config.out, state, schema.COMPLETE)
         state.status = schema.COMPLETE
+        recorded = True
+        total = meta["recording"]["part_tokens"]
+        progress.update(force=True, tokens_done=total, tokens_total=total, eta_s=0.0)
+        if after is not None:
+            after(state, progress)
+        progress.update(phase="done")
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded")
         return state
     except Stopped:
         progress.finish(STOPPED, "stopped by signal; resume with --resume")
         raise
+    except KeyboardInterrupt:
+        progress.finish(STOPPED, f"stopped by signal after the recording was complete; run `ffnscope analyze "
+                                 f"{config.out}` for the analyses" if recorded
+                        else "stopped by signal; resume with --resume")
+        raise
     except UserError as exc:
-        progress.finish(FAILED, str(exc))
+        progress.finish(FAILED, one_line(str(exc)))
         raise
     except BaseException as exc:
-        progress.finish(FAILED, f"{exc.__class__.__name__}: {exc}")
+        progress.finish(FAILED, one_line(f"{exc.__class__.__name__}: {exc}"))
         raise
+
+
+def one_line(text: str) -> str:
+    """The first non-empty line of a message (the progress file shows one line)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
 
 
 def vocabulary(tokenizer, size: int) -> tuple[list[str], list[str]]:

@@ -241,3 +241,32 @@ async def test_compare_two_recordings(hostile_cache, tmp_path):
         await wait_screen(pilot, CompareScreen)
         assert "comparing 2 recordings" in screen_text(app)
         assert "dead neurons" in screen_text(app)
+
+
+def test_explorer_does_not_import_torch(hostile_cache):
+    """Browsing an existing cache must start fast on a machine where torch takes seconds to import."""
+    import subprocess
+    import sys
+
+    from tests.conftest import env_for_subprocess
+
+    probe = (
+        "import asyncio, sys\n"
+        "from app.tui.app import FFNScopeApp\n"
+        "from app.tui.neurons import NeuronsScreen\n"
+        "from tests.tui_helpers import wait_screen\n"
+        "from app.tui.layers import LayersScreen\n"
+        "async def main():\n"
+        "    app = FFNScopeApp([sys.argv[1]], dirs=[])\n"
+        "    async with app.run_test(size=(80, 24)) as pilot:\n"
+        "        await wait_screen(pilot, LayersScreen)\n"
+        "        await pilot.press('a')\n"
+        "        await wait_screen(pilot, NeuronsScreen)\n"
+        "        await pilot.press('enter')\n"
+        "        await pilot.app.workers.wait_for_complete()\n"
+        "asyncio.run(main())\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(hostile_cache)], capture_output=True, text=True,
+                            env=env_for_subprocess(), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("NO-TORCH")

@@ -52,6 +52,8 @@ def spark(values, width: int) -> str:
     if len(values) > width:
         step = len(values) / width
         values = [max(values[int(i * step):max(int((i + 1) * step), int(i * step) + 1)]) for i in range(width)]
+    else:  # few layers: a few cells each, so the shape is visible
+        values = [v for v in values for _ in range(min(width // len(values), 3))]
     top = max(values)
     if top <= 0:
         return BLOCKS[1] * len(values)

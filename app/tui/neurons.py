@@ -59,7 +59,7 @@ class NeuronsScreen(FramedScreen):
     BINDINGS = FramedScreen.BINDINGS + [
         Binding("d", "dead", "dead"), Binding("t", "detector", "detector"), Binding("p", "positional", "positional"),
         Binding("s", "sort", "sort"), Binding("slash", "search", "search", key_display="/"),
-        Binding("e", "export", "export"), Binding("enter", "open", "open", show=False),
+        Binding("e", "export", "export"), Binding("enter", "open", "open"),
         Binding("f", "freq", "firing frequency range", show=False), Binding("m", "mi", "MI range", show=False),
         Binding("r", "reverse", "reverse sort order", show=False), Binding("c", "clear", "clear filters", show=False),
         Binding("a", "all_layers", "all layers / this layer", show=False),
@@ -73,6 +73,7 @@ class NeuronsScreen(FramedScreen):
         self.filter = NeuronFilter(layers=None if layer is None else (layer,))
         self.sort, self.descending = "layer", False
         self.rows = np.zeros(0, np.int64)
+        self.updates = 0  # how many times the rows were replaced (tests and bench/tui_open.py wait on it)
 
     def compose(self) -> ComposeResult:
         yield from self.frame_top()
@@ -95,6 +96,7 @@ class NeuronsScreen(FramedScreen):
 
     def _show(self, rows: np.ndarray, keep_cursor: bool) -> None:
         self.rows = rows
+        self.updates += 1
         self.query_one(VirtualTable).show(len(rows), self._cell, cursor=None if keep_cursor else 0)
         self._header()
 

@@ -65,9 +65,9 @@ class Row:
 class RecordingsScreen(FramedScreen):
     HELP_TITLE = "Recordings: caches and the jobs writing them"
     BINDINGS = FramedScreen.BINDINGS + [
-        Binding("enter", "open", "open"), Binding("n", "new", "new recording"), Binding("x", "cancel", "cancel job"),
+        Binding("enter", "open", "open"), Binding("n", "new", "new"), Binding("x", "cancel", "cancel job"),
         Binding("r", "resume", "resume"), Binding("A", "analyze", "analyze"), Binding("m", "mark", "mark"),
-        Binding("c", "compare", "compare marked"),
+        Binding("c", "compare", "compare"),
     ]
     EXTRA_HELP = [("j k ↑ ↓", "move")]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "RecordingsScreen #message { height: 2; color: $text-muted; }"

@@ -38,12 +38,11 @@ class VirtualTable(Widget, can_focus=True):
         Binding("pageup,ctrl+b", "page(-1)", "page up", show=False),
         Binding("pagedown,ctrl+f,space", "page(1)", "page down", show=False),
         Binding("home,g", "jump(0)", "first", show=False), Binding("end,G", "jump(-1)", "last", show=False),
-        Binding("enter", "choose", "open", show=False),
-    ]
+    ]  # enter belongs to the screens, whose footers name what it opens
     cursor = reactive(0, always_update=True)
 
     class Chosen(Message):
-        """Enter on a row: `index` is the position in the current view."""
+        """A double click on a row: `index` is the position in the current view."""
         def __init__(self, table: "VirtualTable", index: int):
             super().__init__()
             self.table, self.index = table, index

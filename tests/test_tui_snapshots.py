@@ -1,0 +1,64 @@
+"""SVG snapshots of the main screens at 80x24 (pytest-textual-snapshot; textual is pinned).
+After an intended change of the screens: pytest tests/test_tui_snapshots.py --snapshot-update,
+then look at the SVGs under tests/__snapshots__ before committing them."""
+from __future__ import annotations
+
+from app.tui.app import FFNScopeApp
+from app.tui.detail import DetailScreen
+from app.tui.layers import LayersScreen
+from app.tui.modals import HelpScreen
+from app.tui.neurons import NeuronsScreen
+from app.tui.recordings import RecordingsScreen
+from tests.tui_helpers import settle, wait_for, wait_screen
+
+
+def app_for(cache) -> FFNScopeApp:
+    return FFNScopeApp([cache], dirs=[])
+
+
+async def to_neurons(pilot) -> None:
+    await wait_screen(pilot, LayersScreen)
+    await pilot.press("enter")
+    await wait_screen(pilot, NeuronsScreen)
+
+
+def test_recordings_screen(snap_compare, hostile_cache):
+    async def run_before(pilot):
+        await wait_screen(pilot, LayersScreen)
+        await pilot.press("escape")
+        screen = await wait_screen(pilot, RecordingsScreen)
+        await wait_for(pilot, lambda: len(screen.rows) == 1)
+        await settle(pilot)
+    assert snap_compare(app_for(hostile_cache), run_before=run_before)
+
+
+def test_layers_screen(snap_compare, hostile_cache):
+    async def run_before(pilot):
+        await wait_screen(pilot, LayersScreen)
+    assert snap_compare(app_for(hostile_cache), run_before=run_before)
+
+
+def test_neurons_screen_filtered(snap_compare, hostile_cache):
+    async def run_before(pilot):
+        await to_neurons(pilot)
+        await pilot.press("t", "home", "down", "enter")   # any detector
+        await settle(pilot)
+    assert snap_compare(app_for(hostile_cache), run_before=run_before)
+
+
+def test_detail_screen(snap_compare, hostile_cache):
+    async def run_before(pilot):
+        await to_neurons(pilot)
+        await pilot.press("t", "home", "down", "down", "enter")   # token detectors
+        await settle(pilot)
+        await pilot.press("enter")
+        await wait_screen(pilot, DetailScreen)
+    assert snap_compare(app_for(hostile_cache), run_before=run_before)
+
+
+def test_help_screen(snap_compare, hostile_cache):
+    async def run_before(pilot):
+        await to_neurons(pilot)
+        await pilot.press("f1")
+        await wait_screen(pilot, HelpScreen)
+    assert snap_compare(app_for(hostile_cache), run_before=run_before)
