@@ -352,21 +352,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("ffnscope: interrupted", file=sys.stderr)
-        _fail_own_job(args, "interrupted before it started")
+        _fail_own_job(args, "stopped before it started; start it again", stopped=True)
         return 130
     except BaseException as exc:
         _fail_own_job(args, f"{exc.__class__.__name__}: {exc}")
         raise
 
 
-def _fail_own_job(args, message: str) -> None:
+def _fail_own_job(args, message: str, stopped: bool = False) -> None:
     """A job that ends before its own progress handling started (a refused --out, a missing file)
     must not stay 'running' in the progress file its starter wrote."""
     output = _job_output(args)
     if output is not None:
-        from engine.jobs import fail_if_own
+        from engine.jobs import FAILED, STOPPED, fail_if_own
 
-        fail_if_own(output, message)
+        fail_if_own(output, message, STOPPED if stopped else FAILED)
 
 
 if __name__ == "__main__":

@@ -386,14 +386,14 @@ def wait(job: Job, timeout: float | None = None, poll: float = 0.2) -> Job:
         time.sleep(poll)
 
 
-def fail_if_own(output: Path, message: str) -> None:
-    """Inside a job: mark its progress file failed when the job ends before its own code got to it
-    (a refused --out, a bad option), so it does not show as running or interrupted."""
+def fail_if_own(output: Path, message: str, status: str = FAILED) -> None:
+    """Inside a job: mark its progress file failed (or stopped, for a signal) when the job ends before
+    its own code got to it (a refused --out, a bad option), so it does not show as running or interrupted."""
     progress = read_progress(output)
     if not isinstance(progress, dict) or progress.get("pid") != os.getpid() or progress.get("status") != RUNNING:
         return
     line = next((ln.strip() for ln in str(message).splitlines() if ln.strip()), str(message))
-    progress.update(status=FAILED, message=line, updated=time.time())
+    progress.update(status=status, message=line, updated=time.time())
     path = progress_path(output)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

@@ -34,7 +34,7 @@ class Row:
     def status(self) -> str:
         job, s = self.job, self.summary
         if job is not None and job.status == jobs.RUNNING:
-            if job.phase == "recording" and job.fraction is not None:
+            if job.phase in ("recording", "checkpoint") and job.fraction is not None:
                 rate = f" {job.tokens_per_s:,.0f} tok/s" if job.tokens_per_s else ""
                 eta = f" ETA {duration(job.eta_s)}" if job.eta_s is not None else ""
                 return f"{100 * job.fraction:.0f}%{rate}{eta}"
