@@ -44,7 +44,7 @@ def test_filters_match_the_export_language(index_and_table, f, expr):
 def test_trigger_search_and_sorting(index_and_table):
     index, table, _ = index_and_table
     hits = index.select(NeuronFilter(trigger="[BOLD]"))
-    assert len(hits) and all(any("[bold]" in t.lower() for n in (1, 2, 3) for t in index.triggers[n].get(r, []))
+    assert len(hits) and all(any("[bold]" in t.lower() for n in (1, 2, 3) for t in index.triggers[n].get(r))
                              for r in hits)
     detector_row = index.rows_of(np.array([0]), np.array([DETECTOR]))[0]
     assert detector_row in hits

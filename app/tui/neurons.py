@@ -128,10 +128,7 @@ class NeuronsScreen(FramedScreen):
             return "".join(mark for name, mark in (("token_detector", "T"), ("bigram_detector", "B"),
                                                     ("trigram_detector", "3")) if cols[name][row] == 1)
         if key == "triggers":
-            for n in (1, 2, 3):
-                if row in index.triggers[n]:
-                    return tokens(index.triggers[n][row])
-            return ""
+            return tokens(index.first_triggers(row))
         if key == "supp":
             return yes_no(index.known("suppresses_triggers", row))
         if key == "mi":
@@ -198,7 +195,7 @@ class NeuronsScreen(FramedScreen):
                                        self.filter.trigger), done)
 
     def action_sort(self) -> None:
-        keys = [k for k in SORT_KEYS if k in self.index.cols] + \
+        keys = [k for k in SORT_KEYS if self.index.has(k)] + \
                [k for k in self.index.cols if k.startswith("npl_") and k not in SORT_KEYS]
         choices = [(k, SORT_LABELS.get(k, k)) for k in keys]
 

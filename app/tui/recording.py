@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from app.safe_text import printable
@@ -15,6 +16,7 @@ class OpenRecording:
         self.mtime = os.stat(self.path).st_mtime_ns
         self.reader = CacheReader(self.path, "opening it")
         self.index = NeuronIndex(self.reader)
+        threading.Thread(target=self.index.warm, name=f"warm {self.path.name}", daemon=True).start()
         self.meta = self.reader.meta
         self.status = self.reader.status
         self.n_tokens = self.reader.n_tokens

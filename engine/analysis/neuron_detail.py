@@ -47,13 +47,22 @@ def neuron_detail(reader: CacheReader, index: NeuronIndex, row: int) -> NeuronDe
     seq_len = reader.meta["data"]["seq_len"]
     n_seqs = max(reader.n_tokens // seq_len, 1)
     stats = {name: index.known(name, row) for name in STAT_COLUMNS if name in index.cols}
+    stats.update(activation_stats(reader, layer, neuron, index.n_tokens))
     stats.update({name: index.known(name, row) for name in index.cols if name not in stats
                   and name not in ("layer", "neuron", "pos_type")})
-    triggers = {n: list(zip(index.triggers[n].get(row, []), index.trigger_share[n].get(row, []))) for n in (1, 2, 3)}
+    triggers = {n: list(zip(index.triggers[n].get(row), index.triggers[n].get_values(row))) for n in (1, 2, 3)}
     pos_freq = reader.array(layer, "pos_fire", (slice(None), neuron)) / n_seqs
     return NeuronDetail(layer, neuron, stats, index.pos_type(row), index.pos_ranges.get(row, []), triggers,
-                        index.promoted.get(row, []), index.suppressed.get(row, []), pos_freq,
+                        index.promoted.get(row), index.suppressed.get(row), pos_freq,
                         top_contexts(reader, index.vocab, layer, neuron))
+
+
+def activation_stats(reader: CacheReader, layer: int, neuron: int, n_tokens: int) -> dict:
+    """Mean, std and max of one neuron's g, read from the cache (not the index's lazy columns, which
+    would read every layer)."""
+    mean = float(reader.array(layer, "g_sum", neuron)) / n_tokens
+    var = float(reader.array(layer, "g_sumsq", neuron)) / n_tokens - mean ** 2
+    return {"g_mean": mean, "g_std": max(var, 0.0) ** 0.5, "g_max": float(reader.array(layer, "g_max", neuron))}
 
 
 def top_contexts(reader: CacheReader, vocab: list[str], layer: int, neuron: int) -> list[Context]:

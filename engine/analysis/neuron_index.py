@@ -3,11 +3,12 @@ interactive speed (the TUI) and for building the exported neuron table (one plac
 
 Row r is neuron `r - offset(layer)` of layer `layer[r]`, layers in recording order. Analyses that
 are not stored yet leave their columns unknown: tri-state int8 columns hold -1, float columns NaN.
-Per-neuron lists (trigger n-grams, promoted and suppressed tokens, position ranges) exist for few
-neurons, so they are dicts keyed by row. Numpy only, no torch.
+Per-neuron lists (trigger n-grams, promoted and suppressed tokens) exist for few neurons and stay
+token ids until a row is shown or exported. Numpy only, no torch.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,8 +61,74 @@ def _num(value, scale) -> str:
     return "" if value is None else f"{value * scale:g}"
 
 
+class _Grams:
+    """Per-neuron n-grams (triggers, promoted or suppressed tokens) as sorted numpy arrays; their
+    text is made only for the rows asked for (a 66b cache has tens of thousands of them)."""
+
+    def __init__(self, rows: np.ndarray, grams: np.ndarray, n: int, vocab: list[str], vocab_size: int,
+                 values: np.ndarray | None = None):
+        order = np.argsort(rows, kind="stable")
+        self.rows, self.grams = rows[order], grams[order]
+        self.values = None if values is None else values[order]
+        self.n, self.vocab, self.vocab_size = n, vocab, vocab_size
+        self._texts: np.ndarray | None = None
+        self._folded: list[str] | None = None
+        self._lock = threading.Lock()
+
+    def _span(self, row: int) -> slice:
+        return slice(*np.searchsorted(self.rows, [row, row + 1]))
+
+    def __contains__(self, row: int) -> bool:
+        span = self._span(row)
+        return span.stop > span.start
+
+    def text(self, grams: np.ndarray) -> list[str]:
+        vocab = self.vocab
+        return ["".join(vocab[t] for t in ids) for ids in decode_grams(grams, self.n, self.vocab_size).tolist()]
+
+    def get(self, row: int) -> list[str]:
+        return self.text(self.grams[self._span(row)])
+
+    def get_values(self, row: int) -> list[float]:
+        return self.values[self._span(row)].tolist()
+
+    def many(self, rows: np.ndarray) -> list[list[str]]:
+        """The lists of many rows (in their order), for exports."""
+        lo, hi = np.searchsorted(self.rows, rows), np.searchsorted(self.rows, rows + 1)
+        texts = self.texts()
+        return [texts[a:b].tolist() for a, b in zip(lo.tolist(), hi.tolist())]
+
+    def texts(self) -> np.ndarray:
+        with self._lock:
+            if self._texts is None:
+                out = np.empty(len(self.grams), object)
+                out[:] = self.text(self.grams)
+                self._texts = out
+        return self._texts
+
+    def folded(self) -> list[str]:
+        if self._folded is None:
+            self._folded = [t.casefold() for t in self.texts()]
+        return self._folded
+
+    def search(self, needle: str) -> np.ndarray:
+        """Rows with an n-gram containing `needle` (already case-folded)."""
+        if not len(self.rows):
+            return np.zeros(0, np.int64)
+        hit = np.fromiter((needle in t for t in self.folded()), bool, len(self.grams))
+        return self.rows[hit]
+
+
+def _empty_grams(vocab, vocab_size, n=1, values=False) -> _Grams:
+    return _Grams(np.zeros(0, np.int64), np.zeros(0, np.int64), n, vocab, vocab_size,
+                  np.zeros(0) if values else None)
+
+
 class NeuronIndex:
+    LAZY = ("g_mean", "g_std", "g_max")  # read on first use: the screens do not need them to open
+
     def __init__(self, reader: CacheReader):
+        self.reader = reader
         self.meta = reader.meta
         self.layers: list[int] = list(reader.layers)
         d = self.meta["model"]["d_ffn"]
@@ -70,24 +137,18 @@ class NeuronIndex:
         n = len(self.layers) * d
         self.n = n
         self.analyses = {name: store.stored(reader, name) is not None for name in ANALYSES}
-        vocab = reader.vocab
-        self.vocab = vocab
-        n_tokens = max(reader.n_tokens, 1)
-        cols: dict[str, np.ndarray] = {
-            "layer": np.repeat(np.array(self.layers, np.int32), d), "neuron": np.tile(np.arange(d, dtype=np.int32),
-                                                                                      len(self.layers)),
-        }
+        self.vocab = reader.vocab
+        vocab_size = self.meta["model"]["vocab_size"]
+        self.n_tokens = max(reader.n_tokens, 1)
+        self._lock = threading.Lock()
         fires = np.empty(n, np.int64)
-        g_sum, g_sumsq, g_max = (np.empty(n, np.float64) for _ in range(3))
         for layer in self.layers:
-            rows = slice(self.offset[layer], self.offset[layer] + d)
-            fires[rows] = reader.primary_fire_count(layer)
-            g_sum[rows] = reader.array(layer, "g_sum")
-            g_sumsq[rows] = reader.array(layer, "g_sumsq")
-            g_max[rows] = reader.array(layer, "g_max")
-        mean = g_sum / n_tokens
-        cols.update(fire_count=fires, fire_freq=fires / n_tokens, dead=fires == 0, g_mean=mean,
-                    g_std=np.sqrt(np.maximum(g_sumsq / n_tokens - mean ** 2, 0.0)), g_max=g_max)
+            fires[self.offset[layer]:self.offset[layer] + d] = reader.primary_fire_count(layer)
+        cols: dict[str, np.ndarray] = {
+            "layer": np.repeat(np.array(self.layers, np.int32), d),
+            "neuron": np.tile(np.arange(d, dtype=np.int32), len(self.layers)),
+            "fire_count": fires, "fire_freq": fires / self.n_tokens, "dead": fires == 0,
+        }
         for name in ("ngram_counted", "token_detector", "bigram_detector", "trigram_detector", "suppresses_triggers"):
             cols[name] = np.full(n, UNKNOWN, np.int8)
         cols["unigram_coverage"] = np.full(n, UNKNOWN, np.int32)
@@ -97,10 +158,8 @@ class NeuronIndex:
         cols["pos_type"] = np.zeros(n, np.uint8)   # 0: not positional, k: KINDS[k - 1]
         cols["pos_strong"] = np.zeros(n, bool)
         self.cols = cols
-        self.triggers: dict[int, dict[int, list[str]]] = {1: {}, 2: {}, 3: {}}
-        self.trigger_share: dict[int, dict[int, list[float]]] = {1: {}, 2: {}, 3: {}}
-        self.promoted: dict[int, list[str]] = {}
-        self.suppressed: dict[int, list[str]] = {}
+        self.triggers = {k: _empty_grams(self.vocab, vocab_size, k, True) for k in (1, 2, 3)}
+        self.promoted = self.suppressed = _empty_grams(self.vocab, vocab_size)
         self.pos_ranges: dict[int, list[str]] = {}
         if self.analyses["ngrams"]:
             self._load_ngrams(reader)
@@ -108,8 +167,6 @@ class NeuronIndex:
             self._load_positional(reader)
         if self.analyses["suppression"]:
             self._load_suppression(reader)
-        self._orders: dict[tuple[str, bool], np.ndarray] = {}
-        self._search: list[tuple[int, np.ndarray, list[str]]] | None = None
 
     # --- loading ----------------------------------------------------------------------------------
     def rows_of(self, layers: np.ndarray, neurons: np.ndarray) -> np.ndarray:
@@ -121,6 +178,7 @@ class NeuronIndex:
         ngrams = store.read_group(reader, "ngrams")
         vocab_size = self.meta["model"]["vocab_size"]
         cols = self.cols
+        fires = {k: np.zeros(self.n, np.int64) for k in (1, 2, 3)}
         for row, layer in enumerate(ngrams["layers"]):
             layer = int(layer)
             if layer not in self.offset:
@@ -128,23 +186,14 @@ class NeuronIndex:
             counted = reader.file[f"layers/{layer:03d}/ngram_counted"][:].astype(bool)
             rows = slice(self.offset[layer], self.offset[layer] + self.d_ffn)
             cols["ngram_counted"][rows] = counted
-            coverage = np.where(counted, ngrams["n1/coverage"][row], UNKNOWN)
-            cols["unigram_coverage"][rows] = coverage
-            for n, kind in ((1, "token_detector"), (2, "bigram_detector"), (3, "trigram_detector")):
-                cols[kind][rows] = np.where(counted, ngrams[f"n{n}/detector"][row].astype(np.int8), UNKNOWN)
-        for n in (1, 2, 3):
-            rows = self.rows_of(ngrams[f"n{n}/covered_layer"], ngrams[f"n{n}/covered_neuron"])
-            fires = np.zeros(self.n, np.int64)
-            for row, layer in enumerate(ngrams["layers"]):
-                if int(layer) in self.offset:
-                    start = self.offset[int(layer)]
-                    fires[start:start + self.d_ffn] = ngrams[f"n{n}/fires"][row]
-            texts = ["".join(self.vocab[t] for t in gram)
-                     for gram in decode_grams(ngrams[f"n{n}/covered_gram"], n, vocab_size)]
-            share = ngrams[f"n{n}/covered_count"] / np.maximum(fires[rows], 1)
-            for r, text, s in zip(rows.tolist(), texts, share.tolist()):
-                self.triggers[n].setdefault(r, []).append(text)
-                self.trigger_share[n].setdefault(r, []).append(s)
+            cols["unigram_coverage"][rows] = np.where(counted, ngrams["n1/coverage"][row], UNKNOWN)
+            for k, kind in ((1, "token_detector"), (2, "bigram_detector"), (3, "trigram_detector")):
+                cols[kind][rows] = np.where(counted, ngrams[f"n{k}/detector"][row].astype(np.int8), UNKNOWN)
+                fires[k][rows] = ngrams[f"n{k}/fires"][row]
+        for k in (1, 2, 3):
+            rows = self.rows_of(ngrams[f"n{k}/covered_layer"], ngrams[f"n{k}/covered_neuron"])
+            share = ngrams[f"n{k}/covered_count"] / np.maximum(fires[k][rows], 1)
+            self.triggers[k] = _Grams(rows, ngrams[f"n{k}/covered_gram"], k, self.vocab, vocab_size, share)
 
     def _load_positional(self, reader: CacheReader) -> None:
         pos = store.read_group(reader, "positional")
@@ -169,16 +218,47 @@ class NeuronIndex:
         rows = self.rows_of(supp["layer"], supp["neuron"])
         self.cols["suppresses_triggers"][rows] = supp["suppresses"].astype(np.int8)
         self.cols["trigger_suppression"][rows] = supp["trigger_score"]
-        for r, promoted, suppressed in zip(rows.tolist(), supp["promoted"].tolist(), supp["suppressed"].tolist()):
-            self.promoted[r] = [self.vocab[t] for t in promoted]
-            self.suppressed[r] = [self.vocab[t] for t in suppressed]
+        vocab_size = self.meta["model"]["vocab_size"]
+        top = supp["promoted"].shape[1]
+        self.promoted, self.suppressed = (
+            _Grams(np.repeat(rows, top), supp[key].reshape(-1).astype(np.int64), 1, self.vocab, vocab_size)
+            for key in ("promoted", "suppressed"))
+
+    def column(self, name: str) -> np.ndarray:
+        """A column, reading the lazy ones (activation statistics) on first use; thread-safe."""
+        if name not in self.cols and name in self.LAZY:
+            with self._lock:
+                if name not in self.cols:
+                    self._load_activation_stats()
+        return self.cols[name]
+
+    def _load_activation_stats(self) -> None:
+        d, reader = self.d_ffn, self.reader
+        g_sum, g_sumsq, g_max = (np.empty(self.n, np.float64) for _ in range(3))
+        for layer in self.layers:
+            rows = slice(self.offset[layer], self.offset[layer] + d)
+            g_sum[rows] = reader.array(layer, "g_sum")
+            g_sumsq[rows] = reader.array(layer, "g_sumsq")
+            g_max[rows] = reader.array(layer, "g_max")
+        mean = g_sum / self.n_tokens
+        self.cols.update(g_mean=mean, g_std=np.sqrt(np.maximum(g_sumsq / self.n_tokens - mean ** 2, 0.0)),
+                         g_max=g_max)
+
+    def warm(self) -> None:
+        """Read and decode what the first sort by an activation statistic or the first trigger search
+        would otherwise wait for. Meant for a background thread once the screens are up."""
+        self.column(self.LAZY[0])
+        for grams in self.triggers.values():
+            grams.folded()
+
+    def has(self, name: str) -> bool:
+        return name in self.cols or name in self.LAZY
 
     def add_column(self, name: str, values: np.ndarray) -> None:
         """A column computed elsewhere (for example NPL scores), one value per row."""
         if len(values) != self.n:
             raise ValueError(f"column {name} has {len(values)} values for {self.n} neurons")
         self.cols[name] = values
-        self._orders = {k: v for k, v in self._orders.items() if k[0] != name}
 
     # --- selection --------------------------------------------------------------------------------
     def mask(self, f: NeuronFilter) -> np.ndarray:
@@ -204,7 +284,7 @@ class NeuronIndex:
             if hi is not None:
                 mask &= cols[name] <= hi
         for name, value in f.extra.items():
-            mask &= cols[name] == value
+            mask &= self.column(name) == value
         if f.trigger:
             hits = np.zeros(self.n, bool)
             hits[self.search_triggers(f.trigger)] = True
@@ -213,51 +293,49 @@ class NeuronIndex:
 
     def search_triggers(self, needle: str) -> np.ndarray:
         """Rows with a trigger n-gram containing `needle`, case-insensitively."""
-        if self._search is None:
-            self._search = []
-            for n, by_row in self.triggers.items():
-                rows = list(by_row)
-                self._search.append((n, np.array(rows, np.int64), ["\x00".join(by_row[r]).casefold() for r in rows]))
         needle = needle.casefold()
-        found = [rows[[needle in text for text in texts]] for _, rows, texts in self._search if len(rows)]
-        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        return np.unique(np.concatenate([self.triggers[k].search(needle) for k in (1, 2, 3)]))
 
-    def order(self, key: str, descending: bool = False) -> np.ndarray:
-        """All rows sorted by a column (unknown values last), ties in row order; cached per column."""
-        cached = self._orders.get((key, descending))
-        if cached is None:
-            values = self.cols[key]
-            if values.dtype == bool:
-                values = values.astype(np.int8)
-            if values.dtype.kind == "f":
-                unknown = np.isnan(values)
-            elif key in ("unigram_coverage",) or values.dtype == np.int8:
-                unknown = values == UNKNOWN
-            else:
-                unknown = np.zeros(self.n, bool)
-            keyed = np.where(unknown, 0, values)
-            keyed = -keyed if descending else keyed
-            cached = np.lexsort((keyed, unknown)).astype(np.int64)
-            self._orders[(key, descending)] = cached
-        return cached
+    def sort_keys(self, key: str, rows: np.ndarray, descending: bool) -> np.ndarray:
+        """`rows` ordered by a column, unknown values last, ties by row.
+
+        One np.sort of uint64 keys (the value as order-preserving float32 bits above the row number)
+        instead of a stable argsort or lexsort: about 4x faster on millions of rows. Values closer
+        than float32 resolution count as ties."""
+        values = self.column(key)[rows]
+        if values.dtype.kind == "f":
+            unknown = np.isnan(values)
+        elif values.dtype == np.int8 or key == "unigram_coverage":
+            unknown = values == UNKNOWN
+        else:
+            unknown = None
+        bits = values.astype(np.float32).view(np.uint32)
+        bits = bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+        if descending:
+            bits = ~bits
+        if unknown is not None:
+            bits[unknown] = 0xFFFFFFFF
+        keys = (bits.astype(np.uint64) << np.uint64(32)) | np.arange(len(rows), dtype=np.uint64)
+        keys.sort()
+        return rows[(keys & np.uint64(0xFFFFFFFF)).astype(np.int64)]
 
     def select(self, f: NeuronFilter, sort: str = "layer", descending: bool = False) -> np.ndarray:
         """Rows matching the filter, in sort order."""
-        mask = self.mask(f)
+        rows = np.flatnonzero(self.mask(f))
         if sort == "layer" and not descending:
-            return np.flatnonzero(mask)
-        order = self.order(sort, descending)
-        return order[mask[order]]
+            return rows
+        return self.sort_keys(sort, rows, descending)
 
     # --- rows -------------------------------------------------------------------------------------
     def known(self, name: str, row: int):
         """A cell as Python: None where unknown."""
-        value = self.cols[name][row]
-        if self.cols[name].dtype == np.int8:
+        column = self.column(name)
+        value = column[row]
+        if column.dtype == np.int8:
             return None if value == UNKNOWN else bool(value)
         if name == "unigram_coverage":
             return None if value == UNKNOWN else int(value)
-        if self.cols[name].dtype.kind == "f":
+        if column.dtype.kind == "f":
             return None if np.isnan(value) else float(value)
         return value.item()
 
@@ -265,46 +343,44 @@ class NeuronIndex:
         kind = int(self.cols["pos_type"][row])
         return KINDS[kind - 1] if kind else ""
 
+    def first_triggers(self, row: int) -> list[str]:
+        """The lowest-order trigger n-grams of a row (tokens, else bigrams, else trigrams)."""
+        for k in (1, 2, 3):
+            if row in self.triggers[k]:
+                return self.triggers[k].get(row)
+        return []
+
     def table_columns(self, rows: np.ndarray) -> dict:
         """The exported neuron table's columns (neuron_table.NEURON_KINDS) for these rows."""
         rows = np.asarray(rows, np.int64)
         cols = self.cols
 
+        def objects(values) -> np.ndarray:
+            out = np.empty(len(rows), object)
+            out[:] = values
+            return out
+
         def tri(name):
-            out = np.empty(len(rows), object)
-            out[:] = [None if v == UNKNOWN else bool(v) for v in cols[name][rows].tolist()]
-            return out
+            return objects([None if v == UNKNOWN else bool(v) for v in cols[name][rows].tolist()])
 
-        def lists(by_row):
-            out = np.empty(len(rows), object)
-            out[:] = [list(by_row.get(r, ())) for r in rows.tolist()]
-            return out
-
-        def nullable(values, convert):
-            out = np.empty(len(rows), object)
-            out[:] = [None if u else convert(v) for v, u in zip(values.tolist(), unknown.tolist())]
-            return out
-
-        coverage = cols["unigram_coverage"][rows]
-        unknown = coverage == UNKNOWN
-        coverage = nullable(coverage, int)
-        score = cols["trigger_suppression"][rows]
-        unknown = np.isnan(score)
-        score = nullable(score, float)
+        coverage = cols["unigram_coverage"][rows].tolist()
+        score = cols["trigger_suppression"][rows].tolist()
         return {
             "layer": cols["layer"][rows].astype(np.int64), "neuron": cols["neuron"][rows].astype(np.int64),
             "fire_freq": cols["fire_freq"][rows], "dead": cols["dead"][rows],
-            "unigram_coverage": coverage, "token_detector": tri("token_detector"),
-            "trigger_tokens": lists(self.triggers[1]), "bigram_detector": tri("bigram_detector"),
-            "trigger_bigrams": lists(self.triggers[2]), "trigram_detector": tri("trigram_detector"),
-            "trigger_trigrams": lists(self.triggers[3]), "suppresses_triggers": tri("suppresses_triggers"),
-            "trigger_suppression": score, "top_promoted": lists(self.promoted),
-            "top_suppressed": lists(self.suppressed), "pos_mi": cols["pos_mi"][rows],
-            "positional": cols["positional"][rows],
+            "unigram_coverage": objects([None if c == UNKNOWN else c for c in coverage]),
+            "token_detector": tri("token_detector"), "trigger_tokens": objects(self.triggers[1].many(rows)),
+            "bigram_detector": tri("bigram_detector"), "trigger_bigrams": objects(self.triggers[2].many(rows)),
+            "trigram_detector": tri("trigram_detector"), "trigger_trigrams": objects(self.triggers[3].many(rows)),
+            "suppresses_triggers": tri("suppresses_triggers"),
+            "trigger_suppression": objects([None if v != v else v for v in score]),
+            "top_promoted": objects(self.promoted.many(rows)), "top_suppressed": objects(self.suppressed.many(rows)),
+            "pos_mi": cols["pos_mi"][rows], "positional": cols["positional"][rows],
             "pos_type": np.array([KINDS[k - 1] if k else "" for k in cols["pos_type"][rows].tolist()], object),
-            "pos_strong": cols["pos_strong"][rows], "pos_ranges": lists(self.pos_ranges),
-            "g_mean": cols["g_mean"][rows], "g_std": cols["g_std"][rows],
-            "g_max": cols["g_max"][rows], "ngram_counted": tri("ngram_counted"),
+            "pos_strong": cols["pos_strong"][rows], "pos_ranges": objects([list(self.pos_ranges.get(r, ()))
+                                                                          for r in rows.tolist()]),
+            "g_mean": self.column("g_mean")[rows], "g_std": self.column("g_std")[rows],
+            "g_max": self.column("g_max")[rows], "ngram_counted": tri("ngram_counted"),
         }
 
     # --- per layer --------------------------------------------------------------------------------
