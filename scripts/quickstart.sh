@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up, record SmolLM2-135M (the default model) on the built-in corpus, print the per-layer table.
+# Set up and open the explorer on SmolLM2-135M (the default model); the first time, it records
+# TOKENS tokens of the built-in corpus as a job, analyzes them and opens the layers when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/ffnscope record --model default --data builtin --tokens "${TOKENS:-65536}" \
-  --out "${OUT:-smollm2-default.h5}" --force "$@"
+exec .venv/bin/ffnscope tui --start-default --tokens "${TOKENS:-16384}" "$@"
