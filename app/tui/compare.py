@@ -11,6 +11,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from app.charts import line_chart
+from app.safe_text import printable
 from app.tui.base import FramedScreen
 from app.tui.recording import OpenRecording
 
@@ -46,7 +47,8 @@ class CompareScreen(FramedScreen):
         self.draw()
 
     def _label(self, rec: OpenRecording) -> str:
-        return f"{rec.model_name} ({len(rec.index.layers)}L)"
+        """Unique per recording (two recordings of one model are two series)."""
+        return f"{printable(rec.path.stem)}: {rec.model_name} ({len(rec.index.layers)}L)"
 
     def draw(self) -> None:
         figures = [(rec, rec.index.per_layer()) for rec in self.recs]

@@ -71,6 +71,9 @@ class DetailScreen(FramedScreen):
         self.app.call_from_thread(self._show, detail, chart)
 
     def _show(self, detail: NeuronDetail, chart: Text) -> None:
+        cols = self.rec.index.cols
+        if (detail.layer, detail.neuron) != (cols["layer"][self.row], cols["neuron"][self.row]):
+            return  # a later [ or ] has moved on; its own load will show
         self.detail = detail
         self.query_one("#summary", Static).update(summary_text(detail))
         self.query_one("#plot", Static).update(chart)

@@ -43,7 +43,8 @@ class HelpScreen(ModalScreen[None]):
             if not description or description in seen:
                 continue
             seen.add(description)
-            keys = ", ".join(k.strip() for k in key.split(","))
+            display = getattr(binding, "key_display", None)
+            keys = display or ", ".join(k.strip() for k in key.split(","))
             lines.append(f"{keys:>16}  ", style="bold")
             lines.append(f"{description}\n")
         lines.append("\n        f1  this help\n    ctrl+p  command palette\n  q ctrl+q  quit\n       esc  back\n")

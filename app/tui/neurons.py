@@ -3,6 +3,8 @@ worker (engine.analysis.neuron_index), shown through a virtual table, so million
 like ten. The number of matching rows is always on the status line."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from rich.text import Text
 from textual import work
@@ -74,6 +76,7 @@ class NeuronsScreen(FramedScreen):
         self.sort, self.descending = "layer", False
         self.rows = np.zeros(0, np.int64)
         self.updates = 0  # how many times the rows were replaced (tests and bench/tui_open.py wait on it)
+        self.generation = 0  # of the latest filter/sort request
 
     def compose(self) -> ComposeResult:
         yield from self.frame_top()
@@ -87,14 +90,17 @@ class NeuronsScreen(FramedScreen):
 
     # --- filtering --------------------------------------------------------------------------------
     def refilter(self, keep_cursor: bool = False) -> None:
-        self._compute(self.filter, self.sort, self.descending, keep_cursor)
+        self.generation += 1
+        self._compute(replace(self.filter), self.sort, self.descending, keep_cursor, self.generation)
 
     @work(thread=True, exclusive=True, group="filter")
-    def _compute(self, f: NeuronFilter, sort: str, descending: bool, keep_cursor: bool) -> None:
+    def _compute(self, f: NeuronFilter, sort: str, descending: bool, keep_cursor: bool, generation: int) -> None:
         rows = self.index.select(f, sort, descending)
-        self.app.call_from_thread(self._show, rows, keep_cursor)
+        self.app.call_from_thread(self._show, rows, keep_cursor, generation)
 
-    def _show(self, rows: np.ndarray, keep_cursor: bool) -> None:
+    def _show(self, rows: np.ndarray, keep_cursor: bool, generation: int) -> None:
+        if generation != self.generation:
+            return  # a thread worker cannot be interrupted; a newer request has superseded this one
         self.rows = rows
         self.updates += 1
         self.query_one(VirtualTable).show(len(rows), self._cell, cursor=None if keep_cursor else 0)
