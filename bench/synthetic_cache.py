@@ -628,13 +628,7 @@ def _put_pos_fire(group: h5py.Group, pos_fire: np.ndarray, nonzero_columns: np.n
 def _write_results(f: h5py.File, results: list[store.Result], recording: str) -> None:
     """What cache.analysis_store.write_results puts into the copy of the cache."""
     for result in results:
-        group = f.create_group(f"{store.ROOT}/{result.name}")
-        group.attrs["params"] = json.dumps(result.params)
-        group.attrs["recording"] = json.dumps(recording)
-        group.attrs["inputs"] = json.dumps(result.inputs)
-        for name, array in result.arrays.items():
-            options = dict(compression="gzip", compression_opts=1) if array.size >= 4096 else {}
-            group.create_dataset(name, data=array, **options)
+        store.put_result(f, result, recording)
 
 
 # --- analyses ---------------------------------------------------------------------------------------

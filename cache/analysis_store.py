@@ -66,6 +66,17 @@ class Result:
         self.arrays[key] = np.asarray(array)
 
 
+def put_result(f: h5py.File, result: Result, recording: str) -> None:
+    """One analysis group, with the attributes that say how it was made, into an open file."""
+    group = f.create_group(f"{ROOT}/{result.name}")
+    group.attrs["params"] = json.dumps(result.params)
+    group.attrs["recording"] = json.dumps(recording)
+    group.attrs["inputs"] = json.dumps(result.inputs)
+    for name, array in result.arrays.items():
+        options = dict(compression="gzip", compression_opts=1) if array.size >= 4096 else {}
+        group.create_dataset(name, data=array, **options)
+
+
 def write_results(path: Path, results: list[Result], recording: str) -> None:
     if not results:
         return
@@ -80,13 +91,7 @@ def write_results(path: Path, results: list[Result], recording: str) -> None:
                 key = f"{ROOT}/{result.name}"
                 if key in f:
                     del f[key]
-                group = f.create_group(key)
-                group.attrs["params"] = json.dumps(result.params)
-                group.attrs["recording"] = json.dumps(recording)
-                group.attrs["inputs"] = json.dumps(result.inputs)
-                for name, array in result.arrays.items():
-                    options = dict(compression="gzip", compression_opts=1) if array.size >= 4096 else {}
-                    group.create_dataset(name, data=array, **options)
+                put_result(f, result, recording)
             f.flush()
             os.fsync(f.id.get_vfd_handle())
         os.replace(tmp, path)

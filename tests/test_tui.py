@@ -15,7 +15,6 @@ from app.tui.table import VirtualTable
 from cache.reader import CacheReader
 from engine.analysis.neuron_table import NEURON_KINDS, neuron_table
 from engine.tables import filter_rows, read_back
-from tests.helpers import HOSTILE
 from tests.tiny_models import OSCILLATING
 from tests.tui_helpers import raw_screen, screen_text, settle, wait_for, wait_screen
 

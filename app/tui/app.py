@@ -3,10 +3,12 @@ the recording form. Opening a cache (and building its neuron index) happens in a
 recordings and analyses are job processes that outlive the app."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Iterable
 
 from textual import work
+from textual.worker import get_current_worker
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -40,6 +42,7 @@ class FFNScopeApp(App):
         self.started_jobs: set[Path] = set()   # outputs of jobs this app started (asked about on quit)
         self.follow: Path | None = None        # a recording to open as soon as its job is done
         self.recordings: dict[Path, OpenRecording] = {}
+        self._open_lock = threading.Lock()
         self._jobs_running: set[Path] = set()
 
     def on_mount(self) -> None:
@@ -101,7 +104,7 @@ class FFNScopeApp(App):
             if rec is not None and rec.stale:
                 self.reload(path)
 
-    @work(thread=True, group="open")
+    @work(thread=True, exclusive=True, group="open")
     def open_recording(self, path: Path) -> None:
         path = Path(path)
         try:
@@ -111,15 +114,16 @@ class FFNScopeApp(App):
             return
         from app.tui.layers import LayersScreen
 
-        self.call_from_thread(self.push_screen, LayersScreen(rec))
+        if not get_current_worker().is_cancelled:  # a second enter while this one loaded: open once
+            self.call_from_thread(self.push_screen, LayersScreen(rec))
 
     def _get(self, path: Path) -> OpenRecording:
-        rec = self.recordings.get(path)
-        if rec is None or rec.stale:
-            if rec is not None:
-                rec.close()
-            rec = self.recordings[path] = OpenRecording(path)
-        return rec
+        """The open recording of `path`, reopened when a job has replaced the file (worker threads)."""
+        with self._open_lock:
+            rec = self.recordings.get(path)
+            if rec is None or rec.stale:
+                rec = self.recordings[path] = OpenRecording(path)
+            return rec
 
     @work(thread=True, group="open")
     def reload(self, path: Path) -> None:

@@ -41,8 +41,8 @@ class VirtualTable(Widget, can_focus=True):
     ]  # enter belongs to the screens, whose footers name what it opens
     cursor = reactive(0, always_update=True)
 
-    class Chosen(Message):
-        """A double click on a row: `index` is the position in the current view."""
+    class RowMessage(Message):
+        """About row `index` (its position in the current view)."""
         def __init__(self, table: "VirtualTable", index: int):
             super().__init__()
             self.table, self.index = table, index
@@ -51,14 +51,11 @@ class VirtualTable(Widget, can_focus=True):
         def control(self) -> "VirtualTable":
             return self.table
 
-    class Moved(Message):
-        def __init__(self, table: "VirtualTable", index: int):
-            super().__init__()
-            self.table, self.index = table, index
+    class Chosen(RowMessage):
+        """A double click on a row."""
 
-        @property
-        def control(self) -> "VirtualTable":
-            return self.table
+    class Moved(RowMessage):
+        """The cursor moved to a row."""
 
     def __init__(self, columns: list[Column], *, id: str | None = None):
         super().__init__(id=id)
