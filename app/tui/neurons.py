@@ -103,6 +103,7 @@ class NeuronsScreen(FramedScreen):
             return  # a thread worker cannot be interrupted; a newer request has superseded this one
         self.rows = rows
         self.updates += 1
+        self.rec.warm_up()
         self.query_one(VirtualTable).show(len(rows), self._cell, cursor=None if keep_cursor else 0)
         self._header()
 

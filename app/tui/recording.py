@@ -16,10 +16,17 @@ class OpenRecording:
         self.mtime = os.stat(self.path).st_mtime_ns
         self.reader = CacheReader(self.path, "opening it")
         self.index = NeuronIndex(self.reader)
-        threading.Thread(target=self.index.warm, name=f"warm {self.path.name}", daemon=True).start()
+        self._warming: threading.Thread | None = None
         self.meta = self.reader.meta
         self.status = self.reader.status
         self.n_tokens = self.reader.n_tokens
+
+    def warm_up(self) -> None:
+        """Once the neurons screen is up: read in the background what the first sort by an activation
+        statistic or trigger search would wait for (started sooner, it would slow the opening)."""
+        if self._warming is None:
+            self._warming = threading.Thread(target=self.index.warm, name=f"warm {self.path.name}", daemon=True)
+            self._warming.start()
 
     @property
     def stale(self) -> bool:
