@@ -163,3 +163,41 @@ def degenerate_opt(n_layers: int = 2, seed: int = 0):
     fc1.bias.fill_(-100.0)
     fc1.bias[0] = 100.0
     return model
+
+
+# --- NPL: a layer whose activations are an exact linear function of the previous layer's ---------
+NPL_PLANTED_LAYER = 2
+
+
+@torch.no_grad()
+def planted_linear_llama(n_layers: int = 4, seed: int = 0, layer: int = NPL_PLANTED_LAYER):
+    """Llama whose layer `layer` FFN activation is g_j = g_{j-1}[perm] * scale, exactly.
+
+    Layer j-1 writes nothing to the residual stream from its FFN (down_proj = 0) and layer j's
+    attention writes nothing (o_proj = 0), so layer j's FFN reads the very input layer j-1's FFN read
+    (same post-attention norm weights). Layer j's gate rows are layer j-1's, permuted, and its up
+    rows are layer j-1's, permuted and scaled: act(gate) * up is then layer j-1's g, permuted and
+    scaled. Weights are scaled up so that the FFNs and the LM head matter to the perplexity.
+    Returns (model, W) with W the planted map: g_j = g_{j-1} @ W."""
+    assert 1 <= layer < n_layers
+    model = build("llama", n_layers, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    for block in model.model.layers:
+        block.mlp.gate_proj.weight.mul_(10.0)
+        block.mlp.up_proj.weight.mul_(10.0)
+        block.mlp.down_proj.weight.mul_(5.0)
+        block.self_attn.o_proj.weight.mul_(10.0)
+    model.lm_head.weight.mul_(5.0)
+    prev, mine = model.model.layers[layer - 1], model.model.layers[layer]
+    prev.mlp.down_proj.weight.zero_()
+    mine.self_attn.o_proj.weight.zero_()
+    mine.post_attention_layernorm.weight.copy_(prev.post_attention_layernorm.weight)
+    d_ffn = prev.mlp.gate_proj.weight.shape[0]
+    perm = torch.randperm(d_ffn, generator=gen)
+    scale = torch.rand(d_ffn, generator=gen) * 1.5 + 0.5
+    scale[::2] *= -1
+    mine.mlp.gate_proj.weight.copy_(prev.mlp.gate_proj.weight[perm])
+    mine.mlp.up_proj.weight.copy_(prev.mlp.up_proj.weight[perm] * scale[:, None])
+    W = torch.zeros(d_ffn, d_ffn, dtype=torch.float64)
+    W[perm, torch.arange(d_ffn)] = scale.double()
+    return model, W.numpy()

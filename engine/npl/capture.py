@@ -1,0 +1,149 @@
+"""Reading and replacing FFN activation vectors g in a running model, and the model's own loss.
+
+g is the input of the FFN output projection (engine.adapters); a forward pre-hook on that module
+sees it, and may hand the module another tensor instead. Layers run one at a time through
+engine.layer_runner.LayerRunner, so a pass can stop after the last layer it needs, or start from
+hidden states saved at a chunk's first layer.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.adapters import Adapter, _get
+from engine.layer_runner import LayerRunner
+
+# replace(layer, g_computed) -> the tensor the output projection gets instead, or None to keep g
+Replace = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+def contribution(adapter: Adapter, k: int, g: torch.Tensor) -> torch.Tensor:
+    """What layer k's FFN adds to the residual stream for activation g (bias included)."""
+    layer = adapter.layers[k]
+    down = adapter.down_module(layer)
+    out = g @ adapter.w_out(k).to(g.dtype)
+    if getattr(down, "bias", None) is not None:
+        out = out + down.bias.to(g.dtype)
+    post = getattr(layer, "post_feedforward_layernorm", None)  # Gemma-2 normalizes the FFN output
+    return post(out) if post is not None else out
+
+
+def output_difference(adapter: Adapter, k: int, g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """FFN_k(g) - FFN_k(other): what the residual stream gains with g instead of other."""
+    if getattr(adapter.layers[k], "post_feedforward_layernorm", None) is None:  # linear: the bias cancels
+        return (g - other) @ adapter.w_out(k).to(g.dtype)
+    return contribution(adapter, k, g) - contribution(adapter, k, other)
+
+
+class DownHooks:
+    """Forward pre-hooks on the output projections of chosen layers.
+
+    `g[k]` holds the last g that layer k computed (before any replacement); `replace` may swap it.
+    With `explicit=True` the hooks also sum, over the replaced layers, the FFN output of the computed
+    g minus that of the replacement (what partial substitution adds back to the final hidden state).
+    """
+
+    def __init__(self, adapter: Adapter, layers, replace: Replace | None = None, explicit: bool = False):
+        self.adapter = adapter
+        self.layers = sorted(set(layers))
+        self.replace = replace
+        self.explicit = explicit
+        self.g: dict[int, torch.Tensor] = {}
+        self.delta: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.g = {}
+        self.delta = None
+
+
+    def _hook(self, k: int):
+        def hook(_module, args):
+            g = args[0]
+            self.g[k] = g
+            if self.replace is None:
+                return None
+            new = self.replace(k, g)
+            if new is None:
+                return None
+            new = new.to(g.dtype)
+            if self.explicit:
+                d = output_difference(self.adapter, k, g, new)
+                self.delta = d if self.delta is None else self.delta + d
+            return (new, *args[1:])
+        return hook
+
+    @contextmanager
+    def attached(self):
+        handles = [self.adapter.down_module(self.adapter.layers[k]).register_forward_pre_hook(self._hook(k))
+                   for k in self.layers]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def run_layers(runner: LayerRunner, hidden: torch.Tensor, start: int, stop: int,
+               on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run layers start..stop-1 on `hidden`; on_layer(k, output) after each."""
+    for k in range(start, stop):
+        hidden = runner.run(k, hidden, runner.weights(k))
+        if on_layer is not None:
+            on_layer(k, hidden)
+    return hidden
+
+
+def make_runner(lm, device: torch.device, batch_tokens: int) -> LayerRunner:
+    """A layer runner with as many layers resident as the device holds, and the LM head there too."""
+    from engine.budget import plan_device
+
+    device = torch.device(device)
+    runner = LayerRunner(lm.adapter, device, plan_device(None, lm, device, batch_tokens))
+    lm.model.get_output_embeddings().to(device)
+    return runner
+
+
+def logits_of(adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for final hidden states (after the last layer, before the final norm)."""
+    model = adapter.model
+    try:
+        norm = _get(model, adapter.family.final_norm)
+    except AttributeError:  # OPT without a final norm (do_layer_norm_before=False)
+        norm = None
+    if norm is not None:
+        hidden = norm(hidden)
+    if adapter.family.name == "OPT":
+        project_out = getattr(model.model.decoder, "project_out", None)
+        if project_out is not None:
+            hidden = project_out(hidden)
+    logits = model.get_output_embeddings()(hidden).float()  # (GPT-NeoX's is lm_head in transformers 5)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+    """(B, T, d) final hidden states, (B, T) token ids -> (B, T-1) float32 loss of predicting token
+    t+1 from positions <= t, computed in chunks so the (tokens, vocab) logits stay small."""
+    b, t, d = hidden.shape
+    h = hidden[:, :-1].reshape(-1, d)
+    target = ids[:, 1:].reshape(-1).to(hidden.device)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device)
+    for lo in range(0, h.shape[0], chunk_tokens):
+        logits = logits_of(adapter, h[lo:lo + chunk_tokens])
+        out[lo:lo + chunk_tokens] = torch.nn.functional.cross_entropy(
+            logits, target[lo:lo + chunk_tokens], reduction="none")
+    return out.reshape(b, t - 1)
+
+
+def batches(n_seqs: int, seq_len: int, batch_tokens: int) -> list[tuple[int, int]]:
+    per = max(1, batch_tokens // seq_len)
+    return [(lo, min(lo + per, n_seqs)) for lo in range(0, n_seqs, per)]
+
+
+def as_ids(tokens: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(tokens).astype(np.int64))

@@ -1,0 +1,456 @@
+"""Substitution perplexity (NPL paper Sec. 4, Table 1) and finer-grained substitution (Fig. 4).
+
+In a substituted layer j the FFN activation g_j is replaced, inside the same forward pass, by a
+prediction from g_{j-1}: the activation layer j-1 computes in that pass (from its possibly
+perturbed input, before its own replacement), so predictions are never chained through other
+predictions. Mappings:
+- npl:       g_{j-1} @ W + b with the fitted M_{j-1->j};
+- random:    g_{j-1} @ R with R Gaussian, entries of standard deviation equal to that of the fitted
+             map's W (1/sqrt(d_ffn) when no map is at hand, or with random_scale="unit"), drawn from
+             (seed, j); several seeds, perplexities averaged;
+- zero:      0;
+- identical: g_{j-1}.
+Layer 0 has no previous layer: it keeps its actual activation (chunk 1 substitutes layers 1..).
+
+Complete substitution: the replaced FFN output feeds the later layers and the final hidden state.
+Partial substitution: the later layers see the replaced output, but the final hidden state (before
+the final norm) gets the explicit contribution of the computed activations back:
+h_final = h_final(substituted) - sum_j FFN_j(replacement_j) + sum_j FFN_j(computed g_j).
+Both come from one forward: they differ only in the final hidden state.
+Explicit-only (optional, `explicit=True`): the later layers see the actual outputs and only the final
+hidden state gets the replaced ones, h_final = h_final(unmodified) - sum_j FFN_j(g_j) + sum_j
+FFN_j(replacement_j), predictions made from the unmodified pass; computed on the unmodified pass at
+the cost of the mappings and one LM head per setting. The paper's Table 1 "Partial" numbers (chunk 1
+near the original perplexity for every mapping, chunk 4 worst) behave like this mode, while its
+Fig. 3 caption and DESIGN.md define partial as above; we report both and leave the name to DESIGN.md.
+
+Perplexity is exp of the token-weighted mean loss over all next-token predictions of the held-out
+sequences. Layers before a chunk are run once per batch (the unmodified pass, which also gives the
+model's own perplexity) and their hidden states reused by every setting of that chunk.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cache.errors import UserError
+from engine.npl.capture import DownHooks, as_ids, batches, make_runner, output_difference, run_layers, token_nll
+from engine.npl.layout import chunks as make_chunks
+from engine.npl.layout import substituted
+from engine.streaming import Stopped
+
+MAPPINGS = ("random", "zero", "identical", "npl")
+TREATMENTS = ("actual", "predicted", "zero", "random")
+RANK_METRICS = ("pearson", "l2", "mean", "variance")
+# (top half, bottom half) pairs of the Fig. 4 grid, besides 100% actual and 100% predicted
+FINE_GRID = (("actual", "predicted"), ("predicted", "actual"), ("zero", "predicted"), ("predicted", "zero"),
+             ("zero", "actual"), ("actual", "zero"), ("random", "actual"), ("actual", "random"))
+
+# mapping(j, g_prev, g_computed) -> replacement of g_j
+Mapping = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Maps:
+    """The fitted maps M_{j-1->j} (and metrics) a substitution run uses, keyed by target layer."""
+
+    def __init__(self, fingerprint: str, d: int, weights: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                 metrics: dict[int, dict[str, np.ndarray]] | None = None):
+        self.fingerprint = fingerprint
+        self.d = d
+        self.weights = weights or {}
+        self.metrics = metrics or {}
+        self._device: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_reader(cls, reader, layers, method: str = "exact", need_metrics: bool = False) -> "Maps":
+        """Load M_{j-1->j} for each j in layers from a cache.npl_store.NplReader."""
+        weights, metrics = {}, {}
+        for j in sorted(set(layers)):
+            weights[j] = reader.load_map(j - 1, j, method)
+            if need_metrics:
+                metrics[j] = reader.metrics(j - 1, j, method)
+        d = int(reader.meta["model"]["d_ffn"])
+        return cls(reader.meta["model"]["fingerprint"], d, weights, metrics)
+
+    def check_model(self, lm) -> None:
+        if lm.fingerprint != self.fingerprint:
+            raise UserError(f"these NPL maps were fit on another model (fingerprint {self.fingerprint}) than "
+                            f"{lm.name} (fingerprint {lm.fingerprint}); use the model they were fit on, or fit "
+                            "maps on a cache of this model")
+
+    def require(self, layers) -> None:
+        missing = [j for j in layers if j not in self.weights]
+        if missing:
+            raise UserError(f"substitution needs the maps M_(j-1)->j for layers {_ranges(missing)}; fit them "
+                            "with `ffnscope npl fit CACHE --pairs adjacent --force`")
+
+    def on(self, j: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (j, str(device))
+        if key not in self._device:
+            w, b = self.weights[j]
+            self._device[key] = (torch.as_tensor(np.asarray(w), dtype=torch.float32, device=device),
+                                 torch.as_tensor(np.asarray(b), dtype=torch.float32, device=device))
+        return self._device[key]
+
+    def random_std(self, j: int, scale: str) -> float:
+        if scale == "npl" and j in self.weights:
+            return float(np.asarray(self.weights[j][0], np.float64).std())
+        return 1.0 / math.sqrt(self.d)
+
+
+def _ranges(layers) -> str:
+    return ",".join(str(j) for j in layers)
+
+
+def random_matrix(seed: int, j: int, d: int, std: float, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1_000_003 * int(seed) + int(j))
+    return (torch.randn(d, d, generator=gen) * std).to(device)
+
+
+def mapping_fn(kind: str, maps: Maps | None = None, seed: int = 0, random_scale: str = "npl") -> Mapping:
+    if kind == "zero":
+        return lambda j, prev, g: torch.zeros_like(g)
+    if kind == "identical":
+        return lambda j, prev, g: prev
+    if kind == "npl":
+        def npl(j, prev, g):
+            w, b = maps.on(j, g.device)
+            return prev.float() @ w + b
+        return npl
+    if kind == "random":
+        def rand(j, prev, g):
+            d = g.shape[-1]
+            std = maps.random_std(j, random_scale) if maps is not None else 1.0 / math.sqrt(d)
+            return prev.float() @ random_matrix(seed, j, d, std, g.device)
+        return rand
+    if kind == "actual":
+        return lambda j, prev, g: g
+    raise UserError(f"unknown mapping '{kind}'; use one of {', '.join(MAPPINGS)}")
+
+
+def treatment_fn(kind: str, maps: Maps | None, seed: int, random_scale: str) -> Mapping:
+    return mapping_fn({"predicted": "npl"}.get(kind, kind), maps, seed, random_scale)
+
+
+def halves(values: np.ndarray) -> np.ndarray:
+    """Boolean mask of the top half of neurons by `values` (NaN ranks lowest; ties by index)."""
+    v = np.where(np.isfinite(values), values, -np.inf)
+    order = np.argsort(-v, kind="stable")
+    mask = np.zeros(len(v), bool)
+    mask[order[: len(v) // 2]] = True
+    return mask
+
+
+def rank_values(metrics: dict[str, np.ndarray], metric: str) -> np.ndarray:
+    key = {"pearson": "pearson", "l2": "l2", "mean": "target_mean", "variance": "target_var"}.get(metric)
+    if key is None:
+        raise UserError(f"unknown ranking metric '{metric}'; use one of {', '.join(RANK_METRICS)}")
+    return np.asarray(metrics[key], np.float64)
+
+
+def split_fn(masks: dict[int, np.ndarray], top: Mapping, bottom: Mapping) -> Mapping:
+    cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def split(j, prev, g):
+        key = (j, str(g.device))
+        if key not in cache:
+            cache[key] = torch.as_tensor(masks[j], device=g.device)
+        return torch.where(cache[key], top(j, prev, g).to(g.dtype), bottom(j, prev, g).to(g.dtype))
+    return split
+
+
+@dataclass
+class Setting:
+    """One substitution: which layers, and what replaces their activations."""
+    layers: list[int]
+    mapping: Mapping
+    labels: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    labels: dict
+    layers: list[int]
+    nll_complete: float = 0.0
+    nll_partial: float = 0.0
+    nll_explicit: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def ppl(self, mode: str) -> float:
+        nll = {"complete": self.nll_complete, "partial": self.nll_partial, "explicit": self.nll_explicit}[mode]
+        return float("nan") if nll is None else _ppl(nll, self.tokens)
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    if tokens == 0:
+        return float("nan")
+    mean = nll / tokens
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+@dataclass
+class RunResult:
+    original_nll: float
+    tokens: int
+    outcomes: list[Outcome]
+    seconds: dict[str, float]
+
+    @property
+    def original_ppl(self) -> float:
+        return _ppl(self.original_nll, self.tokens)
+
+
+def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", batch_tokens: int = 8192,
+                 on_progress=None, stop_flag: dict | None = None, explicit: bool = False) -> RunResult:
+    """Perplexity of the unmodified model and of every setting (complete and partial, and
+    explicit-only when asked) on tokens."""
+    device = torch.device(device)
+    adapter = lm.adapter
+    n_layers = len(adapter.layers)
+    seq_len = tokens.shape[1]
+    for s in settings:
+        if not s.layers or min(s.layers) < 1 or max(s.layers) >= n_layers:
+            raise UserError(f"substituted layers must lie in 1-{n_layers - 1}; got {s.layers}")
+    starts = sorted({min(s.layers) for s in settings})
+    runner = make_runner(lm, device, batch_tokens)
+    wanted = {k - 1 for k in starts}
+    if explicit:
+        wanted |= {k for s in settings for j in s.layers for k in (j - 1, j)}
+    capture = DownHooks(adapter, wanted)
+    outcomes = [Outcome(s.labels, list(s.layers), nll_explicit=0.0 if explicit else None) for s in settings]
+    seconds = {"original": 0.0, "substituted": 0.0, "explicit": 0.0}
+    original_nll = 0.0
+    done = 0
+    started = time.time()
+    plan = batches(len(tokens), seq_len, batch_tokens)
+    with torch.inference_mode():
+        for lo, hi in plan:
+            if stop_flag is not None and stop_flag.get("stop"):
+                raise Stopped()
+            t0 = time.perf_counter()
+            ids = as_ids(tokens[lo:hi])
+            hidden = runner.embed(ids)
+            saved_h: dict[int, torch.Tensor] = {}
+            saved_g: dict[int, torch.Tensor] = {}
+            deltas: list[torch.Tensor | None] = [None] * len(settings)
+            spent = [0.0]  # explicit-only work done inside the unmodified pass
+            with capture.attached():
+                capture.reset()
+
+                def keep(k, out):
+                    if explicit:
+                        te = time.perf_counter()
+                        for n, s in enumerate(settings):
+                            if k in s.layers:
+                                g = capture.g[k]
+                                d = output_difference(adapter, k, s.mapping(k, capture.g[k - 1], g).to(g.dtype), g)
+                                deltas[n] = d if deltas[n] is None else deltas[n] + d
+                        spent[0] += _sync(device, te)
+                    if k + 1 in starts:
+                        saved_h[k + 1] = out
+                        saved_g[k] = capture.g[k]
+                    capture.g.pop(k - 1, None)
+
+                final = run_layers(runner, hidden, 0, n_layers, keep)
+            original_nll += float(token_nll(adapter, final, ids).double().sum())
+            seconds["original"] += _sync(device, t0) - spent[0]
+            te = time.perf_counter()
+            for n, delta in enumerate(deltas):
+                if delta is not None:
+                    outcomes[n].nll_explicit += float(token_nll(adapter, final + delta, ids).double().sum())
+            seconds["explicit"] += spent[0] + _sync(device, te)
+            count = (hi - lo) * (seq_len - 1)
+            for setting, outcome in zip(settings, outcomes):
+                if stop_flag is not None and stop_flag.get("stop"):
+                    raise Stopped()
+                t1 = time.perf_counter()
+                start = min(setting.layers)
+                replacer = _Replacer(set(setting.layers), setting.mapping)
+                hooks = DownHooks(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer,
+                                  explicit=True)
+                replacer.hooks = hooks
+                with hooks.attached():
+                    hooks.g[start - 1] = saved_g[start - 1]
+                    out = run_layers(runner, saved_h[start], start, n_layers)
+                    outcome.nll_complete += float(token_nll(adapter, out, ids).double().sum())
+                    partial = out if hooks.delta is None else out + hooks.delta
+                    outcome.nll_partial += float(token_nll(adapter, partial, ids).double().sum())
+                outcome.tokens += count
+                outcome.seconds += _sync(device, t1)
+            done += count
+            if on_progress is not None:
+                elapsed = time.time() - started
+                total = len(tokens) * (seq_len - 1)
+                rate = done / elapsed if elapsed > 0 else 0.0
+                on_progress(dict(phase="substituting", tokens_done=done, tokens_total=total, tokens_per_s=rate,
+                                 eta_s=(total - done) / rate if rate > 0 else None))
+    seconds["substituted"] = sum(o.seconds for o in outcomes)
+    return RunResult(original_nll, done, outcomes, seconds)
+
+
+class _Replacer:
+    """DownHooks' replace callback: needs the hooks' own record of g_{j-1}."""
+
+    def __init__(self, layers: set[int], mapping: Mapping):
+        self.layers = layers
+        self.mapping = mapping
+        self.hooks: DownHooks | None = None
+
+    def __call__(self, k: int, g: torch.Tensor):
+        if k not in self.layers:
+            return None
+        new = self.mapping(k, self.hooks.g[k - 1], g)
+        self.hooks.g.pop(k - 1, None)  # no later layer reads it: keep one layer's g, not a chunk's
+        return new
+
+
+def _sync(device: torch.device, since: float) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - since
+
+
+# --- Table 1 ---------------------------------------------------------------------------------------
+def table1_settings(n_layers: int, maps: Maps | None, chunk_numbers: list[int], mappings=MAPPINGS,
+                    seeds: int = 3, random_scale: str = "npl", n_chunks: int = 4) -> list[Setting]:
+    parts = make_chunks(n_layers, n_chunks)
+    settings = []
+    for c in chunk_numbers:
+        layers = substituted(parts[c - 1])
+        if not layers:
+            continue
+        for kind in mappings:
+            if kind == "npl" and maps is None:
+                raise UserError("the npl mapping needs fitted maps")
+            if kind == "npl" or (kind == "random" and random_scale == "npl"):
+                maps.require(layers)
+            for seed in (range(seeds) if kind == "random" else [None]):
+                settings.append(Setting(layers, mapping_fn(kind, maps, seed or 0, random_scale),
+                                        {"mapping": kind, "chunk": c, "seed": seed}))
+    return settings
+
+
+def aggregate(result: RunResult, keys: tuple[str, ...]) -> list[dict]:
+    """One row per distinct labels (seeds averaged: the mean of the seeds' perplexities)."""
+    groups: dict[tuple, list[Outcome]] = {}
+    for outcome in result.outcomes:
+        groups.setdefault(tuple(outcome.labels.get(k) for k in keys), []).append(outcome)
+    rows = []
+    for key, outs in groups.items():
+        row = dict(zip(keys, key))
+        row["layers"] = outs[0].layers
+        for mode in ("complete", "partial", "explicit"):
+            if mode == "explicit" and outs[0].nll_explicit is None:
+                continue
+            values = [o.ppl(mode) for o in outs]
+            row[mode] = float(np.mean(values))
+            if len(outs) > 1:
+                row[f"{mode}_seeds"] = values
+        row["seeds"] = len(outs)
+        row["tokens"] = outs[0].tokens
+        row["tokens_per_s"] = sum(o.tokens for o in outs) / max(sum(o.seconds for o in outs), 1e-9)
+        rows.append(row)
+    return rows
+
+
+def table1_rows(result: RunResult) -> list[dict]:
+    return aggregate(result, ("mapping", "chunk"))
+
+
+def _fmt(value: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "inf" if value == float("inf") else "-"
+    return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"
+
+
+def format_table1(rows: list[dict], original_ppl: float, n_chunks: int = 4) -> str:
+    """Rows shaped like the paper's Table 1, the unmodified model's perplexity last."""
+    chunk_numbers = sorted({r["chunk"] for r in rows}) or list(range(1, n_chunks + 1))
+    head = f"{'Mapping':<10} {'Substitution':<13}" + "".join(f" {'Chunk ' + str(c):>10}" for c in chunk_numbers)
+    lines = [head, "-" * len(head)]
+    by = {(r["mapping"], r["chunk"]): r for r in rows}
+    modes = ("complete", "partial", "explicit") if any("explicit" in r for r in rows) else ("complete", "partial")
+    for kind in [m for m in MAPPINGS if any(r["mapping"] == m for r in rows)]:
+        for mode in modes:
+            label = ("Random" if kind == "random" else kind.capitalize() if kind != "npl" else "NPL")
+            cells = "".join(f" {_fmt(by[(kind, c)][mode]) if (kind, c) in by else '-':>10}" for c in chunk_numbers)
+            name = "Explicit only" if mode == "explicit" else mode.capitalize()
+            lines.append(f"{label if mode == 'complete' else '':<10} {name:<13}{cells}")
+    lines.append(f"{'Original':<10} {'-':<13}" + "".join(f" {_fmt(original_ppl):>10}" for _ in chunk_numbers))
+    return "\n".join(lines)
+
+
+# --- Fig. 4: half the neurons of each layer one way, half another -------------------------------------
+def finegrained_settings(n_layers: int, maps: Maps, chunk_numbers: list[int], metrics=RANK_METRICS,
+                         grid=FINE_GRID, seeds: int = 1, random_scale: str = "npl", n_chunks: int = 4) -> list[Setting]:
+    """For each chunk and ranking metric: the top half of each layer's neurons (highest values of the
+    metric of M_{j-1->j} on held-out data) treated one way and the bottom half another, plus 100%
+    actual and 100% predicted. maps must carry metrics (Maps.from_reader(..., need_metrics=True))."""
+    parts = make_chunks(n_layers, n_chunks)
+    settings = []
+    for c in chunk_numbers:
+        layers = substituted(parts[c - 1])
+        if not layers:
+            continue
+        maps.require(layers)
+        missing = [j for j in layers if j not in maps.metrics]
+        if missing:
+            raise UserError(f"finer-grained substitution needs the held-out metrics of the maps into layers "
+                            f"{_ranges(missing)}; fit them again")
+        for whole in ("actual", "predicted"):
+            settings.append(Setting(layers, treatment_fn(whole, maps, 0, random_scale),
+                                    {"metric": "-", "top": whole, "bottom": whole, "chunk": c, "seed": None}))
+        for metric in metrics:
+            masks = {j: halves(rank_values(maps.metrics[j], metric)) for j in layers}
+            for top, bottom in grid:
+                for seed in (range(seeds) if "random" in (top, bottom) else [None]):
+                    mapping = split_fn(masks, treatment_fn(top, maps, seed or 0, random_scale),
+                                       treatment_fn(bottom, maps, seed or 0, random_scale))
+                    settings.append(Setting(layers, mapping, {"metric": metric, "top": top, "bottom": bottom,
+                                                              "chunk": c, "seed": seed}))
+    return settings
+
+
+def finegrained_rows(result: RunResult) -> list[dict]:
+    return aggregate(result, ("chunk", "metric", "top", "bottom"))
+
+
+def format_finegrained(rows: list[dict], original_ppl: float, mode: str = "complete") -> str:
+    lines = [f"{'Chunk':>5} {'Ranked by':<9} {'Top 50%':<10} {'Bottom 50%':<10} {mode.capitalize():>10}"]
+    for r in sorted(rows, key=lambda r: (r["chunk"], r["metric"] != "-", r["metric"], r["top"], r["bottom"])):
+        lines.append(f"{r['chunk']:>5} {r['metric']:<9} {r['top']:<10} {r['bottom']:<10} {_fmt(r[mode]):>10}")
+    lines.append(f"original perplexity: {_fmt(original_ppl)}")
+    return "\n".join(lines)
+
+
+def forward_throughput(lm, tokens: np.ndarray, setting: Setting | None = None, device="cpu",
+                       batch_tokens: int = 8192) -> float:
+    """Tokens per second of a whole forward (embeddings, every layer, LM head loss), plain or with a
+    substitution's hooks attached (complete and partial loss both computed, as substitution does)."""
+    device = torch.device(device)
+    adapter = lm.adapter
+    runner = make_runner(lm, device, batch_tokens)
+    n_layers = len(adapter.layers)
+    seq_len = tokens.shape[1]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for lo, hi in batches(len(tokens), seq_len, batch_tokens):
+            ids = as_ids(tokens[lo:hi])
+            hidden = runner.embed(ids)
+            if setting is None:
+                token_nll(adapter, run_layers(runner, hidden, 0, n_layers), ids)
+                continue
+            replacer = _Replacer(set(setting.layers), setting.mapping)
+            hooks = DownHooks(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer, explicit=True)
+            replacer.hooks = hooks
+            with hooks.attached():
+                out = run_layers(runner, hidden, 0, n_layers)
+                token_nll(adapter, out, ids)
+                token_nll(adapter, out if hooks.delta is None else out + hooks.delta, ids)
+    return tokens.size / _sync(device, t0)
