@@ -31,8 +31,9 @@ from engine.models import load_model  # noqa: E402
 from engine.npl.fit import FitOptions, fit_maps  # noqa: E402
 from engine.npl.jobs import split_sequences  # noqa: E402
 from engine.npl.layout import chunks, parse_pairs, substituted  # noqa: E402
-from engine.npl.substitute import (Maps, Setting, forward_throughput, format_table1, mapping_fn,  # noqa: E402
-                                   run_settings, table1_rows, table1_settings)
+from engine.npl.report import format_table1  # noqa: E402
+from engine.npl.substitute import (Maps, Setting, forward_throughput, mapping_fn, run_settings,  # noqa: E402
+                                   table1_rows, table1_settings)
 from engine.record import special_ids  # noqa: E402
 
 

@@ -28,7 +28,8 @@ COLUMNS = [Column("layer", "layer", 5), Column("neuron", "neuron", 6), Column("f
 SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firing frequency",
                "unigram_coverage": "coverage number", "pos_mi": "positional MI",
                "trigger_suppression": "trigger suppression score", "g_mean": "mean activation",
-               "g_std": "activation std", "g_max": "max activation"}
+               "g_std": "activation std", "g_max": "max activation", "npl_pearson": "NPL Pearson r",
+               "npl_l2": "NPL L2 error (predictability score)"}
 
 
 def parse_range(text: str, scale: float) -> tuple[float | None, float | None]:
@@ -65,6 +66,7 @@ class NeuronsScreen(FramedScreen):
         Binding("f", "freq", "firing frequency range", show=False), Binding("m", "mi", "MI range", show=False),
         Binding("r", "reverse", "reverse sort order", show=False), Binding("c", "clear", "clear filters", show=False),
         Binding("a", "all_layers", "all layers / this layer", show=False),
+        Binding("b", "background", "NPL background neurons only", show=False),
     ]
     EXTRA_HELP = [("enter", "open the neuron's detail"), ("j k ↑ ↓ pgup pgdn g G", "move")]
 
@@ -152,6 +154,13 @@ class NeuronsScreen(FramedScreen):
         self.filter.dead = {None: True, True: False, False: None}[self.filter.dead]
         self.refilter()
 
+    def action_background(self) -> None:
+        if not (self.index.cols["background"] != -1).any():
+            self.app.notify("no background neurons known: run the NPL fit and functional jobs (NPL screen, n)",
+                            severity="warning")
+        self.filter.background = not self.filter.background
+        self.refilter()
+
     def action_detector(self) -> None:
         choices = [("off", "any neuron"), ("any", "any detector"), ("token", "token detectors"),
                    ("bigram", "bigram detectors"), ("trigram", "trigram detectors")]
@@ -202,9 +211,7 @@ class NeuronsScreen(FramedScreen):
                                        self.filter.trigger), done)
 
     def action_sort(self) -> None:
-        keys = [k for k in SORT_KEYS if self.index.has(k)] + \
-               [k for k in self.index.cols if k.startswith("npl_") and k not in SORT_KEYS]
-        choices = [(k, SORT_LABELS.get(k, k)) for k in keys]
+        choices = [(k, SORT_LABELS.get(k, k)) for k in SORT_KEYS]
 
         def done(value):
             if value is not None:

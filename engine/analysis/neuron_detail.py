@@ -39,7 +39,7 @@ class NeuronDetail:
 
 STAT_COLUMNS = ("fire_count", "fire_freq", "dead", "unigram_coverage", "token_detector", "bigram_detector",
                 "trigram_detector", "suppresses_triggers", "trigger_suppression", "pos_mi", "positional",
-                "pos_strong", "g_mean", "g_std", "g_max", "ngram_counted")
+                "pos_strong", "g_mean", "g_std", "g_max", "ngram_counted", "npl_pearson", "npl_l2", "background")
 
 
 def neuron_detail(reader: CacheReader, index: NeuronIndex, row: int) -> NeuronDetail:

@@ -9,11 +9,12 @@ token ids until a row is shown or exported. Numpy only, no torch.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from cache import analysis_store as store
+from cache.errors import UserError
 from cache.reader import CacheReader
 from cache.schema import decode_grams
 from engine.analysis.positional import KINDS
@@ -23,7 +24,7 @@ ANALYSES = ("dead", "ngrams", "positional", "suppression")
 DETECTORS = {"token": 1, "bigram": 2, "trigram": 3}
 # sortable numeric columns, in the order the TUI offers them
 SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "pos_mi", "trigger_suppression",
-             "g_mean", "g_std", "g_max")
+             "g_mean", "g_std", "g_max", "npl_pearson", "npl_l2")
 
 
 @dataclass
@@ -31,13 +32,13 @@ class NeuronFilter:
     """What the neurons screen and export select. None means "any"."""
     layers: tuple[int, ...] | None = None
     dead: bool | None = None                  # True: dead only, False: alive only
+    background: bool = False                  # NPL background neurons only
     detector: str | None = None               # token, bigram, trigram, or "any" (of the three)
     positional: str | None = None             # "any" or one of positional.KINDS
     strong_only: bool = False                 # with positional: strong ones only
     freq: tuple[float | None, float | None] = (None, None)   # firing frequency range (fraction)
     mi: tuple[float | None, float | None] = (None, None)     # positional MI range
     trigger: str = ""                         # substring of a trigger n-gram (case-insensitive)
-    extra: dict = field(default_factory=dict)  # column -> required value, for columns added later
 
     def describe(self) -> str:
         parts = []
@@ -51,9 +52,10 @@ class NeuronFilter:
         for name, (lo, hi), scale, unit in (("freq", self.freq, 100, "%"), ("MI", self.mi, 1, "")):
             if lo is not None or hi is not None:
                 parts.append(f"{name} {_num(lo, scale)}..{_num(hi, scale)}{unit}")
+        if self.background:
+            parts.append("background")
         if self.trigger:
             parts.append(f"trigger ~ {self.trigger!r}")
-        parts += [f"{k}={v}" for k, v in self.extra.items()]
         return ", ".join(parts) or "none"
 
 
@@ -167,6 +169,10 @@ class NeuronIndex:
             self._load_positional(reader)
         if self.analyses["suppression"]:
             self._load_suppression(reader)
+        for name in ("npl_pearson", "npl_l2"):
+            cols[name] = np.full(n, np.nan)
+        cols["background"] = np.full(n, UNKNOWN, np.int8)
+        self.npl_note = self._load_npl(reader)
 
     # --- loading ----------------------------------------------------------------------------------
     def rows_of(self, layers: np.ndarray, neurons: np.ndarray) -> np.ndarray:
@@ -224,6 +230,22 @@ class NeuronIndex:
             _Grams(np.repeat(rows, top), supp[key].reshape(-1).astype(np.int64), 1, self.vocab, vocab_size)
             for key in ("promoted", "suppressed"))
 
+    def _load_npl(self, reader: CacheReader) -> str:
+        """NPL predictability scores and background flags from the sidecar, if there is one; a
+        sidecar that does not belong to this recording is left out with a note, not an error."""
+        from engine.npl.columns import neuron_columns
+
+        try:
+            by_layer = neuron_columns(reader.path, cache_meta=self.meta)
+        except UserError as exc:
+            return str(exc)
+        for layer, values in by_layer.items():
+            if layer in self.offset and all(len(v) == self.d_ffn for v in values.values()):
+                rows = slice(self.offset[layer], self.offset[layer] + self.d_ffn)
+                for name, array in values.items():
+                    self.cols[name][rows] = array
+        return ""
+
     def column(self, name: str) -> np.ndarray:
         """A column, reading the lazy ones (activation statistics) on first use; thread-safe."""
         if name not in self.cols and name in self.LAZY:
@@ -251,15 +273,6 @@ class NeuronIndex:
         for grams in self.triggers.values():
             grams.folded()
 
-    def has(self, name: str) -> bool:
-        return name in self.cols or name in self.LAZY
-
-    def add_column(self, name: str, values: np.ndarray) -> None:
-        """A column computed elsewhere (for example NPL scores), one value per row."""
-        if len(values) != self.n:
-            raise ValueError(f"column {name} has {len(values)} values for {self.n} neurons")
-        self.cols[name] = values
-
     # --- selection --------------------------------------------------------------------------------
     def mask(self, f: NeuronFilter) -> np.ndarray:
         cols = self.cols
@@ -268,6 +281,8 @@ class NeuronIndex:
             mask &= np.isin(cols["layer"], np.asarray(f.layers, np.int32))
         if f.dead is not None:
             mask &= cols["dead"] == f.dead
+        if f.background:
+            mask &= cols["background"] == 1
         if f.detector == "any":
             mask &= (cols["token_detector"] == 1) | (cols["bigram_detector"] == 1) | (cols["trigram_detector"] == 1)
         elif f.detector:
@@ -283,8 +298,6 @@ class NeuronIndex:
                 mask &= cols[name] >= lo
             if hi is not None:
                 mask &= cols[name] <= hi
-        for name, value in f.extra.items():
-            mask &= self.column(name) == value
         if f.trigger:
             hits = np.zeros(self.n, bool)
             hits[self.search_triggers(f.trigger)] = True
@@ -381,6 +394,9 @@ class NeuronIndex:
                                                                           for r in rows.tolist()]),
             "g_mean": self.column("g_mean")[rows], "g_std": self.column("g_std")[rows],
             "g_max": self.column("g_max")[rows], "ngram_counted": tri("ngram_counted"),
+            "npl_pearson": objects([None if v != v else v for v in cols["npl_pearson"][rows].tolist()]),
+            "npl_l2": objects([None if v != v else v for v in cols["npl_l2"][rows].tolist()]),
+            "background": tri("background"),
         }
 
     # --- per layer --------------------------------------------------------------------------------

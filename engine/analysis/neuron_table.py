@@ -21,6 +21,7 @@ NEURON_KINDS = {
     "trigger_suppression": "float", "top_promoted": "list", "top_suppressed": "list", "pos_mi": "float",
     "positional": "bool", "pos_type": "str", "pos_strong": "bool", "pos_ranges": "list",
     "g_mean": "float", "g_std": "float", "g_max": "float", "ngram_counted": "bool",
+    "npl_pearson": "float", "npl_l2": "float", "background": "bool",   # NPL (engine.npl), None before a fit
 }
 LAYER_KINDS = {
     "layer": "int", "rel_depth": "float", "dead_pct": "float", "alive_freq": "float", "ngram_layer": "bool",

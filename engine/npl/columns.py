@@ -5,7 +5,8 @@ without torch).
   fitted maps from other layers; M_{l-1->l} for an adjacent fit);
 - npl_l2: held-out L2 error (root mean squared error) likewise: the neuron's predictability score;
 - background: the neuron's score is below its layer's random baseline (engine.npl.functional).
-Unknown values (no sidecar, no map into the layer, functional analysis not run) are None.
+Unknown values (no sidecar, no map into the layer, functional analysis not run) are NaN / -1 here
+and None in the exported table (engine.analysis.neuron_index).
 """
 from __future__ import annotations
 
@@ -36,21 +37,13 @@ def layer_scores(reader: NplReader, method: str = "exact") -> dict[int, tuple[np
     return out
 
 
-def _objects(values) -> np.ndarray:
-    out = np.empty(len(values), object)
-    out[:] = list(values)
-    return out
-
-
-def neuron_columns(cache: Path, layers: list[int], d_ffn: int, method: str = "exact",
-                   cache_meta: dict | None = None) -> dict[int, dict[str, np.ndarray]]:
-    """layer -> {"npl_pearson", "npl_l2", "background"} object arrays of length d_ffn (None where
-    unknown). No sidecar: every value None. A sidecar of another recording is refused when
-    cache_meta is given (cache.npl_store.NplReader.check_cache)."""
-    empty = {name: _objects([None] * d_ffn) for name in COLUMNS}
+def neuron_columns(cache: Path, method: str = "exact", cache_meta: dict | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """layer -> {"npl_pearson", "npl_l2": float arrays (NaN unknown), "background": int8 array (-1
+    unknown)} for the layers the sidecar knows anything about; no sidecar: {}. A sidecar of another
+    recording is refused when cache_meta is given (cache.npl_store.NplReader.check_cache)."""
     path = sidecar_path(cache)
     if not Path(path).exists():
-        return {layer: {k: v.copy() for k, v in empty.items()} for layer in layers}
+        return {}
     with NplReader(path) as reader:
         if cache_meta is not None:
             reader.check_cache(cache_meta, cache)
@@ -62,13 +55,12 @@ def neuron_columns(cache: Path, layers: list[int], d_ffn: int, method: str = "ex
         for row, layer in enumerate(arrays.get("layers", [])):
             background[int(layer)] = arrays["background"][row]
     out = {}
-    for layer in layers:
-        cols = {k: v.copy() for k, v in empty.items()}
+    for layer in sorted(set(scores) | set(background)):
+        d = len(scores[layer][0]) if layer in scores else len(background[layer])
+        cols = {"npl_pearson": np.full(d, np.nan), "npl_l2": np.full(d, np.nan), "background": np.full(d, -1, np.int8)}
         if layer in scores:
-            pearson, l2 = scores[layer]
-            cols["npl_pearson"] = _objects([float(x) if np.isfinite(x) else None for x in pearson])
-            cols["npl_l2"] = _objects([float(x) for x in l2])
+            cols["npl_pearson"][:], cols["npl_l2"][:] = scores[layer]
         if layer in background:
-            cols["background"] = _objects([bool(x) for x in background[layer]])
+            cols["background"][:] = np.asarray(background[layer], bool)
         out[layer] = cols
     return out

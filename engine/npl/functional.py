@@ -36,10 +36,8 @@ import torch
 
 from cache.schema import encode_grams
 from engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers
+from engine.npl.report import FUNCTIONAL_KINDS as KINDS  # the property kinds, in table order
 from engine.streaming import Stopped
-
-KINDS = ("unigram", "bigram", "trigram", "hard", "easy", "pos_successive", "pos_oscillatory", "pos_arbitrary",
-         "random_tokens")
 
 
 @dataclass

@@ -319,8 +319,9 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
                    stop_flag: dict | None = None, log=print) -> SubstituteReport:
     """Table 1 (and optionally the Fig. 4 grid) for a cache with fitted maps; results go into the sidecar."""
     from engine.npl.layout import chunks, parse_chunks, substituted
-    from engine.npl.substitute import (Maps, finegrained_rows, finegrained_settings, format_finegrained,
-                                       format_table1, run_settings, table1_rows, table1_settings)
+    from engine.npl.report import format_finegrained, format_table1
+    from engine.npl.substitute import (Maps, finegrained_rows, finegrained_settings, run_settings, table1_rows,
+                                       table1_settings)
 
     cache = Path(config.cache)
     meta = _cache_meta(cache, "substituting NPL maps")
@@ -403,25 +404,6 @@ class FunctionalReport:
     background_frac: dict[int, float]
 
 
-def format_functional(rows: list[dict]) -> str:
-    from engine.npl.functional import KINDS
-
-    layers = sorted({r["layer"] for r in rows})
-    by = {(r["layer"], r["kind"]): r for r in rows}
-    short = {"unigram": "1-gram", "bigram": "2-gram", "trigram": "3-gram", "hard": "hard", "easy": "easy",
-             "pos_successive": "pos-succ", "pos_oscillatory": "pos-osc", "pos_arbitrary": "pos-arb",
-             "random_tokens": "rnd-tok"}
-    head = f"{'layer':>5}" + "".join(f" {short[k]:>9}" for k in KINDS) + f" {'S_all':>9} {'S_rand':>9} {'bg%':>6}"
-    lines = [head]
-    for layer in layers:
-        cells = "".join(f" {by[(layer, k)]['S']:>9.4g}" if by[(layer, k)]["S"] is not None else f" {'-':>9}"
-                        for k in KINDS)
-        first = by[(layer, KINDS[0])]
-        lines.append(f"{layer:>5}{cells} {first['S_all']:>9.4g} {first['S_random']:>9.4g} "
-                     f"{100 * first['background_frac']:>6.1f}")
-    return "\n".join(lines)
-
-
 def functional_job(config: NplFunctionalConfig, command: list[str] | None = None, on_progress=None,
                    stop_flag: dict | None = None, log=print) -> FunctionalReport:
     """Functional neurons' predictability and background neurons on the fit run's held-out tokens."""
@@ -461,5 +443,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
             write_result(out, "functional", {**result.params, "method": config.method,
                                              "heldout_tokens": int(tokens.size)}, result.rows, arrays)
             report["message"] = f"functional neurons on {tokens.size} held-out tokens"
+    from engine.npl.report import format_functional
+
     return FunctionalReport(result.rows, format_functional(result.rows),
                             {k: float(result.background[k].mean()) for k in result.layers})

@@ -44,7 +44,7 @@ from engine.npl.layout import chunks as make_chunks
 from engine.npl.layout import substituted
 from engine.streaming import Stopped
 
-MAPPINGS = ("random", "zero", "identical", "npl")
+from engine.npl.report import MAPPINGS
 TREATMENTS = ("actual", "predicted", "zero", "random")
 RANK_METRICS = ("pearson", "l2", "mean", "variance")
 # (top half, bottom half) pairs of the Fig. 4 grid, besides 100% actual and 100% predicted
@@ -363,29 +363,6 @@ def table1_rows(result: RunResult) -> list[dict]:
     return aggregate(result, ("mapping", "chunk"))
 
 
-def _fmt(value: float) -> str:
-    if value is None or not np.isfinite(value):
-        return "inf" if value == float("inf") else "-"
-    return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"
-
-
-def format_table1(rows: list[dict], original_ppl: float, n_chunks: int = 4) -> str:
-    """Rows shaped like the paper's Table 1, the unmodified model's perplexity last."""
-    chunk_numbers = sorted({r["chunk"] for r in rows}) or list(range(1, n_chunks + 1))
-    head = f"{'Mapping':<10} {'Substitution':<13}" + "".join(f" {'Chunk ' + str(c):>10}" for c in chunk_numbers)
-    lines = [head, "-" * len(head)]
-    by = {(r["mapping"], r["chunk"]): r for r in rows}
-    modes = ("complete", "partial", "explicit") if any("explicit" in r for r in rows) else ("complete", "partial")
-    for kind in [m for m in MAPPINGS if any(r["mapping"] == m for r in rows)]:
-        for mode in modes:
-            label = ("Random" if kind == "random" else kind.capitalize() if kind != "npl" else "NPL")
-            cells = "".join(f" {_fmt(by[(kind, c)][mode]) if (kind, c) in by else '-':>10}" for c in chunk_numbers)
-            name = "Explicit only" if mode == "explicit" else mode.capitalize()
-            lines.append(f"{label if mode == 'complete' else '':<10} {name:<13}{cells}")
-    lines.append(f"{'Original':<10} {'-':<13}" + "".join(f" {_fmt(original_ppl):>10}" for _ in chunk_numbers))
-    return "\n".join(lines)
-
-
 # --- Fig. 4: half the neurons of each layer one way, half another -------------------------------------
 def finegrained_settings(n_layers: int, maps: Maps, chunk_numbers: list[int], metrics=RANK_METRICS,
                          grid=FINE_GRID, seeds: int = 1, random_scale: str = "npl", n_chunks: int = 4) -> list[Setting]:
@@ -419,14 +396,6 @@ def finegrained_settings(n_layers: int, maps: Maps, chunk_numbers: list[int], me
 
 def finegrained_rows(result: RunResult) -> list[dict]:
     return aggregate(result, ("chunk", "metric", "top", "bottom"))
-
-
-def format_finegrained(rows: list[dict], original_ppl: float, mode: str = "complete") -> str:
-    lines = [f"{'Chunk':>5} {'Ranked by':<9} {'Top 50%':<10} {'Bottom 50%':<10} {mode.capitalize():>10}"]
-    for r in sorted(rows, key=lambda r: (r["chunk"], r["metric"] != "-", r["metric"], r["top"], r["bottom"])):
-        lines.append(f"{r['chunk']:>5} {r['metric']:<9} {r['top']:<10} {r['bottom']:<10} {_fmt(r[mode]):>10}")
-    lines.append(f"original perplexity: {_fmt(original_ppl)}")
-    return "\n".join(lines)
 
 
 def forward_throughput(lm, tokens: np.ndarray, setting: Setting | None = None, device="cpu",
