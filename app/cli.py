@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "of the user cache and in the given directories.")
     jobs.add_argument("dirs", type=Path, nargs="*", metavar="DIR", help="more directories to look in")
 
+    from app.npl_view import add_parser as add_npl_parser
+
+    add_npl_parser(sub)
+
     tui = sub.add_parser("tui", help="the terminal explorer (the default when no command is given)",
                          description="Open the Textual explorer: recordings, layers, neurons, detail, compare.")
     tui.add_argument("files", type=Path, nargs="*", metavar="FILE",
@@ -299,6 +303,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_npl(args) -> int:
+    from app.npl_view import run
+
+    return run(args)
+
+
 def cmd_tui(args) -> int:
     if args.tokens <= 0:
         raise UserError("--tokens must be positive")
@@ -312,11 +322,16 @@ def cmd_tui(args) -> int:
 
 
 COMMANDS = {"record": cmd_record, "info": cmd_info, "analyze": cmd_analyze, "export": cmd_export,
-            "report": cmd_report, "merge": cmd_merge, "jobs": cmd_jobs, "tui": cmd_tui}
+            "report": cmd_report, "merge": cmd_merge, "jobs": cmd_jobs, "tui": cmd_tui,
+            "npl": cmd_npl}
 
 
 def _job_output(args) -> Path | None:
-    """The file a record or analyze command works on (its progress file sits beside it)."""
+    """The file a record, analyze or npl job works on (its progress file sits beside it)."""
+    if args.command == "npl" and args.npl_action != "show":
+        from cache.npl_store import sidecar_path
+
+        return sidecar_path(args.file)
     return {"record": lambda: args.out, "analyze": lambda: args.file}.get(args.command, lambda: None)()
 
 
@@ -326,6 +341,11 @@ def _argv_output(argv: list[str]) -> Path | None:
         return Path(argv[argv.index("--out") + 1])
     if "analyze" in argv[:-1]:
         return Path(argv[argv.index("analyze") + 1])
+    for action in ("fit", "substitute", "functional"):
+        if "npl" in argv and action in argv[:-1]:
+            from cache.npl_store import sidecar_path
+
+            return sidecar_path(Path(argv[argv.index(action) + 1]))
     return None
 
 

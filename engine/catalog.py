@@ -12,6 +12,7 @@ from cache import analysis_store
 from cache.errors import UserError
 from cache.reader import CacheReader
 from engine.analysis.run import NAMES as ANALYSES
+from cache.npl_store import SUFFIX as NPL_SUFFIX
 from engine.jobs import recordings_dir
 
 COMPLETE, PARTIAL, ERROR = "complete", "partial", "error"
@@ -104,9 +105,11 @@ def _caches_in(directory: Path) -> list[Path]:
         entries = list(os.scandir(directory))
     except OSError:
         return []
-    # temporary images (".c.h5.123.tmp", ".c.h5.123.analysis.tmp") do not end in .h5; hidden files are skipped
+    # temporary images (".c.h5.123.tmp", ".c.h5.123.analysis.tmp") do not end in .h5; hidden files and
+    # NPL sidecars (their recording's row stands for them) are skipped
     return sorted(Path(e.path) for e in entries
-                  if e.name.endswith(".h5") and not e.name.startswith(".") and e.is_file())
+                  if e.name.endswith(".h5") and not e.name.endswith(NPL_SUFFIX) and not e.name.startswith(".")
+                  and e.is_file())
 
 
 def scan(files: Iterable[Path] = (), dirs: Iterable[Path] | None = None) -> list[RecordingSummary]:

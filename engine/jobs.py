@@ -25,7 +25,7 @@ from engine.progress import COMPLETE, FAILED, RUNNING, STOPPED, progress_path, r
 
 INTERRUPTED = "interrupted"  # the progress file says running, but its process is gone (SIGKILL, reboot)
 STATUSES = (RUNNING, STOPPED, FAILED, COMPLETE, INTERRUPTED)
-KINDS = ("record", "analyze")
+KINDS = ("record", "analyze", "npl")
 PROGRESS_SUFFIX = ".progress.json"
 
 # processes started by this process: polled so that finished ones are reaped, not left as zombies
@@ -319,6 +319,21 @@ def start_analyze(cache: Path, *, only: Iterable[str] | None = None, settings: I
     return _launch(cache, args, env)
 
 
+def start_npl(cache: Path, action: str, options: Iterable[str] = (), env: dict | None = None) -> Job:
+    """Start `ffnscope npl ACTION CACHE OPTIONS` (fit, substitute, functional) as a job; it writes the
+    sidecar CACHE.npl.h5 and keeps its progress file beside it."""
+    from cache.npl_store import sidecar_path
+
+    if action not in ("fit", "substitute", "functional"):
+        raise UserError(f"unknown NPL job '{action}'; use fit, substitute or functional")
+    cache = Path(cache).absolute()
+    if not cache.is_file():
+        raise UserError(f"cache not found: {cache}")
+    out = sidecar_path(cache)
+    _check_free(out)
+    return _launch(out, ["npl", action, str(cache), *map(str, options), "--quiet"], env)
+
+
 # --- stopping and resuming ------------------------------------------------------------------------
 def cancel(job: Job, sig: int = signal.SIGINT) -> bool:
     """Ask a running job to stop: SIGINT (the recorder stops at its next batch, keeps its last
@@ -357,6 +372,8 @@ def resume(job: Job, env: dict | None = None) -> Job:
     if job.status == COMPLETE:
         raise UserError(f"the job on {job.output} is complete; nothing to resume")
     args = list(job.command[1:])
+    if job.kind == "npl":  # all-or-nothing jobs: run again
+        return _launch(job.output, args, env, job.cwd)
     if job.kind == "analyze":
         if not args:
             args = ["analyze", str(job.output)]

@@ -135,13 +135,13 @@ class FFNScopeApp(App):
         self.call_from_thread(self._replace_screens, rec)
 
     def _replace_screens(self, rec: OpenRecording) -> None:
-        from app.tui.layers import LayersScreen
-
-        for screen in list(self.screen_stack):
-            if isinstance(screen, LayersScreen) and screen.rec.path == rec.path and screen is self.screen:
-                self.pop_screen()
-                self.push_screen(LayersScreen(rec))
-                self.notify(printable(f"{rec.path.name} reloaded"), markup=False)
+        """Every screen showing an older opening of this recording shows the new one."""
+        rebound = [screen for screen in self.screen_stack
+                   if getattr(screen, "rec", None) is not None and screen.rec.path == rec.path and screen.rec is not rec]
+        for screen in rebound:
+            screen.rebind(rec)
+        if rebound:
+            self.notify(printable(f"{rec.path.name} reloaded"), markup=False)
 
     @work(thread=True, group="open")
     def compare(self, paths: list[Path]) -> None:
@@ -196,7 +196,9 @@ class FFNScopeApp(App):
                                       ("Filter: positional neurons", "positional", "Positional neurons by type"),
                                       ("Search triggers", "search", "Neurons with a trigger n-gram containing text"),
                                       ("Sort", "sort", "Sort the neuron table"),
-                                      ("All neurons", "all", "The neuron table of every layer")):
+                                      ("All neurons", "all", "The neuron table of every layer"),
+                                      ("NPL", "npl", "Neuron Predictability Lens: maps, substitution, background"),
+                                      ("Filter: background neurons", "background", "NPL background neurons only")):
             if hasattr(screen, f"action_{verb}"):
                 yield SystemCommand(name, help_text, getattr(screen, f"action_{verb}"))
 

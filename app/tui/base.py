@@ -34,6 +34,10 @@ class FramedScreen(Screen):
         self.query_one("#title-bar", Static).update(Text(f" {left[:room]:<{room}}{right} "))
         self.query_one("#crumbs", Static).update(Text(f" {crumbs}"))
 
+    def rebind(self, rec) -> None:
+        """Show a newer opening of the same recording (a job has replaced its file)."""
+        self.rec = rec
+
     def action_back(self) -> None:
         if len(self.app.screen_stack) > 2:
             self.app.pop_screen()

@@ -27,7 +27,7 @@ class LayersScreen(FramedScreen):
     HELP_TITLE = "Layers: per-layer figures of one recording"
     BINDINGS = FramedScreen.BINDINGS + [
         Binding("enter", "open", "neurons"), Binding("a", "all", "all neurons"), Binding("e", "export", "export"),
-        Binding("A", "analyze", "analyze"),
+        Binding("n", "npl", "NPL"), Binding("A", "analyze", "analyze"),
     ]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "LayersScreen #charts { height: auto; max-height: 5; }"
 
@@ -42,12 +42,16 @@ class LayersScreen(FramedScreen):
         yield Static(id="charts")
         yield from self.frame_bottom()
 
+    def rebind(self, rec: OpenRecording) -> None:
+        self.rec, self.figures = rec, rec.index.per_layer()
+        self.on_mount()
+
     def on_mount(self) -> None:
         missing = [name for name, ok in self.rec.index.analyses.items() if not ok]
         note = f" · not analyzed yet ({', '.join(missing)}): A runs the analyses" if missing else ""
         self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.path.name} > Layers{note}")
         table = self.query_one(VirtualTable)
-        table.show(len(self.figures["layer"]), self._cell)
+        table.show(len(self.figures["layer"]), self._cell, cursor=table.cursor)
         table.focus()
         self.call_after_refresh(self._charts)
 
@@ -100,6 +104,11 @@ class LayersScreen(FramedScreen):
         from app.tui.neurons import NeuronsScreen
 
         self.app.push_screen(NeuronsScreen(self.rec, None))
+
+    def action_npl(self) -> None:
+        from app.tui.npl import NplScreen
+
+        self.app.push_screen(NplScreen(self.rec))
 
     def action_analyze(self) -> None:
         self.app.start_analysis(self.rec.path)

@@ -90,6 +90,10 @@ class NeuronsScreen(FramedScreen):
         self.query_one(VirtualTable).focus()
         self.refilter()
 
+    def rebind(self, rec: OpenRecording) -> None:
+        self.rec, self.index = rec, rec.index
+        self.refilter(keep_cursor=True)
+
     # --- filtering --------------------------------------------------------------------------------
     def refilter(self, keep_cursor: bool = False) -> None:
         self.generation += 1

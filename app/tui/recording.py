@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from app.safe_text import printable
+from cache.npl_store import sidecar_path
 from cache.reader import CacheReader
 from engine.analysis.neuron_index import NeuronIndex
 
@@ -13,7 +14,7 @@ from engine.analysis.neuron_index import NeuronIndex
 class OpenRecording:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.mtime = os.stat(self.path).st_mtime_ns
+        self.mtime = self._mtimes()
         self.reader = CacheReader(self.path, "opening it")
         self.index = NeuronIndex(self.reader)
         self._warming: threading.Thread | None = None
@@ -28,13 +29,21 @@ class OpenRecording:
             self._warming = threading.Thread(target=self.index.warm, name=f"warm {self.path.name}", daemon=True)
             self._warming.start()
 
+    def _mtimes(self) -> tuple:
+        """The cache's and its NPL sidecar's modification times (jobs replace them whole)."""
+        out = []
+        for path in (self.path, sidecar_path(self.path)):
+            try:
+                out.append(os.stat(path).st_mtime_ns)
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
     @property
     def stale(self) -> bool:
-        """True when a job has replaced the file since it was opened."""
-        try:
-            return os.stat(self.path).st_mtime_ns != self.mtime
-        except OSError:
-            return False
+        """True when a job has replaced the cache or its NPL sidecar since it was opened."""
+        now = self._mtimes()
+        return now[0] is not None and now != self.mtime
 
     @property
     def analyzed(self) -> bool:

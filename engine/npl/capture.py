@@ -53,15 +53,23 @@ class DownHooks:
         self.explicit = explicit
         self.g: dict[int, torch.Tensor] = {}
         self.delta: torch.Tensor | None = None
+        self.batch_shape: tuple[int, ...] | None = None  # (B, T) of the layer being run
 
     def reset(self) -> None:
         self.g = {}
         self.delta = None
 
+    def _layer_hook(self, _module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not None:
+            self.batch_shape = tuple(hidden.shape[:-1])
 
     def _hook(self, k: int):
         def hook(_module, args):
             g = args[0]
+            flat = g.dim() == 2 and self.batch_shape is not None and len(self.batch_shape) == 2
+            if flat:  # OPT runs its FFN on (B*T, d) rows: every consumer here gets (B, T, d_ffn)
+                g = g.reshape(*self.batch_shape, g.shape[-1])
             self.g[k] = g
             if self.replace is None:
                 return None
@@ -72,13 +80,14 @@ class DownHooks:
             if self.explicit:
                 d = output_difference(self.adapter, k, g, new)
                 self.delta = d if self.delta is None else self.delta + d
-            return (new, *args[1:])
+            return (new.reshape(args[0].shape) if flat else new, *args[1:])
         return hook
 
     @contextmanager
     def attached(self):
-        handles = [self.adapter.down_module(self.adapter.layers[k]).register_forward_pre_hook(self._hook(k))
-                   for k in self.layers]
+        layers = self.adapter.layers
+        handles = [self.adapter.down_module(layers[k]).register_forward_pre_hook(self._hook(k)) for k in self.layers]
+        handles += [layers[k].register_forward_pre_hook(self._layer_hook, with_kwargs=True) for k in self.layers]
         try:
             yield self
         finally:

@@ -1,0 +1,160 @@
+"""`ffnscope npl fit|substitute|functional|show FILE`: the Neuron Predictability Lens on a recording.
+The first three are jobs (engine.npl.jobs: progress file beside the sidecar, ctrl-c stops cleanly);
+`show` prints what the sidecar holds without loading a model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+ACTIONS = ("fit", "substitute", "functional", "show")
+
+
+def add_parser(sub) -> None:
+    npl = sub.add_parser("npl", help="Neuron Predictability Lens: layer-to-layer maps, substitution perplexity",
+                         description="Linear maps between the FFN activations of two layers (NPL paper), fit "
+                                     "exactly from streamed sufficient statistics; substitution perplexity "
+                                     "(Table 1, Fig. 4); functional and background neurons. Results go to "
+                                     "FILE.npl.h5 beside the recording.")
+    actions = npl.add_subparsers(dest="npl_action", metavar="ACTION", required=True)
+
+    def common(p, model=True):
+        p.add_argument("file", type=Path, help="the recording cache (.h5)")
+        if model:
+            p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
+            p.add_argument("--dtype", help="default: the recording's")
+            p.add_argument("--model", help="default: the recording's model spec (checked by fingerprint)")
+            p.add_argument("--batch-tokens", type=int, default=8192)
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    fit = actions.add_parser("fit", help="fit maps M_i->j on fresh text, metrics on held-out sequences")
+    common(fit)
+    fit.add_argument("--pairs", default="adjacent",
+                     help="adjacent (j-1 -> j, what substitution needs), grid (every 2nd layer, all pairs: "
+                          "forward, backward, self), grid:K, or i:j,... (combinable; default: %(default)s)")
+    fit.add_argument("--method", choices=("exact", "adagrad", "both"), default="exact",
+                     help="exact: ridge solve of streamed X^T X, X^T Y in float64; adagrad: the paper's recipe "
+                          "(lr 0.01, 10^4-token batches, one epoch); both: compare them (default: %(default)s)")
+    fit.add_argument("--data", nargs="+", metavar="SRC", help="default: the recording's own sources")
+    fit.add_argument("--tokens", type=int, default=131072, help="fit plus held-out tokens (default: %(default)s)")
+    fit.add_argument("--holdout", type=float, default=0.1, help="fraction of sequences held out (default: %(default)s)")
+    fit.add_argument("--ridge", type=float, default=1e-6, help="ridge, relative to the mean variance")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--force", action="store_true", help="replace existing maps (and their results)")
+
+    subst = actions.add_parser("substitute", help="perplexity with chunks of layers substituted (Table 1)")
+    common(subst)
+    subst.add_argument("--data", nargs="+", metavar="HELDOUT",
+                       help="held-out text (must share no sequence with the fit data; default: the fit's "
+                            "held-out split)")
+    subst.add_argument("--tokens", type=int, help="at most this many held-out tokens")
+    subst.add_argument("--chunks", help="which of the 4 chunks, like 1-4 or 2 (default: all)")
+    subst.add_argument("--mappings", nargs="+", choices=("random", "zero", "identical", "npl"),
+                       default=["random", "zero", "identical", "npl"])
+    subst.add_argument("--seeds", type=int, default=3, help="random maps averaged (default: %(default)s)")
+    subst.add_argument("--explicit", action="store_true",
+                       help="also explicit-only substitution (later layers see actual outputs, the final "
+                            "hidden state predicted ones)")
+    subst.add_argument("--finegrained", action="store_true", help="also the Fig. 4 grid (neuron halves)")
+
+    func = actions.add_parser("functional", help="functional and background neurons (NPL Sec. 5)")
+    common(func)
+    func.add_argument("--tokens", type=int, help="at most this many of the fit's held-out tokens")
+
+    show = actions.add_parser("show", help="print fitted maps, the layer-pair grid and results (no model needed)")
+    common(show, model=False)
+    show.add_argument("--method", default=None, help="which maps to draw (default: the first fitted)")
+
+
+def run(args) -> int:
+    return {"fit": _fit, "substitute": _substitute, "functional": _functional, "show": _show}[args.npl_action](args)
+
+
+def _progress(args, console: Console) -> tuple[Progress, callable]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tokens]}"),
+                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+                        disable=args.quiet or not console.is_terminal, transient=True)
+    task = progress.add_task("starting", total=1.0, tokens="", rate="")
+
+    def on_progress(f: dict) -> None:
+        done, total = f.get("tokens_done"), f.get("tokens_total")
+        fields = {"description": str(f.get("phase", ""))}
+        if done is not None and total:
+            fields.update(completed=done / total, tokens=f"{done:,}/{total:,} tok")
+        if f.get("tokens_per_s"):
+            fields["rate"] = f"{f['tokens_per_s']:,.0f} tok/s"
+        progress.update(task, **fields)
+    return progress, on_progress
+
+
+def _job(args, run_job, config):
+    from engine.streaming import Stopped
+
+    console = Console(stderr=True)
+    progress, on_progress = _progress(args, console)
+    try:
+        with progress:
+            return run_job(config, command=sys.argv, on_progress=on_progress,
+                           log=lambda m: console.print(m, markup=False, highlight=False))
+    except Stopped:
+        console.print("ffnscope: stopped; nothing was written (run the job again)", markup=False, highlight=False)
+        raise KeyboardInterrupt from None
+
+
+def _model_options(args) -> dict:
+    return dict(device=args.device, dtype=args.dtype, model=args.model, batch_tokens=args.batch_tokens)
+
+
+def _fit(args) -> int:
+    from engine.npl.jobs import NplFitConfig, fit_job
+
+    report = _job(args, fit_job, NplFitConfig(
+        args.file, pairs=args.pairs, method=args.method, data=args.data, tokens=args.tokens, seed=args.seed,
+        holdout=args.holdout, ridge=args.ridge, force=args.force, **_model_options(args)))
+    print(f"wrote {report.path}")
+    for line in report.lines:
+        print(line)
+    return 0
+
+
+def _substitute(args) -> int:
+    from engine.npl.jobs import NplSubstituteConfig, substitute_job
+
+    report = _job(args, substitute_job, NplSubstituteConfig(
+        args.file, data=args.data, tokens=args.tokens, chunks=args.chunks, mappings=tuple(args.mappings),
+        seeds=args.seeds, explicit=args.explicit, finegrained=args.finegrained, **_model_options(args)))
+    print(report.table)
+    if report.fine_table:
+        print()
+        print(report.fine_table)
+    rates = report.tokens_per_s
+    print(f"{report.tokens:,} held-out tokens; tokens/s: plain forward {rates['plain']:,.0f}, "
+          f"with substitution {rates['substitution']:,.0f} ({rates['substitution'] / max(rates['plain'], 1e-9):.2f}x)")
+    return 0
+
+
+def _functional(args) -> int:
+    from engine.npl.jobs import NplFunctionalConfig, functional_job
+
+    report = _job(args, functional_job, NplFunctionalConfig(args.file, tokens=args.tokens, **_model_options(args)))
+    print(report.table)
+    return 0
+
+
+def _show(args) -> int:
+    from app.npl_text import fit_text, heatmap, results_text
+    from cache.reader import CacheReader
+    from engine.npl.overview import overview
+
+    with CacheReader(args.file, "showing its NPL results") as reader:
+        o = overview(args.file, reader.meta)
+    console = Console()
+    console.print(fit_text(o))
+    shown = [args.method] if args.method else ["exact"] if "exact" in o.pairs else list(o.pairs)[:1]
+    for method in shown:
+        console.print(heatmap(o, method))
+    if o.exists:
+        console.print(results_text(o))
+    return 0 if not o.error else 2
