@@ -1,0 +1,124 @@
+"""`ffnscope npl ...` as subprocesses on the planted OPT recording (OPT runs its FFN on flattened
+(B*T, d) rows: the hooks must give every consumer (B, T, d)), the NPL columns in the exported
+neuron table, and the NPL screen of the TUI starting real jobs."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from app.tui.app import FFNScopeApp
+from app.tui.layers import LayersScreen
+from app.tui.modals import AskScreen, ChooseScreen
+from app.tui.neurons import NeuronsScreen
+from app.tui.npl import FITS, NplScreen
+from cache.npl_store import NplReader, sidecar_path
+from engine import jobs
+from engine.analysis.neuron_table import NEURON_KINDS
+from engine.tables import read_back
+from tests.conftest import env_for_subprocess
+from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env_for_subprocess(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def npl_cache(hostile_cache, tmp_path_factory):
+    """A copy of the planted recording with adjacent maps, Table 1 and background neurons."""
+    cache = tmp_path_factory.mktemp("npl") / "c.h5"
+    shutil.copyfile(hostile_cache, cache)
+    fit = run_cli("npl", "fit", cache, "--tokens", "2048", "--device", "cpu", "--quiet")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "exact: held-out L2 distance per token" in fit.stdout
+    subst = run_cli("npl", "substitute", cache, "--seeds", "1", "--device", "cpu", "--quiet")
+    assert subst.returncode == 0, subst.stderr[-3000:]
+    assert "NPL" in subst.stdout and "Original" in subst.stdout and "tokens/s" in subst.stdout
+    func = run_cli("npl", "functional", cache, "--device", "cpu", "--quiet")
+    assert func.returncode == 0, func.stderr[-3000:]
+    return cache
+
+
+def test_show_reads_without_torch(npl_cache):
+    probe = ("import sys; from app.cli import main\nmain(['npl', 'show', sys.argv[1]])\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    result = subprocess.run([sys.executable, "-c", probe, str(npl_cache)], capture_output=True, text=True,
+                            env=env_for_subprocess(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "rows i, columns j" in out and "substitution perplexity (Table 1)" in out and "S_all" in out
+    assert out.strip().endswith("NO-TORCH")
+
+
+def test_export_has_npl_columns(npl_cache, tmp_path):
+    out = tmp_path / "n.jsonl"
+    result = run_cli("export", npl_cache, "--format", "jsonl", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = read_back(out, "jsonl", NEURON_KINDS)
+    with NplReader(sidecar_path(npl_cache)) as reader:
+        l2 = reader.metrics(1, 2)["l2"]
+    layer2 = [r for r in rows if r["layer"] == 2]
+    np.testing.assert_allclose([r["npl_l2"] for r in layer2], l2)
+    assert all(r["npl_l2"] is None for r in rows if r["layer"] == 0)  # no map into layer 0
+    assert {r["background"] for r in layer2} == {True, False}
+    background = run_cli("export", npl_cache, "--where", "background", "--format", "csv", "--out", tmp_path / "b.csv")
+    assert background.returncode == 0 and f"wrote {sum(r['background'] is True for r in rows):,} rows" in background.stdout
+
+
+def test_substitute_refuses_overlapping_heldout_text(npl_cache, text_file):
+    """The fit read the recording's own source; giving it again as held-out text shares sequences."""
+    result = run_cli("npl", "substitute", npl_cache, "--data", text_file, "--seeds", "1", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "share" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_sidecar_of_another_recording_is_refused(npl_cache, hostile_cache, tmp_path, text_file, model_dirs):
+    from tests.helpers import record_tiny
+
+    other = tmp_path / "other.h5"
+    record_tiny(other, model_dirs["opt"], [text_file], tokens=1024)
+    shutil.copyfile(sidecar_path(npl_cache), sidecar_path(other))
+    result = run_cli("npl", "substitute", other, "--seeds", "1", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "npl fit" in result.stderr
+
+
+async def test_npl_screen_fits_and_finds_background_neurons(hostile_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("FFNSCOPE_CACHE_DIR", str(tmp_path / "uc"))
+    cache = tmp_path / "c.h5"
+    shutil.copyfile(hostile_cache, cache)
+    app = FFNScopeApp([cache], dirs=[])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_screen(pilot, LayersScreen)
+        await pilot.press("n")
+        screen = await wait_screen(pilot, NplScreen)
+        assert "no NPL maps yet" in screen_text(app)
+        await pilot.press("f")
+        await wait_screen(pilot, ChooseScreen)
+        await pilot.press("home", *["down"] * [v for v, _ in FITS].index("adjacent|both"), "enter")
+        await wait_screen(pilot, AskScreen)
+        app.screen.query_one("Input").value = "2048"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: screen.view.exists and screen.job is not None
+                       and screen.job.status == jobs.COMPLETE, 180, "the fit job")
+        assert sidecar_path(cache) in app.started_jobs
+        assert set(screen.view.pairs) == {"exact", "adagrad"}
+        text = screen_text(app)
+        assert "rows i, columns j" in text and "exact L2 distance per token" in text
+        await pilot.press("u")
+        await wait_for(pilot, lambda: "functional" in screen.view.results, 180, "the functional job")
+        await pilot.press("escape")
+        await wait_screen(pilot, LayersScreen)
+        await pilot.press("a")
+        neurons = await wait_screen(pilot, NeuronsScreen)
+        await wait_for(pilot, lambda: (neurons.index.cols["background"] != -1).any(), 30, "the reloaded index")
+        await pilot.press("b")
+        await settle(pilot)
+        want = np.flatnonzero(neurons.index.cols["background"] == 1)
+        assert len(want) and np.array_equal(neurons.rows, want)
+        assert "background" in screen_text(app)
