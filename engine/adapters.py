@@ -21,8 +21,7 @@ class Family:
     act: str             # activation module inside the FFN
     down: str            # output projection inside the FFN; its input is g
     gated: bool          # g = act(gate) * up
-    final_norm: str      # final norm before the unembedding
-    unembed: str         # the LM head
+    final_norm: str      # final norm before the unembedding (the LM head: get_output_embeddings())
     act_config_key: str  # config attribute naming the activation function
     returns_tuple: bool = False  # decoder layers return (hidden, ...) instead of hidden
     norm_offset: float = 0.0     # Gemma's RMSNorm scales by (1 + weight)
@@ -31,17 +30,17 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("OPT", ("opt",), "model.decoder.layers", "", "activation_fn", "fc2", False,
-           "model.decoder.final_layer_norm", "lm_head", "activation_function"),
+           "model.decoder.final_layer_norm", "activation_function"),
     Family("GPT-2", ("gpt2",), "transformer.h", "mlp", "act", "c_proj", False,
-           "transformer.ln_f", "lm_head", "activation_function", down_is_conv1d=True),
+           "transformer.ln_f", "activation_function", down_is_conv1d=True),
     Family("GPT-J", ("gptj",), "transformer.h", "mlp", "act", "fc_out", False,
-           "transformer.ln_f", "lm_head", "activation_function", returns_tuple=True),
+           "transformer.ln_f", "activation_function", returns_tuple=True),
     Family("GPT-NeoX", ("gpt_neox",), "gpt_neox.layers", "mlp", "act", "dense_4h_to_h", False,
-           "gpt_neox.final_layer_norm", "embed_out", "hidden_act"),
+           "gpt_neox.final_layer_norm", "hidden_act"),
     Family("Llama", ("llama", "mistral", "qwen2"), "model.layers", "mlp", "act_fn", "down_proj", True,
-           "model.norm", "lm_head", "hidden_act"),
+           "model.norm", "hidden_act"),
     Family("Gemma", ("gemma", "gemma2"), "model.layers", "mlp", "act_fn", "down_proj", True,
-           "model.norm", "lm_head", "hidden_activation", norm_offset=1.0),
+           "model.norm", "hidden_activation", norm_offset=1.0),
 )
 
 SUPPORTED = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
@@ -116,7 +115,7 @@ class Adapter:
 
     def unembedding(self):
         """(vocab, d_model) matrix that maps the final hidden state to logits."""
-        return _get(self.model, self.family.unembed).weight
+        return self.model.get_output_embeddings().weight  # (GPT-NeoX's head is embed_out or lm_head by version)
 
     def firing_rule(self, tau: float) -> str:
         site = "act(gate)" if self.family.gated else "act(pre-activation)"

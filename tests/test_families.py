@@ -60,3 +60,18 @@ def test_ngram_counts_match_a_dictionary_count(model_dirs, text_file, tmp_path):
         np.testing.assert_array_equal(state.data.grams[n].gram, uniq)
         np.testing.assert_array_equal(state.data.grams[n].count, counts)
     assert state.data.unigram[meta["tokenizer"]["start_id"]] == 0
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_adapter_reads_every_family(model_type):
+    """The tensors the analyses read: W_out rows, the final norm's scale and the unembedding."""
+    from engine.adapters import Adapter
+    from tests.tiny_models import build
+
+    model = build(model_type)
+    adapter = Adapter(model)
+    config = model.config
+    unembedding = adapter.unembedding()
+    assert unembedding is model.get_output_embeddings().weight
+    assert unembedding.shape[0] == config.vocab_size
+    assert adapter.w_out(0).shape == (adapter.d_ffn, unembedding.shape[1])
