@@ -73,3 +73,17 @@ def test_detail_of_planted_neurons(index_and_table):
     on = np.flatnonzero(detail.pos_freq > 0.5)
     assert on.min() == 8 and on.max() == 19  # the planted range indicator fires at positions 8-19
     assert detail.pos_ranges == ["8-19"]
+
+
+def test_sorting_by_flags_and_types(index_and_table):
+    index, table, _ = index_and_table
+    rows = index.select(NeuronFilter(), "token_detector", descending=True)
+    flags = [table["token_detector"][r] for r in rows]
+    n_true = sum(f is True for f in flags)
+    assert n_true and all(f is True for f in flags[:n_true])          # detectors first
+    assert all(f is None for f in flags[len(flags) - sum(f is None for f in flags):])  # unknown last
+    rows = index.select(NeuronFilter(), "pos_type")
+    types = [table["pos_type"][r] for r in rows]
+    n_pos = sum(bool(t) for t in types)
+    assert all(types[:n_pos]) and not any(types[n_pos:])              # not positional last
+    assert types[:n_pos] == sorted(types[:n_pos], key=["oscillatory", "both_extremes", "one_extreme", "other"].index)

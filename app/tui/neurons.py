@@ -26,7 +26,9 @@ COLUMNS = [Column("layer", "layer", 5), Column("neuron", "neuron", 6), Column("f
            Column("cover", "cov", 4), Column("det", "det", 3, "left"), Column("triggers", "triggers", 0, "left"),
            Column("supp", "supp", 4, "left"), Column("mi", "pos MI", 6), Column("type", "type", 11, "left")]
 SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firing frequency",
-               "unigram_coverage": "coverage number", "pos_mi": "positional MI",
+               "unigram_coverage": "coverage number", "token_detector": "token detectors first",
+               "bigram_detector": "bigram detectors first", "trigram_detector": "trigram detectors first",
+               "pos_type": "positional type", "background": "background neurons first", "pos_mi": "positional MI",
                "trigger_suppression": "trigger suppression score", "g_mean": "mean activation",
                "g_std": "activation std", "g_max": "max activation", "npl_pearson": "NPL Pearson r",
                "npl_l2": "NPL L2 error (predictability score)"}
@@ -220,7 +222,7 @@ class NeuronsScreen(FramedScreen):
         def done(value):
             if value is not None:
                 self.sort = value
-                self.descending = value not in ("layer", "neuron", "unigram_coverage")
+                self.descending = value not in ("layer", "neuron", "unigram_coverage", "pos_type")
                 self.refilter()
         self.app.push_screen(ChooseScreen("Sort by (r reverses)", choices, self.sort), done)
 

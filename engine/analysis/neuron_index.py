@@ -23,8 +23,9 @@ UNKNOWN = -1
 ANALYSES = ("dead", "ngrams", "positional", "suppression")
 DETECTORS = {"token": 1, "bigram": 2, "trigram": 3}
 # sortable numeric columns, in the order the TUI offers them
-SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "pos_mi", "trigger_suppression",
-             "g_mean", "g_std", "g_max", "npl_pearson", "npl_l2")
+SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "token_detector", "bigram_detector",
+             "trigram_detector", "trigger_suppression", "pos_mi", "pos_type", "g_mean", "g_std", "g_max",
+             "npl_pearson", "npl_l2", "background")
 
 
 @dataclass
@@ -320,6 +321,8 @@ class NeuronIndex:
             unknown = np.isnan(values)
         elif values.dtype == np.int8 or key == "unigram_coverage":
             unknown = values == UNKNOWN
+        elif key == "pos_type":
+            unknown = values == 0  # not positional: after every type
         else:
             unknown = None
         bits = values.astype(np.float32).view(np.uint32)
