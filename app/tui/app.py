@@ -18,6 +18,7 @@ from app.tui.modals import ConfirmScreen, HelpScreen
 from app.tui.recording import OpenRecording
 from app.tui.recordings import RecordingsScreen
 from cache.errors import UserError
+from cache.npl_store import SUFFIX as NPL_SUFFIX
 from engine import jobs
 
 DEFAULT_NAME = "smollm2-default.h5"
@@ -34,7 +35,7 @@ class FFNScopeApp(App):
         """`files`: caches to list (one opens at once); `dirs`: where to look for more (default: the
         recordings directory); `main_job`: open `main_model`'s recording, recording it first."""
         super().__init__()
-        self.files = [Path(f) for f in files]
+        self.files = [Path(f).absolute() for f in files]  # jobs report absolute paths
         self.dirs = dirs
         self.main_job = main_job
         self.main_model, self.main_tokens = main_model, main_tokens
@@ -99,8 +100,9 @@ class FFNScopeApp(App):
             elif row is not None and row.job is not None and row.job.status in (jobs.FAILED, jobs.STOPPED,
                                                                                  jobs.INTERRUPTED):
                 self.follow = None
-        for path in finished:
-            rec = self.recordings.get(path)
+        for path in finished:  # an NPL job's output is the sidecar beside its recording
+            path = path.with_name(path.name[:-len(NPL_SUFFIX)]) if path.name.endswith(NPL_SUFFIX) else path
+            rec = self.recordings.get(path.absolute())
             if rec is not None and rec.stale:
                 self.reload(path)
 
@@ -119,6 +121,7 @@ class FFNScopeApp(App):
 
     def _get(self, path: Path) -> OpenRecording:
         """The open recording of `path`, reopened when a job has replaced the file (worker threads)."""
+        path = Path(path).absolute()
         with self._open_lock:
             rec = self.recordings.get(path)
             if rec is None or rec.stale:
