@@ -22,6 +22,8 @@ from engine.analysis.positional import KINDS
 UNKNOWN = -1
 ANALYSES = ("dead", "ngrams", "positional", "suppression")
 DETECTORS = {"token": 1, "bigram": 2, "trigram": 3}
+ORDERS_KEPT = 4  # whole-table sort orders remembered (8 bytes per neuron each)
+WARM_ORDERS = ("fire_freq", "pos_mi")  # the sorts researchers reach for first, computed ahead
 # sortable numeric columns, in the order the TUI offers them
 SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "token_detector", "bigram_detector",
              "trigram_detector", "trigger_suppression", "pos_mi", "pos_type", "g_mean", "g_std", "g_max",
@@ -144,6 +146,7 @@ class NeuronIndex:
         vocab_size = self.meta["model"]["vocab_size"]
         self.n_tokens = max(reader.n_tokens, 1)
         self._lock = threading.Lock()
+        self._orders: dict[tuple[str, bool], np.ndarray] = {}  # oldest first
         fires = np.empty(n, np.int64)
         for layer in self.layers:
             fires[self.offset[layer]:self.offset[layer] + d] = reader.primary_fire_count(layer)
@@ -273,6 +276,8 @@ class NeuronIndex:
         self.column(self.LAZY[0])
         for grams in self.triggers.values():
             grams.folded()
+        for key in WARM_ORDERS:
+            self.full_order(key, descending=True)
 
     # --- selection --------------------------------------------------------------------------------
     def mask(self, f: NeuronFilter) -> np.ndarray:
@@ -336,11 +341,29 @@ class NeuronIndex:
         return rows[(keys & np.uint64(0xFFFFFFFF)).astype(np.int64)]
 
     def select(self, f: NeuronFilter, sort: str = "layer", descending: bool = False) -> np.ndarray:
-        """Rows matching the filter, in sort order."""
-        rows = np.flatnonzero(self.mask(f))
+        """Rows matching the filter, in sort order. A large selection is cut out of the whole table's
+        order for that key, sorted once and kept (the last few keys): re-sorting millions of rows at
+        every filter key would cost a tenth of a second each time."""
+        mask = self.mask(f)
         if sort == "layer" and not descending:
-            return rows
-        return self.sort_keys(sort, rows, descending)
+            return np.flatnonzero(mask)
+        order = self._orders.get((sort, descending))
+        if order is None and mask.sum() > self.n // 4:
+            order = self.full_order(sort, descending)
+        if order is not None:
+            return order[mask[order]]
+        return self.sort_keys(sort, np.flatnonzero(mask), descending)
+
+    def full_order(self, key: str, descending: bool) -> np.ndarray:
+        """Every row sorted by `key`, remembered for the last ORDERS_KEPT keys (thread-safe)."""
+        order = self._orders.get((key, descending))
+        if order is None:
+            order = self.sort_keys(key, np.arange(self.n), descending)
+            with self._lock:
+                self._orders[(key, descending)] = order
+                while len(self._orders) > ORDERS_KEPT:
+                    self._orders.pop(next(iter(self._orders)))
+        return order
 
     # --- rows -------------------------------------------------------------------------------------
     def known(self, name: str, row: int):
