@@ -58,10 +58,9 @@ from cache import analysis_store as store  # noqa: E402
 from cache import schema  # noqa: E402
 from cache.state import GramCounts, Sparse, merge_topk  # noqa: E402
 from cache.store import _GZIP, _put, _put_strings  # noqa: E402
-from engine.analysis.ngrams import (NgramParams, coverage_histogram, ensemble, ngram_layer,  # noqa: E402
-                                    unigram_counts)
+from engine.analysis.ngrams import NgramParams, ngram_layer, unigram_counts  # noqa: E402
 from engine.analysis.positional import KINDS, PositionalParams, positional_layer  # noqa: E402
-from engine.analysis.run import Analyzer  # noqa: E402
+from engine.analysis.run import Analyzer, put_ngram_order, put_suppression_rows  # noqa: E402
 from engine.analysis.suppression import SuppressionParams  # noqa: E402
 from engine.data import Packed  # noqa: E402
 from engine.meta import EXTRA_TAUS  # noqa: E402
@@ -722,20 +721,7 @@ class Analyses:
         ngrams = store.Result("ngrams", self.params["ngrams"].as_dict())
         ngrams.put("layers", np.array(self.ngram_layers, np.int64))
         for n in (1, 2, 3):
-            per_layer = self.ngram[n]
-            detected = [set(np.unique(r.covered_gram).tolist()) for r in per_layer]
-            for key in ("fires", "coverage", "detector"):
-                ngrams.put(f"n{n}/{key}", np.stack([getattr(r, key) for r in per_layer]) if per_layer
-                           else np.zeros((0, d)))
-            covered_layer = np.concatenate([np.full(len(r.covered_neuron), layer) for layer, r
-                                            in zip(self.ngram_layers, per_layer)]) if per_layer else []
-            ngrams.put(f"n{n}/covered_layer", np.asarray(covered_layer, np.int64))
-            for key in ("covered_neuron", "covered_gram", "covered_count"):
-                ngrams.put(f"n{n}/{key}", np.concatenate([getattr(r, key) for r in per_layer]) if per_layer
-                           else np.zeros(0, np.int64))
-            ngrams.put(f"n{n}/coverage_hist", [coverage_histogram(r.coverage) for r in per_layer])
-            ngrams.put(f"n{n}/ensemble", [[row[k] for k in ("detected", "new_overall", "new_vs_previous",
-                                                            "cumulative")] for row in ensemble(detected)])
+            put_ngram_order(ngrams, n, self.ngram_layers, self.ngram[n], d)
         # positional: as Analyzer._positional
         positional = store.Result("positional", self.params["positional"].as_dict())
         positional.put("layers", np.array(self.layers, np.int64))
@@ -743,15 +729,12 @@ class Analyses:
             positional.put(key, np.stack(self.pos[key]))
         positional.put("ranges", np.array(self.ranges, np.int64).reshape(-1, 4))
         # suppression: as Analyzer._suppression concatenates its rows
-        top = self.params["suppression"].top
         suppression = store.Result("suppression", self.params["suppression"].as_dict(),
                                    {"ngrams": self.params["ngrams"].as_dict()})
-        for key in ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_score",
-                    "trigger_rank", "suppresses", "layer"):
-            chunks = [rows[key] for rows in self.supp]
-            empty = np.zeros((0, top) if key in ("promoted", "promoted_score", "suppressed", "suppressed_score")
-                             else 0)
-            suppression.put(key, np.concatenate(chunks) if chunks else empty)
+        keys = ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_score",
+                "trigger_rank", "suppresses", "layer")
+        put_suppression_rows(suppression, {key: [rows[key] for rows in self.supp] for key in keys},
+                             self.params["suppression"].top)
         return [dead, ngrams, positional, suppression]
 
 

@@ -90,23 +90,11 @@ class Analyzer:
         data = self.reader.gram_counts()
         data[1] = unigram_counts(self.reader.file["data/unigram"][:])
         for n in (1, 2, 3):
-            per_layer, detected = [], []
+            per_layer = []
             for layer in self.ngram_layers:
                 sparse, counted = self.reader.ngrams(layer, n)
                 per_layer.append(ngram_layer(sparse, data[n], counted, n, params))
-                detected.append(set(np.unique(per_layer[-1].covered_gram).tolist()))
-            for key in ("fires", "coverage", "detector"):
-                result.put(f"n{n}/{key}", np.stack([getattr(r, key) for r in per_layer]) if per_layer
-                           else np.zeros((0, self.meta["model"]["d_ffn"])))
-            covered_layer = np.concatenate([np.full(len(r.covered_neuron), layer) for layer, r
-                                            in zip(self.ngram_layers, per_layer)]) if per_layer else []
-            result.put(f"n{n}/covered_layer", np.asarray(covered_layer, np.int64))
-            for key in ("covered_neuron", "covered_gram", "covered_count"):
-                result.put(f"n{n}/{key}", np.concatenate([getattr(r, key) for r in per_layer]) if per_layer
-                           else np.zeros(0, np.int64))
-            result.put(f"n{n}/coverage_hist", [coverage_histogram(r.coverage) for r in per_layer])
-            result.put(f"n{n}/ensemble", [[row[k] for k in ("detected", "new_overall", "new_vs_previous",
-                                                            "cumulative")] for row in ensemble(detected)])
+            put_ngram_order(result, n, self.ngram_layers, per_layer, self.meta["model"]["d_ffn"])
         return result
 
     def _positional(self) -> store.Result:
@@ -150,11 +138,7 @@ class Analyzer:
             for k in keys:
                 parts[k].append(getattr(r, k))
             parts["layer"].append(np.full(len(neurons), layer, np.int64))
-        top = params.top
-        for k, chunks in parts.items():
-            empty = np.zeros((0, top) if k in ("promoted", "promoted_score", "suppressed", "suppressed_score")
-                             else 0)
-            result.put(k, np.concatenate(chunks) if chunks else empty)
+        put_suppression_rows(result, parts, params.top)
         return result
 
     def _load_model(self):
@@ -171,6 +155,30 @@ class Analyzer:
                             f"(fingerprint {lm.fingerprint} vs {model_meta['fingerprint']}); "
                             "give the original model or skip suppression with --only dead ngrams positional")
         return lm
+
+
+def put_ngram_order(result: store.Result, n: int, layers: list[int], per_layer: list, d_ffn: int) -> None:
+    """Store one n-gram order's per-layer results (engine.analysis.ngrams.ngram_layer) under n{n}/."""
+    for key in ("fires", "coverage", "detector"):
+        result.put(f"n{n}/{key}", np.stack([getattr(r, key) for r in per_layer]) if per_layer
+                   else np.zeros((0, d_ffn)))
+    covered_layer = np.concatenate([np.full(len(r.covered_neuron), layer) for layer, r
+                                    in zip(layers, per_layer)]) if per_layer else []
+    result.put(f"n{n}/covered_layer", np.asarray(covered_layer, np.int64))
+    for key in ("covered_neuron", "covered_gram", "covered_count"):
+        result.put(f"n{n}/{key}", np.concatenate([getattr(r, key) for r in per_layer]) if per_layer
+                   else np.zeros(0, np.int64))
+    result.put(f"n{n}/coverage_hist", [coverage_histogram(r.coverage) for r in per_layer])
+    detected = [set(np.unique(r.covered_gram).tolist()) for r in per_layer]
+    result.put(f"n{n}/ensemble", [[row[k] for k in ("detected", "new_overall", "new_vs_previous", "cumulative")]
+                                  for row in ensemble(detected)])
+
+
+def put_suppression_rows(result: store.Result, parts: dict[str, list], top: int) -> None:
+    """Store the per-layer suppression chunks, one row per token detector."""
+    for key, chunks in parts.items():
+        empty = np.zeros((0, top) if key in ("promoted", "promoted_score", "suppressed", "suppressed_score") else 0)
+        result.put(key, np.concatenate(chunks) if chunks else empty)
 
 
 def analyze(path: Path, only: list[str] | None = None, settings: list[str] | None = None, log=print) -> dict[str, str]:
