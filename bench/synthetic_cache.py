@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 from cache import analysis_store as store  # noqa: E402
 from cache import schema  # noqa: E402
 from cache.state import GramCounts, Sparse, merge_topk  # noqa: E402
-from cache.store import _GZIP, _put, _put_strings  # noqa: E402
+from cache.store import _GZIP, _put_strings  # noqa: E402
+from cache.store import put_array as _put  # noqa: E402
 from engine.analysis.ngrams import NgramParams, ngram_layer, unigram_counts  # noqa: E402
 from engine.analysis.positional import KINDS, PositionalParams, positional_layer  # noqa: E402
 from engine.analysis.run import Analyzer, put_ngram_order, put_suppression_rows  # noqa: E402

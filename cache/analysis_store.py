@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import h5py
@@ -19,6 +17,7 @@ import numpy as np
 from cache import schema
 from cache.errors import UserError
 from cache.reader import CacheReader
+from cache.store import replaced
 
 ROOT = "analysis"
 
@@ -80,23 +79,13 @@ def put_result(f: h5py.File, result: Result, recording: str) -> None:
 def write_results(path: Path, results: list[Result], recording: str) -> None:
     if not results:
         return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.analysis.tmp")
-    try:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a") as f:
-            if f.attrs.get("format") != schema.FORMAT:
-                raise UserError(f"{path} changed while being analysed; run analyze again")
-            for result in results:
-                key = f"{ROOT}/{result.name}"
-                if key in f:
-                    del f[key]
-                put_result(f, result, recording)
-            f.flush()
-            os.fsync(f.id.get_vfd_handle())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"could not write analyses into {path} ({exc.strerror or exc}); "
-                        "check free disk space (a copy of the cache is needed) and permissions") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    failure = (f"could not write analyses into {path}; check free disk space (a copy of the cache is needed) "
+               "and permissions")
+    with replaced(path, ".analysis", copy=True, failure=failure) as f:
+        if f.attrs.get("format") != schema.FORMAT:
+            raise UserError(f"{path} changed while being analysed; run analyze again")
+        for result in results:
+            key = f"{ROOT}/{result.name}"
+            if key in f:
+                del f[key]
+            put_result(f, result, recording)

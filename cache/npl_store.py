@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,8 @@ import h5py
 import numpy as np
 
 from cache.errors import UserError
+from cache.store import put_array as _put
+from cache.store import replaced
 
 FORMAT = "ffnscope-npl"
 SCHEMA_VERSION = 1
@@ -88,77 +88,48 @@ class NplFile:
     maps: dict[str, dict[tuple[int, int], MapRecord]] = field(default_factory=dict)
 
 
-def _put(group: h5py.Group, name: str, array, compress: bool = True) -> None:
-    array = np.ascontiguousarray(array)
-    options = dict(compression="gzip", compression_opts=1, shuffle=True) if compress and array.size >= 4096 else {}
-    group.create_dataset(name, data=array, **options)
-
-
-def _commit(f: h5py.File) -> None:
-    f.flush()
-    os.fsync(f.id.get_vfd_handle())
-
-
 def write_npl(path: Path, npl: NplFile) -> None:
     """Write a whole sidecar atomically (maps stored as float32; results from an older sidecar are
     not carried over: they belong to the maps they were computed with)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["meta"] = json.dumps(npl.meta)
-            data = f.create_group("data")
-            _put(data, "fit_hashes", np.sort(npl.fit_hashes.astype(np.uint64)))
-            _put(data, "heldout_hashes", npl.heldout_hashes.astype(np.uint64))
-            _put(data, "heldout_tokens", npl.heldout_tokens.astype(np.int32))
-            _put(data, "heldout_nll", npl.heldout_nll.astype(np.float32))
-            for method, records in npl.maps.items():
-                for (i, j), rec in sorted(records.items()):
-                    group = f.create_group(f"maps/{method}/{pair_key(i, j)}")
-                    group.attrs["source"], group.attrs["target"] = int(i), int(j)
-                    for name, value in rec.scalars.items():
-                        group.attrs[name] = float(value)
-                    group.create_dataset("W", data=np.ascontiguousarray(rec.W, dtype=np.float32))
-                    _put(group, "b", np.asarray(rec.b, np.float64), compress=False)
-                    for name in METRIC_NAMES:
-                        _put(group, name, np.asarray(rec.metrics[name], np.float64), compress=False)
-            f.create_group("results")
-            _commit(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"could not write {path} ({exc.strerror or exc}); check free disk space and "
-                        "permissions") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    failure = f"could not write {path}; check free disk space and permissions"
+    with replaced(path, failure=failure) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["meta"] = json.dumps(npl.meta)
+        data = f.create_group("data")
+        _put(data, "fit_hashes", np.sort(npl.fit_hashes.astype(np.uint64)))
+        _put(data, "heldout_hashes", npl.heldout_hashes.astype(np.uint64))
+        _put(data, "heldout_tokens", npl.heldout_tokens.astype(np.int32))
+        _put(data, "heldout_nll", npl.heldout_nll.astype(np.float32))
+        for method, records in npl.maps.items():
+            for (i, j), rec in sorted(records.items()):
+                group = f.create_group(f"maps/{method}/{pair_key(i, j)}")
+                group.attrs["source"], group.attrs["target"] = int(i), int(j)
+                for name, value in rec.scalars.items():
+                    group.attrs[name] = float(value)
+                group.create_dataset("W", data=np.ascontiguousarray(rec.W, dtype=np.float32))
+                _put(group, "b", np.asarray(rec.b, np.float64), compress=False)
+                for name in METRIC_NAMES:
+                    _put(group, name, np.asarray(rec.metrics[name], np.float64), compress=False)
+        f.create_group("results")
 
 
 def write_result(path: Path, name: str, params: dict, rows: list[dict] | None = None,
                  arrays: dict[str, np.ndarray] | None = None) -> None:
     """Store (or replace) results/<name> copy-on-write: the maps are never at risk."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.result.tmp")
-    try:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise UserError(f"{path} changed while results were computed; run the job again")
-            key = f"results/{name}"
-            if key in f:
-                del f[key]
-            group = f.create_group(key)
-            group.attrs["params"] = json.dumps(params)
-            group.attrs["rows"] = json.dumps(rows or [])
-            for key, array in (arrays or {}).items():
-                _put(group, key, np.asarray(array))
-            _commit(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"could not write results into {path} ({exc.strerror or exc}); check free disk "
-                        "space (a copy of the sidecar is needed) and permissions") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    failure = (f"could not write results into {path}; check free disk space (a copy of the sidecar is "
+               "needed) and permissions")
+    with replaced(path, ".result", copy=True, failure=failure) as f:
+        if f.attrs.get("format") != FORMAT:
+            raise UserError(f"{path} changed while results were computed; run the job again")
+        key = f"results/{name}"
+        if key in f:
+            del f[key]
+        group = f.create_group(key)
+        group.attrs["params"] = json.dumps(params)
+        group.attrs["rows"] = json.dumps(rows or [])
+        for key, array in (arrays or {}).items():
+            _put(group, key, np.asarray(array))
 
 
 class NplReader:

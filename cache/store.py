@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -20,52 +22,69 @@ from cache.state import DataState, GramCounts, LayerState, RecordingState, Sampl
 _GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
 
 
-def _put(group: h5py.Group, name: str, array: np.ndarray, compress: bool = True) -> None:
+def put_array(group: h5py.Group, name: str, array: np.ndarray, compress: bool = True) -> None:
+    """A dataset with the store's options: gzip level 1 with shuffle, for arrays worth compressing."""
     array = np.ascontiguousarray(array)
     options = _GZIP if compress and array.size >= 4096 else {}
     group.create_dataset(name, data=array, **options)
 
 
-def write_state(path: Path, state: RecordingState, status: str) -> None:
+@contextmanager
+def replaced(path: Path, tag: str = "", copy: bool = False, failure: str | None = None):
+    """An open HDF5 file that replaces `path` whole when the block ends: a temporary file beside it
+    (a copy of `path` when copy=True), flushed to disk, renamed over it. Nothing else ever writes a
+    file of ours, so a kill at any moment leaves the old file or the new one, never a torn one.
+    `failure`: a one-line UserError for an OSError (with its reason appended); None lets it through."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = schema.FORMAT
-            f.attrs["schema_version"] = schema.SCHEMA_VERSION
-            f.attrs["status"] = status
-            f.attrs["shards_done"] = state.shards_done
-            f.attrs["meta"] = json.dumps(state.meta)
-            data = f.create_group("data")
-            _put(data, "tokens", state.data.tokens)
-            _put(data, "seq_index", state.data.seq_index)
-            _put(data, "domains", state.data.domains)
-            _put(data, "unigram", state.data.unigram)
-            for n, grams in state.data.grams.items():
-                _put(data, f"gram{n}/gram", grams.gram)
-                _put(data, f"gram{n}/count", grams.count)
-            for index, layer in state.layers.items():
-                group = f.create_group(schema.layer_group(index))
-                for name in schema.LAYER_ARRAYS:
-                    value = getattr(layer, name)
-                    _put(group, name, value)
-                if layer.ngram_counted is not None:
-                    _put(group, "ngram_counted", layer.ngram_counted)
-                    for n, sparse in layer.ngrams.items():
-                        for column in ("gram", "neuron", "count"):
-                            _put(group, f"ngram{n}/{column}", getattr(sparse, column))
-            _put_strings(f, "tokenizer/vocab", state.vocab)
-            _put_strings(f, "tokenizer/pieces", state.pieces)
-            samples = f.create_group("samples")
-            _put(samples, "index", state.samples.index)
-            acts = state.samples.acts
-            chunks = (1, max(1, min(acts.shape[1], 256)), acts.shape[2]) if acts.size else None
-            samples.create_dataset("acts", data=acts, chunks=chunks)
+        if copy:
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a" if copy else "w") as f:
+            yield f
             f.flush()
             os.fsync(f.id.get_vfd_handle())
         os.replace(tmp, path)
+    except OSError as exc:
+        if failure is None:
+            raise
+        raise UserError(f"{failure} ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_state(path: Path, state: RecordingState, status: str) -> None:
+    with replaced(path) as f:
+        f.attrs["format"] = schema.FORMAT
+        f.attrs["schema_version"] = schema.SCHEMA_VERSION
+        f.attrs["status"] = status
+        f.attrs["shards_done"] = state.shards_done
+        f.attrs["meta"] = json.dumps(state.meta)
+        data = f.create_group("data")
+        put_array(data, "tokens", state.data.tokens)
+        put_array(data, "seq_index", state.data.seq_index)
+        put_array(data, "domains", state.data.domains)
+        put_array(data, "unigram", state.data.unigram)
+        for n, grams in state.data.grams.items():
+            put_array(data, f"gram{n}/gram", grams.gram)
+            put_array(data, f"gram{n}/count", grams.count)
+        for index, layer in state.layers.items():
+            group = f.create_group(schema.layer_group(index))
+            for name in schema.LAYER_ARRAYS:
+                value = getattr(layer, name)
+                put_array(group, name, value)
+            if layer.ngram_counted is not None:
+                put_array(group, "ngram_counted", layer.ngram_counted)
+                for n, sparse in layer.ngrams.items():
+                    for column in ("gram", "neuron", "count"):
+                        put_array(group, f"ngram{n}/{column}", getattr(sparse, column))
+        _put_strings(f, "tokenizer/vocab", state.vocab)
+        _put_strings(f, "tokenizer/pieces", state.pieces)
+        samples = f.create_group("samples")
+        put_array(samples, "index", state.samples.index)
+        acts = state.samples.acts
+        chunks = (1, max(1, min(acts.shape[1], 256)), acts.shape[2]) if acts.size else None
+        samples.create_dataset("acts", data=acts, chunks=chunks)
 
 
 def open_file(path: Path, purpose: str) -> h5py.File:
@@ -98,8 +117,8 @@ def _put_strings(f: h5py.File, name: str, strings: list[str]) -> None:
     encoded = [s.encode("utf-8", "surrogatepass") for s in strings]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     offsets[1:] = np.cumsum([len(b) for b in encoded])
-    _put(f, f"{name}/bytes", np.frombuffer(b"".join(encoded), np.uint8))
-    _put(f, f"{name}/offsets", offsets)
+    put_array(f, f"{name}/bytes", np.frombuffer(b"".join(encoded), np.uint8))
+    put_array(f, f"{name}/offsets", offsets)
 
 
 def read_strings(f: h5py.File, name: str) -> list[str]:
