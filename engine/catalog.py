@@ -14,6 +14,7 @@ from cache.reader import CacheReader
 from engine.analysis.run import NAMES as ANALYSES
 from cache.npl_store import SUFFIX as NPL_SUFFIX
 from engine.jobs import recordings_dir
+from engine.paths import unique_paths
 
 COMPLETE, PARTIAL, ERROR = "complete", "partial", "error"
 
@@ -120,11 +121,4 @@ def scan(files: Iterable[Path] = (), dirs: Iterable[Path] | None = None) -> list
     for directory in dirs:
         paths += _caches_in(directory)
     paths += [Path(f) for f in files]
-    rows, seen = [], set()
-    for path in paths:
-        key = os.path.realpath(path)
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(summarize(path))
-    return rows
+    return [summarize(path) for path in unique_paths(paths)]

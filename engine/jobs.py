@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cache.errors import UserError
-from engine.paths import user_cache_dir
+from engine.paths import unique_paths, user_cache_dir
 from engine.progress import COMPLETE, FAILED, RUNNING, STOPPED, progress_path, read_progress
 
 INTERRUPTED = "interrupted"  # the progress file says running, but its process is gone (SIGKILL, reboot)
@@ -197,15 +197,7 @@ def list_jobs(dirs: Iterable[Path] = (), files: Iterable[Path] = ()) -> list[Job
         except OSError:
             continue
     candidates += [progress_path(Path(f)) for f in files]
-    jobs, seen = [], set()
-    for candidate in candidates:
-        key = os.path.realpath(candidate)
-        if key in seen:
-            continue
-        seen.add(key)
-        job = read_job(_output_of(candidate))
-        if job is not None:
-            jobs.append(job)
+    jobs = [job for job in (read_job(_output_of(c)) for c in unique_paths(candidates)) if job is not None]
     jobs.sort(key=lambda j: (j.status != RUNNING, -(j.updated or 0.0)))
     return jobs
 

@@ -11,3 +11,14 @@ def user_cache_dir() -> Path:
         return Path(os.environ["FFNSCOPE_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ffnscope"
+
+
+def unique_paths(paths) -> list[Path]:
+    """`paths` in order, each file once however it is spelled (symlinks, relative or absolute)."""
+    out, seen = [], set()
+    for path in paths:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            out.append(Path(path))
+    return out

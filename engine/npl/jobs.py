@@ -166,8 +166,18 @@ def _device(name: str):
 
 
 # --- fit -----------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ModelOptions:
+    """How every NPL job loads and runs the recording's model."""
+    batch_tokens: int = 8192
+    device: str = "auto"
+    dtype: str | None = None           # default: the recording's
+    model: str | None = None           # default: the recording's model spec (checked by fingerprint)
+    trust_remote_code: bool = False
+
+
 @dataclass
-class NplFitConfig:
+class NplFitConfig(ModelOptions):
     cache: Path
     pairs: str = "adjacent"            # engine.npl.layout.parse_pairs
     method: str = "exact"              # exact | adagrad | both
@@ -179,11 +189,6 @@ class NplFitConfig:
     holdout: float = 0.1               # fraction of sequences held out
     ridge: float = 1e-6
     stats_dtype: str = "float64"
-    batch_tokens: int = 8192
-    device: str = "auto"
-    dtype: str | None = None           # default: the recording's
-    model: str | None = None           # default: the recording's model spec
-    trust_remote_code: bool = False
     force: bool = False
 
 
@@ -268,7 +273,7 @@ def fit_lines(result, summary: dict) -> list[str]:
 
 # --- substitution ---------------------------------------------------------------------------------------
 @dataclass
-class NplSubstituteConfig:
+class NplSubstituteConfig(ModelOptions):
     cache: Path
     data: list[str] | None = None      # default: the fit run's held-out sequences
     field: str = "text"
@@ -283,11 +288,6 @@ class NplSubstituteConfig:
     finegrained: bool = False          # also the Fig. 4 grid
     fine_chunks: str | None = None     # default: the same chunks
     fine_metrics: tuple[str, ...] = ("pearson", "l2", "mean", "variance")
-    batch_tokens: int = 8192
-    device: str = "auto"
-    dtype: str | None = None
-    model: str | None = None
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -382,7 +382,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
 
 # --- functional and background neurons ----------------------------------------------------------------
 @dataclass
-class NplFunctionalConfig:
+class NplFunctionalConfig(ModelOptions):
     cache: Path
     method: str = "exact"
     theta: float = 0.5
@@ -390,11 +390,6 @@ class NplFunctionalConfig:
     min_count: int = 20
     loss_fraction: float = 0.1
     tokens: int | None = None          # at most this many of the stored held-out tokens
-    batch_tokens: int = 8192
-    device: str = "auto"
-    dtype: str | None = None
-    model: str | None = None
-    trust_remote_code: bool = False
 
 
 @dataclass

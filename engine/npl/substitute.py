@@ -317,14 +317,19 @@ def _sync(device: torch.device, since: float) -> float:
 
 
 # --- Table 1 ---------------------------------------------------------------------------------------
-def table1_settings(n_layers: int, maps: Maps | None, chunk_numbers: list[int], mappings=MAPPINGS,
-                    seeds: int = 3, random_scale: str = "npl", n_chunks: int = 4) -> list[Setting]:
+def chunk_layers(n_layers: int, chunk_numbers: list[int], n_chunks: int = 4):
+    """(chunk number, its substituted layers) for the chunks that have any (layer 0 has no previous layer)."""
     parts = make_chunks(n_layers, n_chunks)
-    settings = []
     for c in chunk_numbers:
         layers = substituted(parts[c - 1])
-        if not layers:
-            continue
+        if layers:
+            yield c, layers
+
+
+def table1_settings(n_layers: int, maps: Maps | None, chunk_numbers: list[int], mappings=MAPPINGS,
+                    seeds: int = 3, random_scale: str = "npl", n_chunks: int = 4) -> list[Setting]:
+    settings = []
+    for c, layers in chunk_layers(n_layers, chunk_numbers, n_chunks):
         for kind in mappings:
             if kind == "npl" and maps is None:
                 raise UserError("the npl mapping needs fitted maps")
@@ -369,12 +374,8 @@ def finegrained_settings(n_layers: int, maps: Maps, chunk_numbers: list[int], me
     """For each chunk and ranking metric: the top half of each layer's neurons (highest values of the
     metric of M_{j-1->j} on held-out data) treated one way and the bottom half another, plus 100%
     actual and 100% predicted. maps must carry metrics (Maps.from_reader(..., need_metrics=True))."""
-    parts = make_chunks(n_layers, n_chunks)
     settings = []
-    for c in chunk_numbers:
-        layers = substituted(parts[c - 1])
-        if not layers:
-            continue
+    for c, layers in chunk_layers(n_layers, chunk_numbers, n_chunks):
         maps.require(layers)
         missing = [j for j in layers if j not in maps.metrics]
         if missing:
