@@ -201,7 +201,7 @@ def cmd_analyze(args) -> int:
     import time
 
     from cache.reader import CacheReader
-    from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
+    from engine.progress import COMPLETE, ProgressFile, running_job
 
     pid = running_job(args.file)
     if pid is not None:
@@ -214,27 +214,14 @@ def cmd_analyze(args) -> int:
     except OSError as exc:
         raise UserError(f"cannot write beside {args.file} ({exc.strerror or exc}); "
                         "analyses are stored in the cache, so its directory must be writable") from None
-    try:
+    with progress.outcome("stopped by signal; run analyze again (it redoes only what is missing)"):
         progress.update(force=True, cwd=os.getcwd())
         status = _run_analyses(args.file, progress, args.only, args.settings)
-    except KeyboardInterrupt:
-        progress.finish(STOPPED, "stopped by signal; run analyze again (it redoes only what is missing)")
-        raise
-    except UserError as exc:
-        progress.finish(FAILED, _one_line(str(exc)))
-        raise
-    except BaseException as exc:
-        progress.finish(FAILED, _one_line(f"{exc.__class__.__name__}: {exc}"))
-        raise
     done = ", ".join(f"{name} {state}" for name, state in status.items())
     progress.update(phase="done")
     progress.finish(COMPLETE, done)
     print(f"{args.file}: {done} ({time.perf_counter() - start:.1f} s)")
     return 0
-
-
-def _one_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
 
 
 def cmd_jobs(args) -> int:

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from cache.errors import UserError
 from engine.paths import unique_paths, user_cache_dir
-from engine.progress import COMPLETE, FAILED, RUNNING, STOPPED, progress_path, read_progress
+from engine.progress import COMPLETE, FAILED, RUNNING, STOPPED, one_line, progress_path, read_progress
 
 INTERRUPTED = "interrupted"  # the progress file says running, but its process is gone (SIGKILL, reboot)
 STATUSES = (RUNNING, STOPPED, FAILED, COMPLETE, INTERRUPTED)
@@ -401,8 +401,7 @@ def fail_if_own(output: Path, message: str, status: str = FAILED) -> None:
     progress = read_progress(output)
     if not isinstance(progress, dict) or progress.get("pid") != os.getpid() or progress.get("status") != RUNNING:
         return
-    line = next((ln.strip() for ln in str(message).splitlines() if ln.strip()), str(message))
-    progress.update(status=status, message=line, updated=time.time())
+    progress.update(status=status, message=one_line(message), updated=time.time())
     path = progress_path(output)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from cache.errors import UserError
 
 RUNNING, STOPPED, FAILED, COMPLETE = "running", "stopped", "failed", "complete"
 
@@ -61,3 +64,25 @@ class ProgressFile:
 
     def finish(self, status: str, message: str = "") -> None:
         self.update(force=True, status=status, message=message)
+
+    @contextmanager
+    def outcome(self, stopped, stop_types: tuple = ()):
+        """Mark the job stopped (ctrl-c, SIGTERM or one of `stop_types`) or failed, with a one-line
+        reason, when the block raises, and re-raise. `stopped`: how to go on, or a function saying it.
+        Completing is the caller's: only it knows the message."""
+        try:
+            yield
+        except (KeyboardInterrupt, *stop_types):
+            self.finish(STOPPED, stopped() if callable(stopped) else stopped)
+            raise
+        except UserError as exc:
+            self.finish(FAILED, one_line(str(exc)))
+            raise
+        except BaseException as exc:
+            self.finish(FAILED, one_line(f"{exc.__class__.__name__}: {exc}"))
+            raise
+
+
+def one_line(text: str) -> str:
+    """The first non-empty line of a message (a progress file or a table row shows one line)."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text).strip())

@@ -22,7 +22,7 @@ from engine.data import open_sources, pack
 from engine.memory import release_freed_memory
 from engine.meta import build_meta, part_range
 from engine.models import LoadedModel, load_model
-from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
+from engine.progress import COMPLETE, ProgressFile, running_job
 from engine.streaming import Recorder, Stopped
 
 @dataclass
@@ -143,7 +143,12 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
     sources = open_sources(config.data, field=config.field, seed=config.seed)
     progress = ProgressFile(config.out, command or [])
     recorded = False
-    try:
+
+    def stopped() -> str:
+        return (f"stopped by signal after the recording was complete; run `ffnscope analyze {config.out}` for "
+                "the analyses" if recorded else "stopped by signal; resume with --resume")
+
+    with progress.outcome(stopped, (Stopped,)):
         progress.update(force=True, phase="loading model", cwd=os.getcwd())
         lm = load_model(config.model, config.dtype, config.trust_remote_code)
         device = resolve_device(config.device)
@@ -197,25 +202,6 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         progress.update(phase="done")
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded")
         return state
-    except Stopped:
-        progress.finish(STOPPED, "stopped by signal; resume with --resume")
-        raise
-    except KeyboardInterrupt:
-        progress.finish(STOPPED, f"stopped by signal after the recording was complete; run `ffnscope analyze "
-                                 f"{config.out}` for the analyses" if recorded
-                        else "stopped by signal; resume with --resume")
-        raise
-    except UserError as exc:
-        progress.finish(FAILED, one_line(str(exc)))
-        raise
-    except BaseException as exc:
-        progress.finish(FAILED, one_line(f"{exc.__class__.__name__}: {exc}"))
-        raise
-
-
-def one_line(text: str) -> str:
-    """The first non-empty line of a message (the progress file shows one line)."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
 
 
 def vocabulary(tokenizer, size: int) -> tuple[list[str], list[str]]:

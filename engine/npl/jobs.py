@@ -33,7 +33,7 @@ from cache.errors import UserError
 from cache.npl_store import (NplFile, NplReader, cache_tie, pair_summary, sequence_hashes, sidecar_path,
                              write_npl, write_result)
 from cache.reader import CacheReader
-from engine.progress import COMPLETE, FAILED, STOPPED, ProgressFile, running_job
+from engine.progress import COMPLETE, ProgressFile, running_job
 
 DEFAULT_FIT_TOKENS = 131072
 
@@ -143,20 +143,11 @@ class _Job:
     def running(self, done_message):
         from engine.streaming import Stopped
 
-        try:
+        with self.progress.outcome("stopped; nothing was written (run the job again)", (Stopped,)):
             with _stop_flag(self.given_flag) as flag:
                 yield flag
-            self.progress.update(phase="done")
-            self.progress.finish(COMPLETE, done_message())
-        except (Stopped, KeyboardInterrupt):
-            self.progress.finish(STOPPED, "stopped; nothing was written (run the job again)")
-            raise
-        except UserError as exc:
-            self.progress.finish(FAILED, str(exc))
-            raise
-        except BaseException as exc:
-            self.progress.finish(FAILED, f"{exc.__class__.__name__}: {exc}")
-            raise
+        self.progress.update(phase="done")
+        self.progress.finish(COMPLETE, done_message())
 
 
 def _device(name: str):
