@@ -4,7 +4,7 @@ no torch), for the TUI's list of recordings. A file that cannot be read is a row
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +15,7 @@ from engine.analysis.run import NAMES as ANALYSES
 from cache.npl_store import SUFFIX as NPL_SUFFIX
 from engine.jobs import recordings_dir
 from engine.paths import unique_paths
+from engine.progress import one_line
 
 COMPLETE, PARTIAL, ERROR = "complete", "partial", "error"
 
@@ -47,29 +48,41 @@ class RecordingSummary:
         return self.status != ERROR
 
 
-def _one_line(text: str) -> str:
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text).strip())
-
-
 def _short(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+# path -> (what its stat said, its summary): the TUI lists recordings every second, and a cache only
+# changes by being replaced whole (a new inode and mtime), so an unchanged stat needs no reopening
+_seen: dict[Path, tuple[tuple, RecordingSummary]] = {}
 
 
 def summarize(path: Path) -> RecordingSummary:
     """The summary of one cache file; errors become a row with status "error"."""
     path = Path(path)
-    row = RecordingSummary(path=path, name=path.name)
     try:
-        row.size_bytes = path.stat().st_size
+        st = path.stat()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError:
-        pass
+        stamp = None
+    known = _seen.get(path)
+    if stamp is not None and known is not None and known[0] == stamp:
+        return replace(known[1])
+    row = _summarize(path, None if stamp is None else stamp[2])
+    if stamp is not None:
+        _seen[path] = (stamp, replace(row))
+    return row
+
+
+def _summarize(path: Path, size: int | None) -> RecordingSummary:
+    row = RecordingSummary(path=path, name=path.name, size_bytes=size)
     try:
         with CacheReader(path, "listing it") as reader:
             _fill(row, reader)
     except UserError as exc:
-        row.status, row.error = ERROR, _one_line(str(exc))
+        row.status, row.error = ERROR, one_line(str(exc))
     except Exception as exc:  # a cache of ours with broken metadata: still a row, never a crash
-        row.status, row.error = ERROR, _one_line(f"{path} is damaged or unreadable ({exc.__class__.__name__}: {exc})")
+        row.status, row.error = ERROR, one_line(f"{path} is damaged or unreadable ({exc.__class__.__name__}: {exc})")
     return row
 
 

@@ -293,3 +293,20 @@ def test_catalog_defaults_to_the_recordings_dir(model_dirs, text_file, tmp_path,
     [row] = catalog.scan()
     assert row.name == "r.h5" and row.status == "complete"
     assert [j.output for j in jobs.list_jobs([])] == [jobs.recordings_dir() / "r.h5"]
+
+
+def test_catalog_rereads_a_replaced_cache(hostile_cache, tmp_path):
+    """Summaries are remembered by stat; a cache replaced whole (as every writer does) is read again."""
+    from cache import analysis_store
+
+    path = tmp_path / "c.h5"
+    shutil.copyfile(hostile_cache, path)
+    first = catalog.summarize(path)
+    assert first.analyzed and catalog.summarize(path) == first
+    with h5py.File(path, "a") as f:  # an analysis gone: the file changes size and mtime
+        del f[f"{analysis_store.ROOT}/suppression"]
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(path, copy)
+    os.replace(copy, path)
+    again = catalog.summarize(path)
+    assert not again.analyzed and again.analyses["suppression"] == "missing"

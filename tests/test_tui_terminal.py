@@ -2,7 +2,6 @@
 terminal emulator (pyte), driven by keys as a user over SSH would."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -78,5 +77,4 @@ def test_installed_command_in_a_terminal(hostile_cache, tmp_path):
             term.child.terminate(force=True)
     term.child.close()
     assert term.child.exitstatus == 0, term.text()
-    assert not any(p.name.endswith(".tmp") for p in hostile_cache.parent.iterdir())
-    assert os.path.exists(hostile_cache)
+    assert not any(p.name.endswith(".tmp") for p in hostile_cache.parent.iterdir())  # browsing writes nothing

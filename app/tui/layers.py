@@ -118,7 +118,7 @@ class LayersScreen(FramedScreen):
 
         def done(choice):
             if choice is not None:
-                export_table(self.app, lambda: Table({k: v for k, v in figures.items()}), *choice)
+                export_table(self.app, lambda: Table(figures), *choice)
         self.app.push_screen(ExportScreen("layer table", len(figures["layer"]),
                                           self.app.export_dir / (self.rec.path.with_suffix("").name + "-layers")),
                              done)

@@ -39,8 +39,10 @@ class Row:
                 eta = f" ETA {duration(job.eta_s)}" if job.eta_s is not None else ""
                 return f"{100 * job.fraction:.0f}%{rate}{eta}"
             return job.activity
-        if job is not None and job.status in (jobs.STOPPED, jobs.INTERRUPTED, jobs.FAILED) and \
-                not (s is not None and s.status == catalog.COMPLETE and job.kind == "record" and job.status != jobs.FAILED):
+        ended_early = job is not None and job.status in (jobs.STOPPED, jobs.INTERRUPTED, jobs.FAILED)
+        # a recording stopped during its own analyses is complete: its row says "not analyzed"
+        recorded = s is not None and s.status == catalog.COMPLETE and job is not None and job.kind == "record"
+        if ended_early and not (recorded and job.status != jobs.FAILED):
             return job.status + (": r resumes" if job.status != jobs.FAILED else "")
         if s is None:
             return job.status if job is not None else ""

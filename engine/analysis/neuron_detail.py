@@ -48,8 +48,6 @@ def neuron_detail(reader: CacheReader, index: NeuronIndex, row: int) -> NeuronDe
     n_seqs = max(reader.n_tokens // seq_len, 1)
     stats = {name: index.known(name, row) for name in STAT_COLUMNS if name in index.cols}
     stats.update(activation_stats(reader, layer, neuron, index.n_tokens))
-    stats.update({name: index.known(name, row) for name in index.cols if name not in stats
-                  and name not in ("layer", "neuron", "pos_type")})
     triggers = {n: list(zip(index.triggers[n].get(row), index.triggers[n].get_values(row))) for n in (1, 2, 3)}
     pos_freq = reader.array(layer, "pos_fire", (slice(None), neuron)) / n_seqs
     return NeuronDetail(layer, neuron, stats, index.pos_type(row), index.pos_ranges.get(row, []), triggers,
