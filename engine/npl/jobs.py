@@ -65,10 +65,12 @@ def recorded_sources(meta: dict) -> list[str]:
     return specs
 
 
-def _load(meta: dict, model: str | None, dtype: str | None, trust_remote_code: bool, cache: Path):
+def _load(meta: dict, options: "ModelOptions", cache: Path):
+    """The recording's model (or options.model), refused unless it is the recorded one."""
     from engine.models import load_model
 
-    lm = load_model(model or meta["model"]["spec"], dtype or meta["model"].get("dtype", "float32"), trust_remote_code)
+    lm = load_model(options.model or meta["model"]["spec"], options.dtype or meta["model"].get("dtype", "float32"),
+                    options.trust_remote_code)
     expected = meta["model"]["fingerprint"]
     if lm.fingerprint != expected:
         raise UserError(f"model {lm.name} (fingerprint {lm.fingerprint}) is not the model recorded in {cache} "
@@ -213,7 +215,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
     report: dict = {}
     with job.running(lambda: report.get("message", "done")) as flag:
         job.phase("loading model")
-        lm = _load(meta, config.model, config.dtype, config.trust_remote_code, cache)
+        lm = _load(meta, config, cache)
         device = _device(config.device)
         job.phase("packing data")
         specs = config.data or recorded_sources(meta)
@@ -334,7 +336,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as flag:
             job.phase("loading model")
-            lm = _load(meta, config.model, config.dtype, config.trust_remote_code, cache)
+            lm = _load(meta, config, cache)
             reader.check_model(lm.fingerprint, lm.name)
             tokens, source = heldout_for(config, reader, lm, log)
             maps = (Maps.from_reader(reader, wanted, config.method, need_metrics=config.finegrained)
@@ -415,7 +417,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as flag:
             job.phase("loading model")
-            lm = _load(meta, config.model, config.dtype, config.trust_remote_code, cache)
+            lm = _load(meta, config, cache)
             reader.check_model(lm.fingerprint, lm.name)
             result = functional_neurons(lm, tokens, nll, scores, params, _device(config.device), config.batch_tokens,
                                         job.report, flag)
