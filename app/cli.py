@@ -21,6 +21,18 @@ def _part(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _max_freq(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not auto or a fraction like 0.05") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("give a positive fraction like 0.05, or auto")
+    return value
+
+
 def _bytes(option: str):
     def parse(text: str) -> int:
         from engine.units import parse_bytes
@@ -55,10 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
     rec.add_argument("--tau", type=float,
                      help="firing threshold on act(pre-activation) (default: 0 for ReLU models, 1.0 otherwise)")
+    rec.add_argument("--tau-rule", default="absolute", metavar="RULE",
+                     help="absolute (--tau in every layer), or a threshold per layer from the calibration "
+                          "sample: quantile:Q (the Q quantile of the layer's act values, like quantile:0.99) "
+                          "or median-max:F (F x the median of its neurons' largest act) (default: %(default)s)")
     rec.add_argument("--layers", help="layers to record, like 0-11,15 (default: all)")
     rec.add_argument("--ngram-layers", help="layers with token/bigram/trigram counts (default: first half)")
-    rec.add_argument("--ngram-max-freq", type=float, default=0.05,
-                     help="count n-grams only for neurons firing at most this often (default: %(default)s)")
+    rec.add_argument("--ngram-max-freq", type=_max_freq, default=None, metavar="auto|F",
+                     help="auto (default): n-gram counts for every neuron that can be a detector (a bound "
+                          "from the data's most frequent n-grams, stored in the cache); F: for the neurons "
+                          "firing at most that often (on the calibration sample, then over the recording); 1 "
+                          "counts every neuron, less saves memory (those skipped within the bound get no "
+                          "detector verdict)")
+    rec.add_argument("--calib-tokens", type=int, default=32768,
+                     help="tokens of the calibration sample (relative --tau-rule, early n-gram skips)")
     rec.add_argument("--topk", type=int, default=16, help="strongest contexts kept per neuron")
     rec.add_argument("--samples", type=int, default=2048,
                      help="token positions whose full activation vectors are kept (for NPL)")
@@ -74,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     rec.add_argument("--force", action="store_true", help="overwrite an existing output")
     rec.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    rec.add_argument("--allow-pickle", action="store_true",
+                     help="accept pickle weights (pytorch_model.bin) where the model has no safetensors; "
+                          "unpickling can run code, so only for files you trust")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.add_argument("--analyze", action="store_true",
                      help="run the analyses (as `ffnscope analyze`) once the recording is complete")
@@ -86,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--only", nargs="+", metavar="NAME", help="dead, ngrams, positional, suppression")
     ana.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                      help="analysis parameters, like ngrams.min_occurrences=3 or mi_threshold=0.1")
+    ana.add_argument("--allow-pickle", action="store_true",
+                     help="suppression loads the recorded model: accept its pickle weights (pytorch_model.bin)")
 
     exp = sub.add_parser("export", help="write the neuron or layer table to CSV, JSONL, Parquet or Markdown")
     exp.add_argument("file", type=Path)
@@ -94,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--where", help="row filter, like \"token_detector and fire_freq < 0.01\" or "
                                      "\"pos_type in ('oscillatory', 'both_extremes')\"")
     exp.add_argument("--layers", help="layers to export, like 0-5,8")
-    exp.add_argument("--dead", action="store_true", help="only dead neurons")
+    exp.add_argument("--dead", nargs="?", const="rule", choices=("rule", "tau0"),
+                     help="only dead neurons: never above the recording's firing threshold (column dead), or "
+                          "with 'tau0' never activated at all (column dead_tau0, the paper's dead)")
     exp.add_argument("--detector", choices=("token", "bigram", "trigram"), help="only detectors of this kind")
     exp.add_argument("--positional", nargs="?", const="any", metavar="TYPE",
                      help="only positional neurons (of TYPE: oscillatory, both_extremes, one_extreme, other)")
@@ -138,7 +167,7 @@ def cmd_record(args) -> int:
 
     def after(_state, progress) -> None:  # the recording is complete; the progress file still says running
         try:
-            _run_analyses(args.out, progress)
+            _run_analyses(args.out, progress, allow_pickle=args.allow_pickle)
         except UserError as exc:
             raise UserError(f"the recording in {args.out} is complete, but its analysis failed: {exc}") from None
 
@@ -163,19 +192,21 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_analyses(path: Path, progress, only=None, settings=None) -> dict[str, str]:
+def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=False) -> dict[str, str]:
     """engine.analysis.run.analyze with its steps in the progress file: phase "analyzing", and
     "analysis" naming the one under way."""
     from engine.analysis.run import analyze
 
+    from engine.safe_text import printable
+
     def log(message: str) -> None:
-        print(message, file=sys.stderr)
+        print(printable(message), file=sys.stderr)
         if message.startswith("analyzing: "):
             progress.update(force=True, phase="analyzing", analysis=message[len("analyzing: "):].strip())
 
     progress.update(force=True, phase="analyzing", analysis=None)
     with _sigterm_interrupts():
-        status = analyze(path, only, settings, log=log)
+        status = analyze(path, only, settings, log=log, allow_pickle=allow_pickle)
     progress.update(force=True, analysis=None)
     print("analyses: " + ", ".join(f"{name} {state}" for name, state in status.items()), file=sys.stderr)
     return status
@@ -192,7 +223,9 @@ def cmd_merge(args) -> int:
     from cache.merge import merge
 
     state = merge(args.files, args.out, force=args.force)
-    print(f"merged {len(args.files)} caches into {args.out}: {state.n_tokens} tokens")
+    from engine.safe_text import printable
+
+    print(printable(f"merged {len(args.files)} caches into {args.out}: {state.n_tokens} tokens"))
     return 0
 
 
@@ -216,27 +249,30 @@ def cmd_analyze(args) -> int:
                         "analyses are stored in the cache, so its directory must be writable") from None
     with progress.outcome("stopped by signal; run analyze again (it redoes only what is missing)"):
         progress.update(force=True, cwd=os.getcwd())
-        status = _run_analyses(args.file, progress, args.only, args.settings)
+        status = _run_analyses(args.file, progress, args.only, args.settings, args.allow_pickle)
     done = ", ".join(f"{name} {state}" for name, state in status.items())
     progress.update(phase="done")
     progress.finish(COMPLETE, done)
-    print(f"{args.file}: {done} ({time.perf_counter() - start:.1f} s)")
+    from engine.safe_text import printable
+
+    print(printable(f"{args.file}: {done} ({time.perf_counter() - start:.1f} s)"))
     return 0
 
 
 def cmd_jobs(args) -> int:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
+    from app.safe_text import plain
     from engine.jobs import list_jobs
     from engine.paths import user_cache_dir
 
     jobs = list_jobs(args.dirs)
     console = Console()
+    # a progress file is untrusted (anyone can write one): every string from it goes through plain()
     if not jobs:
         places = ", ".join(str(d) for d in [user_cache_dir() / "recordings", *args.dirs])
-        console.print(f"no jobs in {escape(places)}", highlight=False)
+        console.print(plain(f"no jobs in {places}"), highlight=False)
         return 0
     table = Table(box=None, header_style="bold")
     for column, justify in (("output", "left"), ("kind", "left"), ("status", "left"), ("phase", "left"),
@@ -249,11 +285,11 @@ def cmd_jobs(args) -> int:
         tokens = "" if job.tokens_done is None else (
             f"{job.tokens_done:,}/{job.tokens_total:,}" if job.tokens_total else f"{job.tokens_done:,}")
         rate = f"{job.tokens_per_s:,.0f}" if job.tokens_per_s and job.active else ""
-        status = f"[{colours.get(job.status, 'white')}]{escape(job.status)}[/]"
-        table.add_row(escape(_shown_path(job.output)), escape(job.kind), status, escape(job.activity), tokens,
+        status = plain(job.status, colours.get(job.status, "white"))
+        table.add_row(plain(_shown_path(job.output)), plain(job.kind), status, plain(job.activity), tokens,
                       rate, _eta(job) if job.active else "", str(job.pid or ""))
         if job.message and not job.active:
-            notes.append(f"{escape(job.output.name)} ({escape(job.status)}): {escape(job.message)}")
+            notes.append(plain(f"{job.output.name} ({job.status}): {job.message}"))
     console.print(table)
     for note in notes:
         console.print(note, highlight=False, style="dim")
@@ -352,9 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["tui"])
     args.argv = list(sys.argv) if argv is None else ["ffnscope", *raw]
     try:
+        _remove_stale_temporaries(args)
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"ffnscope: error: {exc}", file=sys.stderr)
+        from engine.safe_text import printable  # paths and names in a message are untrusted
+
+        print(f"ffnscope: error: {printable(exc)}", file=sys.stderr)
         _fail_own_job(args, str(exc))
         return 2
     except KeyboardInterrupt:
@@ -364,6 +403,21 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         _fail_own_job(args, f"{exc.__class__.__name__}: {exc}")
         raise
+
+
+def _remove_stale_temporaries(args) -> None:
+    """Temporary files that killed writers left beside the file this command writes go, with one line."""
+    output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None)
+    if output is None or str(output) == "-":
+        return
+    from cache.store import remove_stale_temporaries
+    from engine.safe_text import printable
+
+    removed = remove_stale_temporaries(Path(output))
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        print(printable(f"ffnscope: removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} that "
+                        f"killed writers left beside {output}: {names}"), file=sys.stderr)
 
 
 def _fail_own_job(args, message: str, stopped: bool = False) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 from cache.errors import UserError
 from cache.reader import CacheReader
 from engine.analysis.neuron_table import layer_table, neuron_table
+from engine.analysis.positional import stored_note
 from engine.meta import parse_layers
+from engine.safe_text import printable
 from engine.tables import export, filter_rows
 
 
@@ -12,7 +14,7 @@ def where_clause(args) -> str | None:
     """--dead / --detector / --positional as conditions, joined with --where."""
     parts = [f"({args.where})"] if args.where else []
     if args.dead:
-        parts.append("dead")
+        parts.append("dead_tau0" if args.dead == "tau0" else "dead")
     if args.detector:
         parts.append(f"{args.detector}_detector")
     if args.positional:
@@ -22,6 +24,8 @@ def where_clause(args) -> str | None:
 
 def run_export(args) -> int:
     with CacheReader(args.file, "exporting from it") as reader:
+        group = reader.file.get("analysis/positional")
+        pos_note = stored_note(group) if group is not None else ""  # too few sequences per position
         layers = parse_layers(args.layers, reader.meta["model"]["n_layers"], "--layers")
         if args.table == "neurons":
             table = neuron_table(reader, layers)
@@ -35,5 +39,7 @@ def run_export(args) -> int:
     if expr:
         table = table.take(filter_rows(table, expr))
     export(table, args.out, args.format)
-    print(f"wrote {len(table):,} rows to {args.out}")
+    print(printable(f"wrote {len(table):,} rows to {args.out}"))
+    if pos_note:
+        print(printable(f"note: {pos_note}"))
     return 0

@@ -5,26 +5,68 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
+from app.safe_text import plain
 from cache.reader import CacheReader
-from engine.analysis.dead import firing_by_layer
+from engine.analysis.dead import (PAPER_DEAD, dead_label, describe_rule, firing_by_layer, is_relative,
+                                  primary_is_tau0, rule_short)
+from engine.analysis.ngrams import skip_status
+from engine.analysis.positional import call_limit, stored_note
 
 
 def layer_table(reader: CacheReader) -> Table:
-    rec = reader.meta["recording"]
-    primary = rec["primary_tau"]
-    table = Table(title=f"firing rule: {rec['firing_rule']}  (dead % at other thresholds right)")
+    meta = reader.meta
+    rec = meta["recording"]
+    relative, paper = is_relative(meta), primary_is_tau0(meta)
+    # every text from the cache is untrusted: plain() escapes control characters and is never markup
+    table = Table(title=plain(f"firing rule: {rec['firing_rule']}"),
+                  caption=plain(f"dead: {dead_label(meta)}" + ("" if paper else f"; dead τ=0: {PAPER_DEAD}; "
+                                                               "g² of dead: their share of the layer's sum of g²")))
     table.add_column("layer", justify="right")
-    table.add_column("dead %", justify="right")
+    if relative:
+        table.add_column("τ_l", justify="right")
+    table.add_column(plain("dead %" if paper else f"dead % {'τ_l' if relative else rule_short(meta)}"),
+                     justify="right")
+    if not paper:
+        table.add_column("dead % τ=0 (paper)", justify="right")
     table.add_column("alive freq %", justify="right")
-    others = [t for t in rec["taus"] if t != primary]
+    if not paper:
+        table.add_column("g² of dead %", justify="right")
+    others = [t for t in rec["taus"] if t != 0.0 and (relative or t != rec["primary_tau"])]
     for tau in others:
         table.add_column(f"dead % τ={tau:g}", justify="right", style="dim")
     for row in firing_by_layer(reader):
-        table.add_row(str(row.layer), f"{100 * row.dead(primary):.1f}", f"{100 * row.alive_freq:.3f}",
-                      *(f"{100 * row.dead(t):.1f}" for t in others))
+        cells = [str(row.layer)] + ([f"{row.tau:.4g}"] if relative else []) + [f"{100 * row.dead_primary:.1f}"]
+        cells += [] if paper else [f"{100 * row.dead_tau0:.1f}"]
+        cells += [f"{100 * row.alive_freq:.3f}"] + ([] if paper else [f"{100 * row.dead_sq_share:.2f}"])
+        table.add_row(*cells, *(f"{100 * row.dead(t):.1f}" for t in others))
     return table
+
+
+def _thresholds(meta: dict) -> str:
+    rec = meta["recording"]
+    listed = ", ".join(f"{t:g}" for t in rec["taus"])
+    if is_relative(meta):
+        return f"{listed}, and per layer the primary: {describe_rule(rec['tau_rule'])}"
+    return f"{listed}  (primary {rec['primary_tau']:g})"
+
+
+def _ngram_note(reader: CacheReader) -> str:
+    """Which neurons have n-gram counts: the bound, the early-skip rule, and what was skipped."""
+    rec = reader.meta["recording"]
+    bound, cap = rec.get("ngram_bound"), rec["ngram_max_freq"]
+    if bound is None:  # no n-gram layers, or recorded before the bound existed
+        return "none" if cap == "auto" else f"neurons firing <= {cap:g} on the calibration sample"
+    total = {"counted": 0, "proven": 0, "unproven": 0}
+    for layer in rec["ngram_layers"]:
+        if layer in reader.layers and "ngram_counted" in reader.file[f"layers/{layer:03d}"]:
+            counted = reader.file[f"layers/{layer:03d}/ngram_counted"][:].astype(bool)
+            for key, value in skip_status(counted, reader.primary_fire_count(layer), bound).items():
+                total[key] += value
+    limit = (f"every neuron that can be a detector: <= {bound['fires']:,} fires" if cap == "auto" else
+             f"neurons firing <= {cap:g} (--ngram-max-freq); a detector fires <= {bound['fires']:,} times")
+    return (f"{limit} ({100 * bound['freq']:.1f} % of tokens, from the data's most frequent n-grams); not counted: "
+            f"{total['proven']:,} proven non-detectors, {total['unproven']:,} without proof (no verdict)")
 
 
 def provenance(reader: CacheReader) -> Table:
@@ -40,17 +82,36 @@ def provenance(reader: CacheReader) -> Table:
         ("file", str(reader.path)), ("status", status),
         ("model", f"{model['name']} ({model['family']}, {model['n_layers']} layers, d_model {model['d_model']}, "
                   f"d_ffn {model['d_ffn']}, {model['activation']}, {model['dtype']})"),
-        ("model spec", f"{model['spec']}  fingerprint {model['fingerprint']}"),
+        ("model spec", f"{_spec(model)}  fingerprint {model['fingerprint']}"),
         ("tokens", f"{reader.n_tokens:,} in sequences of {data['seq_len']}"
-                   + (f" (part {rec['part'][0]}/{rec['part'][1]})" if rec["part"] != [1, 1] else "")),
+                   + (f" (part {rec['part'][0]}/{rec['part'][1]})" if rec["part"] != [1, 1] else "")
+                   + _positional_note(reader)),
         ("data", f"{sources}  fingerprint {data['fingerprint'][:16]}  domains {', '.join(data['domain_names'])}"),
-        ("thresholds", ", ".join(f"{t:g}" for t in rec["taus"]) + f"  (primary {rec['primary_tau']:g})"),
-        ("n-gram layers", _ranges(rec["ngram_layers"]) + f"  (neurons firing <= {rec['ngram_max_freq']:g})"),
+        ("thresholds", _thresholds(meta)),
+        ("n-gram layers", _ranges(rec["ngram_layers"]) + f"  ({_ngram_note(reader)})"),
         ("recorded", f"{meta['created']} by ffnscope {meta['tool_version']}, schema v{meta['schema_version']}"),
     ]
     for key, value in lines:
-        grid.add_row(key, Text(value))  # Text: file and model names are never read as markup
+        grid.add_row(key, plain(value))  # file and model names: control characters escaped, never markup
     return grid
+
+
+def _spec(model: dict) -> str:
+    """The model spec as the user gave it, and where it was found when that was a relative path."""
+    given, spec = model.get("spec_given") or model["spec"], model["spec"]
+    return given if given == spec else f"{given} ({spec})"
+
+
+def _positional_note(reader: CacheReader) -> str:
+    """" · too few sequences per position (N) to call positional neurons ..." or "": the stored
+    positional analysis' verdict, else the default parameters' (engine.analysis.positional.call_limit)."""
+    group = reader.file.get("analysis/positional")
+    if group is not None and "too_few" in group:
+        note = stored_note(group)
+    else:
+        n_seqs = reader.n_tokens // reader.meta["data"]["seq_len"]
+        note = call_limit(n_seqs, reader.meta["data"]["seq_len"]).message() if n_seqs > 0 else ""
+    return f" · {note}" if note else ""
 
 
 def _ranges(layers: list[int]) -> str:

@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
             p.add_argument("--dtype", help="default: the recording's")
             p.add_argument("--model", help="default: the recording's model spec (checked by fingerprint)")
             p.add_argument("--batch-tokens", type=int, default=8192)
+            p.add_argument("--allow-pickle", action="store_true",
+                           help="accept pickle weights (pytorch_model.bin) where the model has no safetensors")
             p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     fit = actions.add_parser("fit", help="fit maps M_i->j on fresh text, metrics on held-out sequences")
@@ -104,7 +106,8 @@ def _job(args, run_job, config):
 
 
 def _model_options(args) -> dict:
-    return dict(device=args.device, dtype=args.dtype, model=args.model, batch_tokens=args.batch_tokens)
+    return dict(device=args.device, dtype=args.dtype, model=args.model, batch_tokens=args.batch_tokens,
+                allow_pickle=args.allow_pickle)
 
 
 def _fit(args) -> int:

@@ -6,6 +6,8 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from app.safe_text import printable
+
 
 def _config(args):
     from engine.record import RecordConfig
@@ -13,10 +15,12 @@ def _config(args):
     return RecordConfig(
         out=args.out, model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
         seed=args.seed, field=args.field, dtype=args.dtype, device=args.device, tau=args.tau,
+        tau_rule=args.tau_rule, calib_tokens=args.calib_tokens,
         layers=args.layers, ngram_layers=args.ngram_layers, ngram_max_freq=args.ngram_max_freq, topk=args.topk,
         samples=args.samples, shard_tokens=args.shard_tokens, batch_tokens=args.batch_tokens,
         device_memory=args.device_memory, host_memory=args.host_memory, part=args.part,
-        resume=args.resume, force=args.force, trust_remote_code=args.trust_remote_code)
+        resume=args.resume, force=args.force, trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle)
 
 
 def run_record(args, after=None) -> int:
@@ -40,12 +44,12 @@ def run_record(args, after=None) -> int:
     try:
         with progress:
             state = record(config, command=sys.argv, on_progress=on_progress, after=after,
-                           log=lambda m: console.print(m, markup=False, highlight=False))
+                           log=lambda m: console.print(printable(m), markup=False, highlight=False))
     except Stopped:
-        console.print(f"ffnscope: stopped; the last checkpoint in {config.out} stands. Continue with the "
-                      "same command and --resume", markup=False, highlight=False)
+        console.print(printable(f"ffnscope: stopped; the last checkpoint in {config.out} stands. Continue with the "
+                                "same command and --resume"), markup=False, highlight=False)
         return 130
-    console.print(f"recorded {state.n_tokens:,} tokens into {config.out}", markup=False, highlight=False)
+    console.print(printable(f"recorded {state.n_tokens:,} tokens into {config.out}"), markup=False, highlight=False)
     from app.info_view import print_info
 
     print_info(config.out)

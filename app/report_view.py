@@ -11,12 +11,13 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from app.charts import line_chart, position_chart
-from app.safe_text import printable
+from app.safe_text import plain, printable
 from cache import analysis_store as store
 from cache.reader import CacheReader
+from engine.analysis.dead import PAPER_DEAD, dead_label, is_relative, primary_is_tau0, rule_short
 from engine.analysis.ngrams import COVERAGE_BUCKETS
 from engine.analysis.neuron_table import layer_table, require
-from engine.analysis.positional import KINDS
+from engine.analysis.positional import KINDS, stored_note
 
 
 def _label(reader: CacheReader) -> str:
@@ -25,8 +26,8 @@ def _label(reader: CacheReader) -> str:
 
 
 def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
-    table = RichTable(title=f"{_label(reader)}: alive neurons by number of tokens covering 95 % of their "
-                            "fires (Fig. 2)")
+    table = RichTable(title=Text(f"{_label(reader)}: alive neurons by number of tokens covering 95 % of their "
+                                 "fires (Fig. 2)"))
     table.add_column("layer", justify="right")
     for lo, hi in COVERAGE_BUCKETS:
         table.add_column(f"{lo}-{hi}" if hi else f"{lo}+", justify="right")
@@ -37,12 +38,19 @@ def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
 
 def _summary_table(reader: CacheReader, rows) -> RichTable:
     rec = reader.meta["recording"]
-    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec['firing_rule'])}"))
-    for header in ("layer", "dead %", "alive %", "tok det", "2g det", "3g det", "suppress", "positional"):
-        table.add_column(header, justify="right")
+    meta = reader.meta
+    paper, relative = primary_is_tau0(meta), is_relative(meta)
+    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec['firing_rule'])}"),
+                      caption=None if paper else plain(f"dead: {dead_label(meta)}; dead τ=0: {PAPER_DEAD}"))
+    dead_headers = ["dead %"] if paper else [f"dead % {'τ_l' if relative else rule_short(meta)}", "dead % τ=0"]
+    for header in ("layer", *(["τ_l"] if relative else []), *dead_headers, "alive %", "tok det", "2g det", "3g det",
+                   "suppress", "positional"):
+        table.add_column(plain(header), justify="right")
     for row in rows.rows():
         ngram = row["ngram_layer"]
-        table.add_row(str(row["layer"]), f"{row['dead_pct']:.1f}", f"{100 * row['alive_freq']:.3f}",
+        dead = [f"{row['dead_pct']:.1f}"] + ([] if paper else [f"{row['dead_tau0_pct']:.1f}"])
+        table.add_row(str(row["layer"]), *([f"{row['tau']:.4g}"] if relative else []), *dead,
+                      f"{100 * row['alive_freq']:.3f}",
                       *(str(row[k]) if ngram else "-" for k in ("token_detectors", "bigram_detectors",
                                                                 "trigram_detectors")),
                       f"{100 * row['suppress_frac']:.0f} %" if row["token_detectors"] else "-",
@@ -51,7 +59,7 @@ def _summary_table(reader: CacheReader, rows) -> RichTable:
 
 
 def _ensemble_table(reader: CacheReader, rows) -> RichTable:
-    table = RichTable(title=f"{_label(reader)}: detected tokens per layer (Fig. 3b, 4)")
+    table = RichTable(title=Text(f"{_label(reader)}: detected tokens per layer (Fig. 3b, 4)"))
     for header in ("layer", "detected", "new overall", "new vs previous", "cumulative"):
         table.add_column(header, justify="right")
     for row in rows.rows():
@@ -61,8 +69,10 @@ def _ensemble_table(reader: CacheReader, rows) -> RichTable:
     return table
 
 
-def _positional_table(reader: CacheReader, rows) -> RichTable:
-    table = RichTable(title=f"{_label(reader)}: positional neurons by type (Fig. 8)")
+def _positional_table(reader: CacheReader, rows, pos: dict) -> RichTable:
+    note = stored_note(pos)  # too few sequences per position to call any
+    table = RichTable(title=Text(f"{_label(reader)}: positional neurons by type (Fig. 8)"),
+                      caption=plain(note) if note else None)
     for header in ("layer", "positional", *KINDS, "strong"):
         table.add_column(header, justify="right")
     for row in rows.rows():
@@ -95,17 +105,18 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
     width = console.width
     readers = [CacheReader(p, "reporting on it") for p in paths]
     try:
-        series: dict[str, dict] = {k: {} for k in ("dead", "freq", "det", "tokens", "cum", "supp", "pos")}
+        series: dict[str, dict] = {k: {} for k in ("dead", "dead0", "freq", "det", "tokens", "cum", "supp", "pos")}
         for reader in readers:
             results = require(reader)
             rows = layer_table(reader)
             for table in (_summary_table(reader, rows), _bucket_table(reader, results["ngrams"]),
-                          _ensemble_table(reader, rows), _positional_table(reader, rows)):
+                          _ensemble_table(reader, rows), _positional_table(reader, rows, results["positional"])):
                 console.print(table)
             label = _label(reader)
             depth = rows["rel_depth"].tolist()
             ngram = rows["ngram_layer"]
-            series["dead"][label] = (depth, rows["dead_pct"].tolist())
+            series["dead"][f"{label} {printable(rule_short(reader.meta))}"] = (depth, rows["dead_pct"].tolist())
+            series["dead0"][label] = (depth, rows["dead_tau0_pct"].tolist())
             series["freq"][label] = (depth, (100 * rows["alive_freq"]).tolist())
             series["pos"][label] = (depth, rows["positional"].tolist())
             d = rows["rel_depth"][ngram].tolist()
@@ -113,8 +124,11 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             series["tokens"][label] = (d, rows["detected_tokens"][ngram].tolist())
             series["cum"][label] = (d, rows["cumulative_tokens"][ngram].tolist())
             series["supp"][label] = (d, (100 * rows["suppress_frac"][ngram]).tolist())
-        charts = [("dead neurons (Fig. 1a)", "dead", "%"), ("mean firing frequency of alive neurons (Fig. 1b)",
-                                                             "freq", "%"),
+        paper = all(primary_is_tau0(r.meta) for r in readers)
+        charts = [("dead neurons (Fig. 1a): never activated, τ=0 (the paper's dead)" if paper else
+                   "dead neurons (Fig. 1a) at each recording's firing rule: never above its τ", "dead", "%"),
+                  *([] if paper else [("never activated, τ=0: the paper's dead (Fig. 1a)", "dead0", "%")]),
+                  ("mean firing frequency of alive neurons (Fig. 1b)", "freq", "%"),
                   ("token-detecting neurons (Fig. 3a)", "det", "neurons"),
                   ("detected tokens per layer (Fig. 3b, solid)", "tokens", "tokens"),
                   ("detected tokens, cumulative (Fig. 3b, dashed)", "cum", "tokens"),
@@ -124,6 +138,8 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             console.print(line_chart(title, series[key], min(width, 100), 16, "layer (relative depth)", unit))
         for reader in readers:
             pos = store.read_group(reader, "positional")
+            if stored_note(pos):
+                console.print(Text(f"{_label(reader)}: {printable(stored_note(pos))}"))
             for plot in _position_plots(reader, pos, position_plots, width):
                 console.print(plot)
     finally:

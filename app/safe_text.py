@@ -1,18 +1,15 @@
-"""Untrusted text (token strings, model and file names) made safe for a terminal: control
-characters become visible escapes, so nothing from a model or a data set can move the cursor,
-change colours or hide text. Rich markup is never interpreted: callers wrap results in Text."""
+"""Untrusted text (token strings, model and file names, anything read from a cache, a progress file
+or a data source) made safe for a terminal. `printable` is the one sanitizer (engine.safe_text, so
+the engine's Markdown export uses it too); `plain` is its result as Rich Text, never read as markup."""
 from __future__ import annotations
 
-import unicodedata
+from rich.text import Text
+
+from engine.safe_text import printable
+
+__all__ = ["plain", "printable"]
 
 
-def printable(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(repr(ch)[1:-1] if ord(ch) > 0xFF or ch in "\n\r\t" else f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+def plain(text: object, style: str = "") -> Text:
+    """Untrusted text for Rich output: control characters escaped, markup never interpreted."""
+    return Text(printable(text), style=style)

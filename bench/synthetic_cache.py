@@ -33,7 +33,11 @@ What is synthetic, and where it is not what a real recording would hold:
 - fire counts at the non-primary thresholds, g_sum, g_sumsq, g_max and the top-k follow a per-neuron
   exponential model of the ReLU output, consistent with one another (counts fall with the threshold,
   g_max lies in the right threshold bracket, top-k values are at most g_max and only as many are
-  above a threshold as fired above it) but not computed from activations.
+  above a threshold as fired above it) but not computed from activations. Top-k contexts sit at
+  positions >= 1 with g equal to act (ReLU); the start-token slot is sequence 0's position 0, above 0
+  only for neurons with fires at position 0. The unigram pairs' g sums put each fire at the neuron's
+  mean g.
+- suppression's `trigger_g` is drawn positive (ReLU) and `suppresses` is `trigger_logit_z < 0`.
 - No activation samples by default (`--samples N` writes N): a default recording keeps 2048, which at
   this size is 9.7 GB of uncompressed float16.
 """
@@ -56,12 +60,13 @@ import numpy as np  # noqa: E402
 
 from cache import analysis_store as store  # noqa: E402
 from cache import schema  # noqa: E402
-from cache.state import GramCounts, Sparse, merge_topk  # noqa: E402
+from cache.state import G_ORDERS, GramCounts, Sparse, merge_topk  # noqa: E402
 from cache.store import _GZIP, _put_strings  # noqa: E402
 from cache.store import put_array as _put  # noqa: E402
 from engine.analysis.ngrams import NgramParams, ngram_layer, unigram_counts  # noqa: E402
-from engine.analysis.positional import KINDS, PositionalParams, positional_layer  # noqa: E402
-from engine.analysis.run import Analyzer, put_ngram_order, put_suppression_rows  # noqa: E402
+from engine.analysis.positional import KINDS, PositionalParams, call_limit, positional_layer  # noqa: E402
+from engine.analysis.run import (POSITIONAL_COLUMNS, SUPPRESSION_KEYS, Analyzer, put_ngram_order,  # noqa: E402
+                                 put_positional, put_suppression_rows)
 from engine.analysis.suppression import SuppressionParams  # noqa: E402
 from engine.data import Packed  # noqa: E402
 from engine.meta import EXTRA_TAUS  # noqa: E402
@@ -368,7 +373,7 @@ def positional_columns(pos_fire: np.ndarray, cols: np.ndarray, n_seqs: int, p: P
     not positional), bit for bit. numpy's float sums over positions depend on the shape of the slice
     positional_layer works on (2048 neurons wide, the last one narrower), not on the other columns in
     it, so each column is analysed in a block as wide as the slice it falls in on the whole layer.
-    -> {column: (mi, kind, strong, ranges)}."""
+    -> {column: ({mi, mi_plugin, mi_chance, mi_null}, kind, strong, ranges)}."""
     from engine.analysis.positional import _CHUNK
 
     d = pos_fire.shape[1]
@@ -382,7 +387,8 @@ def positional_columns(pos_fire: np.ndarray, cols: np.ndarray, n_seqs: int, p: P
             block[:, :len(part)] = pos_fire[:, part]
             r = positional_layer(block, n_seqs, p)
             for j, column in enumerate(part.tolist()):
-                out[column] = (r.mi[j], r.kind[j], bool(r.strong[j]), r.ranges.get(j, []))
+                mi = {key: getattr(r, key)[j] for key in ("mi", "mi_plugin", "mi_chance", "mi_null")}
+                out[column] = (mi, r.kind[j], bool(r.strong[j]), r.ranges.get(j, []))
     return out
 
 
@@ -473,11 +479,13 @@ class LayerMaker:
         freq = 10 ** rng.uniform(np.log10(3 / N), np.log10(0.25), len(generic))
         F[generic] = np.clip(np.rint(freq * N), 1, N)
         out = self._statistics(F, det_neuron, det_pos, pos_neurons, block)
+        out.update(self._start_slot(out, pos_fire))
         out.update(pos_fire=pos_fire, planned=planned, nonzero_columns=np.union1d(pos_neurons, det_neuron))
         if is_ngram:
             counted = self._counted(F, det_neuron, det_pos)
             out["ngram_counted"] = counted
-            out["ngrams"] = self._ngram_counts(F, counted, det_neuron, det_pos)
+            g_mean = out["g_sum"] / np.maximum(F, 1)
+            out["ngrams"] = self._ngram_counts(F, counted, det_neuron, det_pos, g_mean)
         return out
 
     def _statistics(self, F, det_neuron, det_pos, pos_neurons, block) -> dict:
@@ -509,9 +517,9 @@ class LayerMaker:
         positions = rng.integers(1, T, (k, d))
         seqs = (rng.integers(0, S, d)[None, :] + np.arange(k)[:, None]) % S
         det_take = self._detector_topk(det_neuron, det_pos, seq_fired)
-        for j, n in enumerate(pos_neurons):             # positional: where they fire most
-            col = block[:, j]
-            best = np.flatnonzero(col == col.max())
+        for j, n in enumerate(pos_neurons):             # positional: where they fire most (position 0 apart)
+            col = block[1:, j]
+            best = 1 + np.flatnonzero(col == col.max())
             positions[:, n] = best[rng.integers(0, len(best), k)]
         steps = s[None, :] * rng.exponential(size=(k - 1, d)) / np.arange(1, k)[:, None]
         value = gm[None, :] - np.vstack([np.zeros((1, d)), np.cumsum(steps, 0)])
@@ -520,16 +528,26 @@ class LayerMaker:
         cap = np.where(slot >= fire[None, :, :], taus[None, :, None], np.inf).min(1)   # (k, d)
         value = np.minimum(value, cap)
         value[np.arange(k)[:, None] >= np.minimum(seq_fired, k)[None, :]] = 0.0
-        index = seqs * T + np.where(value > 0, positions, 0)
+        index = seqs * T + np.where(value > 0, positions, 1)  # never fired in a sequence: act 0 from position 1
         index[:, det_take[0]] = det_take[1]
-        value32, index = merge_topk([value.astype(np.float32)], [index.astype(np.int64)], k)
+        value32 = value.astype(np.float32)  # ReLU: act is g, so the contexts' g is their value
+        value32, index, topk_g = merge_topk([value32], [index.astype(np.int64)], [value32], k)
         return {"fire_count": fire, "g_sum": g_sum, "g_sumsq": g_sumsq, "g_max": g_max,
-                "topk_value": value32, "topk_index": index}
+                "topk_value": value32, "topk_index": index, "topk_g": topk_g}
+
+    def _start_slot(self, out: dict, pos_fire: np.ndarray) -> dict:
+        """The start-token slot: act at position 0 of sequence 0; above 0 (and below the best context)
+        only for neurons that fire at position 0."""
+        fired = pos_fire[0] > 0
+        value = np.where(fired, out["topk_value"][0] * self.rng.uniform(0.3, 0.9, self.d), 0.0).astype(np.float32)
+        return {"start_value": value, "start_index": np.zeros(self.d, np.int64), "start_g": value.copy()}
 
     def _detector_topk(self, det_neuron, det_pos, seq_fired):
         """Detectors' top activations sit on their fires (one per sequence); the other slots are
         sequences they never fired in, at position 0."""
         T, S, k = self.T, self.S, TOPK
+        at = det_pos % T != 0  # contexts come from positions >= 1 (position 0 has its own slot)
+        det_neuron, det_pos = det_neuron[at], det_pos[at]
         if not len(det_neuron):
             return np.zeros(0, np.int64), np.zeros((k, 0), np.int64)
         neurons, local = np.unique(det_neuron, return_inverse=True)
@@ -551,7 +569,7 @@ class LayerMaker:
         fill = np.arange(k)[:, None] >= np.minimum(fired_seqs, k)[None, :]
         slot = np.maximum(np.arange(k)[None, :] - np.minimum(fired_seqs, k)[:, None], 0)
         spare = np.take_along_axis(unused, slot, 1).T
-        index = np.where(fill, spare * T, index)
+        index = np.where(fill, spare * T + 1, index)
         return neurons, index
 
     def _counted(self, F, det_neuron, det_pos) -> np.ndarray:
@@ -565,9 +583,9 @@ class LayerMaker:
         calib[np.unique(det_neuron)] = exact[np.unique(det_neuron)]
         return calib <= limit
 
-    def _ngram_counts(self, F, counted, det_neuron, det_pos) -> dict[int, Sparse]:
+    def _ngram_counts(self, F, counted, det_neuron, det_pos, g_mean) -> dict[int, Sparse]:
         """(n-gram, neuron) fire counts: all fires of detectors, 2-40 sampled fires of other counted
-        alive neurons."""
+        alive neurons; for tokens also the sum of g at those fires (each fire at the neuron's mean g)."""
         rng, d, N, V = self.rng, self.d, self.N, self.data.vocab
         others = np.flatnonzero(counted & (F > 0))
         others = others[~np.isin(others, det_neuron)]
@@ -580,11 +598,14 @@ class LayerMaker:
         for n in (1, 2, 3):
             valid = (pos % self.T) >= n
             gram, nn = self.data.keys[n][pos[valid]], neuron[valid]
+            with_g = n in G_ORDERS
             if V ** n * d < 2 ** 62:
                 keys, count = np.unique(gram * d + nn, return_counts=True)
-                out[n] = Sparse(keys // d, (keys % d).astype(np.int32), count.astype(np.int64))
+                of = (keys % d).astype(np.int32)
+                out[n] = Sparse(keys // d, of, count.astype(np.int64), count * g_mean[of] if with_g else None)
             else:
-                out[n] = Sparse.reduce([Sparse(gram, nn.astype(np.int32), np.ones(len(gram), np.int64))])
+                out[n] = Sparse.reduce([Sparse(gram, nn.astype(np.int32), np.ones(len(gram), np.int64),
+                                               g_mean[nn] if with_g else None)], with_g)
         return out
 
 
@@ -658,10 +679,12 @@ def _suppression_rows(rng, layer: int, x: float, detectors: np.ndarray, triggers
     promoted_score = np.sort(rng.gamma(2.0, 0.6, (m, top)).astype(np.float32), 1)[:, ::-1]
     suppressed_score = -np.sort(rng.gamma(2.0, 0.6, (m, top)).astype(np.float32), 1)[:, ::-1]
     score = np.where(suppresses, -rng.uniform(1.5, 6.0, m), rng.uniform(0.2, 3.0, m)).astype(np.float32)
+    g_at = rng.uniform(0.5, 3.0, m).astype(np.float32)  # ReLU: g is positive at every firing
     rank = np.where(suppresses, rng.uniform(0.0, 0.05, m), rng.uniform(0.3, 1.0, m)).astype(np.float32)
     return {"neuron": detectors.astype(np.int32), "promoted": promoted, "promoted_score": promoted_score,
-            "suppressed": suppressed, "suppressed_score": suppressed_score, "trigger_score": score,
-            "trigger_rank": rank, "suppresses": suppresses, "layer": np.full(m, layer, np.int64)}
+            "suppressed": suppressed, "suppressed_score": suppressed_score, "trigger_g": g_at,
+            "trigger_logit_z": score, "trigger_rank": rank, "suppresses": score < 0,
+            "layer": np.full(m, layer, np.int64)}
 
 
 class Analyses:
@@ -673,8 +696,9 @@ class Analyses:
         self.layers = meta["recording"]["layers"]
         self.ngram_layers = meta["recording"]["ngram_layers"]
         self.fire_count: dict[int, np.ndarray] = {}
+        self.g_sumsq: dict[int, np.ndarray] = {}
         self.ngram = {1: [], 2: [], 3: []}
-        self.pos = {"mi": [], "positional": [], "kind": [], "strong": []}
+        self.pos = {key: [] for key in POSITIONAL_COLUMNS}
         self.ranges: list[tuple] = []
         self.supp: list[dict] = []
         self.params = {"ngrams": NgramParams(), "positional": PositionalParams(), "suppression": SuppressionParams()}
@@ -683,19 +707,21 @@ class Analyses:
         """Analyse one generated layer; -> what was found, for checking against what was planted."""
         d = self.meta["model"]["d_ffn"]
         self.fire_count[layer] = made["fire_count"]
+        self.g_sumsq[layer] = made["g_sumsq"]
         found = {}
         cols = made["nonzero_columns"]
-        mi = np.zeros(d)
+        mi = {key: np.zeros(d) for key in ("mi", "mi_plugin", "mi_chance", "mi_null")}
         positional, strong = np.zeros(d, bool), np.zeros(d, bool)
         kind = np.zeros(d, np.uint8)
         analysed = positional_columns(made["pos_fire"], cols, self.data.n_seqs, self.params["positional"])
         for column in sorted(analysed):  # ranges in neuron order, as Analyzer._positional lists them
             value, k, s, spans = analysed[column]
-            mi[column] = value
+            for key in mi:
+                mi[key][column] = value[key]
             if k:
                 positional[column], kind[column], strong[column] = True, KINDS.index(k) + 1, s
             self.ranges += [(layer, column, a, b) for a, b in spans]
-        for key, value in (("mi", mi), ("positional", positional), ("kind", kind), ("strong", strong)):
+        for key, value in ({**mi, "positional": positional, "kind": kind, "strong": strong}).items():
             self.pos[key].append(value)
         found["positional"] = {k: int((kind[positional] == i + 1).sum()) for i, k in enumerate(KINDS)}
         found["positional_strong"] = int((strong & positional).sum())
@@ -716,7 +742,8 @@ class Analyses:
         d = self.meta["model"]["d_ffn"]
         n_tokens = self.data.tokens.size
         reader = SimpleNamespace(meta=self.meta, n_tokens=n_tokens, layers=self.layers, status=schema.COMPLETE,
-                                 array=lambda layer, name: self.fire_count[layer])
+                                 array=lambda layer, name: {"fire_count": self.fire_count,
+                                                            "g_sumsq": self.g_sumsq}[name][layer])
         dead = Analyzer(reader, {}, log=lambda _m: None)._dead()
         # ngrams: as Analyzer._ngrams assembles them
         ngrams = store.Result("ngrams", self.params["ngrams"].as_dict())
@@ -725,15 +752,12 @@ class Analyses:
             put_ngram_order(ngrams, n, self.ngram_layers, self.ngram[n], d)
         # positional: as Analyzer._positional
         positional = store.Result("positional", self.params["positional"].as_dict())
-        positional.put("layers", np.array(self.layers, np.int64))
-        for key in ("mi", "positional", "kind", "strong"):
-            positional.put(key, np.stack(self.pos[key]))
-        positional.put("ranges", np.array(self.ranges, np.int64).reshape(-1, 4))
+        put_positional(positional, self.layers, self.pos, self.ranges,
+                       call_limit(self.data.n_seqs, self.data.seq_len, self.params["positional"]))
         # suppression: as Analyzer._suppression concatenates its rows
         suppression = store.Result("suppression", self.params["suppression"].as_dict(),
                                    {"ngrams": self.params["ngrams"].as_dict()})
-        keys = ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_score",
-                "trigger_rank", "suppresses", "layer")
+        keys = SUPPRESSION_KEYS + ("layer",)
         put_suppression_rows(suppression, {key: [rows[key] for rows in self.supp] for key in keys},
                              self.params["suppression"].top)
         return [dead, ngrams, positional, suppression]
@@ -789,8 +813,9 @@ def generate(path, layers: int = 64, d_ffn: int = 36864, seq_len: int = 2048, vo
                 if layer in ngram_layers:
                     _put(group, "ngram_counted", made["ngram_counted"])
                     for n, sparse in made["ngrams"].items():
-                        for column in ("gram", "neuron", "count"):
-                            _put(group, f"ngram{n}/{column}", getattr(sparse, column))
+                        for column in schema.NGRAM_COLUMNS:
+                            if getattr(sparse, column) is not None:
+                                _put(group, f"ngram{n}/{column}", getattr(sparse, column))
                 found = analyses.add(rng, layer, made)
                 _record(planted, layer, made, found)
                 del made

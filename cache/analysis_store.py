@@ -17,7 +17,7 @@ import numpy as np
 from cache import schema
 from cache.errors import UserError
 from cache.reader import CacheReader
-from cache.store import replaced
+from cache.store import nbytes, replaced
 
 ROOT = "analysis"
 
@@ -79,9 +79,9 @@ def put_result(f: h5py.File, result: Result, recording: str) -> None:
 def write_results(path: Path, results: list[Result], recording: str) -> None:
     if not results:
         return
-    failure = (f"could not write analyses into {path}; check free disk space (a copy of the cache is needed) "
-               "and permissions")
-    with replaced(path, ".analysis", copy=True, failure=failure) as f:
+    # a copy of the cache plus the results: refused before HDF5 starts when the disk has no room for it
+    with replaced(path, ".analysis", copy=True, failure=f"could not write analyses into {path}",
+                  needs=sum(nbytes(r) for r in results)) as f:
         if f.attrs.get("format") != schema.FORMAT:
             raise UserError(f"{path} changed while being analysed; run analyze again")
         for result in results:

@@ -5,12 +5,15 @@ from pathlib import Path
 
 from cache import schema
 from cache.errors import UserError
-from cache.state import RecordingState
+from cache.state import RecordingState, ngram_drop_limit
 from cache.store import read_state, write_state
 
 # recording settings that change what is counted: caches differing in one of them never add up
 _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_freq", "calib_tokens",
-                   "topk", "sample_rate", "n_seqs_total")
+                   "topk", "sample_rate", "n_seqs_total", "tau_rule")
+# derived from the data and model during a run (calibration, n-gram bound): equal for the parts of one
+# recording; a resumed run takes them from the cache it continues, so they are compared for merges only
+_DERIVED = ("layer_taus", "ngram_bound")
 
 
 def check_same_recording(old: dict, new: dict, path: Path, for_resume: bool) -> None:
@@ -19,9 +22,11 @@ def check_same_recording(old: dict, new: dict, path: Path, for_resume: bool) -> 
              ("model dtype", old["model"]["dtype"], new["model"]["dtype"]),
              ("data", old["data"]["fingerprint"], new["data"]["fingerprint"]),
              ("seq_len", old["data"]["seq_len"], new["data"]["seq_len"])]
-    pairs += [(key, old["recording"][key], new["recording"][key]) for key in _SAME_RECORDING]
+    pairs += [(key, old["recording"].get(key), new["recording"].get(key)) for key in _SAME_RECORDING]
     if for_resume:
         pairs += [(key, old["recording"][key], new["recording"][key]) for key in ("part", "shard_tokens")]
+    else:
+        pairs += [(key, old["recording"].get(key), new["recording"].get(key)) for key in _DERIVED]
     for what, a, b in pairs:
         if a != b:
             fix = ("give the same options as the original run, or --force to start over" if for_resume
@@ -57,6 +62,8 @@ def merge(inputs: list[Path], out: Path, force: bool = False) -> RecordingState:
     for state in states[1:]:
         merged.add(state)
     rec = merged.meta["recording"]
+    for layer in merged.layers.values():  # as the recorder drops them after each shard: one recording's cache
+        layer.drop_ngrams_over(ngram_drop_limit(rec), rec["primary_index"])
     n_parts = rec["part"][1]
     rec["parts"] = sorted([i, n_parts] for i in seen)
     rec["merged_from"] = [str(p) for p in inputs]

@@ -33,7 +33,7 @@ import numpy as np
 
 from cache.errors import UserError
 from cache.store import put_array as _put
-from cache.store import replaced
+from cache.store import nbytes, replaced
 
 FORMAT = "ffnscope-npl"
 SCHEMA_VERSION = 1
@@ -91,8 +91,7 @@ class NplFile:
 def write_npl(path: Path, npl: NplFile) -> None:
     """Write a whole sidecar atomically (maps stored as float32; results from an older sidecar are
     not carried over: they belong to the maps they were computed with)."""
-    failure = f"could not write {path}; check free disk space and permissions"
-    with replaced(path, failure=failure) as f:
+    with replaced(path, failure=f"could not write {path}", needs=nbytes(npl)) as f:
         f.attrs["format"] = FORMAT
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["meta"] = json.dumps(npl.meta)
@@ -117,9 +116,8 @@ def write_npl(path: Path, npl: NplFile) -> None:
 def write_result(path: Path, name: str, params: dict, rows: list[dict] | None = None,
                  arrays: dict[str, np.ndarray] | None = None) -> None:
     """Store (or replace) results/<name> copy-on-write: the maps are never at risk."""
-    failure = (f"could not write results into {path}; check free disk space (a copy of the sidecar is "
-               "needed) and permissions")
-    with replaced(path, ".result", copy=True, failure=failure) as f:
+    with replaced(path, ".result", copy=True, failure=f"could not write results into {path}",
+                  needs=nbytes([rows or [], arrays or {}])) as f:
         if f.attrs.get("format") != FORMAT:
             raise UserError(f"{path} changed while results were computed; run the job again")
         key = f"results/{name}"

@@ -9,7 +9,7 @@ import numpy as np
 
 from cache import schema
 from cache.state import GramCounts, Sparse
-from cache.store import open_file, read_strings
+from cache.store import open_file, read_sparse, read_strings
 
 
 class CacheReader:
@@ -62,12 +62,12 @@ class CacheReader:
         return self._file["data/tokens"][rows]
 
     def ngrams(self, layer: int, n: int) -> tuple[Sparse, np.ndarray]:
-        """(n-gram, neuron) fire counts of an n-gram layer, and which neurons were counted."""
+        """(n-gram, neuron) fire counts (and, for tokens, sums of g at those fires) of an n-gram layer,
+        and which neurons were counted."""
         group = self._file[schema.layer_group(layer)]
         if "ngram_counted" not in group:
             raise KeyError(f"layer {layer} has no n-gram counts")
-        g = group[f"ngram{n}"]
-        return Sparse(g["gram"][:], g["neuron"][:], g["count"][:]), group["ngram_counted"][:]
+        return read_sparse(group[f"ngram{n}"]), group["ngram_counted"][:]
 
     def gram_counts(self) -> dict[int, GramCounts]:
         """Occurrence counts of the data's bigrams and trigrams."""

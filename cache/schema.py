@@ -1,14 +1,16 @@
-"""Schema v1 of the recording cache: names, versions and the n-gram key encoding.
+"""Schema v2 of the recording cache: names, versions and the n-gram key encoding.
 docs/cache-format.md describes the layout for people; this module is the one place code reads it from."""
 from __future__ import annotations
 
 import numpy as np
 
 FORMAT = "ffnscope-recording"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: top-k ranked by act with g beside it, a start-token slot, unigram g sums
 PARTIAL, COMPLETE = "partial", "complete"
 
-LAYER_ARRAYS = ("fire_count", "g_sum", "g_sumsq", "g_max", "pos_fire", "topk_value", "topk_index")
+LAYER_ARRAYS = ("fire_count", "g_sum", "g_sumsq", "g_max", "pos_fire", "topk_value", "topk_index", "topk_g",
+                "start_value", "start_index", "start_g")
+NGRAM_COLUMNS = ("gram", "neuron", "count", "g_sum")  # g_sum only where an order carries it (G_ORDERS)
 
 
 def layer_group(index: int) -> str:

@@ -20,14 +20,15 @@ _STRIPE = 64  # columns per parallel task: a few cache lines of each row
 
 @njit(parallel=True, cache=True, nogil=True)
 def batch_stats(g, act, taus, primary, seq_len, fire_count, g_sum, g_sumsq, g_max, pos_fire,
-                seq_max, seq_arg, batch_fires):
+                seq_max, seq_arg, seq_g, batch_fires):
     """Accumulate one batch into the layer's running statistics (all arrays updated in place).
 
     g, act: (n, d) float32, n a multiple of seq_len; act is what the firing rule thresholds.
     fire_count (n_taus, d) int64; g_sum, g_sumsq (d,) float64; g_max (d,) float32;
-    pos_fire (seq_len, d) int64; seq_max (n // seq_len, d) float32 and seq_arg (same) int64 receive
-    each sequence's largest g and its position; batch_fires (d,) int64 receives this batch's fires
-    at the primary threshold.
+    pos_fire (seq_len, d) int64; seq_max (n // seq_len, d) float32, seq_arg (same) int64 and seq_g
+    (same) float32 receive each sequence's largest act over positions >= 1 (the first on ties), its
+    position and g there (-inf, 0, NaN when seq_len is 1); batch_fires (d,) int64 receives this
+    batch's fires at the primary threshold.
     """
     n, d = g.shape
     n_taus = taus.shape[0]
@@ -43,10 +44,13 @@ def batch_stats(g, act, taus, primary, seq_len, fire_count, g_sum, g_sumsq, g_ma
         mx = np.full(width, -np.inf, np.float32)
         smax = np.full(width, -np.inf, np.float32)
         sarg = np.zeros(width, np.int64)
+        sg = np.full(width, np.nan, np.float32)
         for row in range(n):
             pos = row % seq_len
             if pos == 0:
                 smax[:] = -np.inf
+                sarg[:] = 0
+                sg[:] = np.nan
             x_row = g[row, lo:hi]
             a_row = act[row, lo:hi]
             p_row = pos_fire[pos, lo:hi]
@@ -55,19 +59,22 @@ def batch_stats(g, act, taus, primary, seq_len, fire_count, g_sum, g_sumsq, g_ma
                 for j in range(width):
                     counts[t, j] += a_row[j] > tau
             for j in range(width):
-                p_row[j] += a_row[j] > tau_p
+                a = a_row[j]
+                p_row[j] += a > tau_p
                 x = x_row[j]
                 xd = np.float64(x)
                 s[j] += xd
                 ss[j] += xd * xd
                 mx[j] = max(mx[j], x)
-                if x > smax[j]:
-                    smax[j] = x
+                if pos > 0 and a > smax[j]:
+                    smax[j] = a
                     sarg[j] = pos
+                    sg[j] = x
             if pos == seq_len - 1:
                 seq = row // seq_len
                 seq_max[seq, lo:hi] = smax
                 seq_arg[seq, lo:hi] = sarg
+                seq_g[seq, lo:hi] = sg
         for j in range(width):
             col = lo + j
             for t in range(n_taus):
@@ -80,9 +87,10 @@ def batch_stats(g, act, taus, primary, seq_len, fire_count, g_sum, g_sumsq, g_ma
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def firing_pairs(act, tau, counted, offsets, rows_out, cols_out):
-    """(row, neuron) of every fire of the counted neurons, grouped by neuron: offsets[c] is where
-    neuron c's fires go (an exclusive prefix sum of the counted neurons' fires in this batch)."""
+def firing_pairs(act, g, tau, counted, offsets, rows_out, cols_out, g_out):
+    """(row, neuron) of every fire of the counted neurons and g there, grouped by neuron, rows
+    ascending: offsets[c] is where neuron c's fires go (an exclusive prefix sum of the counted
+    neurons' fires in this batch)."""
     n, d = act.shape
     n_stripes = (d + _STRIPE - 1) // _STRIPE
     for stripe in prange(n_stripes):
@@ -95,4 +103,5 @@ def firing_pairs(act, tau, counted, offsets, rows_out, cols_out):
                 if counted[col] and act[row, col] > tau:
                     rows_out[cursor[j]] = row
                     cols_out[cursor[j]] = col
+                    g_out[cursor[j]] = g[row, col]
                     cursor[j] += 1

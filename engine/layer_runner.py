@@ -3,7 +3,7 @@
 The model's own forward prepares what each layer needs (embeddings, rotary tables, masks); we
 run it once per batch with every decoder layer swapped for a stand-in that records its call
 and passes the hidden state through. That costs an embedding lookup and no layer, and works for
-every family without re-implementing its forward. Afterwards each real layer can be called on
+every architecture without re-implementing its forward. Afterwards each real layer can be called on
 any batch with the recorded arguments, in whatever order the caller likes: layer-major.
 """
 from __future__ import annotations
@@ -14,17 +14,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cache.errors import UserError
 from engine.adapters import Adapter
 
 
-class _StandIn(nn.Module):
-    """Records the arguments a layer is called with; returns the hidden state untouched."""
+class _AllLayersSeen(Exception):
+    """Raised by the last stand-in: nothing after the decoder layers (norm, head) needs to run."""
 
-    def __init__(self, layer: nn.Module, returns_tuple: bool, sink: list):
+
+class _StandIn(nn.Module):
+    """Records the arguments a layer is called with; returns the hidden state untouched, as a
+    tensor or as (hidden, None), whichever the model's forward expects of its layers."""
+
+    def __init__(self, layer: nn.Module, returns_tuple: bool, sink: list, last: bool):
         super().__init__()
         self.__dict__["_real"] = layer  # not a submodule: model.to() must not move it
         self._returns_tuple = returns_tuple
         self._sink = sink
+        self._last = last
 
     def __getattr__(self, name):  # layer attributes the model's forward may read (attention_type)
         try:
@@ -35,20 +42,46 @@ class _StandIn(nn.Module):
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         self._sink.append((args[1:], kwargs, hidden))
+        if self._last:
+            raise _AllLayersSeen()
         return (hidden, None) if self._returns_tuple else hidden
 
 
 @contextmanager
-def _layers_swapped(adapter: Adapter, sink: list):
+def _layers_swapped(adapter: Adapter, sink: list, returns_tuple: bool = False):
     layers = adapter.layers
     real = list(layers)
     for i, layer in enumerate(real):
-        layers[i] = _StandIn(layer, adapter.family.returns_tuple, sink)
+        layers[i] = _StandIn(layer, returns_tuple, sink, last=i == len(real) - 1)
     try:
         yield
     finally:
         for i, layer in enumerate(real):
             layers[i] = layer
+
+
+def record_layer_calls(adapter: Adapter, input_ids: torch.Tensor, returns_tuple: bool | None = None):
+    """Run the model's forward with every decoder layer swapped for a stand-in; -> (calls, convention)
+    where calls[i] = (args, kwargs, hidden) of layer i. The layers' return convention (a tensor, or a
+    tuple led by it) is learned from the model: with the wrong one, a layer after the first sees a
+    hidden state of another shape (the forward indexed [0] into a tensor) or the forward fails."""
+    tries = (False, True) if returns_tuple is None else (returns_tuple,)
+    failure = None
+    for convention in tries:
+        sink: list = []
+        try:
+            with _layers_swapped(adapter, sink, convention):
+                adapter.base(input_ids=input_ids, use_cache=False)
+        except _AllLayersSeen:
+            pass
+        except (TypeError, AttributeError, IndexError, ValueError, RuntimeError) as error:
+            failure = error
+            continue
+        shapes = {tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None for _a, _k, hidden in sink}
+        if len(sink) == len(adapter.layers) and len(shapes) == 1:
+            return sink, convention
+    raise UserError(f"cannot record {adapter.name}: its decoder layers cannot be run one at a time (its forward "
+                    f"does not pass one hidden state from layer to layer{': ' + str(failure).splitlines()[0] if failure else ''})")
 
 
 @dataclass
@@ -76,6 +109,7 @@ class LayerRunner:
         self.resident = min(resident, len(self.layers))
         self.bytes_moved = 0
         self._calls: dict[tuple, list[LayerCall]] = {}
+        self.returns_tuple: bool | None = None  # the layers' return convention, learned on the first batch
         with _layers_swapped(adapter, []):  # move the non-layer parts only
             adapter.base.to(device)
         for layer in self.layers[: self.resident]:
@@ -84,9 +118,7 @@ class LayerRunner:
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden state entering layer 0; also records each layer's call for this batch shape."""
-        sink: list = []
-        with _layers_swapped(self.adapter, sink):
-            self.adapter.base(input_ids=input_ids.to(self.device), use_cache=False)
+        sink, self.returns_tuple = record_layer_calls(self.adapter, input_ids.to(self.device), self.returns_tuple)
         key = tuple(input_ids.shape)
         if key not in self._calls:  # full-length sequences: the calls depend on the shape only
             self._calls[key] = [LayerCall(args, kwargs) for args, kwargs, _ in sink]
@@ -108,37 +140,73 @@ class LayerRunner:
             out = layer(hidden, *call.args, **call.kwargs)
         else:
             out = torch.func.functional_call(layer, weights, (hidden, *call.args), call.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return out[0] if isinstance(out, (tuple, list)) else out  # some layers return (hidden, ...), one a list
 
 
 class FFNProbe:
-    """Catches a layer's FFN hidden activation g and, for gated FFNs, act(gate) during its forward."""
+    """Catches a layer's FFN hidden activation g and, for gated FFNs, act(gate) during its forward.
+
+    The first time it is attached it also checks the roles the locator found against what the FFN
+    computes: g must equal act(gate) * up (gated) or the activation's output (plain). A layout the
+    locator got wrong is refused there, before anything is recorded."""
 
     def __init__(self, adapter: Adapter):
         self.adapter = adapter
         self.g: torch.Tensor | None = None
         self.act: torch.Tensor | None = None
+        self._up: torch.Tensor | None = None
+        self.checked = False
 
     @contextmanager
     def attached(self, layer: nn.Module):
+        adapter = self.adapter
+        check = not self.checked
+
         def on_down(_module, args):
             self.g = args[0]
 
         def on_act(_module, _args, output):
             self.act = output
 
-        handles = [self.adapter.down_module(layer).register_forward_pre_hook(on_down)]
-        if self.adapter.family.gated:
-            handles.append(self.adapter.act_module(layer).register_forward_hook(on_act))
+        def on_up(_module, _args, output):
+            self._up = output
+
+        handles = [adapter.down_module(layer).register_forward_pre_hook(on_down)]
+        act = adapter.act_module(layer)
+        if act is not None and (adapter.gated or check):
+            handles.append(act.register_forward_hook(on_act))
+        if check and adapter.gated:
+            up = adapter.up_module(layer) if adapter.layout.up else adapter.gate_module(layer)
+            handles.append(up.register_forward_hook(on_up))
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
 
+    def _check(self) -> None:
+        g, act, up = self.g, self.act, self._up
+        self.checked = True
+        self._up = None
+        layout = self.adapter.layout
+        if act is None:
+            return  # a plain FFN whose activation is not a module: g is what fires, nothing to compare
+        if self.adapter.gated:
+            halves = up.chunk(2, dim=-1) if layout.fused else (up,)
+            ok = any(h.shape == g.shape and torch.allclose(act * h, g, rtol=1e-3, atol=1e-5) for h in halves)
+            what = f"act({layout.gate}) * {layout.up or 'its other half'}"
+        else:
+            ok = act.shape == g.shape and torch.equal(act, g)
+            what = f"the output of {layout.act}"
+        if not ok:
+            raise UserError(f"cannot record {self.adapter.name}: the input of its FFN output projection "
+                            f"'{layout.down}' is not {what}, so its neurons cannot be read as located")
+
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (g, firing input), both (tokens, d_ffn); the second is g itself for plain FFNs."""
+        if not self.checked:
+            self._check()
         g = self.g.reshape(-1, self.g.shape[-1])
-        act = g if self.act is None else self.act.reshape(-1, self.act.shape[-1])
+        act = g if not self.adapter.gated else self.act.reshape(-1, self.act.shape[-1])
         self.g = self.act = None
         return g, act

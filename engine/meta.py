@@ -32,11 +32,51 @@ def parse_layers(text: str | None, n_layers: int, option: str) -> list[int] | No
     return sorted(layers)
 
 
+TAU_RULES = ("absolute", "quantile:Q", "median-max:F")
+
+
+def parse_tau_rule(text: str | None) -> tuple[str, float | None]:
+    """'absolute' -> ("absolute", None); 'quantile:0.99' -> ("quantile", 0.99) (tau_l = that quantile of
+    act over the layer's neurons and the calibration tokens, 0 < Q < 1); 'median-max:0.25' ->
+    ("median-max", 0.25) (tau_l = F x the median over the layer's neurons of each one's largest act on
+    the calibration tokens, F > 0)."""
+    text = (text or "absolute").strip()
+    if text == "absolute":
+        return "absolute", None
+    kind, _, value = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if kind == "quantile" and number is not None and 0 < number < 1:
+        return kind, number
+    if kind == "median-max" and number is not None and number > 0:
+        return kind, number
+    raise UserError(f"--tau-rule '{text}' is not one of absolute, quantile:Q (0 < Q < 1, like quantile:0.99) "
+                    "or median-max:F (F > 0, like median-max:0.25)")
+
+
+def relative_rule_text(adapter, rule: str) -> str:
+    """The firing rule in words for a relative rule: the adapter's own text with tau_l for tau."""
+    from engine.analysis.dead import describe_rule
+
+    head = adapter.firing_rule(0.0).rsplit(" > ", 1)[0]
+    return f"{head} > tau_l per layer ({describe_rule(rule)})"
+
+
 def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> dict:
     adapter = lm.adapter
     n_layers = len(adapter.layers)
+    kind, value = parse_tau_rule(getattr(config, "tau_rule", None))
+    relative = kind != "absolute"
+    if relative and config.tau is not None:
+        raise UserError("--tau sets an absolute threshold; leave it out with a relative --tau-rule "
+                        "(fire counts at 0, 0.5, 1 and 2 are recorded beside the relative rule anyway)")
     primary = config.tau if config.tau is not None else (0.0 if adapter.is_relu else 1.0)
-    taus = sorted(set(EXTRA_TAUS) | {float(primary)})
+    # absolute: one row per threshold, the primary among them; relative: the absolute rows, then one
+    # more row (the last) at each layer's own tau_l, known after calibration (meta.layer_taus)
+    taus = sorted(set(EXTRA_TAUS) | ({float(primary)} if not relative else set()))
+    rule = "absolute" if not relative else f"{kind}:{value:g}"
     layers = parse_layers(config.layers, n_layers, "--layers") or list(range(n_layers))
     ngram = parse_layers(config.ngram_layers, n_layers, "--ngram-layers")
     if ngram is None:
@@ -53,12 +93,13 @@ def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> d
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {
-            "spec": lm.spec, "name": lm.name, "family": adapter.family.name,
+            # spec: absolute for local paths, so the model reloads from any directory; spec_given: as typed
+            "spec": lm.spec, "spec_given": lm.given or lm.spec, "name": lm.name, "family": adapter.name,
             "model_type": lm.config.model_type, "fingerprint": lm.fingerprint,
             "n_layers": n_layers, "d_model": int(lm.config.hidden_size) if hasattr(lm.config, "hidden_size")
             else int(lm.model.get_input_embeddings().weight.shape[1]),
             "d_ffn": adapter.d_ffn, "vocab_size": int(lm.model.get_input_embeddings().weight.shape[0]),
-            "activation": adapter.activation_name, "gated": adapter.family.gated, "dtype": config.dtype,
+            "activation": adapter.activation_name, "gated": adapter.gated, "dtype": config.dtype,
             "config": {k: v for k, v in model_config.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         },
         "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", ""), "size": len(lm.tokenizer),
@@ -70,9 +111,15 @@ def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> d
             "n_documents": packed.n_documents, "notes": list(sources.notes),
         },
         "recording": {
-            "taus": taus, "primary_tau": float(primary), "primary_index": taus.index(float(primary)),
-            "firing_rule": adapter.firing_rule(primary), "layers": layers, "ngram_layers": ngram,
-            "ngram_max_freq": config.ngram_max_freq, "calib_tokens": config.calib_tokens,
+            "taus": taus, "primary_tau": None if relative else float(primary),
+            "primary_index": len(taus) if relative else taus.index(float(primary)), "tau_rule": rule,
+            "layer_taus": {str(i): None if relative else float(primary) for i in layers},
+            "firing_rule": relative_rule_text(adapter, rule) if relative else adapter.firing_rule(primary),
+            "layers": layers, "ngram_layers": ngram,
+            # "auto": n-gram counts for every neuron that can still be a detector (ngram_bound, set by
+            # engine.record); a number F: for the neurons firing at most F (the user's cap replaces it)
+            "ngram_max_freq": "auto" if config.ngram_max_freq is None else float(config.ngram_max_freq),
+            "calib_tokens": config.calib_tokens,
             "topk": config.topk, "samples": config.samples,
             "sample_rate": min(1.0, config.samples / packed.tokens.size),
             "n_seqs_total": n_seqs, "part": list(config.part), "seq_range": [lo, hi],

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: local_files_onl
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from cache.errors import UserError  # noqa: E402
-from engine.adapters import Adapter, family_for  # noqa: E402
+from engine.adapters import Adapter, FFNLayout, locate  # noqa: E402
 from engine.paths import user_cache_dir  # noqa: E402
 
 DEFAULT_MODEL = "default"
@@ -33,9 +33,10 @@ class LoadedModel:
     model: object
     tokenizer: object
     adapter: Adapter
-    spec: str
+    spec: str               # what reloads it from anywhere: a local path made absolute
     name: str
     fingerprint: str
+    given: str = ""         # the spec as the user spelled it (for display); "" when the same as spec
 
     @property
     def config(self):
@@ -93,32 +94,86 @@ def _convert_default(target: Path) -> None:
 def _load_gguf(path: Path, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise UserError("loading .gguf files needs the 'gguf' package; install it with: pip install gguf") from None
+    _require_gguf()
     kwargs = dict(gguf_file=path.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=parse_dtype(dtype), **kwargs)
     return model, tokenizer
 
 
-def _check_architecture(directory_or_id: str, trust_remote_code: bool) -> None:
-    """Refuse an unsupported architecture before loading any weights."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory_or_id, local_files_only=True,
-                                        trust_remote_code=trust_remote_code)
-    family_for(config.model_type)
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("loading .gguf files needs the 'gguf' package; install it with: pip install gguf") from None
 
 
-def _load_pretrained(source: str, dtype: str, trust_remote_code: bool):
+def check_architecture(source: str, trust_remote_code: bool = False, gguf_file: str | None = None) -> FFNLayout:
+    """Locate the FFN in a weightless skeleton built from the config alone (a .gguf's metadata, a
+    directory's config.json): an architecture is refused before a single weight is read or dequantized."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    if gguf_file:
+        _require_gguf()
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except ValueError as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "trust_remote_code" in message or "custom code" in message:
+            raise UserError(f"{source} needs code from the model's own files; add --trust-remote-code if you "
+                            "trust them") from None
+        raise UserError(f"cannot read the model's configuration in {source}: {message}") from None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as error:  # no causal-LM class for this config
+        message = str(error).splitlines()[0]
+        raise UserError(f"cannot record '{config.model_type}': it is not a causal language model "
+                        f"transformers can build ({message})") from None
+    return locate(skeleton)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(directory: Path | None, spec: str, allow_pickle: bool = False) -> None:
+    """Safetensors only by default: a directory whose weights are pickle checkpoints only
+    (pytorch_model.bin, ...) is refused, because unpickling can run code, unless allow_pickle."""
+    if directory is None or allow_pickle or not directory.is_dir():
+        return
+    files = [f.name for f in directory.iterdir() if f.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise UserError(f"{spec} holds only pickle weights ({pickles[0]}), which can run code when loaded; "
+                        "convert them once on a trusted machine with AutoModelForCausalLM.from_pretrained(DIR)"
+                        ".save_pretrained(DIR) (safetensors), or add --allow-pickle if you trust the file")
+
+
+def _hub_snapshot(spec: str) -> Path | None:
+    """The local Hugging Face cache's snapshot directory of a hub id, if it is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id or cache: transformers says what is wrong
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _load_pretrained(source: str, dtype: str, trust_remote_code: bool, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_architecture(source, trust_remote_code)
+    check_architecture(source, trust_remote_code)
     kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), **kwargs)
+    # use_safetensors=True: never fall back to a pickle file lying beside the safetensors
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype),
+                                                 use_safetensors=None if allow_pickle else True, **kwargs)
     return model, tokenizer
 
 
@@ -155,7 +210,9 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> LoadedModel:
+    """`allow_pickle`: accept pickle checkpoints (pytorch_model.bin) where a model has no safetensors."""
     kind, where = _resolve(spec)
     _quiet_transformers()
     if kind == "default":
@@ -166,15 +223,17 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         model, tokenizer = _load_pretrained(str(target), dtype, False)
         name = DEFAULT_NAME
     elif kind == "gguf":
+        check_architecture(str(Path(where).parent), gguf_file=Path(where).name)
         model, tokenizer = _load_gguf(Path(where), dtype)
-        family_for(model.config.model_type)
         name = Path(where).stem
     elif kind == "dir":
-        model, tokenizer = _load_pretrained(where, dtype, trust_remote_code)
+        check_weights(Path(where), spec, allow_pickle)
+        model, tokenizer = _load_pretrained(where, dtype, trust_remote_code, allow_pickle)
         name = Path(where).resolve().name
     else:
+        check_weights(_hub_snapshot(spec), spec, allow_pickle)
         try:
-            model, tokenizer = _load_pretrained(where, dtype, trust_remote_code)
+            model, tokenizer = _load_pretrained(where, dtype, trust_remote_code, allow_pickle)
         except OSError:
             raise UserError(f"model '{spec}' is not in the local Hugging Face cache and ffnscope never "
                             f"downloads; fetch it once with `hf download {spec}` on a networked "
@@ -182,4 +241,6 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         name = spec
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, Adapter(model), spec, name, _fingerprint(model))
+    stored = str(Path(where).resolve()) if kind in ("gguf", "dir") else spec
+    return LoadedModel(model, tokenizer, Adapter(model), stored, name, _fingerprint(model),
+                       "" if stored == spec else spec)

@@ -59,8 +59,19 @@ class ProgressFile:
         self._last = now
         self.state["updated"] = now
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.path)
+        text = json.dumps(self.state)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk: the job goes on (or fails with its own one line), never a traceback
+            tmp.unlink(missing_ok=True)
+            if self.state.get("status") != RUNNING:  # its outcome must be read: overwrite in place
+                try:
+                    with open(self.path, "r+" if self.path.exists() else "w") as f:
+                        f.write(text)
+                        f.truncate()
+                except OSError:
+                    pass
 
     def finish(self, status: str, message: str = "") -> None:
         self.update(force=True, status=status, message=message)

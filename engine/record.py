@@ -17,13 +17,14 @@ from cache.errors import UserError
 from cache.merge import check_same_recording
 from cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
 from cache.store import read_state, write_state
+from engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
 from engine.budget import plan_device, plan_host
 from engine.data import open_sources, pack
 from engine.memory import release_freed_memory
-from engine.meta import build_meta, part_range
+from engine.meta import build_meta, parse_tau_rule, part_range
 from engine.models import LoadedModel, load_model
 from engine.progress import COMPLETE, ProgressFile, running_job
-from engine.streaming import Recorder, Stopped
+from engine.streaming import Recorder, Stopped, data_counts
 
 @dataclass
 class RecordConfig:
@@ -37,10 +38,12 @@ class RecordConfig:
     dtype: str = "float32"
     device: str = "auto"
     tau: float | None = None            # default: 0 for ReLU models, 1.0 for smooth activations
+    tau_rule: str = "absolute"          # or per layer: "quantile:Q", "median-max:F" (engine.meta.parse_tau_rule)
     layers: str | None = None           # like "0-11,15"; default: all
     ngram_layers: str | None = None     # default: the recorded layers in the first half
-    ngram_max_freq: float = 0.05        # n-gram counts only for neurons firing at most this often
-    calib_tokens: int = 32768           # tokens that decide which neurons are that rare
+    ngram_max_freq: float | None = None  # None ("auto"): count every neuron that can be a detector;
+                                         # F: every neuron firing at most that often (1: every neuron)
+    calib_tokens: int = 32768           # tokens of the calibration sample (relative taus, early skips)
     topk: int = 16
     samples: int = 2048                 # token positions whose full activation vectors are kept
     shard_tokens: int = 262144
@@ -51,6 +54,7 @@ class RecordConfig:
     resume: bool = False
     force: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False          # accept pickle weights (pytorch_model.bin)
 
 
 @contextmanager
@@ -106,6 +110,9 @@ def check_output(config: RecordConfig) -> None:
     i, n = config.part
     if not 1 <= i <= n:
         raise UserError(f"--part {i}/{n} is out of range; use i/n with 1 <= i <= n")
+    if config.ngram_max_freq is not None and not config.ngram_max_freq > 0:
+        raise UserError("--ngram-max-freq must be a positive fraction (or auto, the default)")
+    parse_tau_rule(config.tau_rule)
 
 
 def model_max_len(lm: LoadedModel) -> int:
@@ -120,7 +127,8 @@ def model_max_len(lm: LoadedModel) -> int:
 def empty_state(meta: dict, counted: dict[int, np.ndarray]) -> RecordingState:
     rec, model = meta["recording"], meta["model"]
     seq_len, d_ffn, vocab = meta["data"]["seq_len"], model["d_ffn"], model["vocab_size"]
-    layers = {i: LayerState.zeros(len(rec["taus"]), d_ffn, seq_len, rec["topk"], counted.get(i))
+    n_rows = rec["primary_index"] + 1 if rec["primary_index"] == len(rec["taus"]) else len(rec["taus"])
+    layers = {i: LayerState.zeros(n_rows, d_ffn, seq_len, rec["topk"], counted.get(i))
               for i in rec["layers"]}
     data = DataState(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int64), np.zeros((0, seq_len), np.uint8),
                      np.zeros(vocab, np.int64),
@@ -150,7 +158,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
 
     with progress.outcome(stopped, (Stopped,)):
         progress.update(force=True, phase="loading model", cwd=os.getcwd())
-        lm = load_model(config.model, config.dtype, config.trust_remote_code)
+        lm = load_model(config.model, config.dtype, config.trust_remote_code, config.allow_pickle)
         device = resolve_device(config.device)
         seq_len = config.seq_len or min(model_max_len(lm), 2048)
         if config.tokens < seq_len:
@@ -167,6 +175,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         if previous is not None:
             check_same_recording(previous.meta, meta, config.out, for_resume=True)
             meta = previous.meta
+        elif meta["recording"]["ngram_layers"]:
+            meta["recording"]["ngram_bound"] = ngram_bound(packed.tokens, meta)
         lo, hi = part_range(len(packed.tokens), config.part)
         if hi <= lo:
             raise UserError(f"part {config.part[0]}/{config.part[1]} gets no sequence of the "
@@ -180,6 +190,10 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
                 progress.update(force=True, phase="calibrating")
                 counted = recorder.calibrate(packed.tokens)
                 release_freed_memory()
+                rec = meta["recording"]
+                if rec["tau_rule"] != "absolute":
+                    log(f"note: firing thresholds tau_l ({rec['tau_rule']}): " +
+                        ", ".join(f"layer {i} {rec['layer_taus'][str(i)]:g}" for i in rec["layers"]))
                 state = empty_state(meta, counted)
                 state.vocab, state.pieces = vocabulary(lm.tokenizer, meta["model"]["vocab_size"])
                 write_state(config.out, state, schema.PARTIAL)
@@ -189,6 +203,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
                 recorder.record_shards(state, packed.tokens[lo:hi], lo)
             finally:
                 recorder.release_buffers()
+        for line in skip_notes(state):
+            log(f"note: {line}")
         meta["recording"]["resident_layers"] = recorder.runner.resident
         meta["recording"]["hidden_on_disk"] = recorder.spilled
         meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
@@ -202,6 +218,43 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         progress.update(phase="done")
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded")
         return state
+
+
+def ngram_bound(tokens: np.ndarray, meta: dict, chunk_seqs: int = 4096) -> dict:
+    """The most fires a detector can have over the whole packed data (every part's), from the data's
+    n-gram occurrence counts (engine.analysis.ngrams.detector_fire_bound, the default analysis
+    parameters). Counted in chunks of sequences, so no tokens x 3 key array is ever held."""
+    vocab = meta["model"]["vocab_size"]
+    first_pos = 0 if meta["tokenizer"]["start_id"] is None else 1
+    unigram, grams = np.zeros(vocab, np.int64), None
+    for lo in range(0, len(tokens), chunk_seqs):
+        u, g = data_counts(tokens[lo:lo + chunk_seqs], vocab, first_pos)
+        unigram += u
+        grams = g if grams is None else {n: GramCounts.reduce([grams[n], g[n]]) for n in g}
+    counts = {1: unigram, **{n: grams[n].count for n in grams}}
+    return detector_fire_bound(counts, len(tokens), tokens.shape[1], first_pos, NgramParams())
+
+
+def skip_notes(state: RecordingState) -> list[str]:
+    """What became of the n-gram counts, one line per kind of skip, for the log."""
+    rec = state.meta["recording"]
+    bound = rec.get("ngram_bound")
+    total = {"counted": 0, "proven": 0, "unproven": 0}
+    for index in rec["ngram_layers"]:
+        layer = state.layers[index]
+        if layer.ngram_counted is not None:
+            for key, value in skip_status(layer.ngram_counted, layer.fire_count[rec["primary_index"]], bound).items():
+                total[key] += value
+    lines = []
+    if total["proven"] and bound:
+        lines.append(f"n-grams: {total['proven']} neurons fire more often than any detector can "
+                     f"(> {bound['fires']:,} fires); their n-gram counts were not kept")
+    if total["unproven"]:
+        cap = rec["ngram_max_freq"]
+        why = "the calibration sample" if cap == "auto" else f"--ngram-max-freq {cap:g}"
+        lines.append(f"n-grams: {total['unproven']} neurons were left out by {why} but fire few enough times to "
+                     "be detectors; they get no detector verdict (--ngram-max-freq 1 counts every neuron)")
+    return lines
 
 
 def vocabulary(tokenizer, size: int) -> tuple[list[str], list[str]]:

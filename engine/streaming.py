@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cache import schema
-from cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples
+from cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples, ngram_drop_limit
 from cache.store import write_state
 from engine.layer_runner import FFNProbe, LayerRunner
 from engine.memory import release_freed_memory
@@ -60,6 +60,37 @@ def data_counts(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[np.ndar
     return unigram, grams
 
 
+class ActScale:
+    """Calibration accumulator of a relative firing rule: each neuron's largest act, and the act values
+    of every `stride`-th token of the sample (all the layer's neurons; at most about MAX_VALUES values)
+    for a quantile."""
+    MAX_VALUES = 1 << 22
+
+    def __init__(self, d_ffn: int, n_tokens: int):
+        self.stride = max(1, -(-n_tokens * d_ffn // self.MAX_VALUES))
+        self.max: torch.Tensor | None = None
+        self.values: list[np.ndarray] = []
+        self.seen = 0
+
+    @torch.inference_mode()
+    def update(self, g: torch.Tensor, act: torch.Tensor, ctx) -> None:
+        a = act.float()
+        batch_max = a.amax(0)
+        self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
+        self.values.append(a[(-self.seen) % self.stride::self.stride].reshape(-1).cpu().numpy())
+        self.seen += len(a)
+
+    def tau(self, kind: str, value: float) -> float:
+        """The layer's threshold, never below 0 (a relative rule is never laxer than "activated"),
+        rounded to 4 significant digits (the same on every device that records a part)."""
+        if kind == "quantile":
+            values = np.concatenate(self.values) if self.values else np.zeros(1, np.float32)
+            tau = float(np.quantile(values.astype(np.float64), value))
+        else:
+            tau = value * float(np.median(self.max.cpu().numpy())) if self.max is not None else 0.0
+        return float(f"{max(tau, 0.0):.4g}")
+
+
 class Recorder:
     def __init__(self, config: RecordConfig, lm: LoadedModel, meta: dict, device: torch.device, resident: int,
                  domains: np.ndarray, hidden_budget: int = 1 << 62, progress: ProgressFile | None = None,
@@ -74,7 +105,7 @@ class Recorder:
         rec = meta["recording"]
         self.layers: list[int] = rec["layers"]
         self.ngram_layers: set[int] = set(rec["ngram_layers"])
-        self.taus: list[float] = rec["taus"]
+        self.taus: list[float] = rec["taus"]   # the absolute thresholds; layer_taus(i) has the layer's rows
         self.primary: int = rec["primary_index"]
         self.seq_len: int = meta["data"]["seq_len"]
         self.vocab: int = meta["model"]["vocab_size"]
@@ -170,33 +201,92 @@ class Recorder:
             self._mapped.unlink(missing_ok=True)
             self._mapped = None
 
-    # --- calibration: which neurons are rare enough for exact n-gram counts -----------------
-    def calibrate(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
-        layers = sorted(self.ngram_layers)
-        if not layers:
-            return {}
-        n = max(1, min(len(tokens), self.config.calib_tokens // self.seq_len))
-        stats_for = lambda _i: LayerStats(self.d_ffn, self.seq_len, [self.taus[self.primary]], 0, 1,
-                                          self.device, None)
-        limit = self.meta["recording"]["ngram_max_freq"] * n * self.seq_len
-        counted: dict[int, np.ndarray] = {}
+    def layer_taus(self, index: int) -> list[float]:
+        """The thresholds of layer `index`'s fire_count rows: the absolute ones, and for a relative rule
+        the layer's own tau_l as the last (primary) row."""
+        rec = self.meta["recording"]
+        if self.primary < len(self.taus):
+            return list(self.taus)
+        return [*self.taus, float(rec["layer_taus"][str(index)])]
 
-        def layer_done(index, stats):
-            counted[index] = (stats.fire_count[0] <= limit).cpu().numpy()
+    # --- calibration: per-layer thresholds of a relative rule, and neurons that need no n-gram counts
+    def calibration_rows(self, n_seqs: int) -> np.ndarray:
+        """Sequences of the calibration sample: spread evenly over the whole packed data (not this part's
+        slice), so every part of a recording decides the same."""
+        n = max(1, min(n_seqs, self.config.calib_tokens // self.seq_len))
+        return np.unique(np.linspace(0, n_seqs - 1, n).round().astype(np.int64))
 
+    def _calibration_pass(self, tokens: np.ndarray, rows: np.ndarray, layers: list[int], stats_for, layer_done):
         saved_rate, self.sample_rate = self.sample_rate, 0.0
         try:
-            self.run_block(tokens[:n], np.arange(n), layers, stats_for, layer_done)
+            self.run_block(tokens[rows], rows, layers, stats_for, layer_done)
         finally:
             self.sample_rate = saved_rate
+
+    def calibrate(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
+        """On the calibration sample of the whole packed data `tokens`: a relative rule's tau_l per layer
+        (written into meta.recording.layer_taus), then which neurons of the n-gram layers get no n-gram
+        counts from the start (-> layer -> counted mask). Skipping early only saves memory; it proves
+        nothing, so it is cautious (engine.record.skip_notes reports the skips the full counts did not
+        justify), and neurons counted from the start lose their counts only on proof (record_shards)."""
+        from engine.meta import parse_tau_rule
+
+        rec = self.meta["recording"]
+        rows = self.calibration_rows(len(tokens))
+        kind, value = parse_tau_rule(rec.get("tau_rule"))
+        if kind != "absolute":
+            found: dict[int, float] = {}
+
+            def scale_done(index, probe):
+                found[index] = probe.tau(kind, value)
+            n_tokens = len(rows) * self.seq_len
+            self._calibration_pass(tokens, rows, self.layers, lambda _i: ActScale(self.d_ffn, n_tokens), scale_done)
+            rec["layer_taus"] = {str(i): found[i] for i in self.layers}
+        layers = sorted(self.ngram_layers)
+        counted = {i: np.ones(self.d_ffn, bool) for i in layers}
+        limit, guard = self._skip_limit(tokens[rows])
+        if not layers or limit is None:
+            return counted
+        n_tokens = len(rows) * self.seq_len
+
+        def stats_for(index):
+            return LayerStats(self.d_ffn, self.seq_len, [self.layer_taus(index)[self.primary]], 0, 1, self.device,
+                              None)
+
+        def layer_done(index, stats):
+            fires = stats.fire_count[0].cpu().numpy()
+            counted[index] = ~((fires > limit * n_tokens) & (fires > guard))
+        self._calibration_pass(tokens, rows, layers, stats_for, layer_done)
         return counted
+
+    SKIP_MARGIN = 2.0  # "auto" skips early only what fires this many times more often than any detector can
+
+    def _skip_limit(self, sample: np.ndarray) -> tuple[float | None, float]:
+        """-> (frequency above which a neuron of the sample is skipped from the start, or None: none is;
+        fires in the sample it must exceed besides). --ngram-max-freq F: F. "auto": SKIP_MARGIN x the
+        bound's frequency, and the neuron must also fire more often than a detector could within the
+        sample itself (so a neuron of tokens the sample happens to be rich in is kept)."""
+        rec = self.meta["recording"]
+        cap, bound = rec["ngram_max_freq"], rec.get("ngram_bound")
+        if cap != "auto":
+            return (float(cap) if cap < 1 else None), 0
+        if bound is None:
+            return None, 0
+        limit = self.SKIP_MARGIN * bound["freq"]
+        if limit >= 1:
+            return None, 0
+        from engine.analysis.ngrams import NgramParams, detector_fire_bound
+
+        unigram, grams = data_counts(sample, self.vocab, self.first_pos)
+        own = detector_fire_bound({1: unigram, **{n: g.count for n, g in grams.items()}}, len(sample),
+                                  self.seq_len, self.first_pos, NgramParams())
+        return limit, own["fires"]
 
     # --- the shard loop ------------------------------------------------------------------------
     def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
         rec = self.meta["recording"]
         per_shard = max(1, rec["shard_tokens"] // self.seq_len)
         n_shards = rec["n_shards"]
-        counted = {i: state.layers[i].ngram_counted for i in self.ngram_layers}
         started, done_at_start = time.time(), state.shards_done
         for shard in range(state.shards_done, n_shards):
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(tokens))
@@ -219,14 +309,16 @@ class Recorder:
                     self.on_progress(fields)
 
             def stats_for(index):
-                return LayerStats(self.d_ffn, self.seq_len, self.taus, self.primary, rec["topk"],
-                                  self.device, counted.get(index))
+                counted = state.layers[index].ngram_counted if index in self.ngram_layers else None
+                return LayerStats(self.d_ffn, self.seq_len, self.layer_taus(index), self.primary, rec["topk"],
+                                  self.device, counted)
 
             samples: dict[int, np.ndarray] = {}
 
             def layer_done(index, stats):
                 samples[index] = stats.take_samples()
                 state.layers[index].add(stats.to_host())
+                state.layers[index].drop_ngrams_over(ngram_drop_limit(self.meta["recording"]), self.primary)
 
             sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
             acts = np.stack([samples[i] for i in self.layers])

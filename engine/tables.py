@@ -23,13 +23,13 @@ import json
 import operator
 import os
 import secrets
-import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from cache.errors import UserError
+from engine.safe_text import printable
 
 KINDS = ("bool", "int", "float", "str", "list")
 FORMATS = ("csv", "jsonl", "parquet", "markdown")
@@ -525,22 +525,11 @@ def _from_csv_cell(cell: str, kind: str, where: str) -> Any:
 # Markdown: text cells are for reading, not round-tripping. Characters that could break the table or
 # be taken as markup get a backslash; control characters are shown as escapes (\n, \x1b, ...).
 _MD_SPECIAL = set("\\|`*_[]<>~&")
-_MD_CONTROL = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _md_text(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _MD_SPECIAL:
-            out.append("\\" + ch)
-        elif ch in _MD_CONTROL:
-            out.append(_MD_CONTROL[ch])
-        elif ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """Markdown's specials backslash-escaped, everything else through the one sanitizer (engine.safe_text)."""
+    return "".join("\\" + ch if ch in _MD_SPECIAL else printable(ch) for ch in str(s))
 
 
 def _md_cell(value: Any, kind: str) -> str:
@@ -615,7 +604,7 @@ def export(table: Table, path: str | os.PathLike, fmt: str) -> None:
         raise UserError(f"cannot write {path}: directory {parent} does not exist; create it first")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; give a file name")
-    tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp = parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # the pid: stale once it is dead
     try:
         # os.open with 0o666 lets the umask decide permissions, like a plain open() would
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -634,7 +623,9 @@ def export(table: Table, path: str | os.PathLike, fmt: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        from cache.store import storage_error  # the path, why, and the free space there
+
+        raise storage_error(path, None, e.strerror or str(e), f"cannot write {path}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

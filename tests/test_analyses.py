@@ -87,7 +87,8 @@ def test_detector_suppresses_its_triggers(layer0):
     assert row["suppresses_triggers"] is True
     assert chr(PROMOTED) in row["top_promoted"][:3]
     assert set(tokens(*DETECTED)) <= set(row["top_suppressed"][:5])
-    assert row["trigger_suppression"] < -3  # the triggers sit far below the vocabulary's mean
+    assert row["trigger_logit_z"] < -3  # the triggers sit far below the vocabulary's mean
+    assert row["trigger_g"] > 0  # ReLU: g is positive wherever the neuron fires
     assert layer0[MANY]["suppresses_triggers"] is None  # not a detector: no verdict
 
 
@@ -104,9 +105,12 @@ def test_positional_neurons_classified(layer0, planted_cache):
 
 
 def test_mutual_information_matches_hand_computation(layer0, planted_cache):
+    from cache import analysis_store as store
+
     with CacheReader(planted_cache[0]) as reader:
         counts = reader.array(0, "pos_fire")[:, ONE_SIDED]
         n_seqs = reader.n_tokens // reader.meta["data"]["seq_len"]
+        pos = store.read_group(reader, "positional")
     fr_pos = [c / n_seqs for c in counts]
     fr = sum(fr_pos) / len(fr_pos)
 
@@ -114,7 +118,9 @@ def test_mutual_information_matches_hand_computation(layer0, planted_cache):
         return 0.0 if p == 0 else p * math.log(p / q)
 
     mi = sum(term(p, fr) + term(1 - p, 1 - fr) for p in fr_pos) / len(fr_pos)
-    assert layer0[ONE_SIDED]["pos_mi"] == pytest.approx(mi, rel=1e-9)
+    assert pos["mi_plugin"][0][ONE_SIDED] == pytest.approx(mi, rel=1e-9)  # the paper's formula
+    # pos_mi is that less its chance level (engine.analysis.positional.chance_mi)
+    assert layer0[ONE_SIDED]["pos_mi"] == pytest.approx(mi - pos["mi_chance"][0][ONE_SIDED], rel=1e-9)
     assert mi > 0.05
 
 

@@ -51,12 +51,19 @@ def test_missing_model_path(tmp_path, text_file):
     assert_not_complete(out)
 
 
-def test_unsupported_architecture(tmp_path, text_file):
-    model_dir = tmp_path / "falcon"
-    tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4).save_pretrained(model_dir)
+@pytest.mark.parametrize("config, needles", [
+    (lambda: tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, vocab_size=300),
+     ("cannot record 'mixtral'", "mixture of experts")),
+    (lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=300),
+     ("cannot record 'mamba'", "no FFN output projection")),
+])
+def test_unlocatable_architecture_is_refused_before_loading(tmp_path, text_file, config, needles):
+    model_dir = tmp_path / "model"
+    config().save_pretrained(model_dir)  # a config and no weights: refused from the config alone
     out = tmp_path / "c.h5"
     r = run_cli("record", "--model", model_dir, "--data", text_file, "--out", out, *SMALL)
-    assert_one_line_error(r, "unsupported architecture 'falcon'", "OPT", "GPT-2", "Llama", "Gemma")
+    assert_one_line_error(r, *needles)
     assert_not_complete(out)
 
 
@@ -177,3 +184,23 @@ def test_second_job_on_the_same_output_is_refused(tmp_path, model_dirs, text_fil
     progress.write_text(json.dumps({"pid": 2**22 + 12345, "status": "running"}))  # long gone
     r = run_cli("record", "--model", model_dirs["opt"], "--data", text_file, "--out", out, *SMALL)
     assert r.returncode == 0, r.stderr
+
+
+def test_gguf_refused_from_its_metadata(tmp_path, text_file):
+    """A .gguf of an architecture the locator cannot read is refused from its header: this file holds
+    the metadata of a mixture-of-experts model and a single tensor, so any attempt to load (dequantize)
+    its weights would fail with another error."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2moe")
+    w.add_block_count(2), w.add_context_length(64), w.add_embedding_length(32), w.add_feed_forward_length(64)
+    w.add_head_count(4), w.add_head_count_kv(2), w.add_expert_count(4), w.add_expert_used_count(2)
+    w.add_expert_feed_forward_length(32), w.add_layer_norm_rms_eps(1e-6), w.add_rope_freq_base(10000.0)
+    w.add_tensor("token_embd.weight", np.zeros((10, 32), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    out = tmp_path / "c.h5"
+    r = run_cli("record", "--model", path, "--data", text_file, "--out", out, *SMALL)
+    assert_one_line_error(r, "cannot record 'qwen2_moe'", "mixture of experts")
+    assert_not_complete(out)

@@ -84,5 +84,5 @@ def test_report_overlays_recordings(hostile_cache, tmp_path, model_dirs, text_fi
     for title in ("dead neurons (Fig. 1a)", "token-detecting neurons (Fig. 3a)", "positional neurons (Fig. 8)",
                   "Fig. 2", "suppressing"):
         assert title in text
-    assert "OPT, 4L" in text and "GPT-2, 4L" in text  # one series per model
+    assert "OPT, 4L" in text and "GPT2, 4L" in text  # one series per model
     assert "\x1b[31m" not in text  # the hostile token never reaches the terminal as an escape

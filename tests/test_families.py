@@ -5,7 +5,7 @@ import pytest
 from cache.schema import encode_grams
 from engine.models import load_model
 from tests.helpers import record_tiny
-from tests.reference import reference_stats
+from tests.reference import combine, reference_stats, top_contexts
 from tests.tiny_models import CONFIGS
 
 
@@ -20,18 +20,22 @@ def test_recording_matches_plain_forward(model_type, model_dirs, text_file, tmp_
     per_batch = 2  # the recorder's batch: batch_tokens 64 / seq_len 32
     parts = [reference_stats(model, tokens[i:i + per_batch], taus, primary) for i in range(0, len(tokens), per_batch)]
     for layer, got in state.layers.items():
-        ref = {k: sum(p[layer][k] for p in parts) if k != "g_max" else np.max([p[layer][k] for p in parts], 0)
-               for k in parts[0][layer]}
+        ref = combine([p[layer] for p in parts])
         np.testing.assert_array_equal(got.fire_count, ref["fire_count"])
         np.testing.assert_array_equal(got.pos_fire, ref["pos_fire"])
         np.testing.assert_allclose(got.g_sum, ref["g_sum"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(got.g_max, ref["g_max"])
-        np.testing.assert_array_equal(got.topk_value[0], got.g_max)
+        for name, want in top_contexts(ref, tokens.shape[1], meta["recording"]["topk"]).items():
+            np.testing.assert_array_equal(getattr(got, name), want, err_msg=f"{layer}.{name}")
         if layer in meta["recording"]["ngram_layers"]:
             dense = np.zeros_like(ref["token_fires"])
+            dense_g = np.zeros_like(ref["token_g"])
             uni = got.ngrams[1]
             np.add.at(dense, (uni.gram, uni.neuron), uni.count)
-            np.testing.assert_array_equal(dense, ref["token_fires"])
+            np.add.at(dense_g, (uni.gram, uni.neuron), uni.g_sum)
+            counted = got.ngram_counted  # neurons proven to fire too often for a detector keep no counts
+            np.testing.assert_array_equal(dense[:, counted], ref["token_fires"][:, counted])
+            np.testing.assert_allclose(dense_g[:, counted], ref["token_g"][:, counted], rtol=1e-9, atol=1e-9)
     assert meta["recording"]["ngram_layers"] == [0, 1]
     assert set(state.layers[2].ngrams) == set()
 

@@ -20,7 +20,7 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, model_dirs):
     (repo / "refs" / "main").write_text(snapshot.name)
     env = env_for_subprocess()
     env["HF_HOME"] = str(tmp_path / "hf")
-    probe = "from engine.models import load_model; lm = load_model('tiny-org/tiny-llama'); print(lm.adapter.family.name, lm.name)"
+    probe = "from engine.models import load_model; lm = load_model('tiny-org/tiny-llama'); print(lm.adapter.name, lm.name)"
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Llama", "tiny-org/tiny-llama"]
@@ -58,4 +58,4 @@ def test_default_model_converts_once_and_records(tmp_path, text_file, default_gg
 
 def test_gguf_file_spec(tmp_path, default_gguf):
     lm = load_model(str(default_gguf))
-    assert lm.adapter.family.name == "Llama" and lm.config.num_hidden_layers == 30
+    assert lm.adapter.name == "Llama" and lm.config.num_hidden_layers == 30

@@ -35,3 +35,21 @@ def test_ensemble_counts():
     assert rows == [{"detected": 2, "new_overall": 2, "new_vs_previous": 2, "cumulative": 2},
                     {"detected": 2, "new_overall": 1, "new_vs_previous": 1, "cumulative": 3},
                     {"detected": 2, "new_overall": 1, "new_vs_previous": 2, "cumulative": 4}]
+
+
+def test_detector_fire_bound_by_hand():
+    """max over n of ceil(top-k occurrences / coverage) + the start-token positions of order n."""
+    from engine.analysis.ngrams import detector_fire_bound, skip_status
+
+    params = NgramParams(max_coverage_1=2, max_coverage_2=3, max_coverage_3=1)
+    counts = {1: np.array([50, 0, 30, 10, 5]), 2: np.array([20, 20, 19, 2]), 3: np.array([7, 3])}
+    bound = detector_fire_bound(counts, n_seqs=4, seq_len=10, first_pos=1, params=params)
+    # tokens: ceil(80 / 0.95) = 85, + 4 x 1; bigrams: ceil(59 / 0.95) = 63, + 4 x 2; trigrams: ceil(7/.95)=8, + 12
+    assert bound["per_order"] == {"1": 89, "2": 71, "3": 20}
+    assert bound["fires"] == 89 and bound["tokens"] == 40 and bound["top_occurrences"]["2"] == 59
+    # 89 fires (the bound) may still make a detector; 90 cannot: skipped with proof. A skipped neuron
+    # within the bound is unproven, and so is every skipped one when no bound is stored (older caches)
+    counted = np.array([True, False, False, True])
+    fires = np.array([89, 90, 89, 3])
+    assert skip_status(counted, fires, bound) == {"counted": 2, "proven": 1, "unproven": 1}
+    assert skip_status(counted, fires, None) == {"counted": 2, "proven": 0, "unproven": 2}

@@ -194,7 +194,8 @@ class FFNScopeApp(App):
         yield SystemCommand("Recordings", "Back to the list of recordings", self.action_recordings)
         yield SystemCommand("New recording", "Start a recording job from a form", self.action_new_recording)
         for name, verb, help_text in (("Export", "export", "Export the table on this screen"),
-                                      ("Filter: dead neurons", "dead", "Toggle dead / alive / any"),
+                                      ("Filter: dead neurons", "dead",
+                                       "Cycle dead at the firing rule / never activated (τ=0) / alive / any"),
                                       ("Filter: detectors", "detector", "Token, bigram or trigram detectors"),
                                       ("Filter: positional neurons", "positional", "Positional neurons by type"),
                                       ("Search triggers", "search", "Neurons with a trigger n-gram containing text"),

@@ -14,8 +14,11 @@ from app.charts import line_chart
 from app.safe_text import printable
 from app.tui.base import FramedScreen
 from app.tui.recording import OpenRecording
+from engine.analysis.dead import rule_short
 
-FIGURES = (("dead neurons, % (Fig. 1a)", "dead_pct", 1.0), ("alive firing frequency, % (Fig. 1b)", "alive_freq", 100.0),
+FIGURES = (("dead neurons, % (Fig. 1a): never above each recording's τ", "dead_pct", 1.0),
+           ("never activated, % (τ=0: the paper's dead)", "dead_tau0_pct", 1.0),
+           ("alive firing frequency, % (Fig. 1b)", "alive_freq", 100.0),
            ("token detectors (Fig. 3a)", "token_detectors", 1.0), ("positional neurons (Fig. 8)", "positional", 1.0))
 
 
@@ -53,11 +56,12 @@ class CompareScreen(FramedScreen):
     def draw(self) -> None:
         figures = [(rec, rec.index.per_layer()) for rec in self.recs]
         summary = RichTable(box=None, header_style="bold")
-        for title in ("model", "layers", "d_ffn", "tokens", "dead %", "tok det", "positional"):
+        for title in ("model", "rule", "layers", "d_ffn", "tokens", "dead %", "dead τ=0 %", "tok det", "positional"):
             summary.add_column(title, justify="left" if title == "model" else "right")
         for rec, f in figures:
-            summary.add_row(Text(self._label(rec)), str(len(rec.index.layers)), f"{rec.index.d_ffn:,}",
-                            f"{rec.n_tokens:,}", f"{float(np.mean(f['dead_pct'])):.1f}",
+            summary.add_row(Text(self._label(rec)), rule_short(rec.meta), str(len(rec.index.layers)),
+                            f"{rec.index.d_ffn:,}", f"{rec.n_tokens:,}", f"{float(np.mean(f['dead_pct'])):.1f}",
+                            f"{float(np.mean(f['dead_tau0_pct'])):.1f}",
                             str(int(f["token_detectors"].sum())), str(int(f["positional"].sum())))
         self.query_one("#summary", Static).update(summary)
         width = max(self.app.size.width - 4, 30)

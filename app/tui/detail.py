@@ -94,8 +94,10 @@ def kind_text(detail: NeuronDetail) -> str:
     s = detail.stats
     kinds = [name for key, name in (("token_detector", "token detector"), ("bigram_detector", "bigram detector"),
                                     ("trigram_detector", "trigram detector")) if s.get(key)]
-    if s.get("dead"):
-        kinds.append("dead")
+    if s.get("dead_tau0"):
+        kinds.append("dead: never activated (the paper's dead)")
+    elif s.get("dead"):
+        kinds.append(f"dead above τ={s.get('tau', 0):.3g} (active below it; not the paper's dead)")
     if s.get("positional"):
         kinds.append(f"positional, {detail.pos_type.replace('_', ' ')} ({'strong' if s.get('pos_strong') else 'weak'})")
     if s.get("background"):
@@ -108,17 +110,24 @@ def summary_text(detail: NeuronDetail) -> Text:
     out = Text()
     out.append(f"Layer {detail.layer} · neuron {detail.neuron} · ", style="bold")
     out.append(kind_text(detail), style="bold")
-    out.append(f" · MI {num(s.get('pos_mi'), 3)}\n")
-    out.append(f"fires {s['fire_count']:,} times ({pct(s['fire_freq'], 3)} % of tokens) · g mean {num(s['g_mean'], 3)}"
+    out.append(f" · MI {num(s.get('pos_mi'), 3)}")
+    out.append(f" ({s['pos_note'].split(':')[0]})\n" if s.get("pos_note") else "\n")
+    out.append(f"fires {s['fire_count']:,} times above τ={s.get('tau', 0):.3g} ({pct(s['fire_freq'], 3)} % of tokens)"
+               f" · g mean {num(s['g_mean'], 3)}"
                f" std {num(s['g_std'], 3)} max {num(s['g_max'], 3)}\n")
     coverage = s.get("unigram_coverage")
     out.append(f"coverage number {'' if coverage is None else coverage or '-'} · "
                f"suppresses its triggers: {yes_no(s.get('suppresses_triggers')) or 'n/a'}"
-               f" (score {num(s.get('trigger_suppression'), 2) or 'n/a'})")
+               f" (trigger logit z {num(s.get('trigger_logit_z'), 2) or 'n/a'}"
+               f", g at triggers {num(s.get('trigger_g'), 2) or 'n/a'})")
     if s.get("ngram_counted") is None:
         out.append("\nn-grams: not counted in this layer")
     elif s.get("ngram_counted") is False:
-        out.append("\nn-grams: not counted (fires more often than --ngram-max-freq)")
+        bound = s.get("ngram_bound")
+        if bound is not None and s["fire_count"] > bound:
+            out.append(f"\nn-grams: not counted: fires more often than any detector can ({bound:,} fires)")
+        else:
+            out.append("\nn-grams: not counted (left out by the calibration sample or --ngram-max-freq): no verdict")
     if detail.pos_ranges:
         out.append(f"\nindicates positions {', '.join(detail.pos_ranges)}")
     extra = {k: v for k, v in s.items() if k.startswith("npl_")}
@@ -147,9 +156,12 @@ def triggers_text(detail: NeuronDetail) -> Text:
 
 def contexts_text(detail: NeuronDetail) -> Text:
     out = Text()
-    out.append(f"top activating contexts ({len(detail.contexts)})\n", style="bold")
+    if detail.gated:  # ranked by act(gate), what firing thresholds; g = act(gate) * up, signed
+        out.append(f"top activating contexts ({len(detail.contexts)}), by act(gate); g signed\n", style="bold")
+    else:
+        out.append(f"top activating contexts ({len(detail.contexts)})\n", style="bold")
     for c in detail.contexts:
-        out.append(f"{c.value:8.3f}  ")
+        out.append(f"{c.value:8.3f} g {c.g:+8.3f}  " if detail.gated else f"{c.value:8.3f}  ")
         out.append(printable("".join(c.before)))
         out.append(printable(c.token), style="reverse bold")
         out.append(printable("".join(c.after)))

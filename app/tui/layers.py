@@ -13,6 +13,7 @@ from app.tui.export import export_table
 from app.tui.modals import ExportScreen
 from app.tui.recording import OpenRecording
 from app.tui.table import Column, VirtualTable
+from engine.analysis.dead import is_relative, primary_is_tau0, rule_short
 from engine.tables import Table
 
 COLUMNS = [Column("layer", "layer", 5), Column("dead", "dead %", 6), Column("alive", "alive freq", 10),
@@ -21,6 +22,23 @@ COLUMNS = [Column("layer", "layer", 5), Column("dead", "dead %", 6), Column("ali
 POS_SHORT = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "other"}
 CHARTS = (("dead %", "dead_pct"), ("alive freq", "alive_freq"), ("token det", "token_detectors"),
           ("positional", "positional"))
+
+
+def columns_for(meta: dict) -> list[Column]:
+    """COLUMNS, with dead labelled by its threshold: beside a stricter rule than the paper's (tau 0),
+    the paper's dead ("dead τ=0", never activated) too, and a relative rule's per-layer tau_l."""
+    if primary_is_tau0(meta):
+        return COLUMNS
+    rule = [Column("tau", "τ_l", 6)] if is_relative(meta) else []
+    dead = [Column("dead", f"dead {'τ_l' if is_relative(meta) else rule_short(meta)}", 8),
+            Column("dead0", "dead τ=0", 8)]
+    return [COLUMNS[0], *rule, *dead, *COLUMNS[2:]]
+
+
+def charts_for(meta: dict) -> tuple:
+    if primary_is_tau0(meta):
+        return CHARTS
+    return ((f"dead {'τ_l' if is_relative(meta) else rule_short(meta)}", "dead_pct"), *CHARTS[1:])
 
 
 class LayersScreen(FramedScreen):
@@ -38,7 +56,7 @@ class LayersScreen(FramedScreen):
 
     def compose(self) -> ComposeResult:
         yield from self.frame_top()
-        yield VirtualTable(COLUMNS, id="layers")
+        yield VirtualTable(columns_for(self.rec.meta), id="layers")
         yield Static(id="charts")
         yield from self.frame_bottom()
 
@@ -49,6 +67,8 @@ class LayersScreen(FramedScreen):
     def on_mount(self) -> None:
         missing = [name for name, ok in self.rec.index.analyses.items() if not ok]
         note = f" · not analyzed yet ({', '.join(missing)}): A runs the analyses" if missing else ""
+        if self.rec.index.pos_note:  # "too few sequences per position (N) to call positional neurons"
+            note += f" · {self.rec.index.pos_note.split(':')[0]}"
         self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.path.name} > Layers{note}")
         table = self.query_one(VirtualTable)
         table.show(len(self.figures["layer"]), self._cell, cursor=table.cursor)
@@ -61,10 +81,11 @@ class LayersScreen(FramedScreen):
     def _charts(self) -> None:
         width = max(self.app.size.width - 14, 10)
         text = Text()
-        for i, (label, key) in enumerate(CHARTS):
+        charts = charts_for(self.rec.meta)
+        for i, (label, key) in enumerate(charts):
             text.append(f" {label:>11} ", style="bold")
             text.append(spark(self.figures[key].tolist(), width))
-            if i < len(CHARTS) - 1:
+            if i < len(charts) - 1:
                 text.append("\n")
         self.query_one("#charts", Static).update(text)
 
@@ -75,6 +96,10 @@ class LayersScreen(FramedScreen):
             return str(f["layer"][i])
         if key == "dead":
             return f"{f['dead_pct'][i]:.1f}"
+        if key == "dead0":
+            return f"{f['dead_tau0_pct'][i]:.1f}"
+        if key == "tau":
+            return f"{f['tau'][i]:.3g}"
         if key == "alive":
             return f"{pct(float(f['alive_freq'][i]), 2)} %"
         if key in ("tok", "big", "tri"):
@@ -83,6 +108,8 @@ class LayersScreen(FramedScreen):
         if key == "pos":
             if not self.rec.index.analyses["positional"]:
                 return "-"
+            if self.rec.index.pos_note:
+                return "- (too few seqs)"
             kinds = [f"{f[f'pos_{k}'][i]} {s}" for k, s in POS_SHORT.items() if f[f"pos_{k}"][i]]
             return f"{f['positional'][i]}" + (f" ({', '.join(kinds)})" if kinds else "")
         if key == "supp":

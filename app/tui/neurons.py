@@ -18,6 +18,7 @@ from app.tui.export import export_neurons
 from app.tui.modals import AskScreen, ChooseScreen, ExportScreen
 from app.tui.recording import OpenRecording
 from app.tui.table import Column, VirtualTable
+from engine.analysis.dead import primary_is_tau0
 from engine.analysis.neuron_index import SORT_KEYS, NeuronFilter
 from engine.analysis.positional import KINDS
 
@@ -29,7 +30,8 @@ SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firin
                "unigram_coverage": "coverage number", "token_detector": "token detectors first",
                "bigram_detector": "bigram detectors first", "trigram_detector": "trigram detectors first",
                "pos_type": "positional type", "background": "background neurons first", "pos_mi": "positional MI",
-               "trigger_suppression": "trigger suppression score", "g_mean": "mean activation",
+               "trigger_logit_z": "trigger logit z (< 0: suppresses)",
+               "trigger_g": "g at trigger firings", "g_mean": "mean activation",
                "g_std": "activation std", "g_max": "max activation", "npl_pearson": "NPL Pearson r",
                "npl_l2": "NPL L2 error (predictability score)"}
 
@@ -123,6 +125,8 @@ class NeuronsScreen(FramedScreen):
         order = SORT_LABELS.get(self.sort, self.sort) + (" ↓" if self.descending else "")
         missing = [name for name, ok in self.index.analyses.items() if not ok]
         note = f" · not analyzed: {', '.join(missing)}" if missing else ""
+        if self.index.pos_note:  # "too few sequences per position (N) to call positional neurons"
+            note += f" · {self.index.pos_note.split(':')[0]}"
         self.query_one("#status", Static).update(Text(
             f" {scope} · {total:,} neurons · filter: {self.filter.describe()} · {len(self.rows):,} match · "
             f"sort: {order}{note}"))
@@ -157,7 +161,13 @@ class NeuronsScreen(FramedScreen):
 
     # --- actions ----------------------------------------------------------------------------------
     def action_dead(self) -> None:
-        self.filter.dead = {None: True, True: False, False: None}[self.filter.dead]
+        """any -> dead at the firing rule -> never activated (the paper's dead, when that differs) ->
+        alive -> any."""
+        f = self.filter
+        state = "never" if f.never_activated else f.dead
+        steps = [None, True] + ([] if primary_is_tau0(self.rec.meta) else ["never"]) + [False, None]
+        state = steps[steps.index(state) + 1]
+        f.dead, f.never_activated = (None, True) if state == "never" else (state, False)
         self.refilter()
 
     def action_background(self) -> None:

@@ -28,7 +28,8 @@ FIELDS = [
     ("device", "device", "auto", "auto, cpu, cuda or cuda:N"),
     ("device_memory", "device memory", "", "weights kept on the device, like 24GiB (empty: all it has)"),
     ("host_memory", "host memory", "", "host memory budget, like 32GiB (empty: most of it)"),
-    ("options", "more options", "", "other `ffnscope record` options, like --seq-len 512 --tau 0.5"),
+    ("options", "more options", "",
+     "other `ffnscope record` options, like --seq-len 512 --tau 0.5 or --tau-rule quantile:0.99"),
 ]
 
 

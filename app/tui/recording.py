@@ -8,6 +8,7 @@ from pathlib import Path
 from app.safe_text import printable
 from cache.npl_store import sidecar_path
 from cache.reader import CacheReader
+from engine.analysis.dead import is_relative, rule_short
 from engine.analysis.neuron_index import NeuronIndex
 
 
@@ -56,7 +57,8 @@ class OpenRecording:
     def title(self) -> str:
         """The one-line header: what is open."""
         rec, data = self.meta["recording"], self.meta["data"]
-        return (f"{self.model_name} · {_tokens(self.n_tokens)} tok · tau {rec['taus'][rec['primary_index']]:g}"
+        tau = f"tau {rec['primary_tau']:g}" if not is_relative(self.meta) else rule_short(self.meta)
+        return (f"{self.model_name} · {_tokens(self.n_tokens)} tok · {tau}"
                 f" · seq {data['seq_len']}")
 
     def close(self) -> None:

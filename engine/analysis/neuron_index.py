@@ -17,7 +17,8 @@ from cache import analysis_store as store
 from cache.errors import UserError
 from cache.reader import CacheReader
 from cache.schema import decode_grams
-from engine.analysis.positional import KINDS
+from engine.analysis.dead import layer_tau, tau0_index
+from engine.analysis.positional import KINDS, stored_note
 
 UNKNOWN = -1
 ANALYSES = ("dead", "ngrams", "positional", "suppression")
@@ -26,7 +27,7 @@ ORDERS_KEPT = 4  # whole-table sort orders remembered (8 bytes per neuron each)
 WARM_ORDERS = ("fire_freq", "pos_mi")  # the sorts researchers reach for first, computed ahead
 # sortable numeric columns, in the order the TUI offers them
 SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "token_detector", "bigram_detector",
-             "trigram_detector", "trigger_suppression", "pos_mi", "pos_type", "g_mean", "g_std", "g_max",
+             "trigram_detector", "trigger_logit_z", "trigger_g", "pos_mi", "pos_type", "g_mean", "g_std", "g_max",
              "npl_pearson", "npl_l2", "background")
 
 
@@ -34,7 +35,8 @@ SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "token_detector
 class NeuronFilter:
     """What the neurons screen and export select. None means "any"."""
     layers: tuple[int, ...] | None = None
-    dead: bool | None = None                  # True: dead only, False: alive only
+    dead: bool | None = None                  # True: dead only, False: alive only (at the firing rule)
+    never_activated: bool = False             # the paper's dead only: act > 0 nowhere (tau 0)
     background: bool = False                  # NPL background neurons only
     detector: str | None = None               # token, bigram, trigram, or "any" (of the three)
     positional: str | None = None             # "any" or one of positional.KINDS
@@ -46,7 +48,9 @@ class NeuronFilter:
     def describe(self) -> str:
         parts = []
         if self.dead is not None:
-            parts.append("dead" if self.dead else "alive")
+            parts.append("dead (never above tau)" if self.dead else "alive")
+        if self.never_activated:
+            parts.append("never activated (tau 0)")
         if self.detector:
             parts.append("any detector" if self.detector == "any" else f"{self.detector} detector")
         if self.positional:
@@ -148,17 +152,21 @@ class NeuronIndex:
         self._lock = threading.Lock()
         self._orders: dict[tuple[str, bool], np.ndarray] = {}  # oldest first
         fires = np.empty(n, np.int64)
+        never = np.empty(n, bool)  # the paper's dead: act > 0 nowhere (tau 0), beside the primary rule's
         for layer in self.layers:
             fires[self.offset[layer]:self.offset[layer] + d] = reader.primary_fire_count(layer)
+            never[self.offset[layer]:self.offset[layer] + d] = reader.array(layer, "fire_count",
+                                                                            tau0_index(self.meta)) == 0
         cols: dict[str, np.ndarray] = {
             "layer": np.repeat(np.array(self.layers, np.int32), d),
             "neuron": np.tile(np.arange(d, dtype=np.int32), len(self.layers)),
-            "fire_count": fires, "fire_freq": fires / self.n_tokens, "dead": fires == 0,
+            "fire_count": fires, "fire_freq": fires / self.n_tokens, "dead": fires == 0, "dead_tau0": never,
+            "tau": np.repeat(np.array([layer_tau(self.meta, layer) for layer in self.layers]), d),
         }
         for name in ("ngram_counted", "token_detector", "bigram_detector", "trigram_detector", "suppresses_triggers"):
             cols[name] = np.full(n, UNKNOWN, np.int8)
         cols["unigram_coverage"] = np.full(n, UNKNOWN, np.int32)
-        for name in ("trigger_suppression", "pos_mi"):
+        for name in ("trigger_logit_z", "trigger_g", "pos_mi"):
             cols[name] = np.full(n, np.nan)
         cols["positional"] = np.zeros(n, bool)
         cols["pos_type"] = np.zeros(n, np.uint8)   # 0: not positional, k: KINDS[k - 1]
@@ -167,6 +175,7 @@ class NeuronIndex:
         self.triggers = {k: _empty_grams(self.vocab, vocab_size, k, True) for k in (1, 2, 3)}
         self.promoted = self.suppressed = _empty_grams(self.vocab, vocab_size)
         self.pos_ranges: dict[int, list[str]] = {}
+        self.pos_note = ""  # "too few sequences per position ..." when no positional neuron could be called
         if self.analyses["ngrams"]:
             self._load_ngrams(reader)
         if self.analyses["positional"]:
@@ -207,6 +216,7 @@ class NeuronIndex:
 
     def _load_positional(self, reader: CacheReader) -> None:
         pos = store.read_group(reader, "positional")
+        self.pos_note = stored_note(pos)
         cols = self.cols
         for row, layer in enumerate(pos["layers"]):
             layer = int(layer)
@@ -227,7 +237,8 @@ class NeuronIndex:
             return
         rows = self.rows_of(supp["layer"], supp["neuron"])
         self.cols["suppresses_triggers"][rows] = supp["suppresses"].astype(np.int8)
-        self.cols["trigger_suppression"][rows] = supp["trigger_score"]
+        self.cols["trigger_logit_z"][rows] = supp["trigger_logit_z"]  # suppresses_triggers == (this < 0)
+        self.cols["trigger_g"][rows] = supp["trigger_g"]  # mean g at the triggers' firings: the update's sign
         vocab_size = self.meta["model"]["vocab_size"]
         top = supp["promoted"].shape[1]
         self.promoted, self.suppressed = (
@@ -287,6 +298,8 @@ class NeuronIndex:
             mask &= np.isin(cols["layer"], np.asarray(f.layers, np.int32))
         if f.dead is not None:
             mask &= cols["dead"] == f.dead
+        if f.never_activated:
+            mask &= cols["dead_tau0"]
         if f.background:
             mask &= cols["background"] == 1
         if f.detector == "any":
@@ -403,16 +416,17 @@ class NeuronIndex:
             return objects([None if v == UNKNOWN else bool(v) for v in cols[name][rows].tolist()])
 
         coverage = cols["unigram_coverage"][rows].tolist()
-        score = cols["trigger_suppression"][rows].tolist()
         return {
             "layer": cols["layer"][rows].astype(np.int64), "neuron": cols["neuron"][rows].astype(np.int64),
-            "fire_freq": cols["fire_freq"][rows], "dead": cols["dead"][rows],
+            "tau": cols["tau"][rows], "fire_freq": cols["fire_freq"][rows], "dead": cols["dead"][rows],
+            "dead_tau0": cols["dead_tau0"][rows],
             "unigram_coverage": objects([None if c == UNKNOWN else c for c in coverage]),
             "token_detector": tri("token_detector"), "trigger_tokens": objects(self.triggers[1].many(rows)),
             "bigram_detector": tri("bigram_detector"), "trigger_bigrams": objects(self.triggers[2].many(rows)),
             "trigram_detector": tri("trigram_detector"), "trigger_trigrams": objects(self.triggers[3].many(rows)),
             "suppresses_triggers": tri("suppresses_triggers"),
-            "trigger_suppression": objects([None if v != v else v for v in score]),
+            "trigger_logit_z": objects([None if v != v else v for v in cols["trigger_logit_z"][rows].tolist()]),
+            "trigger_g": objects([None if v != v else v for v in cols["trigger_g"][rows].tolist()]),
             "top_promoted": objects(self.promoted.many(rows)), "top_suppressed": objects(self.suppressed.many(rows)),
             "pos_mi": cols["pos_mi"][rows], "positional": cols["positional"][rows],
             "pos_type": np.array([KINDS[k - 1] if k else "" for k in cols["pos_type"][rows].tolist()], object),
@@ -437,6 +451,8 @@ class NeuronIndex:
         alive = ~cols["dead"]
         alive_n = count(alive)
         out = {"layer": np.array(self.layers), "dead_pct": 100 * count(cols["dead"]) / max(self.d_ffn, 1),
+               "dead_tau0_pct": 100 * count(cols["dead_tau0"]) / max(self.d_ffn, 1),
+               "tau": np.array([layer_tau(self.meta, layer) for layer in self.layers]),
                "alive_freq": np.bincount(pos[alive], cols["fire_freq"][alive], n_layers) / np.maximum(alive_n, 1),
                "ngram_layer": count(cols["ngram_counted"] != UNKNOWN) > 0}
         for kind in DETECTORS:

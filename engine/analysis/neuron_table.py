@@ -1,6 +1,10 @@
 """The neuron table (one row per neuron) and the layer table (one row per layer), assembled from a
 recording and its stored analyses. Numpy only: export and the TUI use it without torch.
 
+`dead` is "never fired" at the recording's firing rule (threshold `tau`, per layer for a relative
+rule); `dead_tau0` is the paper's dead, never activated (act > 0 nowhere), always beside it. For a
+ReLU model at tau 0 the two are the same.
+
 Columns that only n-gram layers can answer (coverage, detectors, triggers, suppression) hold None
 where the answer is unknown: outside the n-gram layers, and for neurons whose n-gram counts were
 not kept. None is never False: a neuron not counted is not reported as "not a detector".
@@ -10,21 +14,25 @@ from __future__ import annotations
 from cache import analysis_store as store
 from cache.errors import UserError
 from cache.reader import CacheReader
+from engine.analysis.dead import firing_by_layer
 from engine.analysis.neuron_index import NeuronFilter, NeuronIndex
 from engine.analysis.positional import KINDS
 from engine.tables import Table
 
 NEURON_KINDS = {
-    "layer": "int", "neuron": "int", "fire_freq": "float", "dead": "bool", "unigram_coverage": "int",
+    "layer": "int", "neuron": "int", "tau": "float", "fire_freq": "float", "dead": "bool", "dead_tau0": "bool",
+    "unigram_coverage": "int",
     "token_detector": "bool", "trigger_tokens": "list", "bigram_detector": "bool", "trigger_bigrams": "list",
     "trigram_detector": "bool", "trigger_trigrams": "list", "suppresses_triggers": "bool",
-    "trigger_suppression": "float", "top_promoted": "list", "top_suppressed": "list", "pos_mi": "float",
+    "trigger_logit_z": "float", "trigger_g": "float", "top_promoted": "list", "top_suppressed": "list",
+    "pos_mi": "float",
     "positional": "bool", "pos_type": "str", "pos_strong": "bool", "pos_ranges": "list",
     "g_mean": "float", "g_std": "float", "g_max": "float", "ngram_counted": "bool",
     "npl_pearson": "float", "npl_l2": "float", "background": "bool",   # NPL (engine.npl), None before a fit
 }
 LAYER_KINDS = {
-    "layer": "int", "rel_depth": "float", "dead_pct": "float", "alive_freq": "float", "ngram_layer": "bool",
+    "layer": "int", "rel_depth": "float", "tau": "float", "dead_pct": "float", "dead_tau0_pct": "float",
+    "dead_sq_pct": "float", "alive_freq": "float", "ngram_layer": "bool",
     "token_detectors": "int", "bigram_detectors": "int", "trigram_detectors": "int",
     "detected_tokens": "int", "new_tokens": "int", "new_vs_previous": "int", "cumulative_tokens": "int",
     "detected_trigrams": "int", "new_trigrams": "int", "suppress_frac": "float", "positional": "int",
@@ -50,17 +58,20 @@ def neuron_table(reader: CacheReader, layers: list[int] | None = None) -> Table:
 def layer_table(reader: CacheReader) -> Table:
     results = require(reader)
     meta = reader.meta
-    dead, ngrams, pos, supp = (results[k] for k in ("dead", "ngrams", "positional", "suppression"))
+    ngrams, pos, supp = (results[k] for k in ("ngrams", "positional", "suppression"))
     n_layers = meta["model"]["n_layers"]
-    primary = meta["recording"]["primary_index"]
+    firing = {row.layer: row for row in firing_by_layer(reader)}  # cheap; also right for older dead results
     ngram_rows = {int(layer): i for i, layer in enumerate(ngrams["layers"])}
     rows: dict[str, list] = {name: [] for name in LAYER_KINDS}
     for i, layer in enumerate(reader.layers):
         nrow = ngram_rows.get(layer)
         rows["layer"].append(layer)
         rows["rel_depth"].append(layer / max(n_layers - 1, 1))
-        rows["dead_pct"].append(100 * float(dead["dead_fraction"][i][primary]))
-        rows["alive_freq"].append(float(dead["alive_freq"][i]))
+        rows["tau"].append(firing[layer].tau)
+        rows["dead_pct"].append(100 * firing[layer].dead_primary)
+        rows["dead_tau0_pct"].append(100 * firing[layer].dead_tau0)
+        rows["dead_sq_pct"].append(100 * firing[layer].dead_sq_share)
+        rows["alive_freq"].append(firing[layer].alive_freq)
         rows["ngram_layer"].append(nrow is not None)
         for n, name in ((1, "token_detectors"), (2, "bigram_detectors"), (3, "trigram_detectors")):
             rows[name].append(int(ngrams[f"n{n}/detector"][nrow].sum()) if nrow is not None else 0)

@@ -9,11 +9,12 @@ fires. Fires whose n-gram would include the start token are not counted (the pap
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cache.state import GramCounts, Sparse
+from cache.state import NGRAM_ORDERS, GramCounts, Sparse
 
 COVERAGE_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, 200), (201, 1000), (1001, 2000), (2001, None))
 NOT_COUNTED = -1  # coverage of a neuron whose n-gram counts were not kept (never "no detector")
@@ -75,6 +76,46 @@ def ngram_layer(sparse: Sparse, grams: GramCounts, counted: np.ndarray, n: int,
     order = np.lexsort((-sparse.count[keep], sparse.neuron[keep]))
     return NgramResult(n, fires, coverage, detector, sparse.neuron[keep][order], sparse.gram[keep][order],
                        sparse.count[keep][order])
+
+
+def detector_fire_bound(counts: dict[int, np.ndarray], n_seqs: int, seq_len: int, first_pos: int,
+                        params: NgramParams = NgramParams()) -> dict:
+    """The most fires (at the primary rule, over all the data) a detector of any order can have.
+
+    A detector of order n has coverage number c <= max_coverage(n): its c most frequent triggers
+    explain >= `coverage` of its n-gram fires, and a neuron fires on an n-gram at most as often as
+    the n-gram occurs. So coverage * fires_n <= S_n, the occurrences of the data's max_coverage(n)
+    most frequent n-grams. fires_n leaves out the positions whose n-gram would hold the start token
+    (first_pos + n - 1 per sequence), where the neuron may fire too. A neuron whose fires exceed
+    max over n of ceil(S_n / coverage) + n_seqs * (first_pos + n - 1) is a detector of no order
+    under these parameters (or stricter ones: a higher coverage, smaller max_coverage).
+
+    counts: n -> occurrence counts of the data's n-grams (start token excluded), any order of keys.
+    -> {"fires": the bound, "per_order": {"1": ..}, "top_occurrences": {"1": S_1, ..}, "coverage",
+    "max_coverage": [..], "tokens": n_seqs * seq_len, "freq": fires / tokens}, JSON-able."""
+    per_order, top = {}, {}
+    for n in NGRAM_ORDERS:
+        k = params.max_coverage(n)
+        c = np.asarray(counts[n], np.int64)
+        s = int(np.partition(c, len(c) - k)[len(c) - k:].sum()) if len(c) > k else int(c.sum())
+        top[str(n)] = s
+        per_order[str(n)] = int(math.ceil(s / params.coverage)) + n_seqs * min(seq_len, first_pos + n - 1)
+    tokens = n_seqs * seq_len
+    fires = max(per_order.values())
+    return {"fires": fires, "per_order": per_order, "top_occurrences": top, "coverage": params.coverage,
+            "max_coverage": [params.max_coverage(n) for n in NGRAM_ORDERS], "tokens": tokens,
+            "freq": fires / max(tokens, 1)}
+
+
+def skip_status(counted: np.ndarray, fires: np.ndarray, bound: dict | None) -> dict[str, int]:
+    """How the neurons of an n-gram layer stand: counted; skipped with proof (they fire more often than
+    any detector can, over this recording); skipped without proof (left out by the calibration
+    sample or a --ngram-max-freq cap, and within the bound: they could be detectors, so they have no
+    verdict). Without a stored bound (older caches) every skipped neuron counts as unproven."""
+    counted = np.asarray(counted, bool)
+    over = np.asarray(fires) > bound["fires"] if bound else np.zeros(len(counted), bool)
+    return {"counted": int(counted.sum()), "proven": int((~counted & over).sum()),
+            "unproven": int((~counted & ~over).sum())}
 
 
 def unigram_counts(unigram: np.ndarray) -> GramCounts:

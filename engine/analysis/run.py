@@ -12,11 +12,15 @@ from cache.errors import UserError
 from cache.reader import CacheReader
 from engine.analysis.dead import firing_by_layer
 from engine.analysis.ngrams import NgramParams, coverage_histogram, ensemble, ngram_layer, unigram_counts
-from engine.analysis.positional import KINDS, PositionalParams, positional_layer
-from engine.analysis.suppression import SuppressionParams, suppression_layer
+from engine.analysis.positional import KINDS, CallLimit, PositionalParams, call_limit, positional_layer
+from engine.analysis.suppression import SuppressionParams, suppression_layer, trigger_g
 
 NAMES = ("dead", "ngrams", "positional", "suppression")  # in dependency order
+DEAD_COLUMNS = 2  # version of the dead analysis' stored columns
 PARAMS = {"ngrams": NgramParams, "positional": PositionalParams, "suppression": SuppressionParams}
+# one row per token detector (engine.analysis.suppression.SuppressionResult), plus "layer"
+SUPPRESSION_KEYS = ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_g",
+                    "trigger_logit_z", "trigger_rank", "suppresses")
 
 
 def parse_settings(pairs: list[str]) -> dict[str, dict]:
@@ -52,12 +56,15 @@ class Analyzer:
         self.params = {name: replace(cls(), **settings.get(name, {})) for name, cls in PARAMS.items()}
         self.ngram_layers: list[int] = self.meta["recording"]["ngram_layers"]
         self.fresh: dict[str, store.Result] = {}
+        self.allow_pickle = False  # suppression loads the model: accept pickle weights
 
     def inputs(self, name: str) -> dict:
         """Results an analysis builds on: changing them makes it stale."""
         return {"ngrams": self.params["ngrams"].as_dict()} if name == "suppression" else {}
 
     def params_of(self, name: str) -> dict:
+        if name == "dead":
+            return {"columns": DEAD_COLUMNS}  # results of older versions (fewer columns) are stale
         return self.params[name].as_dict() if name in self.params else {}
 
     def run(self, only: list[str] | None) -> dict[str, str]:
@@ -75,11 +82,15 @@ class Analyzer:
 
     # --- the analyses -------------------------------------------------------------------------
     def _dead(self) -> store.Result:
-        result = store.Result("dead", {})
+        result = store.Result("dead", self.params_of("dead"))
         rows = firing_by_layer(self.reader)
         taus = self.meta["recording"]["taus"]
         result.put("layers", [r.layer for r in rows])
-        result.put("dead_fraction", [[r.dead(t) for t in taus] for r in rows])
+        result.put("dead_fraction", [[r.dead(t) for t in taus] for r in rows])  # per absolute tau
+        result.put("tau", [r.tau for r in rows])                    # the layer's primary threshold
+        result.put("dead_primary", [r.dead_primary for r in rows])  # never above it
+        result.put("dead_tau0", [r.dead_tau0 for r in rows])        # never activated (the paper's dead)
+        result.put("dead_sq_share", [r.dead_sq_share for r in rows])
         result.put("alive_freq", [r.alive_freq for r in rows])
         return result
 
@@ -100,20 +111,18 @@ class Analyzer:
     def _positional(self) -> store.Result:
         params = self.params["positional"]
         result = store.Result("positional", params.as_dict())
-        n_seqs = self.reader.n_tokens // self.meta["data"]["seq_len"]
+        seq_len = self.meta["data"]["seq_len"]
+        n_seqs = self.reader.n_tokens // seq_len
         layers = self.reader.layers
-        mi, positional, kind, strong, ranges = [], [], [], [], []
+        columns: dict[str, list[np.ndarray]] = {key: [] for key in POSITIONAL_COLUMNS}
+        ranges = []
         for layer in layers:
             r = positional_layer(self.reader.array(layer, "pos_fire"), n_seqs, params)
-            mi.append(r.mi)
-            positional.append(r.positional)
-            kind.append(np.array([KINDS.index(k) + 1 if k else 0 for k in r.kind], np.uint8))
-            strong.append(r.strong)
+            for key in POSITIONAL_COLUMNS:
+                columns[key].append(getattr(r, key))
+            columns["kind"][-1] = np.array([KINDS.index(k) + 1 if k else 0 for k in r.kind], np.uint8)
             ranges += [(layer, neuron, a, b) for neuron, spans in sorted(r.ranges.items()) for a, b in spans]
-        result.put("layers", np.array(layers, np.int64))
-        for key, value in (("mi", mi), ("positional", positional), ("kind", kind), ("strong", strong)):
-            result.put(key, np.stack(value))
-        result.put("ranges", np.array(ranges, np.int64).reshape(-1, 4))  # layer, neuron, start, end
+        put_positional(result, layers, columns, ranges, call_limit(n_seqs, seq_len, params))
         return result
 
     def _suppression(self) -> store.Result:
@@ -125,16 +134,16 @@ class Analyzer:
         norm = adapter.final_norm_scale()
         norm = None if norm is None else norm.detach().float().numpy()
         unembedding = adapter.unembedding().detach().float().numpy()
-        keys = ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_score",
-                "trigger_rank", "suppresses")
+        keys = SUPPRESSION_KEYS
         parts: dict[str, list] = {k: [] for k in keys + ("layer",)}
         for row, layer in enumerate(ngrams["layers"]):
             neurons = np.flatnonzero(ngrams["n1/detector"][row])
             mine = ngrams["n1/covered_layer"] == layer
             triggers = [ngrams["n1/covered_gram"][mine & (ngrams["n1/covered_neuron"] == i)] for i in neurons]
             rows = adapter.w_out(int(layer)).detach().float().numpy()[neurons]
-            signs = np.where(self.reader.array(int(layer), "g_sum")[neurons] < 0, -1.0, 1.0)
-            r = suppression_layer(neurons, triggers, rows, signs, norm, unembedding, params)
+            # the update's direction: the sign of g at the triggers' firings (not of g's mean over all tokens)
+            g_at = trigger_g(self.reader.ngrams(int(layer), 1)[0], neurons, triggers, self.meta["model"]["d_ffn"])
+            r = suppression_layer(neurons, triggers, rows, g_at, norm, unembedding, params)
             for k in keys:
                 parts[k].append(getattr(r, k))
             parts["layer"].append(np.full(len(neurons), layer, np.int64))
@@ -146,7 +155,7 @@ class Analyzer:
 
         model_meta = self.meta["model"]
         try:
-            lm = load_model(model_meta["spec"], "float32")
+            lm = load_model(model_meta["spec"], "float32", allow_pickle=self.allow_pickle)
         except UserError as exc:
             raise UserError(f"suppression needs the recorded model '{model_meta['spec']}': {exc}; "
                             "or skip it with --only dead ngrams positional") from None
@@ -155,6 +164,24 @@ class Analyzer:
                             f"(fingerprint {lm.fingerprint} vs {model_meta['fingerprint']}); "
                             "give the original model or skip suppression with --only dead ngrams positional")
         return lm
+
+
+POSITIONAL_COLUMNS = ("mi", "mi_plugin", "mi_chance", "mi_null", "positional", "kind", "strong")
+
+
+def put_positional(result: store.Result, layers: list[int], columns: dict[str, list[np.ndarray]], ranges: list,
+                   limit: CallLimit) -> None:
+    """Store the positional analysis: per-layer (L, d_ffn) columns (kind as uint8, 0 = not positional),
+    the strong indicators' ranges (layer, neuron, start, end) and whether there were enough sequences
+    per position to call any positional neuron (engine.analysis.positional.call_limit)."""
+    result.put("layers", np.array(layers, np.int64))
+    for key in POSITIONAL_COLUMNS:
+        result.put(key, np.stack(columns[key]))
+    result.put("ranges", np.array(ranges, np.int64).reshape(-1, 4))
+    result.put("n_seqs", np.int64(limit.n_seqs))
+    result.put("min_seqs", np.int64(limit.min_seqs))
+    result.put("chance_mi", np.float64(limit.chance_mi))
+    result.put("too_few", np.bool_(limit.too_few))
 
 
 def put_ngram_order(result: store.Result, n: int, layers: list[int], per_layer: list, d_ffn: int) -> None:
@@ -181,7 +208,8 @@ def put_suppression_rows(result: store.Result, parts: dict[str, list], top: int)
         result.put(key, np.concatenate(chunks) if chunks else empty)
 
 
-def analyze(path: Path, only: list[str] | None = None, settings: list[str] | None = None, log=print) -> dict[str, str]:
+def analyze(path: Path, only: list[str] | None = None, settings: list[str] | None = None, log=print,
+            allow_pickle: bool = False) -> dict[str, str]:
     unknown = set(only or ()) - set(NAMES)
     if unknown:
         raise UserError(f"--only: unknown analysis {', '.join(sorted(unknown))}; choose from {', '.join(NAMES)}")
@@ -190,6 +218,7 @@ def analyze(path: Path, only: list[str] | None = None, settings: list[str] | Non
         if reader.status != "complete":
             raise UserError(f"{path} is a partial recording; finish it with `ffnscope record ... --resume` first")
         analyzer = Analyzer(reader, parsed, log)
+        analyzer.allow_pickle = allow_pickle
         status = analyzer.run(only)
         fresh, recording = list(analyzer.fresh.values()), store.recording_key(reader)
     store.write_results(path, fresh, recording)

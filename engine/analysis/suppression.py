@@ -2,18 +2,27 @@
 
 When neuron i fires, the FFN adds g_i * W_out[i] to the residual stream. Projected onto the
 vocabulary through the final norm's scale, that update promotes the tokens with the largest
-logits and suppresses those with the most negative ones. A detector suppresses its triggers when
-the update points away from them: the mean projection of its trigger tokens is negative.
+logits and suppresses those with the most negative ones.
 
-For ReLU models g >= 0 when a neuron fires. For gated FFNs g = act(gate) * up can have either
-sign; we take the sign of the neuron's mean g (its fires dominate it for the rare neurons that are
-detectors) as the direction of its update.
+Update direction. For ReLU models g > 0 wherever a neuron fires. For gated FFNs g = act(gate) * up
+has the sign of `up`, which firing (act(gate) > tau) says nothing about, so the direction of a
+token detector's update is sign(G) x W_out[i], with G the sum of g over the firings on its trigger
+tokens (recorded per (token, neuron) pair). The sign of g's mean over all tokens would be wrong:
+most tokens are not firings, and their g can outweigh those that are.
+
+The one score and verdict. `trigger_logit_z`: the mean logit contribution of the update on the
+trigger tokens, as a z-score against the contributions on the whole vocabulary (mean and standard
+deviation over all tokens). A detector suppresses its triggers iff trigger_logit_z < 0: its update
+pushes its triggers below the vocabulary's average. The flag is exactly the sign of the stored score.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from cache.errors import UserError
+from cache.state import Sparse
 
 
 @dataclass(frozen=True)
@@ -26,14 +35,15 @@ class SuppressionParams:
 
 @dataclass
 class SuppressionResult:
-    neuron: np.ndarray          # (m,) int32 the layer's token detectors
-    promoted: np.ndarray        # (m, top) int64 token ids, most promoted first
-    promoted_score: np.ndarray  # (m, top) float32
-    suppressed: np.ndarray      # (m, top) int64, most suppressed first
+    neuron: np.ndarray           # (m,) int32 the layer's token detectors
+    promoted: np.ndarray         # (m, top) int64 token ids, most promoted first
+    promoted_score: np.ndarray   # (m, top) float32 logit contributions of sign(trigger_g) * W_out[i]
+    suppressed: np.ndarray       # (m, top) int64, most suppressed first
     suppressed_score: np.ndarray
-    trigger_score: np.ndarray   # (m,) float32 mean projection of the triggers, in std units of the row
-    trigger_rank: np.ndarray    # (m,) float32 mean rank percentile of triggers (0 = most suppressed)
-    suppresses: np.ndarray      # (m,) bool
+    trigger_g: np.ndarray        # (m,) float32 mean g at the firings on the triggers: its sign is the update's
+    trigger_logit_z: np.ndarray  # (m,) float32 z-score of the triggers' mean logit contribution vs the vocabulary
+    trigger_rank: np.ndarray     # (m,) float32 mean rank percentile of triggers (0 = most suppressed)
+    suppresses: np.ndarray       # (m,) bool: trigger_logit_z < 0
 
 
 def project(rows: np.ndarray, norm_scale: np.ndarray | None, unembedding: np.ndarray) -> np.ndarray:
@@ -41,6 +51,23 @@ def project(rows: np.ndarray, norm_scale: np.ndarray | None, unembedding: np.nda
     if norm_scale is not None:
         rows = rows * norm_scale
     return rows @ unembedding.T
+
+
+def trigger_g(unigrams: Sparse, neurons: np.ndarray, triggers: list[np.ndarray], d_ffn: int) -> np.ndarray:
+    """Mean g over each detector's firings on its trigger tokens, from the recorded (token, neuron)
+    fire counts and g sums (cache layers/NNN/ngram1). NaN where none is recorded."""
+    if unigrams.g_sum is None:
+        raise UserError("the recording holds no sums of g at token firings, which suppression needs; record it again")
+    key = unigrams.gram.astype(np.int64) * d_ffn + unigrams.neuron   # ascending: sorted by gram, then neuron
+    out = np.full(len(neurons), np.nan, np.float32)
+    for row, (neuron, tokens) in enumerate(zip(neurons, triggers)):
+        want = np.asarray(tokens, np.int64) * d_ffn + int(neuron)
+        at = np.searchsorted(key, want)
+        at = at[(at < len(key)) & (key[np.minimum(at, len(key) - 1)] == want)]
+        fires = unigrams.count[at].sum()
+        if fires:
+            out[row] = unigrams.g_sum[at].sum() / fires
+    return out
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
@@ -51,17 +78,19 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1)
 
 
-def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.ndarray, signs: np.ndarray,
+def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.ndarray, g_at_triggers: np.ndarray,
                       norm_scale, unembedding: np.ndarray, params: SuppressionParams = SuppressionParams(),
                       chunk: int = 256) -> SuppressionResult:
-    """neurons (m,), their trigger token ids, their W_out rows (m, d_model) and update signs (m,).
+    """neurons (m,), their trigger token ids, their W_out rows (m, d_model) and the mean g at their
+    triggers' firings (m,), whose sign gives each update's direction (+ where unknown).
     Works through the detectors `chunk` at a time: never an (all detectors x vocabulary) array."""
     m, top = len(neurons), params.top
+    signs = np.where(np.asarray(g_at_triggers) < 0, -1.0, 1.0)
     promoted = np.zeros((m, top), np.int64)
     suppressed = np.zeros((m, top), np.int64)
     promoted_score = np.zeros((m, top), np.float32)
     suppressed_score = np.zeros((m, top), np.float32)
-    score, rank, mean = (np.zeros(m, np.float32) for _ in range(3))
+    score, rank = np.zeros(m, np.float32), np.zeros(m, np.float32)
     for lo in range(0, m, chunk):
         hi = min(lo + chunk, m)
         logits = project(rows[lo:hi] * signs[lo:hi, None], norm_scale, unembedding).astype(np.float32)
@@ -71,8 +100,7 @@ def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.
         suppressed_score[lo:hi] = np.take_along_axis(logits, suppressed[lo:hi], 1)
         for row, values in enumerate(logits, start=lo):
             trig = values[triggers[row]]
-            mean[row] = trig.mean()
-            score[row] = (mean[row] - values.mean()) / (values.std() + 1e-12)
+            score[row] = (trig.mean() - values.mean()) / (values.std() + 1e-12)
             rank[row] = np.mean([(values < v).sum() for v in trig]) / max(len(values) - 1, 1)
     return SuppressionResult(neurons.astype(np.int32), promoted, promoted_score, suppressed, suppressed_score,
-                             score, rank, mean < 0)
+                             np.asarray(g_at_triggers, np.float32), score, rank, score < 0)

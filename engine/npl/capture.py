@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.adapters import Adapter, _get
+from engine.adapters import Adapter
 from engine.layer_runner import LayerRunner
 
 # replace(layer, g_computed) -> the tensor the output projection gets instead, or None to keep g
@@ -118,18 +118,21 @@ def make_runner(lm, device: torch.device, batch_tokens: int) -> LayerRunner:
 def logits_of(adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for final hidden states (after the last layer, before the final norm)."""
     model = adapter.model
-    try:
-        norm = _get(model, adapter.family.final_norm)
-    except AttributeError:  # OPT without a final norm (do_layer_norm_before=False)
-        norm = None
+    norm = adapter.final_norm  # None for OPT without a final norm (do_layer_norm_before=False)
     if norm is not None:
         hidden = norm(hidden)
-    if adapter.family.name == "OPT":
-        project_out = getattr(model.model.decoder, "project_out", None)
-        if project_out is not None:
-            hidden = project_out(hidden)
-    logits = model.get_output_embeddings()(hidden).float()  # (GPT-NeoX's is lm_head in transformers 5)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    project_out = getattr(adapter.layers_holder, "project_out", None)  # OPT-350m's narrower embeddings
+    if project_out is not None:
+        hidden = project_out(hidden)
+    logits = model.get_output_embeddings()(hidden).float()
+    config = model.config
+    scale = getattr(config, "logit_scale", None)  # Cohere multiplies, Granite divides
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    divide = getattr(config, "logits_scaling", None)
+    if isinstance(divide, (int, float)) and divide:
+        logits = logits / divide
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

@@ -70,7 +70,7 @@ def _load(meta: dict, options: "ModelOptions", cache: Path):
     from engine.models import load_model
 
     lm = load_model(options.model or meta["model"]["spec"], options.dtype or meta["model"].get("dtype", "float32"),
-                    options.trust_remote_code)
+                    options.trust_remote_code, options.allow_pickle)
     expected = meta["model"]["fingerprint"]
     if lm.fingerprint != expected:
         raise UserError(f"model {lm.name} (fingerprint {lm.fingerprint}) is not the model recorded in {cache} "
@@ -167,6 +167,7 @@ class ModelOptions:
     dtype: str | None = None           # default: the recording's
     model: str | None = None           # default: the recording's model spec (checked by fingerprint)
     trust_remote_code: bool = False
+    allow_pickle: bool = False         # accept pickle weights (pytorch_model.bin)
 
 
 @dataclass
@@ -228,7 +229,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
         sidecar_meta = {
             "cache": cache_tie(meta), "cache_name": cache.name,
             "model": {"name": lm.name, "spec": meta["model"]["spec"], "fingerprint": lm.fingerprint,
-                      "family": lm.adapter.family.name, "n_layers": len(lm.adapter.layers),
+                      "family": lm.adapter.name, "n_layers": len(lm.adapter.layers),
                       "d_ffn": lm.adapter.d_ffn, "dtype": config.dtype or meta["model"].get("dtype", "float32")},
             "fit": {"pairs": [list(p) for p in result.pairs], "pairs_spec": config.pairs, "options": result.options,
                     "data": {"sources": sources.describe(), "specs": list(specs), "field": config.field,
@@ -358,7 +359,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             plain = result.tokens / max(result.seconds["original"], 1e-9)
             subst = sum(o.tokens for o in result.outcomes) / max(result.seconds["substituted"], 1e-9)
             params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
-                      if k not in ("cache", "device", "model", "trust_remote_code", "batch_tokens")}
+                      if k not in ("cache", "device", "model", "trust_remote_code", "allow_pickle", "batch_tokens")}
             params.update(heldout_source=source, heldout_tokens=int(result.tokens), chunks=chunk_numbers,
                           chunk_layers=[chunks(n_layers)[c - 1] for c in chunk_numbers],
                           layer0="kept actual (no previous layer)", original_ppl=result.original_ppl,
