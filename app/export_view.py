@@ -1,13 +1,13 @@
 """`ffnscope export`: the neuron or layer table, filtered, to a file."""
 from __future__ import annotations
 
-from cache.errors import UserError
-from cache.reader import CacheReader
-from engine.analysis.neuron_table import layer_table, neuron_table
-from engine.analysis.positional import stored_note
-from engine.meta import parse_layers
-from engine.safe_text import printable
-from engine.tables import export, filter_rows
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
+from ffnscope.engine.analysis.positional import stored_note
+from ffnscope.engine.meta import parse_layers
+from ffnscope.engine.safe_text import printable
+from ffnscope.engine.tables import export, filter_rows
 
 
 def where_clause(args) -> str | None:

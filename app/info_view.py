@@ -6,12 +6,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from app.safe_text import plain
-from cache.reader import CacheReader
-from engine.analysis.dead import (PAPER_DEAD, dead_label, describe_rule, firing_by_layer, is_relative,
+from ffnscope.app.safe_text import plain
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.dead import (PAPER_DEAD, dead_label, describe_rule, firing_by_layer, is_relative,
                                   primary_is_tau0, rule_short)
-from engine.analysis.ngrams import skip_status
-from engine.analysis.positional import call_limit, stored_note
+from ffnscope.engine.analysis.ngrams import skip_status
+from ffnscope.engine.analysis.positional import call_limit, stored_note
 
 
 def layer_table(reader: CacheReader) -> Table:

@@ -6,9 +6,9 @@ import math
 
 from rich.text import Text
 
-from app.safe_text import printable
-from engine.npl.overview import NplOverview
-from engine.npl.report import format_finegrained, format_functional, format_table1
+from ffnscope.app.safe_text import printable
+from ffnscope.engine.npl.overview import NplOverview
+from ffnscope.engine.npl.report import format_finegrained, format_functional, format_table1
 
 SHADES = " ░▒▓█"
 # how to get what is missing, in the words of the CLI (the TUI passes its keys)
@@ -53,9 +53,9 @@ def heatmap(o: NplOverview, method: str, key: str = "token_l2") -> Text:
     sources = sorted({i for i, _ in values})
     targets = sorted({j for _, j in values})
     lo, hi = min(values.values()), max(values.values())
-    out.append(f"{KEY_WORDS.get(key, key)} of M_i->j ({method}), rows i, columns j: "
-               f"'{SHADES[1]}' {lo:.3g} .. '{SHADES[-1]}' {hi:.3g}, '·' not fitted\n", style="bold")
-    out.append("     " + "".join(f"{j % 100:>2}" for j in targets) + "\n", style="dim")
+    out.append(f"{KEY_WORDS.get(key, key)} of M_i->j ({method}), rows i, columns j\n", style="bold")
+    out.append(f"'{SHADES[1]}' {lo:.3g} .. '{SHADES[-1]}' {hi:.3g}, '·' not fitted\n")
+    out.append("     " + column_labels(targets) + "\n", style="dim")
     for i in sources:
         out.append(f"{i:>4} ", style="dim")
         for j in targets:
@@ -67,6 +67,14 @@ def heatmap(o: NplOverview, method: str, key: str = "token_l2") -> Text:
                 out.append(SHADES[level] * 2)
         out.append("\n")
     return out
+
+
+def column_labels(targets: list[int]) -> str:
+    """Labels over the heatmap's two-cell columns that never run together: every column while they
+    all have one digit, else every other one (in four cells)."""
+    if max(targets) < 10:
+        return "".join(f"{j:>2}" for j in targets)
+    return "".join(f"{j:<4}" if j >= 100 else f"{j:>2}  " for j in targets[::2]).rstrip()
 
 
 def results_text(o: NplOverview, hints: dict = CLI_HINTS) -> Text:
@@ -90,8 +98,8 @@ def results_text(o: NplOverview, hints: dict = CLI_HINTS) -> Text:
         out.append(format_finegrained(fine["rows"], fine["params"].get("original_ppl", float("nan"))) + "\n")
     functional = o.results.get("functional")
     if functional:
-        out.append("\nfunctional neurons: mean predictability score S by property, all and random neurons, "
-                   "background %\n", style="bold")
+        out.append("\nfunctional neurons: mean predictability S by property (all, random), bg %\n",
+                   style="bold")
         out.append(format_functional(functional["rows"]) + "\n")
     else:
         out.append(f"\nno functional / background neurons yet: {hints['functional']}\n")

@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ffnscope.app.arg_types import count, non_negative_float, open_fraction, positive_int
+
 ACTIONS = ("fit", "substitute", "functional", "show")
 
 
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
             p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
             p.add_argument("--dtype", help="default: the recording's")
             p.add_argument("--model", help="default: the recording's model spec (checked by fingerprint)")
-            p.add_argument("--batch-tokens", type=int, default=8192)
+            p.add_argument("--batch-tokens", type=positive_int, default=8192)
             p.add_argument("--allow-pickle", action="store_true",
                            help="accept pickle weights (pytorch_model.bin) where the model has no safetensors")
             p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -40,10 +42,10 @@ def add_parser(sub) -> None:
                      help="exact: ridge solve of streamed X^T X, X^T Y in float64; adagrad: the paper's recipe "
                           "(lr 0.01, 10^4-token batches, one epoch); both: compare them (default: %(default)s)")
     fit.add_argument("--data", nargs="+", metavar="SRC", help="default: the recording's own sources")
-    fit.add_argument("--tokens", type=int, default=131072, help="fit plus held-out tokens (default: %(default)s)")
-    fit.add_argument("--holdout", type=float, default=0.1, help="fraction of sequences held out (default: %(default)s)")
-    fit.add_argument("--ridge", type=float, default=1e-6, help="ridge, relative to the mean variance")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--tokens", type=positive_int, default=131072, help="fit plus held-out tokens (default: %(default)s)")
+    fit.add_argument("--holdout", type=open_fraction, default=0.1, help="fraction of sequences held out (default: %(default)s)")
+    fit.add_argument("--ridge", type=non_negative_float, default=1e-6, help="ridge, relative to the mean variance")
+    fit.add_argument("--seed", type=count, default=0)
     fit.add_argument("--force", action="store_true", help="replace existing maps (and their results)")
 
     subst = actions.add_parser("substitute", help="perplexity with chunks of layers substituted (Table 1)")
@@ -51,11 +53,11 @@ def add_parser(sub) -> None:
     subst.add_argument("--data", nargs="+", metavar="HELDOUT",
                        help="held-out text (must share no sequence with the fit data; default: the fit's "
                             "held-out split)")
-    subst.add_argument("--tokens", type=int, help="at most this many held-out tokens")
+    subst.add_argument("--tokens", type=positive_int, help="at most this many held-out tokens")
     subst.add_argument("--chunks", help="which of the 4 chunks, like 1-4 or 2 (default: all)")
     subst.add_argument("--mappings", nargs="+", choices=("random", "zero", "identical", "npl"),
                        default=["random", "zero", "identical", "npl"])
-    subst.add_argument("--seeds", type=int, default=3, help="random maps averaged (default: %(default)s)")
+    subst.add_argument("--seeds", type=positive_int, default=3, help="random maps averaged (default: %(default)s)")
     subst.add_argument("--explicit", action="store_true",
                        help="also explicit-only substitution (later layers see actual outputs, the final "
                             "hidden state predicted ones)")
@@ -63,7 +65,7 @@ def add_parser(sub) -> None:
 
     func = actions.add_parser("functional", help="functional and background neurons (NPL Sec. 5)")
     common(func)
-    func.add_argument("--tokens", type=int, help="at most this many of the fit's held-out tokens")
+    func.add_argument("--tokens", type=positive_int, help="at most this many of the fit's held-out tokens")
 
     show = actions.add_parser("show", help="print fitted maps, the layer-pair grid and results (no model needed)")
     common(show, model=False)
@@ -92,7 +94,7 @@ def _progress(args, console: Console) -> tuple[Progress, callable]:
 
 
 def _job(args, run_job, config):
-    from engine.streaming import Stopped
+    from ffnscope.engine.streaming import Stopped
 
     console = Console(stderr=True)
     progress, on_progress = _progress(args, console)
@@ -111,7 +113,7 @@ def _model_options(args) -> dict:
 
 
 def _fit(args) -> int:
-    from engine.npl.jobs import NplFitConfig, fit_job
+    from ffnscope.engine.npl.jobs import NplFitConfig, fit_job
 
     report = _job(args, fit_job, NplFitConfig(
         args.file, pairs=args.pairs, method=args.method, data=args.data, tokens=args.tokens, seed=args.seed,
@@ -123,7 +125,7 @@ def _fit(args) -> int:
 
 
 def _substitute(args) -> int:
-    from engine.npl.jobs import NplSubstituteConfig, substitute_job
+    from ffnscope.engine.npl.jobs import NplSubstituteConfig, substitute_job
 
     report = _job(args, substitute_job, NplSubstituteConfig(
         args.file, data=args.data, tokens=args.tokens, chunks=args.chunks, mappings=tuple(args.mappings),
@@ -139,7 +141,7 @@ def _substitute(args) -> int:
 
 
 def _functional(args) -> int:
-    from engine.npl.jobs import NplFunctionalConfig, functional_job
+    from ffnscope.engine.npl.jobs import NplFunctionalConfig, functional_job
 
     report = _job(args, functional_job, NplFunctionalConfig(args.file, tokens=args.tokens, **_model_options(args)))
     print(report.table)
@@ -147,9 +149,9 @@ def _functional(args) -> int:
 
 
 def _show(args) -> int:
-    from app.npl_text import fit_text, heatmap, results_text
-    from cache.reader import CacheReader
-    from engine.npl.overview import overview
+    from ffnscope.app.npl_text import fit_text, heatmap, results_text
+    from ffnscope.cache.reader import CacheReader
+    from ffnscope.engine.npl.overview import overview
 
     with CacheReader(args.file, "showing its NPL results") as reader:
         o = overview(args.file, reader.meta)

@@ -6,11 +6,11 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from app.safe_text import printable
+from ffnscope.app.safe_text import printable
 
 
 def _config(args):
-    from engine.record import RecordConfig
+    from ffnscope.engine.record import RecordConfig
 
     return RecordConfig(
         out=args.out, model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
@@ -23,9 +23,24 @@ def _config(args):
         allow_pickle=args.allow_pickle)
 
 
+def _kept(out) -> str:
+    """What a stopped recording kept: its checkpoint, counted in shards."""
+    from ffnscope.cache.errors import UserError
+    from ffnscope.cache.reader import CacheReader
+
+    try:
+        with CacheReader(out) as reader:
+            done, total = reader.shards_done, reader.meta["recording"]["n_shards"]
+    except (UserError, OSError, KeyError):
+        done, total = 0, None
+    if done:
+        return f"the last checkpoint in {out} stands ({done} of {total} shards)"
+    return f"no shard was finished, so {out} holds no recorded tokens yet"
+
+
 def run_record(args, after=None) -> int:
     console = Console(stderr=True)
-    from engine.record import Stopped, check_output, record
+    from ffnscope.engine.record import Stopped, check_output, record
 
     config = _config(args)
     check_output(config)  # fail on a bad --out before loading anything heavy
@@ -46,11 +61,11 @@ def run_record(args, after=None) -> int:
             state = record(config, command=sys.argv, on_progress=on_progress, after=after,
                            log=lambda m: console.print(printable(m), markup=False, highlight=False))
     except Stopped:
-        console.print(printable(f"ffnscope: stopped; the last checkpoint in {config.out} stands. Continue with the "
-                                "same command and --resume"), markup=False, highlight=False)
+        console.print(printable(f"ffnscope: stopped; {_kept(config.out)}. Continue with the same command and "
+                                "--resume"), markup=False, highlight=False)
         return 130
     console.print(printable(f"recorded {state.n_tokens:,} tokens into {config.out}"), markup=False, highlight=False)
-    from app.info_view import print_info
+    from ffnscope.app.info_view import print_info
 
     print_info(config.out)
     return 0

@@ -10,14 +10,14 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
-from app.charts import line_chart, position_chart
-from app.safe_text import plain, printable
-from cache import analysis_store as store
-from cache.reader import CacheReader
-from engine.analysis.dead import PAPER_DEAD, dead_label, is_relative, primary_is_tau0, rule_short
-from engine.analysis.ngrams import COVERAGE_BUCKETS
-from engine.analysis.neuron_table import layer_table, require
-from engine.analysis.positional import KINDS, stored_note
+from ffnscope.app.charts import line_chart, position_chart
+from ffnscope.app.safe_text import plain, printable
+from ffnscope.cache import analysis_store as store
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.dead import PAPER_DEAD, dead_label, is_relative, primary_is_tau0, rule_short
+from ffnscope.engine.analysis.ngrams import COVERAGE_BUCKETS
+from ffnscope.engine.analysis.neuron_table import layer_table, require
+from ffnscope.engine.analysis.positional import KINDS, stored_note
 
 
 def _label(reader: CacheReader) -> str:
@@ -48,7 +48,7 @@ def _summary_table(reader: CacheReader, rows) -> RichTable:
         table.add_column(plain(header), justify="right")
     for row in rows.rows():
         ngram = row["ngram_layer"]
-        dead = [f"{row['dead_pct']:.1f}"] + ([] if paper else [f"{row['dead_tau0_pct']:.1f}"])
+        dead = [f"{100 * row['dead_frac']:.1f}"] + ([] if paper else [f"{100 * row['dead_tau0_frac']:.1f}"])
         table.add_row(str(row["layer"]), *([f"{row['tau']:.4g}"] if relative else []), *dead,
                       f"{100 * row['alive_freq']:.3f}",
                       *(str(row[k]) if ngram else "-" for k in ("token_detectors", "bigram_detectors",
@@ -115,8 +115,9 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             label = _label(reader)
             depth = rows["rel_depth"].tolist()
             ngram = rows["ngram_layer"]
-            series["dead"][f"{label} {printable(rule_short(reader.meta))}"] = (depth, rows["dead_pct"].tolist())
-            series["dead0"][label] = (depth, rows["dead_tau0_pct"].tolist())
+            series["dead"][f"{label} {printable(rule_short(reader.meta))}"] = (depth,
+                                                                               (100 * rows["dead_frac"]).tolist())
+            series["dead0"][label] = (depth, (100 * rows["dead_tau0_frac"]).tolist())
             series["freq"][label] = (depth, (100 * rows["alive_freq"]).tolist())
             series["pos"][label] = (depth, rows["positional"].tolist())
             d = rows["rel_depth"][ngram].tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from engine.safe_text import printable
+from ffnscope.engine.safe_text import printable
 
 __all__ = ["plain", "printable"]
 

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import h5py  # noqa: E402
 
-from cache.reader import CacheReader  # noqa: E402
-from engine.analysis.run import NAMES, analyze  # noqa: E402
-from engine.units import human  # noqa: E402
+from ffnscope.cache.reader import CacheReader  # noqa: E402
+from ffnscope.engine.analysis.run import NAMES, analyze  # noqa: E402
+from ffnscope.engine.units import human  # noqa: E402
 
 
 def main() -> None:

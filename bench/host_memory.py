@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.units import human, parse_bytes  # noqa: E402
+from ffnscope.engine.units import human, parse_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp()) / "memory.h5"
     budget = parse_bytes(args.host_memory, "--host-memory")
-    cmd = [sys.executable, "-m", "app.cli", "record", "--model", args.model, "--tokens", str(args.tokens),
+    cmd = [sys.executable, "-m", "ffnscope", "record", "--model", args.model, "--tokens", str(args.tokens),
            "--out", str(out), "--force", "--quiet", "--host-memory", str(budget), *args.extra]
     start = time.time()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -21,15 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cache import schema  # noqa: E402
-from cache.store import write_state  # noqa: E402
-from engine.budget import plan_device  # noqa: E402
-from engine.data import open_sources, pack  # noqa: E402
-from engine.layer_runner import param_bytes  # noqa: E402
-from engine.meta import build_meta  # noqa: E402
-from engine.models import load_model  # noqa: E402
-from engine.record import RecordConfig, empty_state, special_ids  # noqa: E402
-from engine.streaming import Recorder  # noqa: E402
+from ffnscope.cache import schema  # noqa: E402
+from ffnscope.cache.store import write_state  # noqa: E402
+from ffnscope.engine.budget import plan_device  # noqa: E402
+from ffnscope.engine.data import open_sources, pack  # noqa: E402
+from ffnscope.engine.layer_runner import param_bytes  # noqa: E402
+from ffnscope.engine.meta import build_meta  # noqa: E402
+from ffnscope.engine.models import load_model  # noqa: E402
+from ffnscope.engine.record import RecordConfig, empty_state, special_ids  # noqa: E402
+from ffnscope.engine.streaming import Recorder  # noqa: E402
 
 
 def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:
@@ -107,7 +107,7 @@ def main() -> None:
                           calib_tokens=args.seq_len * per_batch)
     meta = build_meta(config, lm, sources, packed, args.seq_len, start_id, sep_id)
     # warm-up: JIT-compile the CPU kernels and touch the weights once, outside every timing
-    from engine.stats import cpu_kernels
+    from ffnscope.engine.stats import cpu_kernels
 
     if cpu_kernels is not None:
         g = np.zeros((args.seq_len, 64), np.float32)

@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CLI = [sys.executable, "-m", "app.cli"]
+CLI = [sys.executable, "-m", "ffnscope"]
 # the findings compared; "suppressing detectors" are token detectors whose update suppresses their triggers
 MAIN = ("token detectors", "positional neurons", "suppressing detectors")
 
@@ -138,7 +138,7 @@ def cache_status(path: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        from cache.reader import CacheReader
+        from ffnscope.cache.reader import CacheReader
         with CacheReader(path) as reader:
             return reader.status
     except Exception:  # noqa: BLE001 - unreadable: record again
@@ -246,15 +246,15 @@ def suppress_column(row: dict) -> str | None:
 
 
 def read_neurons(jsonl: Path, cache: Path) -> Findings:
-    from cache.reader import CacheReader
+    from ffnscope.cache.reader import CacheReader
     with CacheReader(cache) as reader:
         meta = reader.meta
         layers = list(reader.layers)
         dead = dead_sets(reader)
         note = ""
         try:
-            from cache import analysis_store as store
-            from engine.analysis.positional import stored_note
+            from ffnscope.cache import analysis_store as store
+            from ffnscope.engine.analysis.positional import stored_note
             note = stored_note(store.read_group(reader, "positional"))
         except Exception:  # noqa: BLE001 - a note only
             pass

@@ -58,19 +58,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cache import analysis_store as store  # noqa: E402
-from cache import schema  # noqa: E402
-from cache.state import G_ORDERS, GramCounts, Sparse, merge_topk  # noqa: E402
-from cache.store import _GZIP, _put_strings  # noqa: E402
-from cache.store import put_array as _put  # noqa: E402
-from engine.analysis.ngrams import NgramParams, ngram_layer, unigram_counts  # noqa: E402
-from engine.analysis.positional import KINDS, PositionalParams, call_limit, positional_layer  # noqa: E402
-from engine.analysis.run import (POSITIONAL_COLUMNS, SUPPRESSION_KEYS, Analyzer, put_ngram_order,  # noqa: E402
+from ffnscope.cache import analysis_store as store  # noqa: E402
+from ffnscope.cache import schema  # noqa: E402
+from ffnscope.cache.state import G_ORDERS, GramCounts, Sparse, merge_topk  # noqa: E402
+from ffnscope.cache.store import _GZIP, _put_strings  # noqa: E402
+from ffnscope.cache.store import put_array as _put  # noqa: E402
+from ffnscope.engine.analysis.ngrams import NgramParams, ngram_layer, unigram_counts  # noqa: E402
+from ffnscope.engine.analysis.positional import KINDS, PositionalParams, call_limit, positional_layer  # noqa: E402
+from ffnscope.engine.analysis.run import (POSITIONAL_COLUMNS, SUPPRESSION_KEYS, Analyzer, put_ngram_order,  # noqa: E402
                                  put_positional, put_suppression_rows)
-from engine.analysis.suppression import SuppressionParams  # noqa: E402
-from engine.data import Packed  # noqa: E402
-from engine.meta import EXTRA_TAUS  # noqa: E402
-from engine.version import __version__  # noqa: E402
+from ffnscope.engine.analysis.suppression import SuppressionParams  # noqa: E402
+from ffnscope.engine.data import Packed  # noqa: E402
+from ffnscope.engine.meta import EXTRA_TAUS  # noqa: E402
+from ffnscope import __version__  # noqa: E402
 
 START_ID = 2                 # OPT: "</s>" is BOS and EOS
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -374,7 +374,7 @@ def positional_columns(pos_fire: np.ndarray, cols: np.ndarray, n_seqs: int, p: P
     positional_layer works on (2048 neurons wide, the last one narrower), not on the other columns in
     it, so each column is analysed in a block as wide as the slice it falls in on the whole layer.
     -> {column: ({mi, mi_plugin, mi_chance, mi_null}, kind, strong, ranges)}."""
-    from engine.analysis.positional import _CHUNK
+    from ffnscope.engine.analysis.positional import _CHUNK
 
     d = pos_fire.shape[1]
     out = {}

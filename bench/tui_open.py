@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from textual import events  # noqa: E402
 
-from app.tui.app import FFNScopeApp  # noqa: E402
-from app.tui.layers import LayersScreen  # noqa: E402
-from app.tui.modals import AskScreen, ChooseScreen  # noqa: E402
-from app.tui.neurons import NeuronsScreen  # noqa: E402
-from app.tui.table import VirtualTable  # noqa: E402
+from ffnscope.app.tui.app import FFNScopeApp  # noqa: E402
+from ffnscope.app.tui.layers import LayersScreen  # noqa: E402
+from ffnscope.app.tui.modals import AskScreen, ChooseScreen  # noqa: E402
+from ffnscope.app.tui.neurons import NeuronsScreen  # noqa: E402
+from ffnscope.app.tui.table import VirtualTable  # noqa: E402
 
 # (what, keys before the timed key, the timed key(s)); choices in ChooseScreen are picked by id
 SESSION = [

@@ -14,10 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache import schema
-from cache.errors import UserError
-from cache.reader import CacheReader
-from cache.store import nbytes, replaced
+from ffnscope.cache import schema
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.store import nbytes, replaced
 
 ROOT = "analysis"
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache import schema
-from cache.errors import UserError
-from cache.state import RecordingState, ngram_drop_limit
-from cache.store import read_state, write_state
+from ffnscope.cache import schema
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.state import RecordingState, ngram_drop_limit
+from ffnscope.cache.store import read_state, write_state
 
 # recording settings that change what is counted: caches differing in one of them never add up
 _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_freq", "calib_tokens",

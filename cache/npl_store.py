@@ -31,9 +31,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.errors import UserError
-from cache.store import put_array as _put
-from cache.store import nbytes, replaced
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.store import put_array as _put
+from ffnscope.cache.store import nbytes, replaced
 
 FORMAT = "ffnscope-npl"
 SCHEMA_VERSION = 1

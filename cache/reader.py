@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import schema
-from cache.state import GramCounts, Sparse
-from cache.store import open_file, read_sparse, read_strings
+from ffnscope.cache import schema
+from ffnscope.cache.state import GramCounts, Sparse
+from ffnscope.cache.store import open_file, read_sparse, read_strings
 
 
 class CacheReader:

@@ -16,9 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache import schema
-from cache.errors import UserError
-from cache.state import DataState, GramCounts, LayerState, RecordingState, Samples, Sparse
+from ffnscope.cache import schema
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples, Sparse
 
 _GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
 

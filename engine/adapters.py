@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cache.errors import UserError
+from ffnscope.cache.errors import UserError
 
 DOWN_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2", "fc_out", "wo", "out_proj", "down")
 GATE_NAMES = ("gate_proj", "w1", "wi_0", "gate", "linear_gate")

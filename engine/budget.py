@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from cache.errors import UserError
-from engine.layer_runner import param_bytes
-from engine.units import human
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.layer_runner import param_bytes
+from ffnscope.engine.units import human
 
 def plan_device(budget: int | None, lm, device: torch.device, batch_tokens: int) -> int:
     """Number of leading layers kept resident; the rest stream through one device slot."""

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
-from cache import analysis_store
-from cache.errors import UserError
-from cache.reader import CacheReader
-from engine.analysis.run import NAMES as ANALYSES
-from cache.npl_store import SUFFIX as NPL_SUFFIX
-from engine.jobs import recordings_dir
-from engine.paths import unique_paths
-from engine.progress import one_line
+from ffnscope.cache import analysis_store
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.run import NAMES as ANALYSES
+from ffnscope.cache.npl_store import SUFFIX as NPL_SUFFIX
+from ffnscope.engine.jobs import recordings_dir
+from ffnscope.engine.paths import unique_paths
+from ffnscope.engine.progress import one_line
 
 COMPLETE, PARTIAL, ERROR = "complete", "partial", "error"
 

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from engine.data import Document
+from ffnscope.engine.data import Document
 
 # Shares of characters while every domain lasts. Many tokenizers (SmolLM2's, Llama's) split numbers
 # into single digits, so math gives about twice the tokens per character of prose; these shares

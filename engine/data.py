@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from cache.errors import UserError
+from ffnscope.cache.errors import UserError
 
 _SNIFF_BYTES = 8192
 _BATCH_DOCS = 256
@@ -257,7 +257,7 @@ class Sources:
             for source in self._sources:
                 source.close()
         if self._builtin:
-            from engine.corpus import builtin_documents  # here: engine.corpus imports this module
+            from ffnscope.engine.corpus import builtin_documents  # here: engine.corpus imports this module
 
             yield from builtin_documents(self.seed)
         elif not found_text:

@@ -1,6 +1,6 @@
 """Jobs: recordings and analyses run as separate processes that outlive whoever started them.
 
-A job is `python -m app.cli record|analyze ...` in a new session (no SIGHUP when the terminal or
+A job is `python -m ffnscope record|analyze ...` in a new session (no SIGHUP when the terminal or
 the SSH connection goes), stdin from /dev/null, stdout and stderr appended to `<output>.log`. What
 it is doing is in its progress file, `<output>.progress.json` (engine.progress), which is the one
 place other processes (the TUI, `ffnscope jobs`) read; a `Job` is a snapshot of that file.
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from cache.errors import UserError
-from engine.paths import unique_paths, user_cache_dir
-from engine.progress import COMPLETE, FAILED, RUNNING, STOPPED, one_line, progress_path, read_progress
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.paths import unique_paths, user_cache_dir
+from ffnscope.engine.progress import COMPLETE, FAILED, RUNNING, STOPPED, one_line, progress_path, read_progress
 
 INTERRUPTED = "interrupted"  # the progress file says running, but its process is gone (SIGKILL, reboot)
 STATUSES = (RUNNING, STOPPED, FAILED, COMPLETE, INTERRUPTED)
@@ -203,21 +203,10 @@ def list_jobs(dirs: Iterable[Path] = (), files: Iterable[Path] = ()) -> list[Job
 
 
 # --- starting -------------------------------------------------------------------------------------
-def _source_root() -> Path | None:
-    """The checkout this code runs from, when it is one (not an installed package)."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() and (root / "app" / "cli.py").is_file() else None
-
-
 def _launch(output: Path, args: list[str], env: dict | None = None, cwd: str | None = None) -> Job:
-    """Start `python -m app.cli ARGS` as a job writing `output`, and write its first progress file."""
+    """Start `python -m ffnscope ARGS` as a job writing `output`, and write its first progress file."""
     output = Path(output)
     env = dict(os.environ if env is None else env)
-    root = _source_root()
-    if root is not None:  # the job runs the same code as its starter
-        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if str(root) not in paths:
-            env["PYTHONPATH"] = os.pathsep.join([str(root), *paths])
     env.setdefault("PYTHONUNBUFFERED", "1")
     cwd = cwd if cwd and Path(cwd).is_dir() else None
     log = log_path(output)
@@ -228,7 +217,7 @@ def _launch(output: Path, args: list[str], env: dict | None = None, cwd: str | N
     with log_file:
         log_file.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} ffnscope {' '.join(args)}\n".encode())
         log_file.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "ffnscope", *args], stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                 close_fds=True, env=env, cwd=cwd)
     _children[proc.pid] = proc
@@ -314,7 +303,7 @@ def start_analyze(cache: Path, *, only: Iterable[str] | None = None, settings: I
 def start_npl(cache: Path, action: str, options: Iterable[str] = (), env: dict | None = None) -> Job:
     """Start `ffnscope npl ACTION CACHE OPTIONS` (fit, substitute, functional) as a job; it writes the
     sidecar CACHE.npl.h5 and keeps its progress file beside it."""
-    from cache.npl_store import sidecar_path
+    from ffnscope.cache.npl_store import sidecar_path
 
     if action not in ("fit", "substitute", "functional"):
         raise UserError(f"unknown NPL job '{action}'; use fit, substitute or functional")
@@ -346,7 +335,7 @@ def _cache_status(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        from cache.reader import CacheReader
+        from ffnscope.cache.reader import CacheReader
 
         with CacheReader(path) as reader:
             return reader.status
@@ -383,6 +372,46 @@ def resume(job: Job, env: dict | None = None) -> Job:
     elif job.output.exists():
         args.append("--force")  # a broken leftover (no checkpoint can be read): record it again
     return _launch(job.output, args, env, job.cwd)
+
+
+# --- dismissing ------------------------------------------------------------------------------------
+CLEANED = (COMPLETE, FAILED)  # what `ffnscope jobs --clean` dismisses; stopped and interrupted jobs
+                              # keep their progress file, which holds the command that resumes them
+
+
+def dismiss(job: Job) -> Path:
+    """Forget an ended job: its progress file goes (the cache and the job's log stay), so it leaves
+    `ffnscope jobs` and the recordings screen. A running job is refused. -> the removed file."""
+    now = job.refreshed()
+    if now.status == RUNNING:
+        raise UserError(f"the job on {now.output} is still running (pid {now.pid}); cancel it first")
+    path = progress_path(now.output)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot remove {path} ({exc.strerror or exc})") from None
+    return path
+
+
+def kept_work(job: Job) -> str:
+    """What a recording job that is stopped now keeps, in words (for the message of a cancel)."""
+    if job.kind != "record":
+        return "an NPL job writes nothing until it ends; run it again later" if job.kind == "npl" else \
+            "finished analyses stay stored; analyze again to do the rest"
+    if job.phase in ("analyzing", "done"):
+        return "the recording is complete; only its analyses stop"
+    done = 0
+    if _cache_status(job.output) == "partial":  # the checkpoint on disk, not the shard under way
+        from ffnscope.cache.reader import CacheReader
+
+        try:
+            with CacheReader(job.output) as reader:
+                done = reader.shards_done
+        except (UserError, OSError, KeyError):
+            done = 0
+    if done and job.n_shards:
+        return f"it keeps {done} of {job.n_shards} shards (its last checkpoint); r resumes from there"
+    return "no shard is finished yet, so nothing is kept; r starts it again"
 
 
 def wait(job: Job, timeout: float | None = None, poll: float = 0.2) -> Job:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cache.errors import UserError
-from engine.adapters import Adapter
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.adapters import Adapter
 
 
 class _AllLayersSeen(Exception):

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import time
-from cache.errors import UserError
-from cache.schema import SCHEMA_VERSION
-from engine.version import __version__
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.schema import SCHEMA_VERSION
+from ffnscope import __version__
 
 
 EXTRA_TAUS = (0.0, 0.5, 1.0, 2.0)  # thresholds always recorded besides the primary one
@@ -58,7 +58,7 @@ def parse_tau_rule(text: str | None) -> tuple[str, float | None]:
 
 def relative_rule_text(adapter, rule: str) -> str:
     """The firing rule in words for a relative rule: the adapter's own text with tau_l for tau."""
-    from engine.analysis.dead import describe_rule
+    from ffnscope.engine.analysis.dead import describe_rule
 
     head = adapter.firing_rule(0.0).rsplit(" > ", 1)[0]
     return f"{head} > tau_l per layer ({describe_rule(rule)})"

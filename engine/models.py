@@ -17,9 +17,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: local_files_only everywhere too
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from cache.errors import UserError  # noqa: E402
-from engine.adapters import Adapter, FFNLayout, locate  # noqa: E402
-from engine.paths import user_cache_dir  # noqa: E402
+from ffnscope.cache.errors import UserError  # noqa: E402
+from ffnscope.engine.adapters import Adapter, FFNLayout, locate  # noqa: E402
+from ffnscope.engine.paths import user_cache_dir  # noqa: E402
 
 DEFAULT_MODEL = "default"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from cache.errors import UserError
+from ffnscope.cache.errors import UserError
 
 RUNNING, STOPPED, FAILED, COMPLETE = "running", "stopped", "failed", "complete"
 

@@ -6,25 +6,25 @@ import os
 import signal
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cache import schema
-from cache.errors import UserError
-from cache.merge import check_same_recording
-from cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
-from cache.store import read_state, write_state
-from engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
-from engine.budget import plan_device, plan_host
-from engine.data import open_sources, pack
-from engine.memory import release_freed_memory
-from engine.meta import build_meta, parse_tau_rule, part_range
-from engine.models import LoadedModel, load_model
-from engine.progress import COMPLETE, ProgressFile, running_job
-from engine.streaming import Recorder, Stopped, data_counts
+from ffnscope.cache import schema
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.merge import check_same_recording
+from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
+from ffnscope.cache.store import read_state, write_state
+from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
+from ffnscope.engine.budget import plan_device, plan_host
+from ffnscope.engine.data import open_sources, pack
+from ffnscope.engine.memory import release_freed_memory
+from ffnscope.engine.meta import build_meta, parse_layers, parse_tau_rule, part_range
+from ffnscope.engine.models import LoadedModel, load_model
+from ffnscope.engine.progress import COMPLETE, ProgressFile, running_job
+from ffnscope.engine.streaming import Recorder, Stopped, data_counts
 
 @dataclass
 class RecordConfig:
@@ -46,7 +46,7 @@ class RecordConfig:
     calib_tokens: int = 32768           # tokens of the calibration sample (relative taus, early skips)
     topk: int = 16
     samples: int = 2048                 # token positions whose full activation vectors are kept
-    shard_tokens: int = 262144
+    shard_tokens: int | None = None     # default: default_shard_tokens (a quarter of the recording, <= 262144)
     batch_tokens: int = 8192
     device_memory: int | None = None    # bytes for weights on the device; None: what it has
     host_memory: int | None = None      # bytes of host memory the job may use; None: most of it
@@ -102,17 +102,105 @@ def check_output(config: RecordConfig) -> None:
         raise UserError(f"{out} exists; add --resume to continue it or --force to overwrite it")
     if config.resume and not out.exists():
         raise UserError(f"nothing to resume: {out} does not exist; drop --resume to start a recording")
-    if config.tokens <= 0:
-        raise UserError("--tokens must be positive")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the cache file to write, like {out / 'recording.h5'}")
+    _check_numbers(config)
     if config.seq_len is not None and config.tokens < config.seq_len:
         raise UserError(f"--tokens {config.tokens} is smaller than one sequence (--seq-len {config.seq_len}); "
                         "ask for more tokens or a shorter --seq-len")
     i, n = config.part
     if not 1 <= i <= n:
         raise UserError(f"--part {i}/{n} is out of range; use i/n with 1 <= i <= n")
-    if config.ngram_max_freq is not None and not config.ngram_max_freq > 0:
-        raise UserError("--ngram-max-freq must be a positive fraction (or auto, the default)")
-    parse_tau_rule(config.tau_rule)
+    if config.ngram_max_freq is not None and not 0 < config.ngram_max_freq <= 1:
+        raise UserError("--ngram-max-freq must be a fraction in (0, 1] (or auto, the default)")
+    if parse_tau_rule(config.tau_rule)[0] != "absolute" and config.tau is not None:
+        raise UserError("--tau sets an absolute threshold; leave it out with a relative --tau-rule "
+                        "(fire counts at 0, 0.5, 1 and 2 are recorded beside the relative rule anyway)")
+    for option, text in (("--layers", config.layers), ("--ngram-layers", config.ngram_layers)):
+        parse_layers(text, 1 << 30, option)  # the syntax here; the range once the model's config is read
+    check_model_config(config)
+
+
+def _check_numbers(config: RecordConfig) -> None:
+    """The numeric settings (the CLI's argument types check them too; this covers the Python API)."""
+    import math
+
+    checks = [("--tokens", config.tokens, 1), ("--seq-len", config.seq_len, 2), ("--topk", config.topk, 1),
+              ("--samples", config.samples, 0), ("--shard-tokens", config.shard_tokens, 1),
+              ("--batch-tokens", config.batch_tokens, 1), ("--calib-tokens", config.calib_tokens, 1),
+              ("--seed", config.seed, 0)]
+    for option, value, low in checks:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
+            raise UserError(f"{option} {value} is not allowed; give a whole number of at least {low}")
+    if config.tau is not None and not (isinstance(config.tau, (int, float)) and math.isfinite(config.tau)):
+        raise UserError(f"--tau {config.tau} is not a finite number")
+
+
+def model_config_file(spec: str) -> Path | None:
+    """The config.json of a model directory or of a hub id in the local HF cache (None for 'default',
+    a .gguf file, or what is not there: load_model says what is wrong with those)."""
+    if spec == "default":
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    if path.exists() or spec.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id: load_model says so
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def check_model_config(config: RecordConfig) -> None:
+    """What the model's config.json alone refuses, read as JSON before any model is loaded: remote code
+    without --trust-remote-code, --seq-len above its maximum positions, layers it does not have."""
+    import json
+
+    path = model_config_file(config.model)
+    if path is None:
+        return
+    try:
+        model_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the model's configuration {path}: {exc}") from None
+    if not isinstance(model_config, dict):
+        raise UserError(f"the model's configuration {path} is not a JSON object")
+    text = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
+    get = lambda key: model_config.get(key, text.get(key))  # noqa: E731
+    if model_config.get("auto_map") and not config.trust_remote_code and not _builtin_type(get("model_type")):
+        raise UserError(f"{config.model} needs code from the model's own files (auto_map in its config.json); "
+                        "add --trust-remote-code if you trust them")
+    longest = next((get(k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if isinstance(get(k), int) and get(k) > 0), None)
+    if longest is not None and config.seq_len is not None and config.seq_len > longest:
+        raise UserError(f"--seq-len {config.seq_len} is above the model's maximum of {longest} positions; "
+                        f"use --seq-len {longest} or less")
+    n_layers = next((get(k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                     if isinstance(get(k), int) and get(k) > 0), None)
+    if n_layers is not None:
+        recorded = parse_layers(config.layers, n_layers, "--layers")
+        ngram = parse_layers(config.ngram_layers, n_layers, "--ngram-layers")
+        if recorded is not None and ngram is not None and not set(ngram) <= set(recorded):
+            raise UserError("--ngram-layers must be among the recorded --layers")
+
+
+def _builtin_type(model_type) -> bool:
+    """Whether transformers has its own classes for this model_type (then auto_map is not needed)."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return True
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
+
+
+def default_shard_tokens(tokens: int, seq_len: int) -> int:
+    """Shards are the unit of checkpoints: a quarter of the recording (whole sequences), so a stopped
+    small recording keeps most of its work, and at most 262144 tokens, so a big one checkpoints often."""
+    return max(seq_len, min(262144, tokens // 4) // seq_len * seq_len)
 
 
 def model_max_len(lm: LoadedModel) -> int:
@@ -160,7 +248,12 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         progress.update(force=True, phase="loading model", cwd=os.getcwd())
         lm = load_model(config.model, config.dtype, config.trust_remote_code, config.allow_pickle)
         device = resolve_device(config.device)
-        seq_len = config.seq_len or min(model_max_len(lm), 2048)
+        longest = model_max_len(lm)
+        declared = any(getattr(lm.config, k, None) for k in ("max_position_embeddings", "n_positions", "n_ctx"))
+        if declared and config.seq_len is not None and config.seq_len > longest:
+            raise UserError(f"--seq-len {config.seq_len} is above the model's maximum of {longest} positions; "
+                            f"use --seq-len {longest} or less")
+        seq_len = config.seq_len or min(longest, 2048)
         if config.tokens < seq_len:
             raise UserError(f"--tokens {config.tokens} is smaller than one sequence of {seq_len} tokens; "
                             "ask for more tokens or a shorter --seq-len")
@@ -170,7 +263,14 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         for note in sources.notes:
             log(f"note: {note}")
         if packed.short:
-            log(f"note: the data holds only {packed.tokens.size} tokens in full sequences; recording those")
+            log(f"note: --tokens {config.tokens:,} asked, but the data holds only {packed.tokens.size:,} tokens in "
+                f"full sequences of {seq_len}; recording those")
+        elif config.tokens % seq_len:
+            log(f"note: recording {packed.tokens.size:,} tokens: --tokens {config.tokens:,} rounded down to whole "
+                f"sequences of {seq_len}")
+        if config.shard_tokens is None:  # a resumed run keeps the shards it was cut into
+            config = replace(config, shard_tokens=previous.meta["recording"]["shard_tokens"] if previous is not None
+                             else default_shard_tokens(int(packed.tokens.size), seq_len))
         meta = build_meta(config, lm, sources, packed, seq_len, start_id, sep_id)
         if previous is not None:
             check_same_recording(previous.meta, meta, config.out, for_resume=True)
@@ -216,7 +316,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         if after is not None:
             after(state, progress)
         progress.update(phase="done")
-        progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded")
+        progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded" +
+                        (f" (all the data holds; {config.tokens} asked)" if packed.short else ""))
         return state
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache.state import G_ORDERS, NGRAM_ORDERS, LayerState, Sparse
+from ffnscope.cache.state import G_ORDERS, NGRAM_ORDERS, LayerState, Sparse
 
 try:
-    from engine import cpu_kernels
+    from ffnscope.engine import cpu_kernels
 except ImportError:  # numba missing on this platform: the torch formulation serves
     cpu_kernels = None
 

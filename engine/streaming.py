@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cache import schema
-from cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples, ngram_drop_limit
-from cache.store import write_state
-from engine.layer_runner import FFNProbe, LayerRunner
-from engine.memory import release_freed_memory
-from engine.models import LoadedModel
-from engine.progress import ProgressFile
-from engine.stats import BatchContext, LayerStats
+from ffnscope.cache import schema
+from ffnscope.cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples, ngram_drop_limit
+from ffnscope.cache.store import write_state
+from ffnscope.engine.layer_runner import FFNProbe, LayerRunner
+from ffnscope.engine.memory import release_freed_memory
+from ffnscope.engine.models import LoadedModel
+from ffnscope.engine.progress import ProgressFile
+from ffnscope.engine.stats import BatchContext, LayerStats
 
 if TYPE_CHECKING:
-    from engine.record import RecordConfig
+    from ffnscope.engine.record import RecordConfig
 
 
 class Stopped(Exception):
@@ -229,7 +229,7 @@ class Recorder:
         counts from the start (-> layer -> counted mask). Skipping early only saves memory; it proves
         nothing, so it is cautious (engine.record.skip_notes reports the skips the full counts did not
         justify), and neurons counted from the start lose their counts only on proof (record_shards)."""
-        from engine.meta import parse_tau_rule
+        from ffnscope.engine.meta import parse_tau_rule
 
         rec = self.meta["recording"]
         rows = self.calibration_rows(len(tokens))
@@ -275,7 +275,7 @@ class Recorder:
         limit = self.SKIP_MARGIN * bound["freq"]
         if limit >= 1:
             return None, 0
-        from engine.analysis.ngrams import NgramParams, detector_fire_bound
+        from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound
 
         unigram, grams = data_counts(sample, self.vocab, self.first_pos)
         own = detector_fire_bound({1: unigram, **{n: g.count for n, g in grams.items()}}, len(sample),

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from cache.errors import UserError
-from engine.safe_text import printable
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.safe_text import printable
 
 KINDS = ("bool", "int", "float", "str", "list")
 FORMATS = ("csv", "jsonl", "parquet", "markdown")
@@ -623,7 +623,7 @@ def export(table: Table, path: str | os.PathLike, fmt: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        from cache.store import storage_error  # the path, why, and the free space there
+        from ffnscope.cache.store import storage_error  # the path, why, and the free space there
 
         raise storage_error(path, None, e.strerror or str(e), f"cannot write {path}") from None
     except BaseException:

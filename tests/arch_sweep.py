@@ -97,8 +97,8 @@ def build(model_type: str, seed: int = 0):
 
 def record_in_memory(adapter, tokens: np.ndarray, taus: list[float], primary: int) -> dict[int, dict]:
     """The recorder's own parts (LayerRunner, FFNProbe, LayerStats), layer-major, one batch per layer."""
-    from engine.layer_runner import FFNProbe, LayerRunner
-    from engine.stats import BatchContext, LayerStats
+    from ffnscope.engine.layer_runner import FFNProbe, LayerRunner
+    from ffnscope.engine.stats import BatchContext, LayerStats
 
     n, seq_len = tokens.shape
     ids = torch.as_tensor(tokens, dtype=torch.long)
@@ -123,8 +123,8 @@ def record_in_memory(adapter, tokens: np.ndarray, taus: list[float], primary: in
 
 
 def check(model_type: str) -> Outcome:
-    from cache.errors import UserError
-    from engine.adapters import Adapter
+    from ffnscope.cache.errors import UserError
+    from ffnscope.engine.adapters import Adapter
     from tests.reference import reference_stats
 
     try:

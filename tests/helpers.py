@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import read_state
-from engine.record import RecordConfig, record
+from ffnscope.cache.store import read_state
+from ffnscope.engine.record import RecordConfig, record
 from tests.tiny_models import DETECTED
 
 # token strings that must never reach a terminal or a spreadsheet as anything but text
@@ -59,9 +59,9 @@ def assert_same_cache(path_a: Path, path_b: Path, float_rtol: float = 0.0) -> No
 def hostile_recording(directory: Path, text_file: Path) -> Path:
     """The planted OPT recorded and analyzed, with the detector's two trigger tokens renamed to
     hostile strings and a fixed creation date."""
-    from cache import schema
-    from cache.store import write_state
-    from engine.analysis.run import analyze
+    from ffnscope.cache import schema
+    from ffnscope.cache.store import write_state
+    from ffnscope.engine.analysis.run import analyze
     from tests.tiny_models import planted_opt, save
 
     model_dir = save(planted_opt(), directory / "model")

@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 
-from cache.reader import CacheReader
-from engine.analysis.neuron_table import layer_table, neuron_table
-from engine.analysis.run import analyze
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
+from ffnscope.engine.analysis.run import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import (BIGRAM, BOS_AND_A, DEAD, DETECTED, DETECTOR, MANY, ONE_SIDED, OSCILLATING, POS_RANGE,
                                POSITIONAL, PROMOTED, VARIANT_TOKENS, VARIANTS, degenerate_opt, planted_opt, save)
@@ -105,7 +105,7 @@ def test_positional_neurons_classified(layer0, planted_cache):
 
 
 def test_mutual_information_matches_hand_computation(layer0, planted_cache):
-    from cache import analysis_store as store
+    from ffnscope.cache import analysis_store as store
 
     with CacheReader(planted_cache[0]) as reader:
         counts = reader.array(0, "pos_fire")[:, ONE_SIDED]
@@ -131,7 +131,7 @@ def test_layer_table_and_ensemble(planted_cache):
     assert first["token_detectors"] == 3 and first["detected_tokens"] == 4  # a, b, t, T
     assert first["new_tokens"] == 4 and first["cumulative_tokens"] >= 4
     assert first["pos_oscillatory"] == 1 and first["pos_both_extremes"] == 1 and first["pos_one_extreme"] == 1
-    assert 0 < first["dead_pct"] < 100
+    assert 0 < first["dead_frac"] < 1
     assert [r["ngram_layer"] for r in rows] == [True, True, False, False]
 
 
@@ -175,5 +175,5 @@ def test_degenerate_layers(tmp_path, story):
     assert rows[0]["fire_freq"] == 1.0 and rows[0]["token_detector"] is False
     assert rows[0]["pos_mi"] == 0.0 and not rows[0]["positional"]
     assert all(rows[n]["dead"] for n in range(1, 64))
-    assert layers[0]["dead_pct"] == pytest.approx(100 * 63 / 64)
+    assert layers[0]["dead_frac"] == pytest.approx(63 / 64)
     assert np.isfinite(layers[0]["alive_freq"])

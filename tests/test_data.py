@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from cache.errors import UserError
-from engine.corpus import builtin_documents
-from engine.data import Document, open_sources, pack
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.corpus import builtin_documents
+from ffnscope.engine.data import Document, open_sources, pack
 from tests.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, make_tokenizer
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers as tf
 
-from cache.store import read_state
+from ffnscope.cache.store import read_state
 from tests.conftest import env_for_subprocess
 from tests.helpers import record_tiny
 
@@ -18,7 +18,7 @@ SMALL = ["--tokens", "256", "--seq-len", "32", "--device", "cpu", "--quiet", "--
 def run_cli(*args, env_extra=None):
     env = env_for_subprocess()
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ffnscope", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=300)
 
 

@@ -4,17 +4,17 @@ import sys
 
 import pytest
 
-from cache.reader import CacheReader
-from engine.analysis.neuron_table import LAYER_KINDS, NEURON_KINDS, neuron_table
-from engine.analysis.run import analyze
-from engine.tables import read_back
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.neuron_table import LAYER_KINDS, NEURON_KINDS, neuron_table
+from ffnscope.engine.analysis.run import analyze
+from ffnscope.engine.tables import read_back
 from tests.conftest import env_for_subprocess
 from tests.helpers import HOSTILE, record_tiny
 from tests.tiny_models import DEAD, DETECTOR, OSCILLATING
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ffnscope", *map(str, args)], capture_output=True, text=True,
                           env=env_for_subprocess(), timeout=300)
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache.reader import CacheReader
-from cache.store import read_state
-from engine.analysis.neuron_table import layer_table, neuron_table
-from engine.analysis.run import analyze
+from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.store import read_state
+from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
+from ffnscope.engine.analysis.run import analyze
 from tests.conftest import env_for_subprocess
 from tests.helpers import record_tiny
 from tests.reference import reference_stats
@@ -74,14 +74,14 @@ def test_weakly_active_neuron_is_dead_at_tau_1_but_not_for_the_paper(weak):
     assert rows[NEVER]["dead"] is True and rows[NEVER]["dead_tau0"] is True  # never activated at all
     first = layers[0]
     assert first["tau"] == 1.0
-    assert first["dead_tau0_pct"] < first["dead_pct"]
+    assert first["dead_tau0_frac"] < first["dead_frac"]
     dead = primary == 0
-    assert dead[WEAK] and first["dead_sq_pct"] == pytest.approx(100 * sumsq[dead].sum() / sumsq.sum())
-    assert first["dead_sq_pct"] > 0                               # what the "dead" carry, said aloud
+    assert dead[WEAK] and first["dead_sq_frac"] == pytest.approx(sumsq[dead].sum() / sumsq.sum())
+    assert first["dead_sq_frac"] > 0                               # what the "dead" carry, said aloud
 
 
 def test_dead_analysis_stores_both(weak):
-    from cache import analysis_store as store
+    from ffnscope.cache import analysis_store as store
 
     with CacheReader(weak) as reader:
         dead = store.read_group(reader, "dead")
@@ -99,7 +99,7 @@ def test_views_and_exports_name_the_threshold(weak, tmp_path):
 
     from rich.console import Console
 
-    from app.info_view import layer_table as info_table
+    from ffnscope.app.info_view import layer_table as info_table
 
     with CacheReader(weak) as reader:
         console = Console(width=250, record=True)
@@ -109,7 +109,7 @@ def test_views_and_exports_name_the_threshold(weak, tmp_path):
     assert "never above τ=1" in text
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], env=env_for_subprocess(),
+        return subprocess.run([sys.executable, "-m", "ffnscope", *map(str, args)], env=env_for_subprocess(),
                               capture_output=True, text=True)
 
     out = tmp_path / "never.csv"
@@ -185,7 +185,7 @@ def test_relative_rule_stores_and_applies_per_layer_taus(rule, scaled_dir, text_
     analyze(tmp_path / "c.h5", only=["dead"], log=lambda _m: None)
     from rich.console import Console
 
-    from app.info_view import layer_table as info_table
+    from ffnscope.app.info_view import layer_table as info_table
 
     with CacheReader(tmp_path / "c.h5") as reader:
         console = Console(width=250, record=True)
@@ -203,7 +203,7 @@ def test_absolute_tau_fires_unalike_on_the_same_layers(scaled_dir, text_file, tm
 
 
 def test_tau_rule_is_checked(scaled_dir, text_file, tmp_path):
-    from cache.errors import UserError
+    from ffnscope.cache.errors import UserError
 
     with pytest.raises(UserError, match="--tau-rule"):
         record_tiny(tmp_path / "a.h5", scaled_dir, [text_file], tau_rule="quantile:2")

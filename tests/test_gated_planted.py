@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cache.reader import CacheReader
-from cache.store import read_state
-from engine.analysis.neuron_detail import top_contexts
-from engine.analysis.neuron_table import neuron_table
-from engine.analysis.run import analyze
+from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.store import read_state
+from ffnscope.engine.analysis.neuron_detail import top_contexts
+from ffnscope.engine.analysis.neuron_table import neuron_table
+from ffnscope.engine.analysis.run import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import BOS, build, save
 
@@ -160,7 +160,7 @@ def test_older_cache_schema_is_refused_in_one_line(planted, tmp_path):
 
     import h5py
 
-    from cache.errors import UserError
+    from ffnscope.cache.errors import UserError
 
     old = tmp_path / "old.h5"
     shutil.copyfile(planted[0], old)

@@ -1,4 +1,5 @@
-"""The dependency rule app -> engine -> cache, and a light start for commands that need no model."""
+"""The dependency rule app -> engine -> cache inside the one ffnscope namespace, no top-level app,
+engine or cache imports anywhere, and a light start for commands that need no model."""
 import ast
 import subprocess
 import sys
@@ -9,18 +10,25 @@ import pytest
 from tests.conftest import ROOT, env_for_subprocess
 
 FORBIDDEN = {
-    "engine": {"app", "textual"},
-    "cache": {"app", "engine", "textual", "torch", "transformers", "accelerate"},
+    "engine": {"ffnscope.app", "textual"},
+    "cache": {"ffnscope.app", "ffnscope.engine", "textual", "torch", "transformers", "accelerate"},
 }
+BARE = {"app", "engine", "cache"}  # only ever as ffnscope.app, ffnscope.engine, ffnscope.cache
 
 
 def imported_roots(path: Path) -> set[str]:
+    """Top-level packages a file imports; inside the ffnscope namespace, its subpackage (ffnscope.engine)."""
     roots = set()
+
+    def root(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == "ffnscope" and len(parts) > 1 else parts[0]
+
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
+            roots |= {root(alias.name) for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
+            roots.add(root(node.module))
     return roots
 
 
@@ -33,13 +41,20 @@ def test_dependency_rule(package):
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+def test_no_bare_namespace_imports():
+    """`import engine` would find a user's engine.py first (or a second copy of our modules)."""
+    files = [p for d in ("app", "engine", "cache", "ffnscope", "tests", "bench") for p in sorted((ROOT / d).rglob("*.py"))]
+    bad = {str(p.relative_to(ROOT)): sorted(imported_roots(p) & BARE) for p in files if imported_roots(p) & BARE}
+    assert not bad, bad
+
+
 def test_the_checker_sees_violations(tmp_path):
     sample = tmp_path / "x.py"
-    sample.write_text("def f():\n    from app.cli import main\n    import torch.nn\n")
-    assert imported_roots(sample) == {"app", "torch"}
+    sample.write_text("def f():\n    from ffnscope.app.cli import main\n    import torch.nn\n    import engine\n")
+    assert imported_roots(sample) == {"ffnscope.app", "torch", "engine"}
 
 
-PROBE = ("import sys; from app.cli import main\n"
+PROBE = ("import sys; from ffnscope.app.cli import main\n"
          "try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
          "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
 
@@ -49,7 +64,7 @@ PROBE = ("import sys; from app.cli import main\n"
                                   ["export", "CACHE", "--table", "layers", "--out", "OUT"]])
 def test_light_commands_do_not_import_torch(args, tmp_path, model_dirs, text_file):
     if "CACHE" in args:
-        from engine.analysis.run import analyze
+        from ffnscope.engine.analysis.run import analyze
         from tests.helpers import record_tiny
 
         cache = tmp_path / "c.h5"

@@ -12,10 +12,10 @@ from pathlib import Path
 import h5py
 import pytest
 
-from cache.errors import UserError
-from cache.store import read_state
-from engine import catalog, jobs
-from engine.progress import read_progress
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.store import read_state
+from ffnscope.engine import catalog, jobs
+from ffnscope.engine.progress import read_progress
 from tests.conftest import ROOT, env_for_subprocess
 from tests.helpers import record_tiny
 
@@ -81,14 +81,16 @@ def test_record_job_with_analyze(model_dirs, text_file, tmp_path, started):
     assert row.created and row.size_bytes == out.stat().st_size
 
     # `ffnscope jobs DIR` lists it, without importing torch
-    probe = ("import sys; from app.cli import main; code = main(['jobs', sys.argv[1]]); "
+    probe = ("import sys; from ffnscope.app.cli import main; code = main(['jobs', sys.argv[1]]); "
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)")
     env = {**env_for_subprocess(), "COLUMNS": "400"}
     shown = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True,
                            env=env, timeout=60)
     assert shown.returncode == 0, shown.stderr
-    line = next(ln for ln in shown.stdout.splitlines() if str(out) in ln)
-    assert "record" in line and "complete" in line and "1,024/1,024" in line and str(job.pid) in line
+    assert f"in {tmp_path}" in shown.stdout  # grouped by directory, one row per file name
+    line = next(ln for ln in shown.stdout.splitlines() if ln.startswith(out.name))
+    assert "complete" in line and "1,024/1,024" in line
+    assert f"{out.name}: record complete" in shown.stdout
     assert shown.stdout.strip().endswith("NO-TORCH 0"), shown.stdout[-500:]
 
 
@@ -220,8 +222,8 @@ def test_analyze_job(model_dirs, text_file, tmp_path, started):
 
 def test_record_analyze_keeps_running_until_analyses_are_stored(model_dirs, text_file, tmp_path, monkeypatch):
     """In process: while the analyses run, the cache is complete and the progress file says running."""
-    import engine.analysis.run as run
-    from app.cli import main
+    import ffnscope.engine.analysis.run as run
+    from ffnscope.app.cli import main
 
     seen = {}
     real = run.analyze
@@ -297,7 +299,7 @@ def test_catalog_defaults_to_the_recordings_dir(model_dirs, text_file, tmp_path,
 
 def test_catalog_rereads_a_replaced_cache(hostile_cache, tmp_path):
     """Summaries are remembered by stat; a cache replaced whole (as every writer does) is read again."""
-    from cache import analysis_store
+    from ffnscope.cache import analysis_store
 
     path = tmp_path / "c.h5"
     shutil.copyfile(hostile_cache, path)

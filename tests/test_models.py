@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from engine.models import default_gguf_path, load_model
+from ffnscope.engine.models import default_gguf_path, load_model
 from tests.conftest import env_for_subprocess
 from tests.helpers import record_tiny
 
@@ -20,7 +20,7 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, model_dirs):
     (repo / "refs" / "main").write_text(snapshot.name)
     env = env_for_subprocess()
     env["HF_HOME"] = str(tmp_path / "hf")
-    probe = "from engine.models import load_model; lm = load_model('tiny-org/tiny-llama'); print(lm.adapter.name, lm.name)"
+    probe = "from ffnscope.engine.models import load_model; lm = load_model('tiny-org/tiny-llama'); print(lm.adapter.name, lm.name)"
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Llama", "tiny-org/tiny-llama"]
@@ -50,7 +50,7 @@ def test_default_model_converts_once_and_records(tmp_path, text_file, default_gg
     assert (model["family"], model["n_layers"], model["d_ffn"], model["vocab_size"]) == ("Llama", 30, 1536, 49152)
     assert sorted(state.layers) == [0, 1] and state.meta["recording"]["primary_tau"] == 1.0
     assert state.layers[0].fire_count[0].sum() > 0
-    from engine.paths import user_cache_dir
+    from ffnscope.engine.paths import user_cache_dir
 
     converted = user_cache_dir() / "models" / "SmolLM2-135M-Instruct"
     assert (converted / "config.json").is_file() and list(converted.glob("*.safetensors"))

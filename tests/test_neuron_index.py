@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache.reader import CacheReader
-from engine.analysis.neuron_detail import neuron_detail
-from engine.analysis.neuron_index import NeuronFilter, NeuronIndex
-from engine.analysis.neuron_table import neuron_table
-from engine.tables import filter_rows
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.neuron_detail import neuron_detail
+from ffnscope.engine.analysis.neuron_index import NeuronFilter, NeuronIndex
+from ffnscope.engine.analysis.neuron_table import neuron_table
+from ffnscope.engine.tables import filter_rows
 from tests.helpers import HOSTILE
 from tests.tiny_models import DETECTOR, POSITIONAL
 

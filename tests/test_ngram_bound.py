@@ -14,10 +14,10 @@ import random
 import numpy as np
 import pytest
 
-from cache.reader import CacheReader
-from cache.store import read_state
-from engine.analysis.neuron_table import neuron_table
-from engine.analysis.run import analyze
+from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.store import read_state
+from ffnscope.engine.analysis.neuron_table import neuron_table
+from ffnscope.engine.analysis.run import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import DETECTED, DETECTOR, MANY, planted_opt, save
 
@@ -87,7 +87,7 @@ def test_frequent_token_detector_is_counted_and_found(auto_cache):
 def test_neuron_firing_beyond_any_detector_is_skipped(auto_cache):
     """The bound does work: MANY (letters a-m) fires more often than any 5 tokens or 50 n-grams of this
     data occur; its counts are dropped (after the shards that proved it), and it gets no verdict."""
-    from engine.analysis.ngrams import skip_status
+    from ffnscope.engine.analysis.ngrams import skip_status
 
     state = read_state(auto_cache, "testing")
     layer = state.layers[0]
@@ -120,8 +120,8 @@ def test_user_cap_skips_without_proof_and_says_so(tmp_path, model_dir, frequent_
     within the bound, so it gets no verdict (never "not a detector") and the cache says it is unproven."""
     from rich.console import Console
 
-    from app.info_view import provenance
-    from engine.analysis.ngrams import skip_status
+    from ffnscope.app.info_view import provenance
+    from ffnscope.engine.analysis.ngrams import skip_status
 
     cache = _record(tmp_path, model_dir, frequent_a, ngram_max_freq=0.05)
     state = read_state(cache, "testing")
@@ -143,7 +143,7 @@ def test_user_cap_skips_without_proof_and_says_so(tmp_path, model_dir, frequent_
 
 def test_merged_parts_keep_the_bound(tmp_path, model_dir, frequent_a):
     """Every part derives the bound from the whole packed data: the same bound, so part caches merge."""
-    from cache.merge import merge
+    from ffnscope.cache.merge import merge
 
     record_tiny(tmp_path / "p1.h5", model_dir, [frequent_a], tokens=4096, part=(1, 2))
     record_tiny(tmp_path / "p2.h5", model_dir, [frequent_a], tokens=4096, part=(2, 2))
@@ -164,7 +164,7 @@ def test_cap_of_one_counts_every_neuron(tmp_path, model_dir, frequent_a):
 
 
 def test_cli_options():
-    from app.cli import build_parser
+    from ffnscope.app.cli import build_parser
 
     parse = build_parser().parse_args
     assert parse(["record", "--out", "x.h5"]).ngram_max_freq is None                 # auto

@@ -1,8 +1,8 @@
 """Coverage numbers and detector rules on hand-built counts."""
 import numpy as np
 
-from cache.state import GramCounts, Sparse
-from engine.analysis.ngrams import NgramParams, coverage_histogram, coverage_numbers, ensemble, ngram_layer
+from ffnscope.cache.state import GramCounts, Sparse
+from ffnscope.engine.analysis.ngrams import NgramParams, coverage_histogram, coverage_numbers, ensemble, ngram_layer
 
 
 def sparse(rows):
@@ -39,7 +39,7 @@ def test_ensemble_counts():
 
 def test_detector_fire_bound_by_hand():
     """max over n of ceil(top-k occurrences / coverage) + the start-token positions of order n."""
-    from engine.analysis.ngrams import detector_fire_bound, skip_status
+    from ffnscope.engine.analysis.ngrams import detector_fire_bound, skip_status
 
     params = NgramParams(max_coverage_1=2, max_coverage_2=3, max_coverage_3=1)
     counts = {1: np.array([50, 0, 30, 10, 5]), 2: np.array([20, 20, 19, 2]), 3: np.array([7, 3])}

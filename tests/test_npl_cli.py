@@ -10,21 +10,21 @@ import sys
 import numpy as np
 import pytest
 
-from app.tui.app import FFNScopeApp
-from app.tui.layers import LayersScreen
-from app.tui.modals import AskScreen, ChooseScreen
-from app.tui.neurons import NeuronsScreen
-from app.tui.npl import FITS, NplScreen
-from cache.npl_store import NplReader, sidecar_path
-from engine import jobs
-from engine.analysis.neuron_table import NEURON_KINDS
-from engine.tables import read_back
+from ffnscope.app.tui.app import FFNScopeApp
+from ffnscope.app.tui.layers import LayersScreen
+from ffnscope.app.tui.modals import AskScreen, ChooseScreen
+from ffnscope.app.tui.neurons import NeuronsScreen
+from ffnscope.app.tui.npl import FITS, NplScreen
+from ffnscope.cache.npl_store import NplReader, sidecar_path
+from ffnscope.engine import jobs
+from ffnscope.engine.analysis.neuron_table import NEURON_KINDS
+from ffnscope.engine.tables import read_back
 from tests.conftest import env_for_subprocess
 from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ffnscope", *map(str, args)], capture_output=True, text=True,
                           env=env_for_subprocess(), timeout=timeout)
 
 
@@ -45,7 +45,7 @@ def npl_cache(hostile_cache, tmp_path_factory):
 
 
 def test_show_reads_without_torch(npl_cache):
-    probe = ("import sys; from app.cli import main\nmain(['npl', 'show', sys.argv[1]])\n"
+    probe = ("import sys; from ffnscope.app.cli import main\nmain(['npl', 'show', sys.argv[1]])\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     result = subprocess.run([sys.executable, "-c", probe, str(npl_cache)], capture_output=True, text=True,
                             env=env_for_subprocess(), timeout=120)

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from cache.errors import UserError
-from cache.npl_store import NplReader, sequence_hashes, sidecar_path
-from engine.npl.columns import neuron_columns
-from engine.npl.functional import FunctionalParams, _Moments, build_properties
-from engine.npl.jobs import (NplFitConfig, NplFunctionalConfig, NplSubstituteConfig, fit_job, functional_job,
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import NplReader, sequence_hashes, sidecar_path
+from ffnscope.engine.npl.columns import neuron_columns
+from ffnscope.engine.npl.functional import FunctionalParams, _Moments, build_properties
+from ffnscope.engine.npl.jobs import (NplFitConfig, NplFunctionalConfig, NplSubstituteConfig, fit_job, functional_job,
                              substitute_job)
-from engine.progress import read_progress
-from engine.streaming import Stopped
+from ffnscope.engine.progress import read_progress
+from ffnscope.engine.streaming import Stopped
 from tests.helpers import record_tiny
 from tests.tiny_models import tiny_model_dir
 
@@ -36,7 +36,7 @@ def test_fit_job_writes_a_sidecar_tied_to_the_cache(fitted):
     assert report.path == sidecar_path(cache) and report.path.exists()
     with NplReader(report.path) as reader:
         meta = reader.meta
-        from cache.reader import CacheReader
+        from ffnscope.cache.reader import CacheReader
 
         with CacheReader(cache) as c:
             reader.check_cache(c.meta, cache)
@@ -89,8 +89,8 @@ def test_maps_applied_to_another_model_are_refused(fitted, tmp_path):
     other = tiny_model_dir(tmp_path / "other", "llama", seed=1)
     with pytest.raises(UserError, match="is not the model recorded in"):
         substitute_job(NplSubstituteConfig(cache, model=str(other), device="cpu"), **QUIET)
-    from engine.models import load_model
-    from engine.npl.substitute import Maps
+    from ffnscope.engine.models import load_model
+    from ffnscope.engine.npl.substitute import Maps
 
     lm = load_model(str(other))
     with NplReader(sidecar_path(cache)) as reader:
@@ -99,7 +99,7 @@ def test_maps_applied_to_another_model_are_refused(fitted, tmp_path):
         maps = Maps.from_reader(reader, [1, 2])
         with pytest.raises(UserError, match="fit on another model"):
             maps.check_model(lm)
-        from cache.reader import CacheReader
+        from ffnscope.cache.reader import CacheReader
 
         with CacheReader(cache) as c:
             meta = json.loads(json.dumps(c.meta))

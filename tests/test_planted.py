@@ -42,7 +42,7 @@ def test_positional_neuron_counts_are_exact(planted_state):
 
 
 def test_vocabulary_is_stored_exactly(planted_state, tmp_path_factory):
-    from cache.store import read_state
+    from ffnscope.cache.store import read_state
 
     vocab = planted_state.vocab
     assert len(vocab) == planted_state.meta["model"]["vocab_size"]

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cache import analysis_store as store
-from cache.reader import CacheReader
-from engine.analysis.positional import (PositionalParams, call_limit, chance_mi, kl_moments, mutual_information,
+from ffnscope.cache import analysis_store as store
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.positional import (PositionalParams, call_limit, chance_mi, kl_moments, mutual_information,
                                         positional_layer, stored_note)
-from engine.analysis.run import analyze
+from ffnscope.engine.analysis.run import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import DETECTOR, MANY, ONE_SIDED, OSCILLATING, POSITIONAL, VARIANTS, planted_opt, save
 
@@ -270,12 +270,12 @@ def test_views_say_too_few(tmp_path, planted_model, text_file, capsys):
     """Report, info, export, the neuron index and the neuron detail all carry the note."""
     from rich.console import Console
 
-    from app.export_view import run_export
-    from app.info_view import print_info
-    from app.report_view import print_report
-    from app.tui.detail import summary_text
-    from engine.analysis.neuron_detail import neuron_detail
-    from engine.analysis.neuron_index import NeuronIndex
+    from ffnscope.app.export_view import run_export
+    from ffnscope.app.info_view import print_info
+    from ffnscope.app.report_view import print_report
+    from ffnscope.app.tui.detail import summary_text
+    from ffnscope.engine.analysis.neuron_detail import neuron_detail
+    from ffnscope.engine.analysis.neuron_index import NeuronIndex
 
     note = "too few sequences per position (8) to call positional neurons"
     _recorded(tmp_path, planted_model, text_file, 8, only=None)

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from cache.merge import merge
-from cache.store import read_state
-from engine.progress import read_progress
+from ffnscope.cache.merge import merge
+from ffnscope.cache.store import read_state
+from ffnscope.engine.progress import read_progress
 from tests.conftest import env_for_subprocess
 from tests.helpers import assert_same_cache, record_tiny
 
@@ -17,7 +17,7 @@ LONG = ["--tokens", "49152", "--seq-len", "32", "--shard-tokens", "1024", "--bat
 
 
 def _record_cmd(model_dir, data, out, *extra):
-    return [sys.executable, "-m", "app.cli", "record", "--model", str(model_dir), "--data", str(data),
+    return [sys.executable, "-m", "ffnscope", "record", "--model", str(model_dir), "--data", str(data),
             "--out", str(out), *LONG, *extra]
 
 
@@ -79,7 +79,7 @@ def test_merged_parts_equal_one_recording(model_dirs, text_file, tmp_path):
 
 
 def test_merge_refuses_overlap_and_strangers(model_dirs, text_file, tmp_path):
-    from cache.errors import UserError
+    from ffnscope.cache.errors import UserError
 
     record_tiny(tmp_path / "p1.h5", model_dirs["gpt2"], [text_file], part=(1, 2))
     record_tiny(tmp_path / "p1b.h5", model_dirs["gpt2"], [text_file], part=(1, 2))

@@ -1,7 +1,7 @@
 """Streaming under a small device budget, or with hidden states on disk, changes no number."""
-from engine.budget import host_fixed_bytes
-from engine.layer_runner import param_bytes
-from engine.models import load_model
+from ffnscope.engine.budget import host_fixed_bytes
+from ffnscope.engine.layer_runner import param_bytes
+from ffnscope.engine.models import load_model
 from tests.helpers import assert_same_cache, record_tiny
 
 
@@ -32,7 +32,7 @@ def test_hidden_states_on_disk_when_over_host_budget(model_dirs, text_file, tmp_
 
 def test_nothing_runs_after_the_last_recorded_layer(model_dirs, text_file, tmp_path, monkeypatch):
     """--layers 0-1 of a 4-layer model: layers 2 and 3 and the LM head never run."""
-    import engine.record
+    import ffnscope.engine.record
 
     lm = load_model(str(model_dirs["llama"]))
     calls = {"layer2": 0, "layer3": 0, "lm_head": 0}

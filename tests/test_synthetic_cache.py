@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from bench.synthetic_cache import HOSTILE, generate
-from cache import analysis_store as store
-from cache.reader import CacheReader
-from cache.store import read_state, write_state
-from engine.analysis.neuron_table import layer_table, neuron_table
-from engine.analysis.positional import KINDS
-from engine.analysis.run import Analyzer
+from ffnscope.cache import analysis_store as store
+from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.store import read_state, write_state
+from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
+from ffnscope.engine.analysis.positional import KINDS
+from ffnscope.engine.analysis.run import Analyzer
 from tests.conftest import env_for_subprocess
 
 SMALL = dict(layers=4, d_ffn=256, seq_len=64, vocab=300, seed=3)
@@ -46,7 +46,7 @@ def test_planted_counts_come_back(synthetic):
         assert list(rows[f"pos_{kind}"]) == planted["positional"][kind], kind
         assert sum(planted["positional"][kind]) > 0, kind
     assert list(rows["pos_strong"]) == planted["positional_strong"]
-    np.testing.assert_allclose(rows["dead_pct"], 100 * np.array(planted["dead"]) / SMALL["d_ffn"])
+    np.testing.assert_allclose(rows["dead_frac"], np.array(planted["dead"]) / SMALL["d_ffn"])
     assert planted["suppression_rows"] == sum(planted["token_detectors"])
     assert planted["hostile_triggers"]["token"] and planted["hostile_triggers"]["bigram"]
     triggers = {text for row in table["trigger_tokens"] for text in row}
@@ -144,7 +144,7 @@ def test_stored_analyses_are_what_analyze_computes(synthetic, tmp_path):
 
 
 def test_data_counts_as_the_recorder_counts(synthetic):
-    from engine.streaming import data_counts
+    from ffnscope.engine.streaming import data_counts
 
     path, _ = synthetic
     with CacheReader(path) as reader:
@@ -161,7 +161,7 @@ def test_info_and_export_run(synthetic, tmp_path):
     env = {**env_for_subprocess(), "COLUMNS": "200"}
     outputs = []
     for args in (["info", path], ["export", path, "--format", "csv", "--out", out]):
-        done = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "ffnscope", *map(str, args)], capture_output=True, text=True,
                               env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout)

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from cache.errors import UserError
-from engine.tables import Table, concat, export, filter_rows, read_back
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.tables import Table, concat, export, filter_rows, read_back
 
 HOSTILE = ["\x1b[31mred\x1b[0m", "[bold red]x[/]", "a\r\nb", "\x00nul", "=1+2", "+cmd", "-x", "@SUM(A1)",
            "'=already", "", "日本", "\tTAB", "\rCR", "'", "a|b`c\\", "line\u2028sep\x85", "\"quoted\",comma"]
@@ -159,7 +159,7 @@ def test_unwritable_directory(tmp_path):
 
 
 def test_failed_write_leaves_target_and_no_temp(tmp_path, monkeypatch):
-    import engine.tables as tables
+    import ffnscope.engine.tables as tables
 
     path = tmp_path / "out.csv"
     path.write_text("old")

@@ -5,16 +5,16 @@ import h5py
 import numpy as np
 import pytest
 
-from app.tui.app import FFNScopeApp
-from app.tui.detail import DetailScreen
-from app.tui.layers import LayersScreen
-from app.tui.modals import ChooseScreen, ExportScreen, HelpScreen
-from app.tui.neurons import NeuronsScreen, parse_range
-from app.tui.recordings import RecordingsScreen
-from app.tui.table import VirtualTable
-from cache.reader import CacheReader
-from engine.analysis.neuron_table import NEURON_KINDS, neuron_table
-from engine.tables import filter_rows, read_back
+from ffnscope.app.tui.app import FFNScopeApp
+from ffnscope.app.tui.detail import DetailScreen
+from ffnscope.app.tui.layers import LayersScreen
+from ffnscope.app.tui.modals import ChooseScreen, ExportScreen, HelpScreen
+from ffnscope.app.tui.neurons import NeuronsScreen, parse_range
+from ffnscope.app.tui.recordings import RecordingsScreen
+from ffnscope.app.tui.table import VirtualTable
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.neuron_table import NEURON_KINDS, neuron_table
+from ffnscope.engine.tables import filter_rows, read_back
 from tests.tiny_models import OSCILLATING
 from tests.tui_helpers import raw_screen, screen_text, settle, wait_for, wait_screen
 
@@ -159,11 +159,11 @@ async def test_layers_screen_figures(hostile_cache):
     async with app.run_test(size=SIZE) as pilot:
         layers = await wait_screen(pilot, LayersScreen)
         with CacheReader(hostile_cache) as reader:
-            from engine.analysis.neuron_table import layer_table
+            from ffnscope.engine.analysis.neuron_table import layer_table
 
             table = layer_table(reader)
         f = layers.figures
-        np.testing.assert_allclose(f["dead_pct"], table["dead_pct"])
+        np.testing.assert_allclose(f["dead_frac"], table["dead_frac"])
         np.testing.assert_allclose(f["alive_freq"], table["alive_freq"])
         for key in ("token_detectors", "bigram_detectors", "trigram_detectors", "positional", "pos_strong"):
             np.testing.assert_array_equal(f[key], table[key], err_msg=key)
@@ -233,7 +233,7 @@ async def test_compare_two_recordings(hostile_cache, tmp_path):
         screen = await wait_screen(pilot, RecordingsScreen)
         await wait_for(pilot, lambda: len(screen.rows) == 2, what="two rows")
         await pilot.press("home", "m", "m", "c")
-        from app.tui.compare import CompareScreen
+        from ffnscope.app.tui.compare import CompareScreen
 
         await wait_screen(pilot, CompareScreen)
         assert "comparing 2 recordings" in screen_text(app)
@@ -249,10 +249,10 @@ def test_explorer_does_not_import_torch(hostile_cache):
 
     probe = (
         "import asyncio, sys\n"
-        "from app.tui.app import FFNScopeApp\n"
-        "from app.tui.neurons import NeuronsScreen\n"
+        "from ffnscope.app.tui.app import FFNScopeApp\n"
+        "from ffnscope.app.tui.neurons import NeuronsScreen\n"
         "from tests.tui_helpers import wait_screen\n"
-        "from app.tui.layers import LayersScreen\n"
+        "from ffnscope.app.tui.layers import LayersScreen\n"
         "async def main():\n"
         "    app = FFNScopeApp([sys.argv[1]], dirs=[])\n"
         "    async with app.run_test(size=(80, 24)) as pilot:\n"

@@ -7,12 +7,12 @@ import signal
 
 import pytest
 
-from app.tui.app import FFNScopeApp
-from app.tui.layers import LayersScreen
-from app.tui.modals import ConfirmScreen
-from app.tui.record_form import RecordFormScreen
-from app.tui.recordings import RecordingsScreen
-from engine import jobs
+from ffnscope.app.tui.app import FFNScopeApp
+from ffnscope.app.tui.layers import LayersScreen
+from ffnscope.app.tui.modals import ConfirmScreen
+from ffnscope.app.tui.record_form import RecordFormScreen
+from ffnscope.app.tui.recordings import RecordingsScreen
+from ffnscope.engine import jobs
 from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
 
 SIZE = (80, 24)

@@ -13,13 +13,13 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from app.safe_text import printable
-from app.tui.modals import ConfirmScreen, HelpScreen
-from app.tui.recording import OpenRecording
-from app.tui.recordings import RecordingsScreen
-from cache.errors import UserError
-from cache.npl_store import SUFFIX as NPL_SUFFIX
-from engine import jobs
+from ffnscope.app.safe_text import printable
+from ffnscope.app.tui.modals import ConfirmScreen, HelpScreen
+from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.app.tui.recordings import RecordingsScreen
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import SUFFIX as NPL_SUFFIX
+from ffnscope.engine import jobs
 
 DEFAULT_NAME = "smollm2-default.h5"
 DEFAULT_TOKENS = 16384  # about a minute on a laptop CPU, model load and analyses included
@@ -39,7 +39,7 @@ class FFNScopeApp(App):
         self.dirs = dirs
         self.main_job = main_job
         self.main_model, self.main_tokens = main_model, main_tokens
-        self.export_dir = Path(export_dir or Path.cwd())
+        self.export_dir = Path(export_dir) if export_dir else None  # None: beside each recording
         self.started_jobs: set[Path] = set()   # outputs of jobs this app started (asked about on quit)
         self.follow: Path | None = None        # a recording to open as soon as its job is done
         self.recordings: dict[Path, OpenRecording] = {}
@@ -59,7 +59,7 @@ class FFNScopeApp(App):
         name = DEFAULT_NAME if self.main_model == "default" else Path(self.main_model).name + ".h5"
         out = jobs.recordings_dir() / name
         job = jobs.read_job(out)
-        from engine.catalog import summarize
+        from ffnscope.engine.catalog import summarize
 
         summary = summarize(out) if out.exists() else None
         if job is not None and job.status == jobs.RUNNING:
@@ -114,7 +114,7 @@ class FFNScopeApp(App):
         except UserError as exc:
             self.call_from_thread(self.notify, printable(str(exc)), severity="error", markup=False, timeout=10)
             return
-        from app.tui.layers import LayersScreen
+        from ffnscope.app.tui.layers import LayersScreen
 
         if not get_current_worker().is_cancelled:  # a second enter while this one loaded: open once
             self.call_from_thread(self.push_screen, LayersScreen(rec))
@@ -153,7 +153,7 @@ class FFNScopeApp(App):
         except UserError as exc:
             self.call_from_thread(self.notify, printable(str(exc)), severity="error", markup=False)
             return
-        from app.tui.compare import CompareScreen
+        from ffnscope.app.tui.compare import CompareScreen
 
         self.call_from_thread(self.push_screen, CompareScreen(recs))
 
@@ -165,6 +165,11 @@ class FFNScopeApp(App):
             return
         self.started_jobs.add(job.output)
         self.notify(printable(f"analyzing {Path(path).name} (pid {job.pid})"), markup=False)
+
+    def export_path(self, rec: OpenRecording, suffix: str) -> Path:
+        """Where an export of `rec` goes unless the user types another path: the recording's own
+        folder (not the current directory), named after it."""
+        return (self.export_dir or rec.path.parent) / (rec.path.with_suffix("").name + suffix)
 
     # --- conventions ------------------------------------------------------------------------------
     def action_help(self) -> None:
@@ -211,7 +216,7 @@ class FFNScopeApp(App):
             self.pop_screen()
 
     def action_new_recording(self) -> None:
-        from app.tui.record_form import RecordFormScreen
+        from ffnscope.app.tui.record_form import RecordFormScreen
 
         self.push_screen(RecordFormScreen())
 

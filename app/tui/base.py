@@ -8,11 +8,17 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
+from ffnscope.app.tui.cells import middle
+
 FRAME_CSS = """
 .title-bar { height: 1; background: $primary; color: $text; text-style: bold; }
 .crumbs { height: 1; color: $text-muted; }
 .status-line { height: 1; background: $boost; }
 """
+
+
+# the footer's last key on screens with room for it (f1 works everywhere; its help lists ctrl+p too)
+HELP_KEY = Binding("f1", "app.help", "help")
 
 
 class FramedScreen(Screen):
@@ -25,14 +31,17 @@ class FramedScreen(Screen):
         yield Static(id="crumbs", classes="crumbs")
 
     def frame_bottom(self) -> ComposeResult:
-        yield Footer()
+        """The screen's verbs in one 80-column line: short labels, compact, no palette key (f1's
+        help names ctrl+p and the long description of every key)."""
+        yield Footer(compact=True, show_command_palette=False)
 
     def set_header(self, left: str, right: str = "", crumbs: str = "") -> None:
         """Untrusted parts must already be escaped (app.safe_text); nothing here is markup."""
         width = max(self.app.size.width, 20)
         room = max(width - len(right) - 2, 1)
         self.query_one("#title-bar", Static).update(Text(f" {left[:room]:<{room}}{right} "))
-        self.query_one("#crumbs", Static).update(Text(f" {crumbs}"))
+        # cut in the middle: the file name's start and the screen's own name at the end stay visible
+        self.query_one("#crumbs", Static).update(Text(f" {middle(crumbs, width - 1).rstrip()}"))
 
     def rebind(self, rec) -> None:
         """Show a newer opening of the same recording (a job has replaced its file)."""

@@ -6,7 +6,7 @@ import math
 
 from rich.cells import cell_len, set_cell_size
 
-from app.safe_text import printable
+from ffnscope.app.safe_text import printable
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -19,6 +19,26 @@ def fit(text: str, width: int, align: str = "left") -> str:
         return set_cell_size(text, width - 1) + "…"
     pad = " " * (width - cell_len(text))
     return pad + text if align == "right" else text + pad
+
+
+def middle(text: str, width: int) -> str:
+    """Exactly `width` cells, elided in the middle when too long ("smollm2-…ult.h5.npl.h5"), so
+    names that share a prefix or a suffix stay distinguishable."""
+    if cell_len(text) <= width:
+        return fit(text, width)
+    if width < 5:
+        return fit(text, width)
+    tail = (width - 1) // 2
+    head = width - 1 - tail
+    end = text
+    while cell_len(end) > tail:
+        end = end[1:]
+    return fit(set_cell_size(text, head) + "…" + end, width)
+
+
+def unknown(reason: str) -> str:
+    """How a detail field shows a value that is not known: a dash and why."""
+    return f"- ({reason})"
 
 
 def token(text: str) -> str:

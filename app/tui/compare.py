@@ -3,6 +3,7 @@ per model (the paper's view across model sizes), and a summary table."""
 from __future__ import annotations
 
 import numpy as np
+from rich.console import Group
 from rich.table import Table as RichTable
 from rich.text import Text
 from textual.app import ComposeResult
@@ -10,14 +11,14 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from app.charts import line_chart
-from app.safe_text import printable
-from app.tui.base import FramedScreen
-from app.tui.recording import OpenRecording
-from engine.analysis.dead import rule_short
+from ffnscope.app.charts import line_chart
+from ffnscope.app.safe_text import printable
+from ffnscope.app.tui.base import HELP_KEY, FramedScreen
+from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.engine.analysis.dead import rule_short
 
-FIGURES = (("dead neurons, % (Fig. 1a): never above each recording's τ", "dead_pct", 1.0),
-           ("never activated, % (τ=0: the paper's dead)", "dead_tau0_pct", 1.0),
+FIGURES = (("dead neurons, % (Fig. 1a): never above each recording's τ", "dead_frac", 100.0),
+           ("never activated, % (τ=0: the paper's dead)", "dead_tau0_frac", 100.0),
            ("alive firing frequency, % (Fig. 1b)", "alive_freq", 100.0),
            ("token detectors (Fig. 3a)", "token_detectors", 1.0), ("positional neurons (Fig. 8)", "positional", 1.0))
 
@@ -26,7 +27,7 @@ class CompareScreen(FramedScreen):
     HELP_TITLE = "Compare recordings against relative depth"
     BINDINGS = FramedScreen.BINDINGS + [Binding("j,down", "scroll(2)", "scroll down", show=False),
                                         Binding("k,up", "scroll(-2)", "scroll up", show=False),
-                                        Binding("escape", "back", "back")]
+                                        Binding("escape", "back", "back"), HELP_KEY]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "CompareScreen VerticalScroll { height: 1fr; padding: 0 1; }"
 
     def __init__(self, recs: list[OpenRecording]):
@@ -55,15 +56,20 @@ class CompareScreen(FramedScreen):
 
     def draw(self) -> None:
         figures = [(rec, rec.index.per_layer()) for rec in self.recs]
+        # numbered rows under a legend of whole names: the table fits 80 columns however long the names
+        legend = Text()
+        for number, rec in enumerate(self.recs, start=1):
+            legend.append(f"{number:>2} ", style="bold")
+            legend.append(self._label(rec) + "\n")
         summary = RichTable(box=None, header_style="bold")
-        for title in ("model", "rule", "layers", "d_ffn", "tokens", "dead %", "dead τ=0 %", "tok det", "positional"):
-            summary.add_column(title, justify="left" if title == "model" else "right")
-        for rec, f in figures:
-            summary.add_row(Text(self._label(rec)), rule_short(rec.meta), str(len(rec.index.layers)),
-                            f"{rec.index.d_ffn:,}", f"{rec.n_tokens:,}", f"{float(np.mean(f['dead_pct'])):.1f}",
-                            f"{float(np.mean(f['dead_tau0_pct'])):.1f}",
+        for title in ("#", "rule", "layers", "d_ffn", "tokens", "dead %", "dead τ=0 %", "1g det", "positional"):
+            summary.add_column(title, justify="right", no_wrap=True)
+        for number, (rec, f) in enumerate(figures, start=1):
+            summary.add_row(str(number), rule_short(rec.meta), str(len(rec.index.layers)),
+                            f"{rec.index.d_ffn:,}", f"{rec.n_tokens:,}", f"{100 * float(np.mean(f['dead_frac'])):.1f}",
+                            f"{100 * float(np.mean(f['dead_tau0_frac'])):.1f}",
                             str(int(f["token_detectors"].sum())), str(int(f["positional"].sum())))
-        self.query_one("#summary", Static).update(summary)
+        self.query_one("#summary", Static).update(Group(legend, summary))
         width = max(self.app.size.width - 4, 30)
         for title, key, scale in FIGURES:
             series = {}

@@ -11,12 +11,13 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from app.charts import position_chart
-from app.safe_text import printable
-from app.tui.base import FramedScreen
-from app.tui.cells import num, pct, token, tokens, yes_no
-from app.tui.recording import OpenRecording
-from engine.analysis.neuron_detail import NeuronDetail, neuron_detail
+from ffnscope.app.charts import position_chart
+from ffnscope.app.safe_text import printable
+from ffnscope.app.tui.base import HELP_KEY, FramedScreen
+from ffnscope.app.tui.cells import num, pct, token, tokens, unknown, yes_no
+from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.cache.npl_store import sidecar_path
+from ffnscope.engine.analysis.neuron_detail import NeuronDetail, neuron_detail
 
 NGRAM_NAMES = {1: "tokens", 2: "bigrams", 3: "trigrams"}
 
@@ -27,8 +28,9 @@ class DetailScreen(FramedScreen):
         Binding("right_square_bracket", "step(1)", "next", key_display="]"),
         Binding("left_square_bracket", "step(-1)", "previous", key_display="["),
         Binding("j,down", "scroll(1)", "scroll down", show=False), Binding("k,up", "scroll(-1)", "scroll up", show=False),
-        Binding("escape", "back", "back"),
+        Binding("escape", "back", "back", tooltip="back to the neurons list"), HELP_KEY,
     ]
+    EXTRA_HELP = [("j k ↑ ↓", "scroll")]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + """
     DetailScreen VerticalScroll { height: 1fr; padding: 0 1; }
     DetailScreen .section { height: auto; margin-bottom: 1; }
@@ -75,10 +77,18 @@ class DetailScreen(FramedScreen):
         if (detail.layer, detail.neuron) != (cols["layer"][self.row], cols["neuron"][self.row]):
             return  # a later [ or ] has moved on; its own load will show
         self.detail = detail
-        self.query_one("#summary", Static).update(summary_text(detail))
+        self.query_one("#summary", Static).update(summary_text(detail, self._npl_reason()))
         self.query_one("#plot", Static).update(chart)
         self.query_one("#triggers", Static).update(triggers_text(detail))
         self.query_one("#contexts", Static).update(contexts_text(detail))
+
+    def _npl_reason(self) -> str:
+        """Why this recording's neurons have no NPL figures."""
+        if self.rec.index.npl_note:  # a sidecar of another recording, or unreadable
+            return printable(self.rec.index.npl_note.split(":")[0])
+        if not sidecar_path(self.rec.path).exists():
+            return NO_FIT
+        return "no NPL map into this layer"
 
     def action_step(self, step: int) -> None:
         position = self.position + step
@@ -105,21 +115,48 @@ def kind_text(detail: NeuronDetail) -> str:
     return "; ".join(kinds) or "no special role found"
 
 
-def summary_text(detail: NeuronDetail) -> Text:
+def _ngram_reason(s: dict) -> str:
+    """Why an n-gram figure of this neuron is unknown."""
+    if s.get("ngram_counted") is None:
+        return "n-grams not counted in this layer"
+    if s.get("ngram_counted") is False:
+        return "n-grams not counted for this neuron"
+    return "not analyzed"
+
+
+def _known(value, reason: str, digits: int = 3) -> str:
+    """A number, or "-" and why it is unknown."""
+    return unknown(reason) if value is None or value != value else num(value, digits)
+
+
+NO_FIT = "no NPL fit yet; n opens the NPL screen from the layers"
+
+
+def summary_text(detail: NeuronDetail, npl_reason: str = NO_FIT) -> Text:
+    """Every field has a value or "-" with the reason it is unknown; `npl_reason` says why the NPL
+    figures are missing (the caller knows whether a fit exists)."""
     s = detail.stats
     out = Text()
     out.append(f"Layer {detail.layer} · neuron {detail.neuron} · ", style="bold")
     out.append(kind_text(detail), style="bold")
-    out.append(f" · MI {num(s.get('pos_mi'), 3)}")
-    out.append(f" ({s['pos_note'].split(':')[0]})\n" if s.get("pos_note") else "\n")
+    note = s["pos_note"].split(":")[0] if s.get("pos_note") else ""  # too few sequences per position
+    mi = s.get("pos_mi")
+    out.append(f" · MI {unknown(note or 'positional analysis not run')}\n" if mi is None or mi != mi else
+               f" · MI {num(mi, 3)}" + (f" ({note})\n" if note else "\n"))
     out.append(f"fires {s['fire_count']:,} times above τ={s.get('tau', 0):.3g} ({pct(s['fire_freq'], 3)} % of tokens)"
                f" · g mean {num(s['g_mean'], 3)}"
                f" std {num(s['g_std'], 3)} max {num(s['g_max'], 3)}\n")
     coverage = s.get("unigram_coverage")
-    out.append(f"coverage number {'' if coverage is None else coverage or '-'} · "
-               f"suppresses its triggers: {yes_no(s.get('suppresses_triggers')) or 'n/a'}"
-               f" (trigger logit z {num(s.get('trigger_logit_z'), 2) or 'n/a'}"
-               f", g at triggers {num(s.get('trigger_g'), 2) or 'n/a'})")
+    out.append(f"coverage number {unknown(_ngram_reason(s)) if coverage is None else coverage}\n")
+    suppresses = s.get("suppresses_triggers")
+    if suppresses is None:
+        reason = _ngram_reason(s) if not s.get("ngram_counted") else \
+            "not a token detector" if not s.get("token_detector") else "not analyzed"
+        out.append(f"suppresses its triggers: {unknown(reason)}")
+    else:
+        out.append(f"suppresses its triggers: {yes_no(suppresses)}"
+                   f" (trigger logit z {_known(s.get('trigger_logit_z'), 'not computed', 2)}"
+                   f", g at triggers {_known(s.get('trigger_g'), 'not computed', 2)})")
     if s.get("ngram_counted") is None:
         out.append("\nn-grams: not counted in this layer")
     elif s.get("ngram_counted") is False:
@@ -130,9 +167,13 @@ def summary_text(detail: NeuronDetail) -> Text:
             out.append("\nn-grams: not counted (left out by the calibration sample or --ngram-max-freq): no verdict")
     if detail.pos_ranges:
         out.append(f"\nindicates positions {', '.join(detail.pos_ranges)}")
-    extra = {k: v for k, v in s.items() if k.startswith("npl_")}
-    if extra:
-        out.append("\n" + " · ".join(f"{k} {num(v, 3)}" for k, v in extra.items()))
+    npl = [(label, s.get(key)) for key, label in (("npl_pearson", "NPL Pearson r"), ("npl_l2", "NPL L2 error"))]
+    if all(value is None for _, value in npl):
+        out.append(f"\nNPL predictability: {unknown(npl_reason)}")
+    else:
+        out.append("\n" + " · ".join(f"{label} {_known(value, 'no map into this layer')}" for label, value in npl))
+        background = s.get("background")
+        out.append(f" · background {unknown('functional job not run') if background is None else yes_no(background)}")
     return out
 
 
@@ -148,9 +189,10 @@ def triggers_text(detail: NeuronDetail) -> Text:
         out.append("triggers: none found", style="bold")
         out.append("\n")
     out.append("top promoted:   ", style="bold")
-    out.append(tokens(detail.promoted, 10) or "n/a (not a token detector)")
+    reason = "not a token detector" if not detail.stats.get("token_detector") else "none stored"
+    out.append(tokens(detail.promoted, 10) or unknown(reason))
     out.append("\ntop suppressed: ", style="bold")
-    out.append(tokens(detail.suppressed, 10) or "n/a")
+    out.append(tokens(detail.suppressed, 10) or unknown(reason))
     return out
 
 

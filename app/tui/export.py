@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.safe_text import printable
-from cache.errors import UserError
-from engine.analysis.neuron_index import NeuronIndex
-from engine.analysis.neuron_table import NEURON_KINDS
-from engine.tables import Table, export
+from ffnscope.app.safe_text import printable
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.analysis.neuron_index import NeuronIndex
+from ffnscope.engine.analysis.neuron_table import NEURON_KINDS
+from ffnscope.engine.tables import Table, export
 
 
 def export_neurons(app, index: NeuronIndex, rows: np.ndarray, fmt: str, path: Path) -> None:

@@ -7,20 +7,21 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Static
 
-from app.tui.base import FramedScreen
-from app.tui.cells import pct, spark
-from app.tui.export import export_table
-from app.tui.modals import ExportScreen
-from app.tui.recording import OpenRecording
-from app.tui.table import Column, VirtualTable
-from engine.analysis.dead import is_relative, primary_is_tau0, rule_short
-from engine.tables import Table
+from ffnscope.app.tui.base import HELP_KEY, FramedScreen
+from ffnscope.app.tui.cells import pct, spark
+from ffnscope.app.tui.export import export_table
+from ffnscope.app.tui.modals import ExportScreen
+from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.app.tui.table import Column, VirtualTable
+from ffnscope.engine.analysis.dead import is_relative, primary_is_tau0, rule_short
+from ffnscope.engine.analysis.neuron_table import layer_table
 
-COLUMNS = [Column("layer", "layer", 5), Column("dead", "dead %", 6), Column("alive", "alive freq", 10),
-           Column("tok", "tok det", 7), Column("big", "2g det", 6), Column("tri", "3g det", 6),
-           Column("pos", "positional", 0), Column("supp", "suppress", 8)]
-POS_SHORT = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "other"}
-CHARTS = (("dead %", "dead_pct"), ("alive freq", "alive_freq"), ("token det", "token_detectors"),
+# shares are fractions in the figures and exports, shown here as %; every such title says "%"
+COLUMNS = [Column("layer", "layer", 5), Column("dead", "dead %", 6), Column("alive", "alive freq %", 12),
+           Column("tok", "1g det", 6), Column("big", "2g det", 6), Column("tri", "3g det", 6),
+           Column("supp", "supp %", 6), Column("pos", "positional (by type)", 0, "left", min=10)]
+POS_SHORT = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "oth"}
+CHARTS = (("dead %", "dead_frac"), ("alive freq %", "alive_freq"), ("token det", "token_detectors"),
           ("positional", "positional"))
 
 
@@ -30,23 +31,27 @@ def columns_for(meta: dict) -> list[Column]:
     if primary_is_tau0(meta):
         return COLUMNS
     rule = [Column("tau", "τ_l", 6)] if is_relative(meta) else []
-    dead = [Column("dead", f"dead {'τ_l' if is_relative(meta) else rule_short(meta)}", 8),
-            Column("dead0", "dead τ=0", 8)]
+    dead = [Column("dead", f"dead {'τ_l' if is_relative(meta) else rule_short(meta)} %", 10),
+            Column("dead0", "dead τ=0 %", 10)]
     return [COLUMNS[0], *rule, *dead, *COLUMNS[2:]]
 
 
 def charts_for(meta: dict) -> tuple:
     if primary_is_tau0(meta):
         return CHARTS
-    return ((f"dead {'τ_l' if is_relative(meta) else rule_short(meta)}", "dead_pct"), *CHARTS[1:])
+    return ((f"dead {'τ_l' if is_relative(meta) else rule_short(meta)} %", "dead_frac"), *CHARTS[1:])
 
 
 class LayersScreen(FramedScreen):
     HELP_TITLE = "Layers: per-layer figures of one recording"
     BINDINGS = FramedScreen.BINDINGS + [
-        Binding("enter", "open", "neurons"), Binding("a", "all", "all neurons"), Binding("e", "export", "export"),
-        Binding("n", "npl", "NPL"), Binding("A", "analyze", "analyze"),
+        Binding("enter", "open", "neurons", key_display="⏎", tooltip="the layer's neurons"),
+        Binding("a", "all", "all neurons", tooltip="the neurons of every layer"),
+        Binding("e", "export", "export", tooltip="export the layer table (as `ffnscope export --table layers`)"),
+        Binding("n", "npl", "NPL", tooltip="Neuron Predictability Lens: maps, substitution, background neurons"),
+        Binding("A", "analyze", "analyze", tooltip="run the analyses (a job)"), HELP_KEY,
     ]
+    EXTRA_HELP = [("j k ↑ ↓", "move"), ("← → h l", "scroll the columns sideways")]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "LayersScreen #charts { height: auto; max-height: 5; }"
 
     def __init__(self, rec: OpenRecording):
@@ -56,12 +61,20 @@ class LayersScreen(FramedScreen):
 
     def compose(self) -> ComposeResult:
         yield from self.frame_top()
-        yield VirtualTable(columns_for(self.rec.meta), id="layers")
+        yield VirtualTable(self._columns(), id="layers")
         yield Static(id="charts")
         yield from self.frame_bottom()
 
+    def _columns(self) -> list[Column]:
+        """columns_for the recording, the positional breakdown as wide as its longest cell (the
+        table scrolls sideways when the terminal is narrower)."""
+        longest = max([len(self._cell(i, "pos")) for i in range(len(self.figures["layer"]))] + [10])
+        return [Column(c.key, c.title, c.width, c.align, min=longest) if c.key == "pos" else c
+                for c in columns_for(self.rec.meta)]
+
     def rebind(self, rec: OpenRecording) -> None:
         self.rec, self.figures = rec, rec.index.per_layer()
+        self.query_one(VirtualTable).set_columns(self._columns())
         self.on_mount()
 
     def on_mount(self) -> None:
@@ -79,11 +92,11 @@ class LayersScreen(FramedScreen):
         self._charts()
 
     def _charts(self) -> None:
-        width = max(self.app.size.width - 14, 10)
+        width = max(self.app.size.width - 16, 10)
         text = Text()
         charts = charts_for(self.rec.meta)
         for i, (label, key) in enumerate(charts):
-            text.append(f" {label:>11} ", style="bold")
+            text.append(f" {label:>13} ", style="bold")
             text.append(spark(self.figures[key].tolist(), width))
             if i < len(charts) - 1:
                 text.append("\n")
@@ -95,13 +108,13 @@ class LayersScreen(FramedScreen):
         if key == "layer":
             return str(f["layer"][i])
         if key == "dead":
-            return f"{f['dead_pct'][i]:.1f}"
+            return pct(float(f["dead_frac"][i]), 1)
         if key == "dead0":
-            return f"{f['dead_tau0_pct'][i]:.1f}"
+            return pct(float(f["dead_tau0_frac"][i]), 1)
         if key == "tau":
             return f"{f['tau'][i]:.3g}"
         if key == "alive":
-            return f"{pct(float(f['alive_freq'][i]), 2)} %"
+            return pct(float(f["alive_freq"][i]), 2)
         if key in ("tok", "big", "tri"):
             name = {"tok": "token_detectors", "big": "bigram_detectors", "tri": "trigram_detectors"}[key]
             return str(f[name][i]) if ngram and self.rec.index.analyses["ngrams"] else "-"
@@ -111,14 +124,14 @@ class LayersScreen(FramedScreen):
             if self.rec.index.pos_note:
                 return "- (too few seqs)"
             kinds = [f"{f[f'pos_{k}'][i]} {s}" for k, s in POS_SHORT.items() if f[f"pos_{k}"][i]]
-            return f"{f['positional'][i]}" + (f" ({', '.join(kinds)})" if kinds else "")
+            return f"{f['positional'][i]}" + (f" ({' '.join(kinds)})" if kinds else "")
         if key == "supp":
             value = float(f["suppress_frac"][i])
-            return "-" if value != value else f"{pct(value, 0)} %"
+            return "-" if value != value else pct(value, 0)
         return ""
 
     def action_open(self) -> None:
-        from app.tui.neurons import NeuronsScreen
+        from ffnscope.app.tui.neurons import NeuronsScreen
 
         table = self.query_one(VirtualTable)
         if table.count:
@@ -128,12 +141,12 @@ class LayersScreen(FramedScreen):
         self.action_open()
 
     def action_all(self) -> None:
-        from app.tui.neurons import NeuronsScreen
+        from ffnscope.app.tui.neurons import NeuronsScreen
 
         self.app.push_screen(NeuronsScreen(self.rec, None))
 
     def action_npl(self) -> None:
-        from app.tui.npl import NplScreen
+        from ffnscope.app.tui.npl import NplScreen
 
         self.app.push_screen(NplScreen(self.rec))
 
@@ -141,12 +154,12 @@ class LayersScreen(FramedScreen):
         self.app.start_analysis(self.rec.path)
 
     def action_export(self) -> None:
-        figures = self.figures
+        """The same table as `ffnscope export --table layers` (same columns, fractions)."""
+        reader = self.rec.reader
 
         def done(choice):
             if choice is not None:
-                export_table(self.app, lambda: Table(figures), *choice)
-        self.app.push_screen(ExportScreen("layer table", len(figures["layer"]),
-                                          self.app.export_dir / (self.rec.path.with_suffix("").name + "-layers")),
-                             done)
+                export_table(self.app, lambda: layer_table(reader), *choice)
+        self.app.push_screen(ExportScreen("layer table", len(self.figures["layer"]),
+                                          self.app.export_path(self.rec, "-layers")), done)
 

@@ -12,7 +12,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from engine.tables import FORMATS
+from ffnscope.engine.tables import FORMATS
 
 MODAL_CSS = """
 ModalScreen { align: center middle; }
@@ -37,12 +37,15 @@ class HelpScreen(ModalScreen[None]):
         lines = Text()
         title = getattr(self.target, "HELP_TITLE", self.target.__class__.__name__)
         lines.append(f"{title}\n\n", style="bold")
-        seen = set()
+        seen = {"escape", "f1"}  # in the lines below
         for binding in list(self.target.BINDINGS) + list(getattr(self.target, "EXTRA_HELP", [])):
-            key, description = (binding.key, binding.description) if hasattr(binding, "key") else binding
-            if not description or description in seen:
+            if isinstance(binding, Binding):  # the footer's short label, or the longer tooltip
+                key, description = binding.key, binding.tooltip or binding.description
+            else:
+                key, description = binding
+            if not description or key in seen:
                 continue
-            seen.add(description)
+            seen.add(key)
             display = getattr(binding, "key_display", None)
             keys = display or ", ".join(k.strip() for k in key.split(","))
             lines.append(f"{keys:>16}  ", style="bold")
@@ -89,7 +92,7 @@ class AskScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.prompt)
+            yield Static(Text(self.prompt))  # wraps: a long prompt is not cut at 80 columns
             yield Input(self.value, placeholder=self.placeholder)
             yield Static("", classes="error")
 
@@ -99,6 +102,11 @@ class AskScreen(ModalScreen[str | None]):
             self.query_one(".error", Static).update(Text(problem))
             return
         self.dismiss(event.value)
+
+
+class KeyList(OptionList):
+    """An OptionList that also moves with the hidden j/k aliases."""
+    BINDINGS = [Binding("j", "cursor_down", "down", show=False), Binding("k", "cursor_up", "up", show=False)]
 
 
 class ChooseScreen(ModalScreen[str | None]):
@@ -113,7 +121,7 @@ class ChooseScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(self.prompt)
-            yield OptionList(*(Option(Text(label), id=value) for value, label in self.choices))
+            yield KeyList(*(Option(Text(label), id=value) for value, label in self.choices))
 
     def on_mount(self) -> None:
         options = self.query_one(OptionList)
@@ -139,8 +147,8 @@ class ExportScreen(ModalScreen[tuple[str, Path] | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(Text(f"Export {self.rows:,} rows of the {self.what}"))
-            yield OptionList(*(Option(fmt.upper() if fmt != "markdown" else "Markdown", id=fmt) for fmt in FORMATS),
-                             id="format")
+            yield KeyList(*(Option(fmt.upper() if fmt != "markdown" else "Markdown", id=fmt) for fmt in FORMATS),
+                          id="format")
             yield Label("to file (enter writes it):")
             yield Input(str(self.default_path.with_suffix(".csv")), id="path")
             yield Static("", classes="error")

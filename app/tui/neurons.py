@@ -12,15 +12,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Static
 
-from app.tui.base import FramedScreen
-from app.tui.cells import num, pct, tokens, yes_no
-from app.tui.export import export_neurons
-from app.tui.modals import AskScreen, ChooseScreen, ExportScreen
-from app.tui.recording import OpenRecording
-from app.tui.table import Column, VirtualTable
-from engine.analysis.dead import primary_is_tau0
-from engine.analysis.neuron_index import SORT_KEYS, NeuronFilter
-from engine.analysis.positional import KINDS
+from ffnscope.app.tui.base import FramedScreen
+from ffnscope.app.tui.cells import num, pct, tokens, yes_no
+from ffnscope.app.tui.export import export_neurons
+from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ExportScreen
+from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.app.tui.table import Column, VirtualTable
+from ffnscope.engine.analysis.dead import primary_is_tau0
+from ffnscope.engine.analysis.neuron_index import SORT_KEYS, NeuronFilter
+from ffnscope.engine.analysis.positional import KINDS
 
 SHORT_KIND = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "other"}
 COLUMNS = [Column("layer", "layer", 5), Column("neuron", "neuron", 6), Column("freq", "freq %", 7),
@@ -34,6 +34,20 @@ SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firin
                "trigger_g": "g at trigger firings", "g_mean": "mean activation",
                "g_std": "activation std", "g_max": "max activation", "npl_pearson": "NPL Pearson r",
                "npl_l2": "NPL L2 error (predictability score)"}
+# the column that shows each sort key; keys without one get a column of their own while sorted by
+SORT_COLUMN = {"layer": "layer", "neuron": "neuron", "fire_freq": "freq", "unigram_coverage": "cover",
+               "token_detector": "det", "bigram_detector": "det", "trigram_detector": "det", "pos_mi": "mi",
+               "pos_type": "type"}
+SORT_TITLES = {"trigger_logit_z": "logit z", "trigger_g": "g trig", "g_mean": "g mean", "g_std": "g std",
+               "g_max": "g max", "npl_pearson": "NPL r", "npl_l2": "NPL L2", "background": "bg"}
+
+
+def columns_for(sort: str) -> list[Column]:
+    """COLUMNS, plus one for the sort key when no column shows it (after freq %)."""
+    if sort in SORT_COLUMN:
+        return COLUMNS
+    extra = Column("sortkey", SORT_TITLES.get(sort, sort[:7]), 7)
+    return [*COLUMNS[:3], extra, *COLUMNS[3:]]
 
 
 def parse_range(text: str, scale: float) -> tuple[float | None, float | None]:
@@ -63,16 +77,24 @@ def _range_error(scale: float):
 
 class NeuronsScreen(FramedScreen):
     HELP_TITLE = "Neurons: filter, sort and open neurons"
+    # every verb on the footer at 80 columns: short labels there, the tooltips in f1's help
     BINDINGS = FramedScreen.BINDINGS + [
-        Binding("d", "dead", "dead"), Binding("t", "detector", "detector"), Binding("p", "positional", "positional"),
-        Binding("s", "sort", "sort"), Binding("slash", "search", "search", key_display="/"),
-        Binding("e", "export", "export"), Binding("enter", "open", "open"),
-        Binding("f", "freq", "firing frequency range", show=False), Binding("m", "mi", "MI range", show=False),
-        Binding("r", "reverse", "reverse sort order", show=False), Binding("c", "clear", "clear filters", show=False),
-        Binding("a", "all_layers", "all layers / this layer", show=False),
-        Binding("b", "background", "NPL background neurons only", show=False),
+        Binding("d", "dead", "dead", tooltip="dead filter: firing rule / never active (τ=0) / alive / any"),
+        Binding("t", "detector", "det", tooltip="detector filter: token, bigram or trigram detectors"),
+        Binding("p", "positional", "pos", tooltip="positional filter, by type"),
+        Binding("f", "freq", "freq", tooltip="firing frequency range, in % of tokens"),
+        Binding("m", "mi", "MI", tooltip="positional MI range"),
+        Binding("b", "background", "bg", tooltip="NPL background neurons only (on/off)"),
+        Binding("s", "sort", "sort", tooltip="sort by a column (one the table lacks gets a column)"),
+        Binding("r", "reverse", "rev", tooltip="reverse the sort order"),
+        Binding("slash", "search", "find", key_display="/", tooltip="search trigger n-grams (case-insensitive)"),
+        Binding("c", "clear", "clr", tooltip="clear the filters"),
+        Binding("a", "all_layers", "all", tooltip="all layers / this layer"),
+        Binding("e", "export", "exp", tooltip="export the rows shown (fractions, as `ffnscope export` writes)"),
+        Binding("enter", "open", "open", key_display="⏎", tooltip="open the neuron's detail"),
     ]
-    EXTRA_HELP = [("enter", "open the neuron's detail"), ("j k ↑ ↓ pgup pgdn g G", "move")]
+    EXTRA_HELP = [("j k ↑ ↓ g G", "move (pgup pgdn: a page)"), ("← → h l", "scroll the columns sideways")]
+    DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "NeuronsScreen #status { height: auto; max-height: 3; }"
 
     def __init__(self, rec: OpenRecording, layer: int | None = None):
         super().__init__()
@@ -114,7 +136,9 @@ class NeuronsScreen(FramedScreen):
         self.rows = rows
         self.updates += 1
         self.rec.warm_up()
-        self.query_one(VirtualTable).show(len(rows), self._cell, cursor=None if keep_cursor else 0)
+        table = self.query_one(VirtualTable)
+        table.set_columns(columns_for(self.sort))
+        table.show(len(rows), self._cell, cursor=None if keep_cursor else 0)
         self._header()
 
     def _header(self) -> None:
@@ -127,9 +151,10 @@ class NeuronsScreen(FramedScreen):
         note = f" · not analyzed: {', '.join(missing)}" if missing else ""
         if self.index.pos_note:  # "too few sequences per position (N) to call positional neurons"
             note += f" · {self.index.pos_note.split(':')[0]}"
+        # the count and the order first; the line wraps rather than cutting what follows
         self.query_one("#status", Static).update(Text(
-            f" {scope} · {total:,} neurons · filter: {self.filter.describe()} · {len(self.rows):,} match · "
-            f"sort: {order}{note}"))
+            f" {scope} · {total:,} neurons · {len(self.rows):,} match · sort: {order} · "
+            f"filter: {self.filter.describe()}{note}"))
 
     def _cell(self, i: int, key: str) -> str:
         row = int(self.rows[i])
@@ -140,6 +165,9 @@ class NeuronsScreen(FramedScreen):
             return str(cols["neuron"][row])
         if key == "freq":
             return pct(float(cols["fire_freq"][row]), 3)
+        if key == "sortkey":
+            value = index.known(self.sort, row)
+            return yes_no(value) if isinstance(value, bool) else "-" if value is None else num(value, 3)
         if key == "cover":
             value = index.known("unigram_coverage", row)
             return "" if value is None else str(value)
@@ -213,7 +241,8 @@ class NeuronsScreen(FramedScreen):
         self.app.push_screen(AskScreen(prompt, value, "MIN-MAX", _range_error(scale)), done)
 
     def action_freq(self) -> None:
-        self._ask_range("Firing frequency range in % (like 0.01-1, -0.5 or 2-; empty clears)", "freq", 100.0)
+        self._ask_range("Firing frequency range in % of tokens, like the freq % column (0.01-1, -0.5 or 2-; "
+                        "empty clears). `--where fire_freq` takes the fraction: 1 % is 0.01", "freq", 100.0)
 
     def action_mi(self) -> None:
         self._ask_range("Positional MI range (like 0.05-, 0.1-0.5; empty clears)", "mi", 1.0)
@@ -254,7 +283,7 @@ class NeuronsScreen(FramedScreen):
     def action_open(self) -> None:
         table = self.query_one(VirtualTable)
         if len(self.rows):
-            from app.tui.detail import DetailScreen
+            from ffnscope.app.tui.detail import DetailScreen
 
             self.app.push_screen(DetailScreen(self.rec, self.rows, table.cursor))
 
@@ -262,10 +291,10 @@ class NeuronsScreen(FramedScreen):
         self.action_open()
 
     def action_export(self) -> None:
-        stem = self.rec.path.with_suffix("").name + ("-neurons" if self.filter.layers is None
-                                                     else f"-layer{self.filter.layers[0]}")
+        suffix = "-neurons" if self.filter.layers is None else f"-layer{self.filter.layers[0]}"
 
         def done(choice):
             if choice is not None:
                 export_neurons(self.app, self.index, self.rows.copy(), *choice)
-        self.app.push_screen(ExportScreen("neuron table", len(self.rows), self.app.export_dir / stem), done)
+        self.app.push_screen(ExportScreen("neuron table", len(self.rows), self.app.export_path(self.rec, suffix)),
+                             done)

@@ -11,16 +11,16 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from app.npl_text import fit_text, heatmap, results_text
-from app.safe_text import printable
-from app.tui.base import FramedScreen
-from app.tui.cells import duration
-from app.tui.modals import AskScreen, ChooseScreen, ConfirmScreen
-from app.tui.recording import OpenRecording
-from cache.errors import UserError
-from cache.npl_store import sidecar_path
-from engine import jobs
-from engine.npl.overview import NplOverview, overview
+from ffnscope.app.npl_text import fit_text, heatmap, results_text
+from ffnscope.app.safe_text import printable
+from ffnscope.app.tui.base import HELP_KEY, FramedScreen
+from ffnscope.app.tui.cells import duration
+from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ConfirmScreen
+from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import sidecar_path
+from ffnscope.engine import jobs
+from ffnscope.engine.npl.overview import NplOverview, overview
 
 HINTS = {"fit": "f fits them (a job)", "substitute": "s runs it (a job)", "functional": "u finds them (a job)"}
 FITS = [("adjacent|exact", "adjacent pairs j-1 -> j, exact fit (what substitution needs)"),
@@ -40,14 +40,22 @@ def _tokens_error(text: str) -> str | None:
 class NplScreen(FramedScreen):
     HELP_TITLE = "NPL: layer-to-layer maps, substitution perplexity, background neurons"
     BINDINGS = FramedScreen.BINDINGS + [
-        Binding("f", "fit", "fit maps"), Binding("s", "substitute", "substitute"), Binding("u", "functional", "background"),
-        Binding("x", "cancel", "cancel job"), Binding("g", "metric", "grid metric"),
-        Binding("M", "method", "maps shown", show=False),
+        Binding("f", "fit", "fit", tooltip="fit the layer-to-layer maps (a job)"),
+        Binding("s", "substitute", "substitute", tooltip="substitution perplexity, Table 1 (a job)"),
+        Binding("u", "functional", "background", tooltip="functional and background neurons (a job)"),
+        Binding("x", "cancel", "cancel job", tooltip="cancel the NPL job running on this recording"),
+        Binding("g", "metric", "grid metric", tooltip="the heatmap's metric: L2 per token, Pearson r, FVU"),
+        Binding("M", "method", "maps shown", show=False, tooltip="the heatmap's maps: exact or Adagrad"),
         Binding("j,down", "scroll(2)", "scroll down", show=False), Binding("k,up", "scroll(-2)", "scroll up", show=False),
+        Binding("left,h", "side(-8)", "scroll left", show=False),
+        Binding("right,l", "side(8)", "scroll right", show=False), HELP_KEY,
     ]
+    EXTRA_HELP = [("j k ↑ ↓", "scroll"), ("← → h l", "scroll the wide tables sideways")]
+    # the grid and the tables keep their rows on one line each and scroll sideways (← →) when wider
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + """
-    NplScreen VerticalScroll { height: 1fr; padding: 0 1; }
+    NplScreen VerticalScroll { height: 1fr; padding: 0 1; overflow-x: auto; }
     NplScreen .section { height: auto; margin-bottom: 1; }
+    NplScreen .wide { width: auto; min-width: 100%; }
     """
 
     def __init__(self, rec: OpenRecording):
@@ -64,8 +72,9 @@ class NplScreen(FramedScreen):
         yield from self.frame_top()
         yield Static(id="job", classes="status-line")
         with VerticalScroll():
-            for name in ("fit", "grid", "results"):
-                yield Static(id=name, classes="section")
+            yield Static(id="fit", classes="section")
+            for name in ("grid", "results"):
+                yield Static(id=name, classes="section wide")
         yield from self.frame_bottom()
 
     def on_mount(self) -> None:
@@ -85,8 +94,9 @@ class NplScreen(FramedScreen):
         if self.method not in view.pairs:
             self.method = "exact" if "exact" in view.pairs else next(iter(view.pairs), None)
         self.query_one("#fit", Static).update(fit_text(view, HINTS))
-        self.query_one("#grid", Static).update(heatmap(view, self.method, self.metric) if self.method else "")
-        self.query_one("#results", Static).update(results_text(view, HINTS) if view.exists else "")
+        self.query_one("#grid", Static).update(_no_wrap(heatmap(view, self.method, self.metric) if self.method
+                                                        else Text()))
+        self.query_one("#results", Static).update(_no_wrap(results_text(view, HINTS) if view.exists else Text()))
         self.loads += 1
 
     def follow(self) -> None:
@@ -196,3 +206,12 @@ class NplScreen(FramedScreen):
 
     def action_scroll(self, lines: int) -> None:
         self.query_one(VerticalScroll).scroll_relative(y=lines, animate=False)
+
+    def action_side(self, cells: int) -> None:
+        self.query_one(VerticalScroll).scroll_relative(x=cells, animate=False)
+
+
+def _no_wrap(text: Text) -> Text:
+    """Table rows stay whole (the screen scrolls sideways) instead of wrapping at 80 columns."""
+    text.no_wrap, text.overflow = True, "ignore"
+    return text

@@ -12,11 +12,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Static
 
-from app.safe_text import printable
-from app.tui.base import FramedScreen
-from cache.errors import UserError
-from engine import jobs
-from engine.units import parse_bytes
+from ffnscope.app.safe_text import printable
+from ffnscope.app.tui.base import FramedScreen
+from ffnscope.cache.errors import UserError
+from ffnscope.engine import jobs
+from ffnscope.engine.units import parse_bytes
 
 # (id, label, default, placeholder)
 FIELDS = [

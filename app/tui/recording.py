@@ -5,11 +5,11 @@ import os
 import threading
 from pathlib import Path
 
-from app.safe_text import printable
-from cache.npl_store import sidecar_path
-from cache.reader import CacheReader
-from engine.analysis.dead import is_relative, rule_short
-from engine.analysis.neuron_index import NeuronIndex
+from ffnscope.app.safe_text import printable
+from ffnscope.cache.npl_store import sidecar_path
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.dead import is_relative, rule_short
+from ffnscope.engine.analysis.neuron_index import NeuronIndex
 
 
 class OpenRecording:

@@ -13,15 +13,17 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Static
 
-from app.safe_text import printable
-from app.tui.base import FramedScreen
-from app.tui.cells import duration
-from app.tui.table import Column, VirtualTable
-from cache.errors import UserError
-from engine import catalog, jobs
+from ffnscope.app.safe_text import printable
+from ffnscope.app.tui.base import FramedScreen
+from ffnscope.app.tui.cells import duration
+from ffnscope.app.tui.table import Column, VirtualTable
+from ffnscope.cache.errors import UserError
+from ffnscope.engine import catalog, jobs
 
-COLUMNS = [Column("mark", "", 1, "left"), Column("name", "recording", 0, "left"), Column("model", "model", 16, "left"),
-           Column("tokens", "tokens", 9), Column("date", "date", 10, "left"), Column("status", "status", 26, "left")]
+# names elided in the middle: "smollm2-default.h5" and its NPL job's "smollm2-default.h5.npl.h5" differ
+COLUMNS = [Column("mark", "", 1, "left"), Column("name", "recording", 0, "left", min=14, elide="middle"),
+           Column("model", "model", 12, "left", elide="middle"), Column("tokens", "tokens", 9),
+           Column("date", "date", 10, "left"), Column("status", "status", 24, "left")]
 REFRESH_S = 1.0
 
 
@@ -70,6 +72,7 @@ class RecordingsScreen(FramedScreen):
         Binding("enter", "open", "open"), Binding("n", "new", "new"), Binding("x", "cancel", "cancel job"),
         Binding("r", "resume", "resume"), Binding("A", "analyze", "analyze"), Binding("m", "mark", "mark"),
         Binding("c", "compare", "compare"),
+        Binding("d", "dismiss", "dismiss ended job", show=False),
     ]
     EXTRA_HELP = [("j k ↑ ↓", "move")]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "RecordingsScreen #message { height: 2; color: $text-muted; }"
@@ -156,7 +159,7 @@ class RecordingsScreen(FramedScreen):
         self.app.open_recording(row.path)
 
     def action_new(self) -> None:
-        from app.tui.record_form import RecordFormScreen
+        from ffnscope.app.tui.record_form import RecordFormScreen
 
         self.app.push_screen(RecordFormScreen())
 
@@ -166,7 +169,7 @@ class RecordingsScreen(FramedScreen):
             self.app.notify("no running job on this row", severity="warning")
             return
         if jobs.cancel(row.job):
-            self.app.notify(printable(f"asked {row.path.name} to stop; it keeps its last checkpoint"), markup=False)
+            self.app.notify(printable(f"asked {row.path.name} to stop; {jobs.kept_work(row.job)}"), markup=False)
         self.scan()
 
     def action_resume(self) -> None:
@@ -189,6 +192,21 @@ class RecordingsScreen(FramedScreen):
             self.scan()
         else:
             self.app.notify("only a complete recording can be analyzed", severity="warning")
+
+    def action_dismiss(self) -> None:
+        """Forget an ended job (its progress file goes; the cache and the log stay)."""
+        row = self.current
+        if row is None or row.job is None or row.job.status == jobs.RUNNING:
+            self.app.notify("no ended job on this row (x cancels a running one)", severity="warning")
+            return
+        try:
+            jobs.dismiss(row.job)
+        except UserError as exc:
+            self.app.notify(printable(str(exc)), severity="error", markup=False)
+            return
+        self.app.notify(printable(f"dismissed the {row.job.status} {row.job.kind} job on {row.path.name}"),
+                        markup=False)
+        self.scan()
 
     def action_mark(self) -> None:
         row = self.current

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from rich.cells import cell_len
 from rich.segment import Segment
 from textual.binding import Binding
 from textual.events import Click, MouseScrollDown, MouseScrollUp
@@ -14,7 +15,7 @@ from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widget import Widget
 
-from app.tui.cells import fit
+from ffnscope.app.tui.cells import fit, middle
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Column:
     title: str
     width: int          # 0: takes what the other columns leave
     align: str = "right"
+    min: int = 4        # a flex column's least width; below it the table scrolls sideways (← →)
+    elide: str = "end"  # "middle": cut names in the middle, so a shared prefix stays distinguishable
 
 
 class VirtualTable(Widget, can_focus=True):
@@ -38,6 +41,8 @@ class VirtualTable(Widget, can_focus=True):
         Binding("pageup,ctrl+b", "page(-1)", "page up", show=False),
         Binding("pagedown,ctrl+f,space", "page(1)", "page down", show=False),
         Binding("home,g", "jump(0)", "first", show=False), Binding("end,G", "jump(-1)", "last", show=False),
+        Binding("left,h", "side(-1)", "scroll left", show=False),
+        Binding("right,l", "side(1)", "scroll right", show=False),
     ]  # enter belongs to the screens, whose footers name what it opens
     cursor = reactive(0, always_update=True)
 
@@ -63,6 +68,7 @@ class VirtualTable(Widget, can_focus=True):
         self.count = 0
         self.cell: Callable[[int, str], str] = lambda i, key: ""
         self.top = 0
+        self.left = 0  # first cell shown when the columns are wider than the widget
 
     def show(self, count: int, cell: Callable[[int, str], str], cursor: int | None = 0) -> None:
         """New rows: `cell(i, key)` gives the text of row i (view order) in column `key`."""
@@ -78,27 +84,52 @@ class VirtualTable(Widget, can_focus=True):
     def body_height(self) -> int:
         return max(self.size.height - 1, 1)
 
+    def set_columns(self, columns: list[Column]) -> None:
+        self.columns = columns
+        self.left = min(self.left, max(self.total_width - self.size.width, 0))
+        self.refresh()
+
     def widths(self) -> list[int]:
         fixed = sum(c.width + 1 for c in self.columns if c.width)
         flex = [c for c in self.columns if not c.width]
-        rest = max(self.size.width - fixed - len(flex), 4 * len(flex))
-        return [c.width or rest // max(len(flex), 1) for c in self.columns]
+        rest = max(self.size.width - fixed - len(flex), 0)
+        return [c.width or max(rest // max(len(flex), 1), c.min) for c in self.columns]
+
+    @property
+    def total_width(self) -> int:
+        """The width of a whole row: more than the widget's when the table scrolls sideways."""
+        widths = self.widths()
+        return sum(widths) + len(widths) - 1
 
     def _line(self, texts: list[str]) -> str:
-        cells = [fit(text, w, col.align) for text, w, col in zip(texts, self.widths(), self.columns)]
-        return fit(" ".join(cells), self.size.width)
+        cells = [middle(text, w) if col.elide == "middle" and cell_len(text) > w else fit(text, w, col.align)
+                 for text, w, col in zip(texts, self.widths(), self.columns)]
+        return fit(" ".join(cells), max(self.total_width, self.size.width))
+
+    def _visible(self, text: str, style, header: bool = False) -> Strip:
+        """The part of a row in view; the header marks with ‹ › that there is more to either side."""
+        width, total = self.size.width, max(self.total_width, self.size.width)
+        left = min(self.left, total - width)
+        strip = Strip([Segment(text, style)], total).crop(left, left + width)
+        if header and total > width:
+            more_left, more_right = left > 0, left + width < total
+            segments = [Segment("‹", style)] if more_left else []
+            inner = strip.crop(1 if more_left else 0, width - 1 if more_right else width)
+            segments += list(inner) + ([Segment("›", style)] if more_right else [])
+            strip = Strip(segments, width)
+        return strip.adjust_cell_length(width, self.rich_style)
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
         if y == 0:
             style = self.get_component_rich_style("virtual-table--header")
-            return Strip([Segment(self._line([c.title for c in self.columns]), style)], width)
+            return self._visible(self._line([c.title for c in self.columns]), style, header=True)
         i = self.top + y - 1
         if i >= self.count:
             return Strip.blank(width, self.rich_style)
         text = self._line([self.cell(i, c.key) for c in self.columns])
         style = self.get_component_rich_style("virtual-table--cursor") if i == self.cursor else self.rich_style
-        return Strip([Segment(text, style)], width)
+        return self._visible(text, style)
 
     def watch_cursor(self, old: int, new: int) -> None:
         if new < self.top:
@@ -114,6 +145,11 @@ class VirtualTable(Widget, can_focus=True):
 
     def action_move(self, step: int) -> None:
         self.cursor = max(0, min(self.cursor + step, self.count - 1))
+
+    def action_side(self, direction: int) -> None:
+        """Scroll sideways, 8 cells a step, when the columns are wider than the widget."""
+        self.left = max(0, min(self.left + 8 * direction, self.total_width - self.size.width))
+        self.refresh()
 
     def action_page(self, direction: int) -> None:
         self.action_move(direction * self.body_height)

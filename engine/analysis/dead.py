@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.reader import CacheReader
+from ffnscope.cache.reader import CacheReader
 
 PAPER_DEAD = "never activated (act > 0 nowhere: the paper's dead)"
 RULE_NAMES = {"quantile": "quantile of act over the layer's neurons and calibration tokens",

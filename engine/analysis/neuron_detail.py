@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache.reader import CacheReader
-from engine.analysis.neuron_index import NeuronIndex
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.neuron_index import NeuronIndex
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache import analysis_store as store
-from cache.errors import UserError
-from cache.reader import CacheReader
-from cache.schema import decode_grams
-from engine.analysis.dead import layer_tau, tau0_index
-from engine.analysis.positional import KINDS, stored_note
+from ffnscope.cache import analysis_store as store
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.schema import decode_grams
+from ffnscope.engine.analysis.dead import layer_tau, tau0_index
+from ffnscope.engine.analysis.positional import KINDS, stored_note
 
 UNKNOWN = -1
 ANALYSES = ("dead", "ngrams", "positional", "suppression")
@@ -248,7 +248,7 @@ class NeuronIndex:
     def _load_npl(self, reader: CacheReader) -> str:
         """NPL predictability scores and background flags from the sidecar, if there is one; a
         sidecar that does not belong to this recording is left out with a note, not an error."""
-        from engine.npl.columns import neuron_columns
+        from ffnscope.engine.npl.columns import neuron_columns
 
         try:
             by_layer = neuron_columns(reader.path, cache_meta=self.meta)
@@ -441,7 +441,8 @@ class NeuronIndex:
 
     # --- per layer --------------------------------------------------------------------------------
     def per_layer(self) -> dict[str, np.ndarray]:
-        """Layer figures (Fig. 1, 3 and 8 of the paper) summed from the rows, one entry per layer."""
+        """Layer figures (Fig. 1, 3 and 8 of the paper) summed from the rows, one entry per layer; shares
+        are fractions, named as in neuron_table.layer_table."""
         cols, n_layers = self.cols, len(self.layers)
         pos = np.repeat(np.arange(n_layers), self.d_ffn)
 
@@ -450,8 +451,8 @@ class NeuronIndex:
 
         alive = ~cols["dead"]
         alive_n = count(alive)
-        out = {"layer": np.array(self.layers), "dead_pct": 100 * count(cols["dead"]) / max(self.d_ffn, 1),
-               "dead_tau0_pct": 100 * count(cols["dead_tau0"]) / max(self.d_ffn, 1),
+        out = {"layer": np.array(self.layers), "dead_frac": count(cols["dead"]) / max(self.d_ffn, 1),
+               "dead_tau0_frac": count(cols["dead_tau0"]) / max(self.d_ffn, 1),
                "tau": np.array([layer_tau(self.meta, layer) for layer in self.layers]),
                "alive_freq": np.bincount(pos[alive], cols["fire_freq"][alive], n_layers) / np.maximum(alive_n, 1),
                "ngram_layer": count(cols["ngram_counted"] != UNKNOWN) > 0}

@@ -11,13 +11,13 @@ not kept. None is never False: a neuron not counted is not reported as "not a de
 """
 from __future__ import annotations
 
-from cache import analysis_store as store
-from cache.errors import UserError
-from cache.reader import CacheReader
-from engine.analysis.dead import firing_by_layer
-from engine.analysis.neuron_index import NeuronFilter, NeuronIndex
-from engine.analysis.positional import KINDS
-from engine.tables import Table
+from ffnscope.cache import analysis_store as store
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.dead import firing_by_layer
+from ffnscope.engine.analysis.neuron_index import NeuronFilter, NeuronIndex
+from ffnscope.engine.analysis.positional import KINDS
+from ffnscope.engine.tables import Table
 
 NEURON_KINDS = {
     "layer": "int", "neuron": "int", "tau": "float", "fire_freq": "float", "dead": "bool", "dead_tau0": "bool",
@@ -30,9 +30,11 @@ NEURON_KINDS = {
     "g_mean": "float", "g_std": "float", "g_max": "float", "ngram_counted": "bool",
     "npl_pearson": "float", "npl_l2": "float", "background": "bool",   # NPL (engine.npl), None before a fit
 }
+# shares are fractions (0..1) like fire_freq, never percentages: one unit per quantity in exports
+# and --where; the TUI and the report show them as %
 LAYER_KINDS = {
-    "layer": "int", "rel_depth": "float", "tau": "float", "dead_pct": "float", "dead_tau0_pct": "float",
-    "dead_sq_pct": "float", "alive_freq": "float", "ngram_layer": "bool",
+    "layer": "int", "rel_depth": "float", "tau": "float", "dead_frac": "float", "dead_tau0_frac": "float",
+    "dead_sq_frac": "float", "alive_freq": "float", "ngram_layer": "bool",
     "token_detectors": "int", "bigram_detectors": "int", "trigram_detectors": "int",
     "detected_tokens": "int", "new_tokens": "int", "new_vs_previous": "int", "cumulative_tokens": "int",
     "detected_trigrams": "int", "new_trigrams": "int", "suppress_frac": "float", "positional": "int",
@@ -68,9 +70,9 @@ def layer_table(reader: CacheReader) -> Table:
         rows["layer"].append(layer)
         rows["rel_depth"].append(layer / max(n_layers - 1, 1))
         rows["tau"].append(firing[layer].tau)
-        rows["dead_pct"].append(100 * firing[layer].dead_primary)
-        rows["dead_tau0_pct"].append(100 * firing[layer].dead_tau0)
-        rows["dead_sq_pct"].append(100 * firing[layer].dead_sq_share)
+        rows["dead_frac"].append(firing[layer].dead_primary)
+        rows["dead_tau0_frac"].append(firing[layer].dead_tau0)
+        rows["dead_sq_frac"].append(firing[layer].dead_sq_share)
         rows["alive_freq"].append(firing[layer].alive_freq)
         rows["ngram_layer"].append(nrow is not None)
         for n, name in ((1, "token_detectors"), (2, "bigram_detectors"), (3, "trigram_detectors")):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cache.state import NGRAM_ORDERS, GramCounts, Sparse
+from ffnscope.cache.state import NGRAM_ORDERS, GramCounts, Sparse
 
 COVERAGE_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, 200), (201, 1000), (1001, 2000), (2001, None))
 NOT_COUNTED = -1  # coverage of a neuron whose n-gram counts were not kept (never "no detector")

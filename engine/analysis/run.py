@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import analysis_store as store
-from cache.errors import UserError
-from cache.reader import CacheReader
-from engine.analysis.dead import firing_by_layer
-from engine.analysis.ngrams import NgramParams, coverage_histogram, ensemble, ngram_layer, unigram_counts
-from engine.analysis.positional import KINDS, CallLimit, PositionalParams, call_limit, positional_layer
-from engine.analysis.suppression import SuppressionParams, suppression_layer, trigger_g
+from ffnscope.cache import analysis_store as store
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.analysis.dead import firing_by_layer
+from ffnscope.engine.analysis.ngrams import NgramParams, coverage_histogram, ensemble, ngram_layer, unigram_counts
+from ffnscope.engine.analysis.positional import KINDS, CallLimit, PositionalParams, call_limit, positional_layer
+from ffnscope.engine.analysis.suppression import SuppressionParams, suppression_layer, trigger_g
 
 NAMES = ("dead", "ngrams", "positional", "suppression")  # in dependency order
 DEAD_COLUMNS = 2  # version of the dead analysis' stored columns
@@ -40,7 +40,13 @@ def parse_settings(pairs: list[str]) -> dict[str, dict]:
         try:
             out[owners[0]][field_name] = int(value) if kind is int else float(value)
         except ValueError:
-            raise UserError(f"--set {key}: '{value}' is not a number") from None
+            raise UserError(f"--set {key}: '{value}' is not {'a whole number' if kind is int else 'a number'}") from None
+        number = out[owners[0]][field_name]
+        # every parameter is a count (at least 1) or a share/threshold between 0 and 1
+        if kind is int and number < 1:
+            raise UserError(f"--set {key}: {value} must be at least 1")
+        if kind is not int and not 0 <= number <= 1:  # also refuses nan and inf
+            raise UserError(f"--set {key}: {value} must lie between 0 and 1")
     return out
 
 
@@ -151,7 +157,7 @@ class Analyzer:
         return result
 
     def _load_model(self):
-        from engine.models import load_model
+        from ffnscope.engine.models import load_model
 
         model_meta = self.meta["model"]
         try:

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cache.errors import UserError
-from cache.state import Sparse
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.state import Sparse
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.adapters import Adapter
-from engine.layer_runner import LayerRunner
+from ffnscope.engine.adapters import Adapter
+from ffnscope.engine.layer_runner import LayerRunner
 
 # replace(layer, g_computed) -> the tensor the output projection gets instead, or None to keep g
 Replace = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -107,7 +107,7 @@ def run_layers(runner: LayerRunner, hidden: torch.Tensor, start: int, stop: int,
 
 def make_runner(lm, device: torch.device, batch_tokens: int) -> LayerRunner:
     """A layer runner with as many layers resident as the device holds, and the LM head there too."""
-    from engine.budget import plan_device
+    from ffnscope.engine.budget import plan_device
 
     device = torch.device(device)
     runner = LayerRunner(lm.adapter, device, plan_device(None, lm, device, batch_tokens))

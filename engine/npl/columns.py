@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.npl_store import NplReader, sidecar_path
+from ffnscope.cache.npl_store import NplReader, sidecar_path
 
 COLUMNS = {"npl_pearson": "float", "npl_l2": "float", "background": "bool"}
 

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from cache.errors import UserError
-from cache.npl_store import MapRecord
-from engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers, token_nll
-from engine.streaming import Stopped
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import MapRecord
+from ffnscope.engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers, token_nll
+from ffnscope.engine.streaming import Stopped
 
 METHODS = ("exact", "adagrad")
 STATS_DTYPES = ("float64", "float32")

@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from cache.schema import encode_grams
-from engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers
-from engine.npl.report import FUNCTIONAL_KINDS as KINDS  # the property kinds, in table order
-from engine.streaming import Stopped
+from ffnscope.cache.schema import encode_grams
+from ffnscope.engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers
+from ffnscope.engine.npl.report import FUNCTIONAL_KINDS as KINDS  # the property kinds, in table order
+from ffnscope.engine.streaming import Stopped
 
 
 @dataclass
@@ -248,7 +248,7 @@ def functional_neurons(lm, tokens: np.ndarray, nll: np.ndarray, score: dict[int,
                        on_progress=None, stop_flag: dict | None = None) -> FunctionalResult:
     """One pass over held-out tokens (n, T) with the unmodified model's per-token loss nll (n, T-1)
     and each layer's predictability scores; -> importance, S_P per kind, background neurons."""
-    from engine.record import special_ids
+    from ffnscope.engine.record import special_ids
 
     params = params or FunctionalParams()
     device = torch.device(device)

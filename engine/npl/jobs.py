@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.errors import UserError
-from cache.npl_store import (NplFile, NplReader, cache_tie, pair_summary, sequence_hashes, sidecar_path,
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import (NplFile, NplReader, cache_tie, pair_summary, sequence_hashes, sidecar_path,
                              write_npl, write_result)
-from cache.reader import CacheReader
-from engine.progress import COMPLETE, ProgressFile, running_job
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.progress import COMPLETE, ProgressFile, running_job
 
 DEFAULT_FIT_TOKENS = 131072
 
@@ -54,6 +54,9 @@ def _stop_flag(given: dict | None):
 
 def _cache_meta(cache: Path, purpose: str) -> dict:
     with CacheReader(cache, purpose) as reader:
+        if reader.status != "complete":  # its token stream and samples are a part of what was asked
+            raise UserError(f"{cache} is a partial recording; finish it with `ffnscope record ... --resume` before "
+                            f"{purpose}")
         return reader.meta
 
 
@@ -67,7 +70,7 @@ def recorded_sources(meta: dict) -> list[str]:
 
 def _load(meta: dict, options: "ModelOptions", cache: Path):
     """The recording's model (or options.model), refused unless it is the recorded one."""
-    from engine.models import load_model
+    from ffnscope.engine.models import load_model
 
     lm = load_model(options.model or meta["model"]["spec"], options.dtype or meta["model"].get("dtype", "float32"),
                     options.trust_remote_code, options.allow_pickle)
@@ -79,8 +82,8 @@ def _load(meta: dict, options: "ModelOptions", cache: Path):
 
 
 def _pack(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log):
-    from engine.data import open_sources, pack
-    from engine.record import special_ids
+    from ffnscope.engine.data import open_sources, pack
+    from ffnscope.engine.record import special_ids
 
     sources = open_sources(specs, field=field_name, seed=seed)
     start_id, sep_id = special_ids(lm.tokenizer)
@@ -143,7 +146,7 @@ class _Job:
 
     @contextmanager
     def running(self, done_message):
-        from engine.streaming import Stopped
+        from ffnscope.engine.streaming import Stopped
 
         with self.progress.outcome("stopped; nothing was written (run the job again)", (Stopped,)):
             with _stop_flag(self.given_flag) as flag:
@@ -153,7 +156,7 @@ class _Job:
 
 
 def _device(name: str):
-    from engine.record import resolve_device
+    from ffnscope.engine.record import resolve_device
 
     return resolve_device(name)
 
@@ -197,8 +200,8 @@ class FitReport:
 def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=None, stop_flag: dict | None = None,
             log=print) -> FitReport:
     """Fit NPL maps for a recording cache into its sidecar; raises UserError or Stopped."""
-    from engine.npl.fit import FitOptions, fit_maps
-    from engine.npl.layout import parse_pairs
+    from ffnscope.engine.npl.fit import FitOptions, fit_maps
+    from ffnscope.engine.npl.layout import parse_pairs
 
     cache = Path(config.cache)
     meta = _cache_meta(cache, "fitting NPL maps")
@@ -312,9 +315,9 @@ def heldout_for(config, reader: NplReader, lm, log) -> tuple[np.ndarray, str]:
 def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None, on_progress=None,
                    stop_flag: dict | None = None, log=print) -> SubstituteReport:
     """Table 1 (and optionally the Fig. 4 grid) for a cache with fitted maps; results go into the sidecar."""
-    from engine.npl.layout import chunks, parse_chunks, substituted
-    from engine.npl.report import format_finegrained, format_table1
-    from engine.npl.substitute import (Maps, finegrained_rows, finegrained_settings, run_settings, table1_rows,
+    from ffnscope.engine.npl.layout import chunks, parse_chunks, substituted
+    from ffnscope.engine.npl.report import format_finegrained, format_table1
+    from ffnscope.engine.npl.substitute import (Maps, finegrained_rows, finegrained_settings, run_settings, table1_rows,
                                        table1_settings)
 
     cache = Path(config.cache)
@@ -396,8 +399,8 @@ class FunctionalReport:
 def functional_job(config: NplFunctionalConfig, command: list[str] | None = None, on_progress=None,
                    stop_flag: dict | None = None, log=print) -> FunctionalReport:
     """Functional neurons' predictability and background neurons on the fit run's held-out tokens."""
-    from engine.npl.columns import layer_scores
-    from engine.npl.functional import FunctionalParams, functional_neurons
+    from ffnscope.engine.npl.columns import layer_scores
+    from ffnscope.engine.npl.functional import FunctionalParams, functional_neurons
 
     cache = Path(config.cache)
     meta = _cache_meta(cache, "finding functional neurons")
@@ -432,7 +435,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
             write_result(out, "functional", {**result.params, "method": config.method,
                                              "heldout_tokens": int(tokens.size)}, result.rows, arrays)
             report["message"] = f"functional neurons on {tokens.size} held-out tokens"
-    from engine.npl.report import format_functional
+    from ffnscope.engine.npl.report import format_functional
 
     return FunctionalReport(result.rows, format_functional(result.rows),
                             {k: float(result.background[k].mean()) for k in result.layers})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.errors import UserError
+from ffnscope.cache.errors import UserError
 
 PAIRS_HINT = ("write pairs like 'adjacent' (j-1 -> j for every layer), 'grid' or 'grid:K' (every pair of "
               "every K-th layer, forward, backward and self), or '3:4,5:5'")

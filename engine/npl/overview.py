@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.errors import UserError
-from cache.npl_store import NplReader, pair_summary, sidecar_path
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import NplReader, pair_summary, sidecar_path
 
 SUMMARY_KEYS = ("token_l2", "mse", "fvu", "mean_pearson")
 

@@ -38,13 +38,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cache.errors import UserError
-from engine.npl.capture import DownHooks, as_ids, batches, make_runner, output_difference, run_layers, token_nll
-from engine.npl.layout import chunks as make_chunks
-from engine.npl.layout import substituted
-from engine.streaming import Stopped
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.npl.capture import DownHooks, as_ids, batches, make_runner, output_difference, run_layers, token_nll
+from ffnscope.engine.npl.layout import chunks as make_chunks
+from ffnscope.engine.npl.layout import substituted
+from ffnscope.engine.streaming import Stopped
 
-from engine.npl.report import MAPPINGS
+from ffnscope.engine.npl.report import MAPPINGS
 TREATMENTS = ("actual", "predicted", "zero", "random")
 RANK_METRICS = ("pearson", "l2", "mean", "variance")
 # (top half, bottom half) pairs of the Fig. 4 grid, besides 100% actual and 100% predicted

@@ -1,0 +1,56 @@
+"""The notebook API (ffnscope.api): the same tables and detail as the CLI and the app, same code paths."""
+import sys
+
+import numpy as np
+import pytest
+
+import ffnscope
+from ffnscope.cache.errors import UserError
+from tests.tiny_models import DETECTED, DETECTOR, planted_opt, save
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory, text_file):
+    base = tmp_path_factory.mktemp("api")
+    model = save(planted_opt(), base / "model")
+    out = base / "c.h5"
+    ffnscope.record(out, model=str(model), data=[str(text_file)], tokens=2048, seq_len=32, shard_tokens=1024,
+                    batch_tokens=64, samples=8, topk=4, device="cpu", calib_tokens=128)
+    ffnscope.analyze(out)
+    return out
+
+
+def test_import_is_light():
+    import subprocess
+
+    probe = "import sys, ffnscope; print(sorted(m for m in ('torch', 'h5py', 'textual') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_tables_and_detail(analysed):
+    from ffnscope.engine.analysis.neuron_table import neuron_table
+    from ffnscope.cache.reader import CacheReader
+
+    with ffnscope.open_recording(analysed) as rec:
+        neurons = rec.neurons()
+        with CacheReader(analysed, "testing") as reader:
+            same = neuron_table(reader, None)
+        assert neurons.columns == same.columns and len(neurons) == len(same)
+        arrow = neurons.to_arrow()
+        assert arrow.num_rows == len(same) and arrow.column_names == same.columns
+        detectors = neurons.where("token_detector and layer == 0")
+        assert DETECTOR in detectors["neuron"].tolist()
+        assert rec.layers().to_arrow().num_rows == len(rec.meta["recording"]["layers"])
+        detail = rec.neuron(0, DETECTOR)
+        assert {t for t, _share in detail.triggers[1]} == {chr(c) for c in DETECTED}
+        assert detail.contexts and all(c.token in {chr(c2) for c2 in DETECTED} for c in detail.contexts)
+        with pytest.raises(UserError, match="no neuron 9999 of layer 0"):
+            rec.neuron(0, 9999)
+        with pytest.raises(UserError, match="no neuron 0 of layer 77"):
+            rec.neuron(77, 0)
+
+
+def test_record_refuses_unknown_options(tmp_path):
+    with pytest.raises(UserError, match="unknown record option"):
+        ffnscope.record(tmp_path / "x.h5", tokenz=5)
