@@ -12,7 +12,13 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, `ffnscope: error: ...` (no usage block), exit 2;
     subparsers made with add_parser are of the same class."""
 
+    raise_errors = False  # set by check_args: an error raises UserError instead of exiting
+
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        if Parser.raise_errors:
+            from ffnscope.cache.errors import UserError
+
+            raise UserError(" ".join(message.split()))
         command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
         where = f" (see ffnscope {command} --help)" if command else " (see ffnscope --help)"
         print(f"ffnscope: error: {' '.join(message.split())}{where}", file=sys.stderr)
@@ -96,3 +102,13 @@ def tau_rule(text: str) -> str:
     except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace(f"--tau-rule '{text}' is", f"'{text}' is")) from None
     return text
+
+
+def check_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse a command line that will run as a job, raising UserError (one line) instead of exiting, so
+    a form can refuse a bad option in place."""
+    Parser.raise_errors = True
+    try:
+        return parser.parse_args(argv)
+    finally:
+        Parser.raise_errors = False

@@ -14,6 +14,9 @@ _LOCK = threading.Lock()
 def line_chart(title: str, series: dict[str, tuple[list[float], list[float]]], width: int, height: int,
                xlabel: str = "", ylabel: str = "", ylim: tuple[float, float] | None = None,
                xticks: list[int] | None = None) -> Text:
+    series = {label: xy for label, xy in series.items() if len(xy[0])}  # plotext fails on an empty series
+    if not series:
+        return Text(f"{title}: nothing to plot")
     with _LOCK:
         plt.clear_figure()
         plt.theme("clear")

@@ -170,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_record_options(extra: list[str]) -> None:
+    """`ffnscope record` options for a job (the TUI form's "more options"), checked as the job would check
+    them: a bad one raises UserError here instead of failing the job."""
+    from ffnscope.app.arg_types import check_args
+
+    if "-h" in extra or "--help" in extra:
+        raise UserError("--help is not an option for a job")
+    check_args(build_parser(), ["record", "--out", "checked.h5", *extra])
+
+
 def cmd_record(args) -> int:
     from ffnscope.app.record_view import run_record
 
@@ -460,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["tui"])
     args.argv = list(sys.argv) if argv is None else ["ffnscope", *raw]
     try:
-        _remove_stale_temporaries(args)
-        return COMMANDS[args.command](args)
+        with _locks(args):  # before any state is read, until the last rename
+            _remove_stale_temporaries(args)
+            return COMMANDS[args.command](args)
     except UserError as exc:
         from ffnscope.engine.safe_text import printable  # paths and names in a message are untrusted
 
@@ -475,6 +486,28 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         _fail_own_job(args, f"{exc.__class__.__name__}: {exc}")
         raise
+
+
+def _locks(args):
+    """One writer per file: the files this command writes locked exclusive, the recordings it only
+    reads while writing elsewhere (npl's cache, merge's parts) shared (ffnscope.cache.lock)."""
+    from contextlib import nullcontext
+
+    if args.command == "record":
+        exclusive, shared = [args.out], []
+    elif args.command == "analyze":
+        exclusive, shared = [args.file], []
+    elif args.command == "merge":
+        exclusive, shared = [args.out], [p for p in args.files if Path(p).resolve() != Path(args.out).resolve()]
+    elif args.command == "npl" and args.npl_action != "show":
+        from ffnscope.cache.npl_store import sidecar_path
+
+        exclusive, shared = [sidecar_path(args.file)], [args.file]
+    else:
+        return nullcontext()
+    from ffnscope.cache.lock import locked_all
+
+    return locked_all(exclusive, shared)
 
 
 def _remove_stale_temporaries(args) -> None:

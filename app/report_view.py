@@ -124,7 +124,8 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             series["det"][label] = (d, rows["token_detectors"][ngram].tolist())
             series["tokens"][label] = (d, rows["detected_tokens"][ngram].tolist())
             series["cum"][label] = (d, rows["cumulative_tokens"][ngram].tolist())
-            series["supp"][label] = (d, (100 * rows["suppress_frac"][ngram]).tolist())
+            supp = [(x, 100 * v) for x, v in zip(d, rows["suppress_frac"][ngram].tolist()) if v is not None]
+            series["supp"][label] = ([x for x, _ in supp], [v for _, v in supp])  # layers with no detector: no point
         paper = all(primary_is_tau0(r.meta) for r in readers)
         charts = [("dead neurons (Fig. 1a): never activated, τ=0 (the paper's dead)" if paper else
                    "dead neurons (Fig. 1a) at each recording's firing rule: never above its τ", "dead", "%"),

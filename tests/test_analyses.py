@@ -133,6 +133,9 @@ def test_layer_table_and_ensemble(planted_cache):
     assert first["pos_oscillatory"] == 1 and first["pos_both_extremes"] == 1 and first["pos_one_extreme"] == 1
     assert 0 < first["dead_frac"] < 1
     assert [r["ngram_layer"] for r in rows] == [True, True, False, False]
+    # a layer without token detectors has no suppression share (not 0 %), as the app's per-layer figures say
+    assert [r["suppress_frac"] is None for r in rows] == [r["token_detectors"] in (0, None) for r in rows]
+    assert rows[0]["suppress_frac"] is not None and any(r["suppress_frac"] is None for r in rows)
 
 
 def test_analyze_recomputes_only_what_is_stale(planted_cache):

@@ -1,7 +1,6 @@
 """The notebook API (ffnscope.api): the same tables and detail as the CLI and the app, same code paths."""
 import sys
 
-import numpy as np
 import pytest
 
 import ffnscope

@@ -39,7 +39,7 @@ def test_nothing_runs_after_the_last_recorded_layer(model_dirs, text_file, tmp_p
     lm.adapter.layers[2].register_forward_hook(lambda *_: calls.__setitem__("layer2", calls["layer2"] + 1))
     lm.adapter.layers[3].register_forward_hook(lambda *_: calls.__setitem__("layer3", calls["layer3"] + 1))
     lm.model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
-    monkeypatch.setattr(engine.record, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(ffnscope.engine.record, "load_model", lambda *a, **k: lm)
     state = record_tiny(tmp_path / "c.h5", model_dirs["llama"], [text_file], layers="0-1")
     assert sorted(state.layers) == [0, 1]
     assert calls == {"layer2": 0, "layer3": 0, "lm_head": 0}

@@ -317,3 +317,48 @@ def test_disk_full_npl_fit(small_fs, tmp_path, model_dirs, text_file):
     r = run_cli("npl", "fit", cache, "--device", "cpu", "--tokens", "4096", "--quiet", "--pairs", "grid")
     _assert_storage_failure(r, sidecar_path(cache), None)
     assert not sidecar_path(cache).exists()
+
+
+# --- 5. one writer per file -----------------------------------------------------------------------
+def test_one_writer_per_file(tmp_path, good_cache, model_dirs, text_file):
+    """While a writer holds a cache (a recording, a resume, an analysis), analyze, record --resume,
+    --force, npl fit and merge on it get one line and change nothing; then they run."""
+    from ffnscope.cache.lock import lock_path, locked
+
+    cache = tmp_path / "c.h5"
+    shutil.copyfile(good_cache, cache)
+    before = cache.read_bytes()
+    with locked(cache):  # as a running recording holds it
+        for args in (["analyze", cache],
+                     ["record", "--model", model_dirs["opt"], "--data", text_file, "--out", cache, *SMALL, "--force"],
+                     ["record", "--model", model_dirs["opt"], "--data", text_file, "--out", cache, *SMALL, "--resume"],
+                     ["npl", "fit", cache, "--device", "cpu", "--quiet"],
+                     ["merge", cache, good_cache, "--out", tmp_path / "m.h5"]):
+            r = run_cli(*args)
+            assert_one_line_error(r, "another ffnscope process", f"pid {os.getpid()}", "c.h5")
+        assert cache.read_bytes() == before
+        assert not (tmp_path / "m.h5").exists()
+    assert not lock_path(cache).exists()  # released: the lock file goes with it
+    r = run_cli("analyze", cache, "--only", "dead")
+    assert r.returncode == 0, r.stderr
+    assert not lock_path(cache).exists()
+
+
+def test_readers_share_writers_exclude(tmp_path):
+    from ffnscope.cache.errors import UserError
+    from ffnscope.cache.lock import locked
+
+    path = tmp_path / "c.h5"
+    path.write_bytes(b"x")
+    code = ("import sys; from ffnscope.cache.lock import locked\n"
+            "with locked(sys.argv[1], shared=sys.argv[2] == 's'): print('ok')")
+    with locked(path, shared=True):
+        env = env_for_subprocess()
+        ok = subprocess.run([sys.executable, "-c", code, str(path), "s"], capture_output=True, text=True, env=env)
+        assert ok.stdout.strip() == "ok", ok.stderr
+        no = subprocess.run([sys.executable, "-c", code, str(path), "x"], capture_output=True, text=True, env=env)
+        assert "another ffnscope process" in no.stderr
+    with locked(path):
+        with pytest.raises(UserError, match="another ffnscope process"):
+            with locked(path):  # flock: a second open file description of this process is refused too
+                pass

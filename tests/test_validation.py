@@ -280,3 +280,37 @@ def test_jobs_dismiss_and_clean(tmp_path):
     assert left == ["running.h5.progress.json", "stopped.h5.progress.json"]  # stopped ones can be resumed
     assert main(["jobs", "--dismiss", str(tmp_path / "stopped.h5.progress.json")]) == 0
     assert [j.output.name for j in jobs.list_jobs([tmp_path])] == ["running.h5"]
+
+
+async def test_recordings_screen_dismisses_a_failed_job(tmp_path, hostile_cache):
+    from ffnscope.app.tui.app import FFNScopeApp
+    from ffnscope.app.tui.recordings import RecordingsScreen
+    from tests.tui_helpers import wait_for, wait_screen
+
+    shutil.copyfile(hostile_cache, tmp_path / "c.h5")
+    _progress_file(tmp_path, "c.h5", status="failed", message="analysis failed", command=["ffnscope", "analyze"])
+    app = FFNScopeApp([], dirs=[tmp_path])
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await wait_screen(pilot, RecordingsScreen)
+        await wait_for(pilot, lambda: len(screen.rows) == 1 and screen.rows[0].job is not None, what="the row")
+        assert screen.rows[0].status() == "failed"
+        await pilot.press("d")
+        await wait_for(pilot, lambda: screen.rows and screen.rows[0].job is None, what="the job dismissed")
+        assert screen.rows[0].status() == "complete"
+    assert not (tmp_path / "c.h5.progress.json").exists() and (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("options, needle", [("--topk 0", "--topk"), ("--tau nan", "--tau"),
+                                             ("--bogus 3", "unrecognized"), ("--help", "--help")])
+def test_record_form_refuses_bad_options_in_place(options, needle):
+    """The TUI form's "more options" are checked as the job would check them, before it starts."""
+    from ffnscope.app.tui.record_form import FIELDS, check
+    from ffnscope.cache.errors import UserError
+
+    values = {key: default for key, _label, default, _hint in FIELDS}
+    values.update(name="x", options=options)
+    with pytest.raises(UserError, match="more options") as info:
+        check(values)
+    assert needle in str(info.value)
+    values["options"] = "--tau 0.5 --seq-len 64"
+    assert check(values)["extra"] == ["--tau", "0.5", "--seq-len", "64"]

@@ -66,6 +66,12 @@ def check(values: dict[str, str]) -> dict:
         raise UserError(f"more options: {exc}") from None
     if any(opt in kwargs["extra"] for opt in ("--out", "--model", "--data", "--tokens")):
         raise UserError("more options: --out, --model, --data and --tokens have their own fields")
+    from ffnscope.app.cli import check_record_options
+
+    try:  # refused here, in place, rather than by the job a moment later
+        check_record_options(kwargs["extra"])
+    except UserError as exc:
+        raise UserError(f"more options: {exc}") from None
     return kwargs
 
 

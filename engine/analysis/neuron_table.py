@@ -84,7 +84,7 @@ def layer_table(reader: CacheReader) -> Table:
         rows["detected_trigrams"].append(int(tri[0]))
         rows["new_trigrams"].append(int(tri[1]))
         mine = supp["layer"] == layer
-        rows["suppress_frac"].append(float(supp["suppresses"][mine].mean()) if mine.any() else 0.0)
+        rows["suppress_frac"].append(float(supp["suppresses"][mine].mean()) if mine.any() else None)  # no detector: undefined
         kinds = pos["kind"][i][pos["positional"][i]]
         rows["positional"].append(int(pos["positional"][i].sum()))
         for k, kind in enumerate(KINDS, start=1):
