@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--start-default", action="store_true",
                      help="open the default model's recording, recording it on the built-in corpus first "
                           "when there is none (the quick start)")
-    tui.add_argument("--tokens", type=positive_int, default=16384,
-                     help="tokens for that first recording (default: %(default)s, about a minute on a laptop CPU)")
+    tui.add_argument("--tokens", type=positive_int, default=24576,
+                     help="tokens for that first recording (default: %(default)s, 12 sequences: enough to call "
+                          "positional neurons; several minutes on a 2-core CPU)")
 
     merge = sub.add_parser("merge", help="sum part caches into one")
     merge.add_argument("files", type=Path, nargs="+")

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/ffnscope tui --start-default --tokens "${TOKENS:-16384}" "$@"
+exec .venv/bin/ffnscope tui --start-default --tokens "${TOKENS:-24576}" "$@"

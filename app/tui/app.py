@@ -22,7 +22,7 @@ from ffnscope.cache.npl_store import SUFFIX as NPL_SUFFIX
 from ffnscope.engine import jobs
 
 DEFAULT_NAME = "smollm2-default.h5"
-DEFAULT_TOKENS = 16384  # about a minute on a laptop CPU, model load and analyses included
+DEFAULT_TOKENS = 24576  # 12 sequences of 2048: the fewest at which positional neurons can be called at MI 0.05
 
 
 class FFNScopeApp(App):

@@ -23,7 +23,7 @@ FIELDS = [
     ("name", "output name", "", "file name in the recordings directory, like smollm2-1m"),
     ("model", "model", "default", "default, a HF model directory, a .gguf file or a cached hub id"),
     ("data", "data", "builtin", "builtin, text files, directories or .jsonl files, separated by spaces"),
-    ("tokens", "tokens", "16384", "tokens to record"),
+    ("tokens", "tokens", "24576", "tokens to record"),
     ("layers", "layers", "", "like 0-11,15 (empty: all)"),
     ("device", "device", "auto", "auto, cpu, cuda or cuda:N"),
     ("device_memory", "device memory", "", "weights kept on the device, like 24GiB (empty: all it has)"),
