@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import textwrap
 import sys
 import warnings
 from dataclasses import dataclass
@@ -197,7 +198,8 @@ def write_doc(outcomes: list[Outcome]) -> None:
                f"{len(passed)} architectures exactly as a plain forward pass gives: "
                + ", ".join(o.model_type for o in passed)
                + ". [docs/architectures.md](docs/architectures.md) lists them with the refused ones and why.")
-    readme.write_text(head + README_START + "\n" + summary + "\n" + README_END + tail)
+    readme.write_text(head + README_START + "\n" + textwrap.fill(summary, 100, break_on_hyphens=False) + "\n"
+                      + README_END + tail)
 
 
 def documented_passing() -> tuple[str, set[str]]:
