@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'default' (SmolLM2-135M), a HF model directory, a .gguf file, or a hub id "
                           "already in the local HF cache (default: %(default)s)")
     rec.add_argument("--data", nargs="+", default=["builtin"], metavar="SRC",
-                     help="text files, directories, .jsonl files, or 'builtin' (default: %(default)s)")
+                     help="text files, directories, .jsonl/.jsonl.gz/.jsonl.zst or .parquet files, "
+                          "saved HF dataset directories, or 'builtin' (default: %(default)s)")
     rec.add_argument("--field", default="text", help="JSONL field holding the text (default: %(default)s)")
     rec.add_argument("--tokens", type=positive_int, default=1_000_000, help="tokens to record (default: %(default)s)")
     rec.add_argument("--out", type=Path, required=True, help="the cache file to write (.h5)")

@@ -24,9 +24,17 @@ ROOT = "analysis"
 
 def recording_key(reader: CacheReader) -> str:
     """What an analysis result depends on in the recording itself."""
-    meta = reader.meta
+    return _key(reader.meta, reader.n_tokens, reader.status)
+
+
+def _key_of(f: h5py.File) -> str:
+    """recording_key of an open cache file (the copy an analysis is written into)."""
+    return _key(json.loads(f.attrs["meta"]), int(np.prod(f["data/tokens"].shape)), str(f.attrs["status"]))
+
+
+def _key(meta: dict, n_tokens: int, status: str) -> str:
     basis = [meta["data"]["fingerprint"], meta["model"]["fingerprint"], meta["created"],
-             meta["recording"].get("parts"), reader.n_tokens, reader.status]
+             meta["recording"].get("parts"), n_tokens, status]
     return hashlib.sha256(json.dumps(basis, default=str).encode()).hexdigest()[:16]
 
 
@@ -45,8 +53,14 @@ def is_current(reader: CacheReader, name: str, params: dict, inputs: dict | None
 
 
 def read_group(reader: CacheReader, name: str) -> dict[str, np.ndarray]:
-    """Every dataset of an analysis group, keyed by its path inside the group."""
+    """Every dataset of an analysis group, keyed by its path inside the group. Refuses a result computed
+    on another recording than the one in the file (recorded again, or resumed, since): its numbers
+    would describe other data."""
     group = reader.file[f"{ROOT}/{name}"]
+    made_on = json.loads(group.attrs["recording"]) if "recording" in group.attrs else None
+    if made_on != recording_key(reader):
+        raise UserError(f"the {name} analysis in {reader.path} was computed on another recording than the one "
+                        f"the file now holds; run `ffnscope analyze {reader.path}` to bring it up to date")
     out: dict[str, np.ndarray] = {}
     group.visititems(lambda key, obj: out.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
     return out
@@ -82,8 +96,9 @@ def write_results(path: Path, results: list[Result], recording: str) -> None:
     # a copy of the cache plus the results: refused before HDF5 starts when the disk has no room for it
     with replaced(path, ".analysis", copy=True, failure=f"could not write analyses into {path}",
                   needs=sum(nbytes(r) for r in results)) as f:
-        if f.attrs.get("format") != schema.FORMAT:
-            raise UserError(f"{path} changed while being analysed; run analyze again")
+        if f.attrs.get("format") != schema.FORMAT or _key_of(f) != recording:
+            raise UserError(f"{path} changed while being analysed (another recording is in it now); "
+                            "nothing was written; run analyze again")
         for result in results:
             key = f"{ROOT}/{result.name}"
             if key in f:

@@ -362,3 +362,29 @@ def test_readers_share_writers_exclude(tmp_path):
         with pytest.raises(UserError, match="another ffnscope process"):
             with locked(path):  # flock: a second open file description of this process is refused too
                 pass
+
+
+def test_analyses_of_another_recording_are_refused(hostile_cache, tmp_path):
+    """Analyses carry the key of the recording they were computed on; a file whose recording changed
+    under them (recorded again while an analyze ran) must not show them as its own, and an analyze
+    that finds another recording in the file when it writes writes nothing."""
+    from ffnscope.cache import analysis_store as store
+    from ffnscope.cache.reader import CacheReader
+    from ffnscope.cache.errors import UserError
+
+    cache = tmp_path / "c.h5"
+    shutil.copy(hostile_cache, cache)
+    with CacheReader(cache, "testing") as reader:
+        key = store.recording_key(reader)
+        assert store.read_group(reader, "dead")  # its own analyses read fine
+    with h5py.File(cache, "r+") as f:  # the same file, now holding "another" recording
+        meta = json.loads(f.attrs["meta"])
+        meta["created"] = "2030-01-01T00:00:00Z"
+        f.attrs["meta"] = json.dumps(meta)
+    r = run_cli("export", cache, "--out", tmp_path / "x.csv")
+    assert_one_line_error(r, "computed on another recording", "ffnscope analyze")
+    assert not (tmp_path / "x.csv").exists()
+    before = cache.read_bytes()
+    with pytest.raises(UserError, match="changed while being analysed"):
+        store.write_results(cache, [store.Result("dead", {})], key)  # results of the old recording
+    assert cache.read_bytes() == before
