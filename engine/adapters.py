@@ -127,7 +127,6 @@ def _find_ffn(block: nn.Module, model_type: str) -> dict:
     down = min(downs, key=lambda p: (p.count("."), DOWN_NAMES.index(p.split(".")[-1])))
     mlp = down.rpartition(".")[0]
     ffn = named[mlp] if mlp else block
-    prefix = f"{mlp}." if mlp else ""
     children = dict(ffn.named_children())
     down_module = children[down.split(".")[-1]]
     shape = _weight_shape(down_module)
@@ -160,8 +159,7 @@ def _find_ffn(block: nn.Module, model_type: str) -> dict:
         raise refuse(model_type, "its gated FFN applies the activation as a function, not a module, so act(gate) "
                                  "cannot be read")
     return dict(mlp=mlp, down=down.split(".")[-1], act=acts[0] if acts else None,
-                gate=gate, up=up, fused=fused, down_transposed=transposed, d_ffn=d_ffn,
-                paths=[f"{prefix}{n}" for n in (gate, up, down.split('.')[-1]) if n])
+                gate=gate, up=up, fused=fused, down_transposed=transposed, d_ffn=d_ffn)
 
 
 def locate(model: nn.Module) -> FFNLayout:
@@ -177,8 +175,8 @@ def locate(model: nn.Module) -> FFNLayout:
     widths = {r["d_ffn"] for r in roles}
     if len(widths) > 1:
         raise refuse(model_type, f"its layers have FFNs of different widths ({', '.join(map(str, sorted(widths)))})")
-    shape = {k: v for k, v in roles[0].items() if k != "paths"}
-    if any({k: v for k, v in r.items() if k != "paths"} != shape for r in roles[1:]):
+    shape = roles[0]
+    if any(r != shape for r in roles[1:]):
         raise refuse(model_type, "its layers lay out their FFNs differently")
     holder = _get(model, layers_path.rpartition(".")[0])
     norm = next((name for name in NORM_NAMES if isinstance(getattr(holder, name, None), nn.Module)), None)

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ffnscope.cache.errors import UserError
 from ffnscope.engine import data as data_module
 from ffnscope.engine.data import open_sources, pack
 from tests.tiny_tokenizer import BOS_ID, EOS_ID, make_tokenizer
+from tests.test_data import user_error
 
 DOMAINS = [None, "news", "code", None, "web"]
 
@@ -80,14 +80,6 @@ def formats(tmp_path: Path, rows: list[dict]) -> dict[str, Path]:
 
 def read(path: Path, **kwargs) -> list[tuple[str, str]]:
     return [(d.text, d.domain) for d in open_sources([str(path)], **kwargs).documents()]
-
-
-def user_error(call) -> str:
-    with pytest.raises(UserError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def test_formats_read_as_the_plain_jsonl(tmp_path, tokenizer):
