@@ -49,6 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ffnscope.engine import jobs  # noqa: E402  (light: no torch)
+
 CLI = [sys.executable, "-m", "ffnscope"]
 # the findings compared; "suppressing detectors" are token detectors whose update suppresses their triggers
 MAIN = ("token detectors", "positional neurons", "suppressing detectors")
@@ -133,18 +135,6 @@ def tail(log: Path, lines: int = 12) -> str:
     return "\n".join("    | " + line for line in text[-lines:])
 
 
-def cache_status(path: Path) -> str | None:
-    """'complete', 'partial', or None when there is no readable cache."""
-    if not path.exists():
-        return None
-    try:
-        from ffnscope.cache.reader import CacheReader
-        with CacheReader(path) as reader:
-            return reader.status
-    except Exception:  # noqa: BLE001 - unreadable: record again
-        return "unreadable"
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")[:40] or "x"
 
@@ -179,7 +169,7 @@ def ensure_recorded(args, rule: str) -> list[Half]:
     for i, path in enumerate(cache_paths(args, rule), start=1):
         half = Half(i, path)
         halves.append(half)
-        status = None if args.force else cache_status(path)
+        status = None if args.force else jobs.cache_status(path)  # None also for unreadable: recorded again
         if status == "complete":
             print(f"  part {i}/2: reusing {path}", flush=True)
             continue

@@ -86,7 +86,8 @@ def merge_topk(values: list[np.ndarray], indices: list[np.ndarray], gs: list[np.
 
 @dataclass
 class LayerState:
-    fire_count: np.ndarray      # (n_taus, d_ffn) int64: tokens where act > tau, per threshold
+    fire_count: np.ndarray      # (n_taus[+1], d_ffn) int64: tokens where act > tau, per threshold; a relative
+                                # rule adds a last row at the layer's own tau (meta recording.primary_index)
     g_sum: np.ndarray           # (d_ffn,) float64
     g_sumsq: np.ndarray         # (d_ffn,) float64
     g_max: np.ndarray           # (d_ffn,) float32

@@ -330,7 +330,7 @@ def cancel(job: Job, sig: int = signal.SIGINT) -> bool:
     return True
 
 
-def _cache_status(path: Path) -> str | None:
+def cache_status(path: Path) -> str | None:
     """'complete' or 'partial' for a readable cache, None otherwise (no torch: h5py attributes only)."""
     if not path.is_file():
         return None
@@ -361,7 +361,7 @@ def resume(job: Job, env: dict | None = None) -> Job:
         return _launch(job.output, args, env, job.cwd)
     if not args:
         raise UserError(f"the progress file of {job.output} does not say which command to resume")
-    status = _cache_status(job.output)
+    status = cache_status(job.output)
     if status == "complete":
         if "--analyze" in args:
             return start_analyze(job.output, env=env)
@@ -401,7 +401,7 @@ def kept_work(job: Job) -> str:
     if job.phase in ("analyzing", "done"):
         return "the recording is complete; only its analyses stop"
     done = 0
-    if _cache_status(job.output) == "partial":  # the checkpoint on disk, not the shard under way
+    if cache_status(job.output) == "partial":  # the checkpoint on disk, not the shard under way
         from ffnscope.cache.reader import CacheReader
 
         try:

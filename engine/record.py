@@ -215,7 +215,7 @@ def model_max_len(lm: LoadedModel) -> int:
 def empty_state(meta: dict, counted: dict[int, np.ndarray]) -> RecordingState:
     rec, model = meta["recording"], meta["model"]
     seq_len, d_ffn, vocab = meta["data"]["seq_len"], model["d_ffn"], model["vocab_size"]
-    n_rows = rec["primary_index"] + 1 if rec["primary_index"] == len(rec["taus"]) else len(rec["taus"])
+    n_rows = max(len(rec["taus"]), rec["primary_index"] + 1)  # a relative rule's per-layer tau is one row more
     layers = {i: LayerState.zeros(n_rows, d_ffn, seq_len, rec["topk"], counted.get(i))
               for i in rec["layers"]}
     data = DataState(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int64), np.zeros((0, seq_len), np.uint8),
