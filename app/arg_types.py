@@ -95,13 +95,50 @@ def layer_list(text: str) -> str:
 
 def tau_rule(text: str) -> str:
     from ffnscope.cache.errors import UserError
-    from ffnscope.engine.meta import parse_tau_rule
+    from ffnscope.engine.record.meta import parse_tau_rule
 
     try:
         parse_tau_rule(text)
     except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace(f"--tau-rule '{text}' is", f"'{text}' is")) from None
     return text
+
+
+def part(text: str):
+    """--part: i/n, or auto (from torchrun's or a Slurm array's environment, resolved by the command)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not i/n (for example 2/8) or auto") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"'{text}' is out of range; use i/n with 1 <= i <= n")
+    return i, n
+
+
+def max_freq(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not auto or a fraction like 0.05") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction in (0, 1] like 0.05, or auto")
+    return value
+
+
+def byte_size(option: str):
+    def parse(text: str) -> int:
+        from ffnscope.cache.errors import UserError
+        from ffnscope.engine.units import parse_bytes
+
+        try:
+            return parse_bytes(text, option)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 def check_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

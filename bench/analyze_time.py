@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import h5py  # noqa: E402
 
 from ffnscope.cache.reader import CacheReader  # noqa: E402
-from ffnscope.engine.analysis.run import NAMES, analyze  # noqa: E402
+from ffnscope.cache.schema import ANALYSES  # noqa: E402
+from ffnscope.engine.analysis.job import analyze  # noqa: E402
 from ffnscope.engine.units import human  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main() -> None:
           f"n-gram layers {len(meta['recording']['ngram_layers'])}")
     for name, (a, b) in zip(started, zip(marks[1:], marks[2:])):
         print(f"  {name:12s} {b - a:6.1f} s")
-    print(f"analyze total  {total:.1f} s (all of {', '.join(NAMES)}, storing included)")
+    print(f"analyze total  {total:.1f} s (all of {', '.join(ANALYSES)}, storing included)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dense = meta["model"]["vocab_size"] * meta["model"]["d_ffn"] * 8 * len(meta["recording"]["ngram_layers"])
     print(f"peak memory    {human(peak)} (dense vocabulary x neurons int64 counts for all n-gram layers "

@@ -26,15 +26,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ffnscope.cache.npl_store import sequence_hashes  # noqa: E402
-from ffnscope.engine.data import open_sources, pack  # noqa: E402
-from ffnscope.engine.models import load_model  # noqa: E402
+from ffnscope.engine.data.sources import open_sources
+from ffnscope.engine.data.packing import pack  # noqa: E402
+from ffnscope.engine.model.load import load_model  # noqa: E402
 from ffnscope.engine.npl.fit import FitOptions, fit_maps  # noqa: E402
-from ffnscope.engine.npl.jobs import split_sequences  # noqa: E402
+from ffnscope.engine.npl.job import split_sequences  # noqa: E402
 from ffnscope.engine.npl.layout import chunks, parse_pairs, substituted  # noqa: E402
 from ffnscope.engine.npl.report import format_table1  # noqa: E402
 from ffnscope.engine.npl.substitute import (Maps, Setting, forward_throughput, mapping_fn, run_settings,  # noqa: E402
                                    table1_rows, table1_settings)
-from ffnscope.engine.record import special_ids  # noqa: E402
+from ffnscope.engine.data.packing import special_ids  # noqa: E402
 
 
 def main() -> None:

@@ -23,13 +23,16 @@ import torch  # noqa: E402
 
 from ffnscope.cache import schema  # noqa: E402
 from ffnscope.cache.store import write_state  # noqa: E402
-from ffnscope.engine.budget import plan_device  # noqa: E402
-from ffnscope.engine.data import open_sources, pack  # noqa: E402
-from ffnscope.engine.layer_runner import param_bytes  # noqa: E402
-from ffnscope.engine.meta import build_meta  # noqa: E402
-from ffnscope.engine.models import load_model  # noqa: E402
-from ffnscope.engine.record import RecordConfig, empty_state, special_ids  # noqa: E402
-from ffnscope.engine.streaming import Recorder  # noqa: E402
+from ffnscope.engine.model.plan import plan_device  # noqa: E402
+from ffnscope.engine.data.sources import open_sources
+from ffnscope.engine.data.packing import pack  # noqa: E402
+from ffnscope.engine.model.runner import param_bytes  # noqa: E402
+from ffnscope.engine.record.meta import build_meta  # noqa: E402
+from ffnscope.engine.model.load import load_model  # noqa: E402
+from ffnscope.engine.record.config import RecordConfig
+from ffnscope.engine.record.job import empty_state
+from ffnscope.engine.data.packing import special_ids  # noqa: E402
+from ffnscope.engine.record.executor import Recorder  # noqa: E402
 
 
 def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:
@@ -107,14 +110,14 @@ def main() -> None:
                           calib_tokens=args.seq_len * per_batch)
     meta = build_meta(config, lm, sources, packed, args.seq_len, start_id, sep_id)
     # warm-up: JIT-compile the CPU kernels and touch the weights once, outside every timing
-    from ffnscope.engine.stats import cpu_kernels
+    from ffnscope.engine.record.stats import cpu_kernels
 
     if cpu_kernels is not None:
         g = np.zeros((args.seq_len, 64), np.float32)
         cpu_kernels.batch_stats(g, g, np.zeros(1, np.float32), 0, args.seq_len, np.zeros((1, 64), np.int64),
                                 np.zeros(64), np.zeros(64), np.zeros(64, np.float32),
                                 np.zeros((args.seq_len, 64), np.int64), np.zeros((1, 64), np.float32),
-                                np.zeros((1, 64), np.int64), np.zeros(64, np.int64))
+                                np.zeros((1, 64), np.int64), np.zeros((1, 64), np.float32), np.zeros(64, np.int64))
     bare_forward(lm, tokens[:per_batch], per_batch)  # first touch of the batch buffers
 
     # bare forward and recording alternate, --repeat times: this machine's speed drifts by 10-25 %

@@ -49,7 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ffnscope.engine import jobs  # noqa: E402  (light: no torch)
+from ffnscope.cache.schema import COMPLETE  # noqa: E402
+from ffnscope.engine.jobs import launcher as jobs  # noqa: E402  (light: no torch)
 
 CLI = [sys.executable, "-m", "ffnscope"]
 # the findings compared; "suppressing detectors" are token detectors whose update suppresses their triggers
@@ -170,7 +171,7 @@ def ensure_recorded(args, rule: str) -> list[Half]:
         half = Half(i, path)
         halves.append(half)
         status = None if args.force else jobs.cache_status(path)  # None also for unreadable: recorded again
-        if status == "complete":
+        if status == COMPLETE:
             print(f"  part {i}/2: reusing {path}", flush=True)
             continue
         cmd = [*CLI, "record", *record_args(args, rule), "--part", f"{i}/2", "--out", str(path), "--quiet"]

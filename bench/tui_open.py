@@ -1,7 +1,7 @@
 """How fast the TUI opens a big cache and answers filter and sort keys, and its memory.
 
-    python bench/synthetic_cache.py /tmp/opt66b.h5          # OPT-66b's shape: 64 x 36,864 neurons
-    python bench/tui_open.py /tmp/opt66b.h5
+    python -m tests.synthetic_cache /tmp/opt66b.h5          # OPT-66b's shape: 64 x 36,864 neurons
+    python bench/tui_open.py /tmp/opt66b.h5                 # (or --generate: makes it first when missing)
 
 Runs the real app headless (Textual's Pilot) at 80x24: start -> layers screen -> `a` (every
 neuron of every layer) -> a usable neurons screen; then each key of a filter/sort session. A timed
@@ -149,5 +149,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache", type=Path)
     parser.add_argument("--repeat", type=int, default=1, help="run the key session this many times")
+    parser.add_argument("--generate", action="store_true",
+                        help="if CACHE is missing, first write it: the synthetic OPT-66b-shaped cache of "
+                             "tests/synthetic_cache.py")
     args = parser.parse_args()
+    if args.generate and not args.cache.exists():
+        from tests.synthetic_cache import main as generate_cache
+
+        if generate_cache([str(args.cache)]) not in (0, 1):  # 1: generated, with planted/found differences
+            sys.exit(2)
     asyncio.run(main(args.cache, args.repeat))

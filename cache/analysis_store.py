@@ -16,34 +16,36 @@ import numpy as np
 
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
+from ffnscope.cache.provenance import Provenance
 from ffnscope.cache.reader import CacheReader
 from ffnscope.cache.store import nbytes, replaced
 
 ROOT = "analysis"
+# every stored analysis, in dependency order (engine.analysis.job runs them; explore and the CLI list them)
 
 
 def recording_key(reader: CacheReader) -> str:
     """What an analysis result depends on in the recording itself."""
-    return _key(reader.meta, reader.n_tokens, reader.status)
+    return _key(reader.provenance, reader.n_tokens, reader.status)
 
 
 def _key_of(f: h5py.File) -> str:
     """recording_key of an open cache file (the copy an analysis is written into)."""
-    return _key(json.loads(f.attrs["meta"]), int(np.prod(f["data/tokens"].shape)), str(f.attrs["status"]))
+    return _key(Provenance.from_meta(json.loads(f.attrs["meta"])), int(np.prod(f["data/tokens"].shape)),
+                str(f.attrs["status"]))
 
 
-def _key(meta: dict, n_tokens: int, status: str) -> str:
-    basis = [meta["data"]["fingerprint"], meta["model"]["fingerprint"], meta["created"],
-             meta["recording"].get("parts"), n_tokens, status]
+def _key(prov: Provenance, n_tokens: int, status: str) -> str:
+    basis = [prov.data.fingerprint, prov.model.fingerprint, prov.created, prov.recording.parts, n_tokens, status]
     return hashlib.sha256(json.dumps(basis, default=str).encode()).hexdigest()[:16]
 
 
 def stored(reader: CacheReader, name: str) -> dict | None:
     """-> {"params": ..., "recording": ..., "inputs": ...} of a stored analysis, or None."""
-    group = reader.file.get(f"{ROOT}/{name}")
-    if group is None:
+    attrs = reader.attrs(f"{ROOT}/{name}")
+    if attrs is None:
         return None
-    return {key: json.loads(group.attrs[key]) for key in ("params", "recording", "inputs") if key in group.attrs}
+    return {key: json.loads(attrs[key]) for key in ("params", "recording", "inputs") if key in attrs}
 
 
 def is_current(reader: CacheReader, name: str, params: dict, inputs: dict | None = None) -> bool:
@@ -52,18 +54,34 @@ def is_current(reader: CacheReader, name: str, params: dict, inputs: dict | None
             and info.get("inputs", {}) == (inputs or {}))
 
 
+def require(reader: CacheReader, names=schema.ANALYSES) -> None:
+    """UserError unless every named analysis is stored and was computed on the recording the file
+    holds now: a result of another recording (recorded again, or resumed, since) describes other data."""
+    missing = [n for n in names if stored(reader, n) is None]
+    if missing:
+        raise UserError(f"{reader.path} has no {', '.join(missing)} analysis yet; run `ffnscope analyze "
+                        f"{reader.path}` first")
+    key = recording_key(reader)
+    for name in names:
+        if stored(reader, name).get("recording") != key:
+            raise UserError(f"the {name} analysis in {reader.path} was computed on another recording than the "
+                            f"one the file now holds; run `ffnscope analyze {reader.path}` to bring it up to date")
+
+
 def read_group(reader: CacheReader, name: str) -> dict[str, np.ndarray]:
-    """Every dataset of an analysis group, keyed by its path inside the group. Refuses a result computed
-    on another recording than the one in the file (recorded again, or resumed, since): its numbers
-    would describe other data."""
-    group = reader.file[f"{ROOT}/{name}"]
-    made_on = json.loads(group.attrs["recording"]) if "recording" in group.attrs else None
-    if made_on != recording_key(reader):
-        raise UserError(f"the {name} analysis in {reader.path} was computed on another recording than the one "
-                        f"the file now holds; run `ffnscope analyze {reader.path}` to bring it up to date")
-    out: dict[str, np.ndarray] = {}
-    group.visititems(lambda key, obj: out.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
+    """Every dataset of an analysis group, keyed by its path inside the group; UserError for one that is
+    missing or stale (require)."""
+    require(reader, (name,))
+    return reader.datasets(f"{ROOT}/{name}")
+
+
+def read_unchecked(reader: CacheReader, name: str, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """Some datasets of a stored analysis without read_group's staleness check, None when there is no
+    such analysis: for what describes the data rather than the results (positional's "too few
+    sequences per position" verdict)."""
+    if reader.attrs(f"{ROOT}/{name}") is None:
+        return None
+    return reader.datasets(f"{ROOT}/{name}", keys)
 
 
 class Result:

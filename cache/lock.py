@@ -10,6 +10,7 @@ import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from ffnscope.cache.atomic import process_alive
 from ffnscope.cache.errors import UserError
 
 
@@ -19,11 +20,13 @@ def lock_path(path: Path) -> Path:
 
 
 def _holder(lock: Path) -> str:
+    """' (pid N)' of the writer that holds the lock; nothing when the pid in the file is not alive
+    (a killed writer's, under a reader that now holds the file)."""
     try:
         pid = lock.read_text().strip()
     except OSError:
         return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+    return f" (pid {pid})" if pid.isdigit() and process_alive(int(pid)) else ""
 
 
 @contextmanager

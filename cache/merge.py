@@ -1,12 +1,23 @@
-"""Merge caches recorded as disjoint parts (`record --part i/n`) of one recording."""
+"""Merge caches recorded as disjoint parts (`record --part i/n`) of one recording.
+
+The merge streams: it holds one layer of one part beside the layer it accumulates, and copies token
+streams and activation samples block by block, so its memory does not grow with the number of parts.
+Parts are added in data order (by their first sequence), whatever order they are given in.
+"""
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import h5py
+import numpy as np
 
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
-from ffnscope.cache.state import RecordingState, ngram_drop_limit
-from ffnscope.cache.store import read_state, write_state
+from ffnscope.cache.state import GramCounts, LayerState, ngram_drop_limit
+from ffnscope.cache.store import empty_array, open_file, put_array, read_layer, read_state, replaced, write_layer
 
 # recording settings that change what is counted: caches differing in one of them never add up
 _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_freq", "calib_tokens",
@@ -14,6 +25,7 @@ _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_f
 # derived from the data and model during a run (calibration, n-gram bound): equal for the parts of one
 # recording; a resumed run takes them from the cache it continues, so they are compared for merges only
 _DERIVED = ("layer_taus", "ngram_bound")
+_BLOCK_BYTES = 32 << 20  # rows copied at a time: bounded memory whatever the size of a part
 
 
 def check_same_recording(old: dict, new: dict, path: Path, for_resume: bool) -> None:
@@ -34,7 +46,39 @@ def check_same_recording(old: dict, new: dict, path: Path, for_resume: bool) -> 
             raise UserError(f"{path} was recorded with another {what} ({a} vs {b}); {fix}")
 
 
-def merge(inputs: list[Path], out: Path, force: bool = False) -> RecordingState:
+@dataclass
+class Merged:
+    """What a merge wrote: its meta and token count (the arrays stay in the file)."""
+    path: Path
+    meta: dict
+    n_tokens: int
+
+    @property
+    def layers(self) -> dict[int, LayerState]:
+        """The merged layers, read back from the file whole (for inspection, not for big caches)."""
+        return read_state(self.path, "reading the merge").layers
+
+
+@dataclass
+class _Part:
+    path: Path
+    file: h5py.File
+    meta: dict
+    seq_index: np.ndarray
+    sample_index: np.ndarray
+
+
+@contextmanager
+def _reading(path: Path):
+    """A read of a part that fails becomes the one line read_state gives for a damaged cache."""
+    try:
+        yield
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"{path} is damaged ({exc.__class__.__name__}: {str(exc).splitlines()[0]}); "
+                        "record it again") from None
+
+
+def merge(inputs: list[Path], out: Path, force: bool = False) -> Merged:
     if len(inputs) < 2:
         raise UserError("merge needs at least two part caches")
     out = Path(out)
@@ -42,36 +86,156 @@ def merge(inputs: list[Path], out: Path, force: bool = False) -> RecordingState:
         raise UserError(f"{out} exists; choose another --out or add --force")
     if any(Path(p).resolve() == out.resolve() for p in inputs):
         raise UserError(f"--out {out} is one of the inputs; write the merge to a new file")
-    states = [read_state(p, "merging") for p in inputs]
-    for path, state in zip(inputs, states):
-        if state.status != schema.COMPLETE:
-            raise UserError(f"{path} is partial; finish it with `ffnscope record ... --resume` before merging")
-    first = states[0]
+    with ExitStack() as stack:
+        parts = []
+        for path in map(Path, inputs):
+            f = stack.enter_context(open_file(path, "merging"))
+            with _reading(path):
+                parts.append(_Part(path, f, json.loads(f.attrs["meta"]), f["data/seq_index"][:],
+                                   f["samples/index"][:]))
+        for part in parts:
+            if part.file.attrs.get("status") != schema.COMPLETE:
+                raise UserError(f"{part.path} is partial; finish it with `ffnscope record ... --resume` "
+                                "before merging")
+        meta, seen = _check_parts(parts)
+        first = parts[0]
+        parts.sort(key=lambda p: int(p.seq_index[0]) if len(p.seq_index) else -1)  # data order
+        n_tokens = sum(int(p.file["data/tokens"].size) for p in parts)
+        rec = meta["recording"]
+        n_parts = rec["part"][1]
+        rec["parts"] = sorted([i, n_parts] for i in seen)
+        rec["merged_from"] = [str(p) for p in inputs]
+        rec["part_tokens"] = n_tokens
+        rec["seq_range"] = [min(p.meta["recording"]["seq_range"][0] for p in parts),
+                            max(p.meta["recording"]["seq_range"][1] for p in parts)]
+        if len(seen) == n_parts:
+            rec["part"] = [1, 1]
+        with replaced(out, failure=f"could not write {out}", needs=_needs(parts)) as f:
+            f.attrs["format"] = schema.FORMAT
+            f.attrs["schema_version"] = schema.SCHEMA_VERSION
+            f.attrs["status"] = schema.COMPLETE
+            f.attrs["shards_done"] = int(first.file.attrs["shards_done"])
+            f.attrs["meta"] = json.dumps(meta)
+            _write_data(f.create_group("data"), parts)
+            limit, primary = ngram_drop_limit(rec), rec["primary_index"]
+            for name in first.file["layers"]:
+                write_layer(f.create_group(schema.layer_group(int(name))), _merged_layer(parts, name, limit, primary))
+            with _reading(first.path):
+                f.copy(first.file["tokenizer"], f, name="tokenizer")
+            _write_samples(f.create_group("samples"), parts)
+    return Merged(out, meta, n_tokens)
+
+
+def _check_parts(parts: list[_Part]) -> tuple[dict, dict[int, Path]]:
+    """Same recording, one split, each part once; -> the first's meta, part number -> its file."""
+    first = parts[0].meta
     seen: dict[int, Path] = {}
-    for path, state in zip(inputs, states):
-        check_same_recording(first.meta, state.meta, Path(path), for_resume=False)
-        for part in state.meta["recording"].get("parts", [state.meta["recording"]["part"]]):
-            if part[1] != first.meta["recording"]["part"][1]:
-                raise UserError(f"{path} is part {part[0]}/{part[1]}, not of the same split into "
-                                f"{first.meta['recording']['part'][1]} parts; merge parts of one split")
-            if part[0] in seen:
-                raise UserError(f"{path} overlaps {seen[part[0]]} (both hold part {part[0]}/{part[1]}); "
-                                "merge each part once")
-            seen[part[0]] = Path(path)
-    merged = states[0]
-    for state in states[1:]:
-        merged.add(state)
-    rec = merged.meta["recording"]
-    for layer in merged.layers.values():  # as the recorder drops them after each shard: one recording's cache
-        layer.drop_ngrams_over(ngram_drop_limit(rec), rec["primary_index"])
-    n_parts = rec["part"][1]
-    rec["parts"] = sorted([i, n_parts] for i in seen)
-    rec["merged_from"] = [str(p) for p in inputs]
-    rec["part_tokens"] = merged.n_tokens
-    lo = min(s.meta["recording"]["seq_range"][0] for s in states)
-    hi = max(s.meta["recording"]["seq_range"][1] for s in states)
-    rec["seq_range"] = [lo, hi]
-    if len(seen) == n_parts:
-        rec["part"] = [1, 1]
-    write_state(out, merged, schema.COMPLETE)
-    return merged
+    for part in parts:
+        check_same_recording(first, part.meta, part.path, for_resume=False)
+        for number in part.meta["recording"].get("parts", [part.meta["recording"]["part"]]):
+            if number[1] != first["recording"]["part"][1]:
+                raise UserError(f"{part.path} is part {number[0]}/{number[1]}, not of the same split into "
+                                f"{first['recording']['part'][1]} parts; merge parts of one split")
+            if number[0] in seen:
+                raise UserError(f"{part.path} overlaps {seen[number[0]]} (both hold part {number[0]}/"
+                                f"{number[1]}); merge each part once")
+            seen[number[0]] = part.path
+    return json.loads(json.dumps(first)), seen
+
+
+def _needs(parts: list[_Part]) -> int:
+    """Uncompressed bytes of the merged cache, an upper bound: what grows with the data (token streams,
+    samples, n-gram counts) summed over the parts, each layer's fixed-size arrays once."""
+    fixed = set(schema.LAYER_ARRAYS) | {"ngram_counted"}
+    total = 0
+    for i, part in enumerate(parts):
+        def visit(name, obj, i=i):
+            nonlocal total
+            if isinstance(obj, h5py.Dataset) and (i == 0 or not (name.split("/")[-1] in fixed
+                                                                 or name.startswith("tokenizer/"))):
+                total += obj.size * obj.dtype.itemsize + 4096
+        part.file.visititems(visit)
+    return total
+
+
+def _runs(dest: np.ndarray):
+    """(source start, source stop, destination start) of each run of consecutive destination rows."""
+    if not len(dest):
+        return
+    breaks = np.flatnonzero(np.diff(dest) != 1) + 1
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(dest)]):
+        yield int(lo), int(hi), int(dest[lo])
+
+
+def _destinations(keys: list[np.ndarray]) -> list[np.ndarray]:
+    """Where each part's rows go in the merged order (ascending global index)."""
+    order = np.argsort(np.concatenate(keys), kind="stable")
+    dest = np.empty(len(order), np.int64)
+    dest[order] = np.arange(len(order))
+    bounds = np.cumsum([0] + [len(k) for k in keys])
+    return [dest[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _copy_rows(part: _Part, source: h5py.Dataset, target: h5py.Dataset, dest: np.ndarray, lead=()) -> None:
+    """Copy rows (axis len(lead)) of source to rows `dest` of target, a block at a time."""
+    row_bytes = max(1, source.dtype.itemsize * int(np.prod(source.shape[len(lead) + 1:], dtype=np.int64)))
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    for lo, hi, at in _runs(dest):
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            with _reading(part.path):
+                block = source[(*lead, slice(a, b))]
+            target[(*lead, slice(at + a - lo, at + b - lo))] = block
+
+
+def _write_data(group: h5py.Group, parts: list[_Part]) -> None:
+    dest = _destinations([p.seq_index for p in parts])
+    put_array(group, "seq_index", np.sort(np.concatenate([p.seq_index for p in parts]), kind="stable"))
+    for name in ("tokens", "domains"):
+        like = parts[0].file["data"][name]
+        target = empty_array(group, name, (sum(len(p.seq_index) for p in parts), *like.shape[1:]), like.dtype)
+        for part, rows in zip(parts, dest):
+            _copy_rows(part, part.file["data"][name], target, rows)
+    unigram, grams = None, {}
+    for part in parts:
+        data = part.file["data"]
+        with _reading(part.path):
+            counts = data["unigram"][:]
+            unigram = counts if unigram is None else unigram + counts
+            for key in (k for k in data if k.startswith("gram")):
+                addend = GramCounts(data[key]["gram"][:], data[key]["count"][:])
+                grams[key] = GramCounts.reduce([grams[key], addend]) if key in grams else addend
+    put_array(group, "unigram", unigram)
+    for key, counts in grams.items():
+        put_array(group, f"{key}/gram", counts.gram)
+        put_array(group, f"{key}/count", counts.count)
+
+
+def _merged_layer(parts: list[_Part], name: str, limit: int | None, primary: int) -> LayerState:
+    """One layer summed over the parts, read one part at a time."""
+    layer = None
+    for part in parts:
+        with _reading(part.path):
+            addend = read_layer(part.file["layers"][name])
+        if layer is None:
+            layer = addend
+        else:
+            layer.add(addend)
+        del addend  # before the next part's layer is read
+    layer.drop_ngrams_over(limit, primary)  # as the recorder drops them after each shard
+    return layer
+
+
+def _write_samples(group: h5py.Group, parts: list[_Part]) -> None:
+    """Activation samples in global token order, one layer of one part at a time."""
+    dest = _destinations([p.sample_index for p in parts])
+    put_array(group, "index", np.sort(np.concatenate([p.sample_index for p in parts]), kind="stable"))
+    like = parts[0].file["samples/acts"]
+    n = sum(len(p.sample_index) for p in parts)
+    shape = (like.shape[0], n, like.shape[2])
+    # write_state's layout: chunks of one layer x up to 256 samples, uncompressed
+    target = group.create_dataset("acts", shape=shape, dtype=like.dtype,
+                                  chunks=(1, max(1, min(n, 256)), shape[2]) if n and shape[0] and shape[2] else None)
+    for layer in range(shape[0]):
+        for part, rows in zip(parts, dest):
+            _copy_rows(part, part.file["samples/acts"], target, rows, lead=(layer,))

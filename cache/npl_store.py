@@ -19,7 +19,7 @@ is refused.
 
 The sidecar is tied to its cache by the cache's model fingerprint, data fingerprint and creation
 time (meta["cache"]); a sidecar whose cache was recorded again is refused as stale. It is only
-ever replaced whole (temporary file, fsync, rename), so a killed job never leaves a torn file.
+ever replaced whole (cache.atomic: temporary file, fsync, rename), so a killed job never leaves a torn file.
 """
 from __future__ import annotations
 

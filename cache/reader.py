@@ -1,13 +1,16 @@
-"""Read a cache lazily: metadata at once, arrays only when asked, one layer at a time."""
+"""Read a cache lazily: metadata at once, arrays only when asked, one layer at a time. The h5py file
+stays inside: callers get arrays, attributes and the typed provenance (cache.provenance)."""
 from __future__ import annotations
 
 import json
 from functools import cached_property
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from ffnscope.cache import schema
+from ffnscope.cache.provenance import Provenance
 from ffnscope.cache.state import GramCounts, Sparse
 from ffnscope.cache.store import open_file, read_sparse, read_strings
 
@@ -16,11 +19,6 @@ class CacheReader:
     def __init__(self, path: Path, purpose: str = "reading it"):
         self.path = Path(path)
         self._file = open_file(self.path, purpose)
-
-    @property
-    def file(self):
-        """The open h5py file, for modules that know the schema (cache.analysis_store)."""
-        return self._file
 
     def close(self) -> None:
         self._file.close()
@@ -34,6 +32,11 @@ class CacheReader:
     @cached_property
     def meta(self) -> dict:
         return json.loads(self._file.attrs["meta"])
+
+    @cached_property
+    def provenance(self) -> Provenance:
+        """The meta dict as typed fields (cache.provenance): what readers should use."""
+        return Provenance.from_meta(self.meta)
 
     @property
     def status(self) -> str:
@@ -56,7 +59,34 @@ class CacheReader:
         return self._file[schema.layer_group(layer)][name][rows]
 
     def primary_fire_count(self, layer: int) -> np.ndarray:
-        return self.array(layer, "fire_count", self.meta["recording"]["primary_index"])
+        return self.array(layer, "fire_count", self.provenance.recording.primary_index)
+
+    def ngram_counted(self, layer: int) -> np.ndarray | None:
+        """Which neurons of a layer have n-gram counts (bool), or None outside the n-gram layers."""
+        group = self._file[schema.layer_group(layer)]
+        return group["ngram_counted"][:].astype(bool) if "ngram_counted" in group else None
+
+    def unigram(self) -> np.ndarray:
+        """The data's token occurrence counts (data/unigram)."""
+        return self._file["data/unigram"][:]
+
+    def seq_index(self) -> np.ndarray:
+        return self._file["data/seq_index"][:]
+
+    def attrs(self, path: str) -> dict[str, str] | None:
+        """The attributes of a group (as stored: JSON text), or None when there is no such group. With
+        datasets(), all that cache.analysis_store needs: the reader never hands out its h5py file."""
+        group = self._file.get(path)
+        return None if group is None else dict(group.attrs)
+
+    def datasets(self, path: str, keys=None) -> dict[str, np.ndarray]:
+        """Every dataset under a group (or only `keys` among them), keyed by its path inside the group."""
+        group = self._file[path]
+        if keys is not None:
+            return {key: group[key][()] for key in keys if key in group}
+        out: dict[str, np.ndarray] = {}
+        group.visititems(lambda key, obj: out.__setitem__(key, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return out
 
     def tokens(self, rows=slice(None)) -> np.ndarray:
         return self._file["data/tokens"][rows]

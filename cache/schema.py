@@ -2,11 +2,15 @@
 docs/cache-format.md describes the layout for people; this module is the one place code reads it from."""
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FORMAT = "ffnscope-recording"
 SCHEMA_VERSION = 2  # v2: top-k ranked by act with g beside it, a start-token slot, unigram g sums
 PARTIAL, COMPLETE = "partial", "complete"
+ANALYSES = ("dead", "ngrams", "positional", "suppression")  # stored beside the recording, in dependency order
 
 LAYER_ARRAYS = ("fire_count", "g_sum", "g_sumsq", "g_max", "pos_fire", "topk_value", "topk_index", "topk_g",
                 "start_value", "start_index", "start_g")
@@ -20,6 +24,8 @@ def layer_group(index: int) -> str:
 def encode_grams(windows: np.ndarray, vocab_size: int) -> np.ndarray:
     """(..., n) token ids -> int64 keys, base vocab_size, first token most significant.
     Exact for n <= 3 and vocabularies under two million tokens."""
+    import numpy as np  # here, so the CLI reads this module's names without numpy
+
     key = np.zeros(windows.shape[:-1], np.int64)
     for i in range(windows.shape[-1]):
         key = key * vocab_size + windows[..., i]
@@ -28,6 +34,8 @@ def encode_grams(windows: np.ndarray, vocab_size: int) -> np.ndarray:
 
 def decode_grams(keys: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
     """int64 keys -> (len(keys), n) token ids."""
+    import numpy as np
+
     out = np.empty((len(keys), n), np.int64)
     rest = np.asarray(keys, np.int64).copy()
     for i in range(n - 1, -1, -1):

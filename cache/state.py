@@ -2,7 +2,9 @@
 
 Everything a recording holds is additive over disjoint data (counts and sums add, maxima and
 top-k merge, token streams and samples concatenate), so the same `add` serves a shard finishing,
-a resumed recording and the merge of part caches.
+a resumed recording and the merge of part caches (which adds LayerStates one layer at a time and
+copies token streams and samples itself: cache.merge). Top-k ties go to the smaller token index,
+here and in the recorder's own per-batch merge (engine.record.stats), so any split adds up exactly.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ class GramCounts:
 def merge_topk(values: list[np.ndarray], indices: list[np.ndarray], gs: list[np.ndarray],
                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per column, the k largest values (ties: smaller token index first) with their token index and
-    g; empty slots are -inf / -1 / NaN. engine.stats.LayerStats merges by the same rule."""
+    g; empty slots are -inf / -1 / NaN. engine.record.stats.LayerStats merges by the same rule."""
     value = np.concatenate(values, axis=0)
     index = np.concatenate(indices, axis=0)
     g = np.concatenate(gs, axis=0)

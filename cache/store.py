@@ -1,15 +1,13 @@
 """Write and read recording caches (HDF5; cache.schema holds the version and names).
 
-A cache is only ever replaced whole: the new image goes to a temporary file beside it, is
-flushed to disk, and is renamed over the old one. A kill at any moment leaves either the previous
+A cache is only ever replaced whole (cache.atomic): the new image goes to a temporary file beside
+it, is flushed to disk, and is renamed over the old one. A kill at any moment leaves either the previous
 checkpoint or the new one, never a torn file, and only the final write says `complete`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import h5py
 import numpy as np
 
 from ffnscope.cache import schema
+from ffnscope.cache.atomic import replacing
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples, Sparse
 
@@ -28,6 +27,31 @@ def put_array(group: h5py.Group, name: str, array: np.ndarray, compress: bool = 
     array = np.ascontiguousarray(array)
     options = _GZIP if compress and array.size >= 4096 else {}
     group.create_dataset(name, data=array, **options)
+
+
+def empty_array(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Dataset:
+    """An empty dataset with the options put_array would give the whole array (filled in blocks later)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return group.create_dataset(name, shape=shape, dtype=dtype, **(_GZIP if size >= 4096 else {}))
+
+
+def write_layer(group: h5py.Group, layer: LayerState) -> None:
+    """One `layers/NNN` group."""
+    for name in schema.LAYER_ARRAYS:
+        put_array(group, name, getattr(layer, name))
+    if layer.ngram_counted is not None:
+        put_array(group, "ngram_counted", layer.ngram_counted)
+        for n, sparse in layer.ngrams.items():
+            for column in schema.NGRAM_COLUMNS:
+                if getattr(sparse, column) is not None:
+                    put_array(group, f"ngram{n}/{column}", getattr(sparse, column))
+
+
+def read_layer(group: h5py.Group) -> LayerState:
+    arrays = {k: group[k][:] for k in schema.LAYER_ARRAYS}
+    counted = group["ngram_counted"][:] if "ngram_counted" in group else None
+    ngrams = {int(k[5:]): read_sparse(group[k]) for k in group if k.startswith("ngram") and k != "ngram_counted"}
+    return LayerState(**arrays, ngram_counted=counted, ngrams=ngrams)
 
 
 def nbytes(value) -> int:
@@ -48,133 +72,21 @@ def nbytes(value) -> int:
     return 8
 
 
-def size_text(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _free(directory: Path) -> int | None:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-def stale_temporaries(path: Path) -> list[Path]:
-    """Temporary files beside `path` left by writers that died (kill -9, a crash, a full disk before
-    this check existed): `.NAME.PID[.TAG].tmp` of a write, `NAME.progress.json.PID.tmp` of a progress
-    file, whose PID is no longer a live process. Those of live processes (this one included) stay."""
-    path = Path(path)
-    prefixes = (f".{path.name}.", f"{path.name}.progress.json.")
-    found = []
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return []
-    for name in names:
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        if prefix is None or not name.endswith(".tmp"):
-            continue
-        digits = name[len(prefix):].split(".", 1)[0]
-        if not digits.isdigit() or (prefix == prefixes[0] and name[len(prefix):].startswith("progress.json")):
-            continue
-        if not _alive(int(digits)):
-            found.append(path.with_name(name))
-    return sorted(found)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid > 0  # alive, another user's (or not a pid at all: leave it alone)
-    try:  # a zombie is dead: it writes nothing more
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1] != ["Z"]
-    except OSError:
-        return True
-
-
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the stale temporaries beside `path` (stale_temporaries); -> those removed."""
-    removed = []
-    for tmp in stale_temporaries(path):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            continue
-    return removed
-
-
-def storage_error(path: Path, needs: int | None = None, reason: str = "", failure: str | None = None) -> UserError:
-    """The one line of a failed or impossible write: the path, why, the free space there and needed."""
-    path = Path(path)
-    free = _free(path.parent)
-    parts = [reason] if reason else []
-    if free is not None:
-        parts.append(f"{size_text(free)} free there")
-    if needs:
-        parts.append(f"about {size_text(needs)} needed")
-    head = failure or f"could not write {path}"
-    space = not reason or "space" in reason.lower() or "quota" in reason.lower() or "errno = 28" in reason
-    fix = "free some space or choose another place" if space else "check the place is writable"
-    return UserError(f"{head} ({'; '.join(parts)}); {fix}, then run the command again (the previous file "
-                     "is unchanged)")
-
-
-def _needed(path: Path, needs: int, copy: bool) -> int:
-    """Free bytes a replacement of `path` needs: the new data uncompressed (or the copy plus it), with
-    room for HDF5's own structures."""
-    base = path.stat().st_size if copy and path.exists() else 0
-    return int((base + needs) * 1.05) + (64 << 10)
-
-
 @contextmanager
 def replaced(path: Path, tag: str = "", copy: bool = False, failure: str | None = None, needs: int = 0):
-    """An open HDF5 file that replaces `path` whole when the block ends: a temporary file beside it
-    (a copy of `path` when copy=True), flushed to disk, renamed over it. Nothing else ever writes a
-    file of ours, so a kill at any moment leaves the old file or the new one, never a torn one.
-    `needs`: bytes of the data the block writes (nbytes); when the disk has less room than that (plus
-    the copy) the write is refused before it starts, because HDF5 does not survive a full disk
-    (it can crash the process). Any storage failure becomes a one-line UserError naming the path and
-    the space (`failure` its head); the temporary file is always removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
-    need = _needed(path, needs, copy)
-    free = _free(path.parent)
-    if free is not None and needs and free < need:
-        raise storage_error(path, need, "not enough free space", failure)
-    try:
-        if copy:
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if copy else "w") as f:
-            yield f
-            f.flush()
-            os.fsync(f.id.get_vfd_handle())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
-        if "No space left" in reason or "errno = 28" in reason:
-            reason = "no space left on the device"
-        reason = (reason.splitlines() or [exc.__class__.__name__])[0][:200]
-        raise storage_error(path, need if needs else None, reason, failure) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    """An open HDF5 file that replaces `path` whole when the block ends, through the one writer of our
+    files (cache.atomic.replacing: its temporary, space check, fsync, rename and one-line errors).
+    `needs`: bytes of the data the block writes (nbytes)."""
+    with replacing(path, tag, copy, failure, needs) as tmp, h5py.File(tmp, "a" if copy else "w") as f:
+        yield f
+        f.flush()  # the buffered writes now, so a full disk fails inside the write: one line, temporary gone
 
 
-def write_state(path: Path, state: RecordingState, status: str) -> None:
-    with replaced(path, failure=f"could not write {path}", needs=nbytes(state)) as f:
+def write_state(path: Path, state: RecordingState, status: str, needs: int | None = None) -> None:
+    """`state.layers` is read once, in order, through .items(): a mapping that makes each layer when asked
+    (tests/synthetic_cache.py) is written without the whole recording in memory; it then gives `needs`,
+    the bytes the write takes (default: nbytes(state))."""
+    with replaced(path, failure=f"could not write {path}", needs=nbytes(state) if needs is None else needs) as f:
         f.attrs["format"] = schema.FORMAT
         f.attrs["schema_version"] = schema.SCHEMA_VERSION
         f.attrs["status"] = status
@@ -189,16 +101,7 @@ def write_state(path: Path, state: RecordingState, status: str) -> None:
             put_array(data, f"gram{n}/gram", grams.gram)
             put_array(data, f"gram{n}/count", grams.count)
         for index, layer in state.layers.items():
-            group = f.create_group(schema.layer_group(index))
-            for name in schema.LAYER_ARRAYS:
-                value = getattr(layer, name)
-                put_array(group, name, value)
-            if layer.ngram_counted is not None:
-                put_array(group, "ngram_counted", layer.ngram_counted)
-                for n, sparse in layer.ngrams.items():
-                    for column in schema.NGRAM_COLUMNS:
-                        if getattr(sparse, column) is not None:
-                            put_array(group, f"ngram{n}/{column}", getattr(sparse, column))
+            write_layer(f.create_group(schema.layer_group(index)), layer)
         _put_strings(f, "tokenizer/vocab", state.vocab)
         _put_strings(f, "tokenizer/pieces", state.pieces)
         samples = f.create_group("samples")
@@ -265,13 +168,7 @@ def read_state(path: Path, purpose: str) -> RecordingState:
                      for name in data if name.startswith("gram")}
             data_state = DataState(data["tokens"][:], data["seq_index"][:], data["domains"][:],
                                    data["unigram"][:], grams)
-            layers = {}
-            for name, group in f["layers"].items():
-                arrays = {k: group[k][:] for k in schema.LAYER_ARRAYS}
-                counted = group["ngram_counted"][:] if "ngram_counted" in group else None
-                ngrams = {int(k[5:]): read_sparse(group[k]) for k in group
-                          if k.startswith("ngram") and k != "ngram_counted"}
-                layers[int(name)] = LayerState(**arrays, ngram_counted=counted, ngrams=ngrams)
+            layers = {int(name): read_layer(group) for name, group in f["layers"].items()}
             samples = Samples(f["samples/index"][:], f["samples/acts"][:])
             return RecordingState(meta, dict(sorted(layers.items())), data_state, samples,
                                   int(f.attrs["shards_done"]), str(f.attrs["status"]),

@@ -22,3 +22,11 @@ def unique_paths(paths) -> list[Path]:
             seen.add(key)
             out.append(Path(path))
     return out
+
+
+# --- paths ----------------------------------------------------------------------------------------
+def recordings_dir() -> Path:
+    """Where the TUI puts new recordings: <user cache dir>/recordings (created on demand)."""
+    path = user_cache_dir() / "recordings"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

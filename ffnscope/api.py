@@ -33,7 +33,7 @@ class Frame:
         return self.table[name]
 
     def to_arrow(self):
-        from ffnscope.engine.tables import _arrow_table, _import_pyarrow
+        from ffnscope.engine.table.export import _arrow_table, _import_pyarrow
 
         _import_pyarrow()
         return _arrow_table(self.table)
@@ -49,7 +49,7 @@ class Frame:
 
     def where(self, expr: str) -> "Frame":
         """Rows matching an `ffnscope export --where` expression."""
-        from ffnscope.engine.tables import filter_rows
+        from ffnscope.engine.table.filter import filter_rows
 
         return Frame(self.table.take(filter_rows(self.table, expr)))
 
@@ -66,16 +66,21 @@ class Recording:
 
     @property
     def meta(self) -> dict:
-        """The recording's provenance: model, tokenizer, data, recording settings."""
+        """The recording's provenance as stored (JSON): model, tokenizer, data, recording settings."""
         return self._reader.meta
 
+    @property
+    def provenance(self):
+        """The same as typed fields: ffnscope.cache.provenance.Provenance."""
+        return self._reader.provenance
+
     def neurons(self, layers: list[int] | None = None) -> Frame:
-        from ffnscope.engine.analysis.neuron_table import neuron_table
+        from ffnscope.engine.explore.tables import neuron_table
 
         return Frame(neuron_table(self._reader, layers))
 
     def layers(self) -> Frame:
-        from ffnscope.engine.analysis.neuron_table import layer_table
+        from ffnscope.engine.explore.tables import layer_table
 
         return Frame(layer_table(self._reader))
 
@@ -85,12 +90,12 @@ class Recording:
         import numpy as np
 
         from ffnscope.cache.errors import UserError
-        from ffnscope.engine.analysis.neuron_detail import neuron_detail
-        from ffnscope.engine.analysis.neuron_index import NeuronIndex
+        from ffnscope.engine.explore.detail import neuron_detail
+        from ffnscope.engine.explore.index import NeuronIndex
 
         if self._index is None:
             self._index = NeuronIndex(self._reader)
-        d_ffn = self.meta["model"]["d_ffn"]
+        d_ffn = self.provenance.model.d_ffn
         if layer not in self._index.layers or not 0 <= neuron < d_ffn:
             raise UserError(f"no neuron {neuron} of layer {layer} in {self.path} (layers "
                             f"{', '.join(map(str, self._index.layers))}; neurons 0-{d_ffn - 1})")
@@ -115,7 +120,8 @@ def record(out: str | Path, **options) -> Path:
     """Record as `ffnscope record` does; options are RecordConfig's fields (model, data, tokens, seq_len,
     tau, tau_rule, layers, device, ...). Raises UserError for a bad option. -> the cache's path."""
     from ffnscope.cache.errors import UserError
-    from ffnscope.engine.record import RecordConfig, record as run
+    from ffnscope.engine.record.config import RecordConfig
+    from ffnscope.engine.record.job import record as run
 
     known = {f.name for f in fields(RecordConfig)} - {"out"}
     unknown = sorted(set(options) - known)
@@ -127,6 +133,6 @@ def record(out: str | Path, **options) -> Path:
 
 def analyze(path: str | Path, only: list[str] | None = None, settings: list[str] | None = None) -> dict[str, str]:
     """Run (or bring up to date) the stored analyses, as `ffnscope analyze`; -> analysis -> what was done."""
-    from ffnscope.engine.analysis.run import analyze as run
+    from ffnscope.engine.analysis.job import analyze as run
 
     return run(Path(path), only, settings, log=print)

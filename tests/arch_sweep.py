@@ -98,8 +98,9 @@ def build(model_type: str, seed: int = 0):
 
 def record_in_memory(adapter, tokens: np.ndarray, taus: list[float], primary: int) -> dict[int, dict]:
     """The recorder's own parts (LayerRunner, FFNProbe, LayerStats), layer-major, one batch per layer."""
-    from ffnscope.engine.layer_runner import FFNProbe, LayerRunner
-    from ffnscope.engine.stats import BatchContext, LayerStats
+    from ffnscope.engine.model.hooks import FFNProbe
+    from ffnscope.engine.model.runner import LayerRunner
+    from ffnscope.engine.record.stats import BatchContext, LayerStats
 
     n, seq_len = tokens.shape
     ids = torch.as_tensor(tokens, dtype=torch.long)
@@ -113,7 +114,7 @@ def record_in_memory(adapter, tokens: np.ndarray, taus: list[float], primary: in
     out = {}
     for index in range(len(adapter.layers)):
         stats = LayerStats(adapter.d_ffn, seq_len, taus, primary, 2, torch.device("cpu"), None, fused=False)
-        with probe.attached(runner.layers[index]):
+        with probe.attached(index):
             hidden = runner.run(index, hidden, None)
             g, act = probe.take()
         stats.update(g, act, ctx)
@@ -125,7 +126,7 @@ def record_in_memory(adapter, tokens: np.ndarray, taus: list[float], primary: in
 
 def check(model_type: str) -> Outcome:
     from ffnscope.cache.errors import UserError
-    from ffnscope.engine.adapters import Adapter
+    from ffnscope.engine.model.sites import Adapter
     from tests.reference import reference_stats
 
     try:

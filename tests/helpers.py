@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from ffnscope.cache.store import read_state
-from ffnscope.engine.record import RecordConfig, record
+from ffnscope.engine.record.config import RecordConfig
+from ffnscope.engine.record.job import record
 from tests.tiny_models import DETECTED
 
 # token strings that must never reach a terminal or a spreadsheet as anything but text
@@ -61,7 +62,7 @@ def hostile_recording(directory: Path, text_file: Path) -> Path:
     hostile strings and a fixed creation date."""
     from ffnscope.cache import schema
     from ffnscope.cache.store import write_state
-    from ffnscope.engine.analysis.run import analyze
+    from ffnscope.engine.analysis.job import analyze
     from tests.tiny_models import planted_opt, save
 
     model_dir = save(planted_opt(), directory / "model")

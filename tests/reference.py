@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ffnscope.engine.adapters import Adapter
+from ffnscope.engine.model.sites import Adapter
 
 SUMMED = ("fire_count", "g_sum", "pos_fire", "token_fires", "token_g")   # add over parts of the data
 PER_SEQUENCE = ("seq_act", "seq_pos", "seq_g", "start_act", "start_g")   # (sequences, d_ffn), concatenate

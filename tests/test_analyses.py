@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
-from ffnscope.engine.analysis.run import analyze
+from ffnscope.engine.explore.tables import layer_table, neuron_table
+from ffnscope.engine.analysis.job import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import (BIGRAM, BOS_AND_A, DEAD, DETECTED, DETECTOR, MANY, ONE_SIDED, OSCILLATING, POS_RANGE,
                                POSITIONAL, PROMOTED, VARIANT_TOKENS, VARIANTS, degenerate_opt, planted_opt, save)
@@ -155,7 +155,7 @@ def test_skipped_neurons_are_never_non_detectors(tmp_path, planted_cache, story)
     analyze(cache, log=lambda _m: None)
     with CacheReader(cache) as reader:
         rows = {row["neuron"]: row for row in neuron_table(reader, [0]).rows()}
-        counted = reader.file["layers/000/ngram_counted"][:]
+        counted = reader.ngram_counted(0)
     assert not counted[MANY] and counted[DETECTOR]
     assert rows[MANY]["token_detector"] is None and rows[MANY]["unigram_coverage"] is None
     assert rows[MANY]["ngram_counted"] is False

@@ -28,7 +28,7 @@ def test_import_is_light():
 
 
 def test_tables_and_detail(analysed):
-    from ffnscope.engine.analysis.neuron_table import neuron_table
+    from ffnscope.engine.explore.tables import neuron_table
     from ffnscope.cache.reader import CacheReader
 
     with ffnscope.open_recording(analysed) as rec:
@@ -40,7 +40,8 @@ def test_tables_and_detail(analysed):
         assert arrow.num_rows == len(same) and arrow.column_names == same.columns
         detectors = neurons.where("token_detector and layer == 0")
         assert DETECTOR in detectors["neuron"].tolist()
-        assert rec.layers().to_arrow().num_rows == len(rec.meta["recording"]["layers"])
+        assert rec.layers().to_arrow().num_rows == len(rec.provenance.recording.layers)
+        assert rec.provenance.model.d_ffn == rec.meta["model"]["d_ffn"]  # the typed view of the stored dict
         detail = rec.neuron(0, DETECTOR)
         assert {t for t, _share in detail.triggers[1]} == {chr(c) for c in DETECTED}
         assert detail.contexts and all(c.token in {chr(c2) for c2 in DETECTED} for c in detail.contexts)

@@ -11,8 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from ffnscope.cache.errors import UserError
-from ffnscope.engine.corpus import builtin_documents
-from ffnscope.engine.data import Document, open_sources, pack
+from ffnscope.engine.data.builtin import builtin_documents
+from ffnscope.engine.data.sources import Document, open_sources
+from ffnscope.engine.data.packing import pack
 from tests.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, make_tokenizer
 
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ffnscope.engine import data as data_module
-from ffnscope.engine.data import open_sources, pack
+from ffnscope.engine.data import sources as data_module
+from ffnscope.engine.data.sources import open_sources
+from ffnscope.engine.data.packing import pack
 from tests.tiny_tokenizer import BOS_ID, EOS_ID, make_tokenizer
 from tests.test_data import user_error
 

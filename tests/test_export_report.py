@@ -5,9 +5,9 @@ import sys
 import pytest
 
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.neuron_table import LAYER_KINDS, NEURON_KINDS, neuron_table
-from ffnscope.engine.analysis.run import analyze
-from ffnscope.engine.tables import read_back
+from ffnscope.engine.explore.tables import LAYER_KINDS, NEURON_KINDS, neuron_table
+from ffnscope.engine.analysis.job import analyze
+from ffnscope.engine.table.export import read_back
 from tests.conftest import env_for_subprocess
 from tests.helpers import HOSTILE, record_tiny
 from tests.tiny_models import DEAD, DETECTOR, OSCILLATING

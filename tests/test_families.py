@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ffnscope.cache.schema import encode_grams
-from ffnscope.engine.models import load_model
+from ffnscope.engine.model.load import load_model
 from tests.helpers import record_tiny
 from tests.reference import combine, reference_stats, top_contexts
 from tests.tiny_models import CONFIGS
@@ -69,7 +69,7 @@ def test_ngram_counts_match_a_dictionary_count(model_dirs, text_file, tmp_path):
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_adapter_reads_every_family(model_type):
     """The tensors the analyses read: W_out rows, the final norm's scale and the unembedding."""
-    from ffnscope.engine.adapters import Adapter
+    from ffnscope.engine.model.sites import Adapter
     from tests.tiny_models import build
 
     model = build(model_type)

@@ -16,8 +16,8 @@ import torch
 
 from ffnscope.cache.reader import CacheReader
 from ffnscope.cache.store import read_state
-from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
-from ffnscope.engine.analysis.run import analyze
+from ffnscope.engine.explore.tables import layer_table, neuron_table
+from ffnscope.engine.analysis.job import analyze
 from tests.conftest import env_for_subprocess
 from tests.helpers import record_tiny
 from tests.reference import reference_stats

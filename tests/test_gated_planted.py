@@ -10,9 +10,9 @@ import torch
 
 from ffnscope.cache.reader import CacheReader
 from ffnscope.cache.store import read_state
-from ffnscope.engine.analysis.neuron_detail import top_contexts
-from ffnscope.engine.analysis.neuron_table import neuron_table
-from ffnscope.engine.analysis.run import analyze
+from ffnscope.engine.explore.detail import top_contexts
+from ffnscope.engine.explore.tables import neuron_table
+from ffnscope.engine.analysis.job import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import BOS, build, save
 

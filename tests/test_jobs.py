@@ -1,5 +1,5 @@
-"""Jobs (engine.jobs) as real processes on tiny models, `record --analyze`, `ffnscope jobs`, and the
-recordings catalog (engine.catalog)."""
+"""Jobs (engine.jobs.launcher) as real processes on tiny models, `record --analyze`, `ffnscope jobs`, and the
+recordings catalog (engine.explore.catalog)."""
 import json
 import os
 import shutil
@@ -14,8 +14,10 @@ import pytest
 
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.store import read_state
-from ffnscope.engine import catalog, jobs
-from ffnscope.engine.progress import read_progress
+from ffnscope.engine.explore import catalog
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.paths import recordings_dir
+from ffnscope.engine.jobs.progress import read_progress
 from tests.conftest import ROOT, env_for_subprocess
 from tests.helpers import record_tiny
 
@@ -95,7 +97,7 @@ def test_record_job_with_analyze(model_dirs, text_file, tmp_path, started):
 
 
 def test_catalog_and_jobs_do_not_import_torch():
-    code = "import engine.catalog, engine.jobs; import sys; assert 'torch' not in sys.modules, 'torch'"
+    code = "import engine.explore.catalog, engine.jobs.launcher; import sys; assert 'torch' not in sys.modules, 'torch'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_for_subprocess(),
                           timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -132,7 +134,7 @@ def test_cancel_stops_and_resume_completes(model_dirs, text_file, tmp_path, star
 
 def test_job_outlives_its_parent(model_dirs, text_file, tmp_path, started):
     out = tmp_path / "orphan.h5"
-    parent = ("import sys; from pathlib import Path; from engine.jobs import start_record\n"
+    parent = ("import sys; from pathlib import Path; from engine.jobs.launcher import start_record\n"
               "job = start_record(Path(sys.argv[1]), model=sys.argv[2], data=[sys.argv[3]], tokens=1024, "
               f"device='cpu', seq_len=64, extra={FAST!r}, analyze=False)\n"
               "print(job.pid)")
@@ -176,6 +178,36 @@ def test_reused_pid_is_not_taken_for_the_job(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_one_liveness_rule_for_jobs(tmp_path):
+    """running_job (a second writer refused) and the listing judge a pid alike: a reused pid running
+    another program, or a zombie, is not the job."""
+    from ffnscope.cache.atomic import process_alive
+    from ffnscope.engine.jobs.progress import running_job
+
+    out = tmp_path / "c.h5"
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        for command, alive in ((["ffnscope", "record", "--out", str(out)], False), (["x", "60"], True), ([], True)):
+            Path(str(out) + ".progress.json").write_text(json.dumps(
+                {"pid": stranger.pid, "status": "running", "command": command}))
+            assert running_job(out) == (stranger.pid if alive else None), command
+            assert (jobs.read_job(out).status == "running") == alive, command
+    finally:
+        stranger.kill()
+        stranger.wait()
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not process_alive(zombie.pid)
+        Path(str(out) + ".progress.json").write_text(json.dumps({"pid": zombie.pid, "status": "running"}))
+        assert running_job(out) is None
+    finally:
+        zombie.wait()
 
 
 def test_start_refuses_busy_or_existing_output(model_dirs, text_file, tmp_path):
@@ -222,7 +254,7 @@ def test_analyze_job(model_dirs, text_file, tmp_path, started):
 
 def test_record_analyze_keeps_running_until_analyses_are_stored(model_dirs, text_file, tmp_path, monkeypatch):
     """In process: while the analyses run, the cache is complete and the progress file says running."""
-    import ffnscope.engine.analysis.run as run
+    import ffnscope.engine.analysis.job as run
     from ffnscope.app.cli import main
 
     seen = {}
@@ -290,11 +322,11 @@ def test_catalog_error_rows(model_dirs, text_file, tmp_path):
 def test_catalog_defaults_to_the_recordings_dir(model_dirs, text_file, tmp_path, monkeypatch):
     monkeypatch.setenv("FFNSCOPE_CACHE_DIR", str(tmp_path / "uc"))
     assert catalog.scan() == []
-    assert jobs.recordings_dir() == tmp_path / "uc" / "recordings" and jobs.recordings_dir().is_dir()
-    record_tiny(jobs.recordings_dir() / "r.h5", model_dirs["opt"], [text_file])
+    assert recordings_dir() == tmp_path / "uc" / "recordings" and recordings_dir().is_dir()
+    record_tiny(recordings_dir() / "r.h5", model_dirs["opt"], [text_file])
     [row] = catalog.scan()
     assert row.name == "r.h5" and row.status == "complete"
-    assert [j.output for j in jobs.list_jobs([])] == [jobs.recordings_dir() / "r.h5"]
+    assert [j.output for j in jobs.list_jobs([])] == [recordings_dir() / "r.h5"]
 
 
 def test_catalog_rereads_a_replaced_cache(hostile_cache, tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ffnscope.engine.models import default_gguf_path, load_model
+from ffnscope.engine.model.load import default_gguf_path, load_model
 from tests.conftest import env_for_subprocess
 from tests.helpers import record_tiny
 
@@ -20,7 +20,7 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, model_dirs):
     (repo / "refs" / "main").write_text(snapshot.name)
     env = env_for_subprocess()
     env["HF_HOME"] = str(tmp_path / "hf")
-    probe = "from ffnscope.engine.models import load_model; lm = load_model('tiny-org/tiny-llama'); print(lm.adapter.name, lm.name)"
+    probe = "from ffnscope.engine.model.load import load_model; lm = load_model('tiny-org/tiny-llama'); print(lm.adapter.name, lm.name)"
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Llama", "tiny-org/tiny-llama"]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.neuron_detail import neuron_detail
-from ffnscope.engine.analysis.neuron_index import NeuronFilter, NeuronIndex
-from ffnscope.engine.analysis.neuron_table import neuron_table
-from ffnscope.engine.tables import filter_rows
+from ffnscope.engine.explore.detail import neuron_detail
+from ffnscope.engine.explore.index import NeuronFilter, NeuronIndex
+from ffnscope.engine.explore.tables import neuron_table
+from ffnscope.engine.table.filter import filter_rows
 from tests.helpers import HOSTILE
 from tests.tiny_models import DETECTOR, POSITIONAL
 

@@ -16,8 +16,8 @@ import pytest
 
 from ffnscope.cache.reader import CacheReader
 from ffnscope.cache.store import read_state
-from ffnscope.engine.analysis.neuron_table import neuron_table
-from ffnscope.engine.analysis.run import analyze
+from ffnscope.engine.explore.tables import neuron_table
+from ffnscope.engine.analysis.job import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import DETECTED, DETECTOR, MANY, planted_opt, save
 

@@ -16,9 +16,9 @@ from ffnscope.app.tui.modals import AskScreen, ChooseScreen
 from ffnscope.app.tui.neurons import NeuronsScreen
 from ffnscope.app.tui.npl import FITS, NplScreen
 from ffnscope.cache.npl_store import NplReader, sidecar_path
-from ffnscope.engine import jobs
-from ffnscope.engine.analysis.neuron_table import NEURON_KINDS
-from ffnscope.engine.tables import read_back
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.explore.tables import NEURON_KINDS
+from ffnscope.engine.table.export import read_back
 from tests.conftest import env_for_subprocess
 from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ffnscope.engine.models import load_model
-from ffnscope.engine.npl.capture import DownHooks, make_runner, run_layers, token_nll
+from ffnscope.engine.model.load import load_model
+from ffnscope.engine.npl.capture import GCapture, make_runner, run_layers, token_nll
 from ffnscope.engine.npl.fit import AdagradMap, ExactFit, FitOptions, Metrics, fit_maps
 from tests.tiny_models import CONFIGS, build, save
 
@@ -163,13 +163,13 @@ def test_adagrad_recipe_runs_in_the_same_pass_and_is_worse_than_exact(tiny_llama
 def test_layer_by_layer_loss_equals_the_models_own(family):
     """The runner + final norm + LM head path gives the model's own logits, for every family."""
     model = build(family, 2, seed=1)
-    from ffnscope.engine.models import LoadedModel
-    from ffnscope.engine.adapters import Adapter
+    from ffnscope.engine.model.load import LoadedModel
+    from ffnscope.engine.model.sites import Adapter
 
     lm = LoadedModel(model, None, Adapter(model), family, family, "x")
     ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     runner = make_runner(lm, torch.device("cpu"), 64)
-    hooks = DownHooks(lm.adapter, [0, 1])
+    hooks = GCapture(lm.adapter, [0, 1])
     with torch.inference_mode(), hooks.attached():
         hidden = run_layers(runner, runner.embed(ids), 0, 2)
         ours = token_nll(lm.adapter, hidden, ids, chunk_tokens=7)

@@ -11,10 +11,16 @@ from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import NplReader, sequence_hashes, sidecar_path
 from ffnscope.engine.npl.columns import neuron_columns
 from ffnscope.engine.npl.functional import FunctionalParams, _Moments, build_properties
-from ffnscope.engine.npl.jobs import (NplFitConfig, NplFunctionalConfig, NplSubstituteConfig, fit_job, functional_job,
-                             substitute_job)
-from ffnscope.engine.progress import read_progress
-from ffnscope.engine.streaming import Stopped
+from ffnscope.engine.npl.job import (
+    NplFitConfig,
+    NplFunctionalConfig,
+    NplSubstituteConfig,
+    fit_job,
+    functional_job,
+    substitute_job,
+)
+from ffnscope.engine.jobs.progress import read_progress
+from ffnscope.engine.jobs.stop import Stopped, StopToken
 from tests.helpers import record_tiny
 from tests.tiny_models import tiny_model_dir
 
@@ -89,7 +95,7 @@ def test_maps_applied_to_another_model_are_refused(fitted, tmp_path):
     other = tiny_model_dir(tmp_path / "other", "llama", seed=1)
     with pytest.raises(UserError, match="is not the model recorded in"):
         substitute_job(NplSubstituteConfig(cache, model=str(other), device="cpu"), **QUIET)
-    from ffnscope.engine.models import load_model
+    from ffnscope.engine.model.load import load_model
     from ffnscope.engine.npl.substitute import Maps
 
     lm = load_model(str(other))
@@ -113,7 +119,7 @@ def test_a_stopped_fit_writes_nothing(fitted, tmp_path):
     copy = tmp_path / "copy.h5"
     shutil.copyfile(cache, copy)
     with pytest.raises(Stopped):
-        fit_job(NplFitConfig(copy, tokens=3200, device="cpu"), stop_flag={"stop": True}, **QUIET)
+        fit_job(NplFitConfig(copy, tokens=3200, device="cpu"), stop=StopToken(requested=True), **QUIET)
     assert not sidecar_path(copy).exists()
     assert read_progress(sidecar_path(copy))["status"] == "stopped"
 
@@ -177,7 +183,7 @@ def test_reading_npl_results_does_not_import_torch():
 
     from tests.conftest import env_for_subprocess
 
-    probe = ("import sys, engine.npl.jobs, engine.npl.columns, engine.npl.layout, cache.npl_store\n"
+    probe = ("import sys, engine.npl.job, engine.npl.columns, engine.npl.layout, cache.npl_store\n"
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env_for_subprocess(),
                          timeout=120)

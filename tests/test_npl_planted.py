@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffnscope.engine.models import load_model
+from ffnscope.engine.model.load import load_model
 from ffnscope.engine.npl.fit import FitOptions, fit_maps
 from ffnscope.engine.npl.substitute import Maps, Setting, mapping_fn, run_settings
 from tests.tiny_models import NPL_PLANTED_LAYER, planted_linear_llama, save

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ffnscope.engine.adapters import Adapter
-from ffnscope.engine.models import LoadedModel
+from ffnscope.engine.model.sites import Adapter
+from ffnscope.engine.model.load import LoadedModel
 from ffnscope.engine.npl.layout import chunks, parse_chunks, parse_pairs, substituted
 from ffnscope.engine.npl.substitute import (Maps, Setting, finegrained_settings, halves, mapping_fn, random_matrix,
                                    run_settings, split_fn, table1_rows, table1_settings, treatment_fn)

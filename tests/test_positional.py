@@ -12,7 +12,7 @@ from ffnscope.cache import analysis_store as store
 from ffnscope.cache.reader import CacheReader
 from ffnscope.engine.analysis.positional import (PositionalParams, call_limit, chance_mi, kl_moments, mutual_information,
                                         positional_layer, stored_note)
-from ffnscope.engine.analysis.run import analyze
+from ffnscope.engine.analysis.job import analyze
 from tests.helpers import record_tiny
 from tests.tiny_models import DETECTOR, MANY, ONE_SIDED, OSCILLATING, POSITIONAL, VARIANTS, planted_opt, save
 
@@ -274,8 +274,8 @@ def test_views_say_too_few(tmp_path, planted_model, text_file, capsys):
     from ffnscope.app.info_view import print_info
     from ffnscope.app.report_view import print_report
     from ffnscope.app.tui.detail import summary_text
-    from ffnscope.engine.analysis.neuron_detail import neuron_detail
-    from ffnscope.engine.analysis.neuron_index import NeuronIndex
+    from ffnscope.engine.explore.detail import neuron_detail
+    from ffnscope.engine.explore.index import NeuronIndex
 
     note = "too few sequences per position (8) to call positional neurons"
     _recorded(tmp_path, planted_model, text_file, 8, only=None)

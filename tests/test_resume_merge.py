@@ -4,11 +4,15 @@ import subprocess
 import sys
 import time
 
+import h5py
+import numpy as np
 import pytest
 
+from bench.merge_memory import synthetic_parts
 from ffnscope.cache.merge import merge
-from ffnscope.cache.store import read_state
-from ffnscope.engine.progress import read_progress
+from ffnscope.cache.state import ngram_drop_limit
+from ffnscope.cache.store import read_state, write_state
+from ffnscope.engine.jobs.progress import read_progress
 from tests.conftest import env_for_subprocess
 from tests.helpers import assert_same_cache, record_tiny
 
@@ -66,16 +70,93 @@ def test_sigint_stops_cleanly_and_resumes(model_dirs, text_file, tmp_path):
     assert read_progress(out)["status"] == "complete"
 
 
-def test_merged_parts_equal_one_recording(model_dirs, text_file, tmp_path):
-    model_dir = model_dirs["gpt2"]
-    record_tiny(tmp_path / "whole.h5", model_dir, [text_file])
-    record_tiny(tmp_path / "p1.h5", model_dir, [text_file], part=(1, 2))
-    record_tiny(tmp_path / "p2.h5", model_dir, [text_file], part=(2, 2))
-    merged = merge([tmp_path / "p2.h5", tmp_path / "p1.h5"], tmp_path / "merged.h5")
-    assert merged.meta["recording"]["parts"] == [[1, 2], [2, 2]]
+def _relu_opt_with_ties(directory):
+    """Tiny OPT (ReLU) whose neurons range from firing often to never: many top-k slots hold act 0
+    exactly, ties that only the tie rule orders."""
+    import torch
+
+    from tests.tiny_models import FFN, build, save
+
+    model = build("opt", 2, seed=3)
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.fc1.bias.sub_(torch.linspace(0.0, 0.3, FFN))
+            layer.fc1.bias[::8] = -100.0  # dead: every slot a tie at 0
+    return save(model, directory)
+
+
+def _layout(path):
+    """Every dataset's name, shape, dtype, chunks and filters: what cache.store.write_state lays out."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, (obj.shape, obj.dtype.str, obj.chunks, obj.compression,
+                                                              obj.compression_opts, obj.shuffle))
+                     if isinstance(obj, h5py.Dataset) else None)
+        out["attrs"] = sorted(f.attrs)
+    return out
+
+
+def _assert_same_contexts(path_a, path_b):
+    a, b = read_state(path_a, "testing"), read_state(path_b, "testing")
+    for index, layer in a.layers.items():
+        for name in ("topk_value", "topk_index", "topk_g", "start_value", "start_index", "start_g"):
+            np.testing.assert_array_equal(getattr(layer, name), getattr(b.layers[index], name),
+                                          err_msg=f"{index}.{name}")
+
+
+def test_merged_parts_equal_one_recording_with_ties(text_file, tmp_path):
+    """Four parts, given out of order, merge to the cache one recording makes, top-k ties included:
+    the recorder's per-batch top-k, resume and merge order ties by one rule."""
+    model_dir = _relu_opt_with_ties(tmp_path / "relu_opt")
+    record_tiny(tmp_path / "whole.h5", model_dir, [text_file], topk=16)  # of 24 sequences: room for zeros
+    parts = [tmp_path / f"p{i}.h5" for i in range(1, 5)]
+    for i, part in enumerate(parts, 1):
+        record_tiny(part, model_dir, [text_file], topk=16, part=(i, 4))
+    merged = merge([parts[2], parts[0], parts[3], parts[1]], tmp_path / "merged.h5")
+    assert merged.meta["recording"]["parts"] == [[1, 4], [2, 4], [3, 4], [4, 4]]
+    whole = read_state(tmp_path / "whole.h5", "testing")
+    values = np.stack([layer.topk_value for layer in whole.layers.values()])
+    # the data has ties for the rule to order: zeros among the top-k, in columns that also fire
+    assert ((values[:, 1:] == values[:, :-1]) & np.isfinite(values[:, 1:])).sum() > 100
+    assert ((values == 0).any(1) & (values > 0).any(1)).sum() >= 10
     assert_same_cache(tmp_path / "whole.h5", tmp_path / "merged.h5", float_rtol=1e-12)
+    _assert_same_contexts(tmp_path / "whole.h5", tmp_path / "merged.h5")
+    assert _layout(tmp_path / "whole.h5") == _layout(tmp_path / "merged.h5")
     # the merged cache says it is the whole recording
     assert read_state(tmp_path / "merged.h5", "testing").meta["recording"]["part"] == [1, 1]
+
+
+def _folded(paths, out):
+    """The reference merge: the parts read whole and added in data order (RecordingState.add)."""
+    states = sorted((read_state(p, "testing") for p in paths), key=lambda s: int(s.data.seq_index[0]))
+    for state in states[1:]:
+        states[0].add(state)
+    rec = states[0].meta["recording"]
+    for layer in states[0].layers.values():
+        layer.drop_ngrams_over(ngram_drop_limit(rec), rec["primary_index"])
+    write_state(out, states[0], "complete")
+    return out
+
+
+def test_streamed_merge_equals_merge_in_memory(tmp_path):
+    """The streaming merge writes what adding the parts whole writes, whatever the order given, also
+    from a merged partial whose sequences interleave with the other parts; datasets laid out as
+    write_state lays them out (compressed token streams included)."""
+    parts = synthetic_parts(tmp_path, 4, layers=2, d_ffn=70, seq_len=16, seqs_per_part=80, samples_per_part=9)
+    reference = _folded(parts, tmp_path / "reference.h5")
+    merge(parts[::-1], tmp_path / "direct.h5")
+    assert_same_cache(reference, tmp_path / "direct.h5")  # the same order of additions: exact
+    merge([parts[2], parts[0]], tmp_path / "p13.h5")
+    merged = merge([parts[3], tmp_path / "p13.h5", parts[1]], tmp_path / "merged.h5")
+    assert merged.n_tokens == 4 * 80 * 16 and merged.meta["recording"]["part"] == [1, 1]
+    assert_same_cache(reference, tmp_path / "merged.h5", float_rtol=1e-12)
+    _assert_same_contexts(reference, tmp_path / "merged.h5")
+    layout = _layout(reference)
+    assert layout == _layout(tmp_path / "merged.h5")
+    assert layout["data/tokens"][3] == "gzip"  # the streamed datasets got put_array's filters
+    counted = read_state(reference, "testing").layers[0].ngram_counted
+    in_every_part = np.logical_and.reduce([read_state(p, "testing").layers[0].ngram_counted for p in parts])
+    assert 0 < counted.sum() < in_every_part.sum()  # the n-gram cap dropped some in the merge
 
 
 def test_merge_refuses_overlap_and_strangers(model_dirs, text_file, tmp_path):

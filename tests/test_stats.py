@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ffnscope.engine import stats as stats_module
-from ffnscope.engine.stats import BatchContext, LayerStats
+from ffnscope.engine.record import stats as stats_module
+from ffnscope.engine.record.stats import BatchContext, LayerStats
 
 
 @pytest.mark.skipif(stats_module.cpu_kernels is None, reason="numba not installed")

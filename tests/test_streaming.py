@@ -1,7 +1,7 @@
 """Streaming under a small device budget, or with hidden states on disk, changes no number."""
-from ffnscope.engine.budget import host_fixed_bytes
-from ffnscope.engine.layer_runner import param_bytes
-from ffnscope.engine.models import load_model
+from ffnscope.engine.model.plan import host_fixed_bytes
+from ffnscope.engine.model.runner import param_bytes
+from ffnscope.engine.model.load import load_model
 from tests.helpers import assert_same_cache, record_tiny
 
 
@@ -22,9 +22,10 @@ def test_one_layer_budget_equals_all_resident(model_dirs, text_file, tmp_path):
 def test_hidden_states_on_disk_when_over_host_budget(model_dirs, text_file, tmp_path):
     model_dir = model_dirs["opt"]
     ram = record_tiny(tmp_path / "ram.h5", model_dir, [text_file])
-    # room for weights and statistics but not for one shard of hidden states
+    # room for weights and statistics but not for one shard of hidden states; every layer kept in memory
+    # (--device-memory), else the CPU plan would stream layers from their files to make room instead
     tight = host_fixed_bytes(load_model(str(model_dir)), ram.meta) + 1000
-    state = record_tiny(tmp_path / "disk.h5", model_dir, [text_file], host_memory=tight)
+    state = record_tiny(tmp_path / "disk.h5", model_dir, [text_file], host_memory=tight, device_memory=1 << 40)
     assert state.meta["recording"]["hidden_on_disk"]
     assert not list(tmp_path.glob(".*hidden"))  # the mapped file is gone afterwards
     assert_same_cache(tmp_path / "ram.h5", tmp_path / "disk.h5")
@@ -32,14 +33,14 @@ def test_hidden_states_on_disk_when_over_host_budget(model_dirs, text_file, tmp_
 
 def test_nothing_runs_after_the_last_recorded_layer(model_dirs, text_file, tmp_path, monkeypatch):
     """--layers 0-1 of a 4-layer model: layers 2 and 3 and the LM head never run."""
-    import ffnscope.engine.record
+    import ffnscope.engine.record.job
 
     lm = load_model(str(model_dirs["llama"]))
     calls = {"layer2": 0, "layer3": 0, "lm_head": 0}
     lm.adapter.layers[2].register_forward_hook(lambda *_: calls.__setitem__("layer2", calls["layer2"] + 1))
     lm.adapter.layers[3].register_forward_hook(lambda *_: calls.__setitem__("layer3", calls["layer3"] + 1))
     lm.model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
-    monkeypatch.setattr(ffnscope.engine.record, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(ffnscope.engine.record.job, "load_model", lambda *a, **k: lm)
     state = record_tiny(tmp_path / "c.h5", model_dirs["llama"], [text_file], layers="0-1")
     assert sorted(state.layers) == [0, 1]
     assert calls == {"layer2": 0, "layer3": 0, "lm_head": 0}

@@ -1,4 +1,4 @@
-"""bench/synthetic_cache.py: a small synthetic cache is a cache like any other, its stored analyses are
+"""tests/synthetic_cache.py: a small synthetic cache is a cache like any other, its stored analyses are
 what `analyze` computes from it (and counts as current), and what it says it planted comes back."""
 import csv
 import shutil
@@ -9,14 +9,14 @@ import h5py
 import numpy as np
 import pytest
 
-from bench.synthetic_cache import HOSTILE, generate
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.reader import CacheReader
-from ffnscope.cache.store import read_state, write_state
-from ffnscope.engine.analysis.neuron_table import layer_table, neuron_table
+from ffnscope.engine.explore.tables import layer_table, neuron_table
 from ffnscope.engine.analysis.positional import KINDS
-from ffnscope.engine.analysis.run import Analyzer
+from ffnscope.engine.analysis.job import Analyzer
+from tests import synthetic_cache
 from tests.conftest import env_for_subprocess
+from tests.synthetic_cache import HOSTILE, generate
 
 SMALL = dict(layers=4, d_ffn=256, seq_len=64, vocab=300, seed=3)
 
@@ -83,40 +83,16 @@ def test_statistics_are_consistent(synthetic):
             assert pos["positional"][layer][placed].sum() == pos["positional"][layer].sum()
 
 
-def test_same_structure_as_the_real_writers(synthetic, tmp_path):
-    """Rewrite the cache with cache.store.write_state and analysis_store.write_results: every group,
-    dataset (dtype, shape, chunks, filters, values) and attribute is the same."""
-    path, _ = synthetic
-    again = tmp_path / "again.h5"
-    state = read_state(path, "testing")
-    write_state(again, state, state.status)
-    results = []
-    with CacheReader(path) as reader:
-        key = store.recording_key(reader)
-        for name in ("dead", "ngrams", "positional", "suppression"):
-            info = store.stored(reader, name)
-            result = store.Result(name, info["params"], info["inputs"])
-            for k, v in store.read_group(reader, name).items():
-                result.put(k, v)
-            results.append(result)
-        assert info["recording"] == key
-    store.write_results(again, results, key)
-    with h5py.File(path) as a, h5py.File(again) as b:
-        assert dict(a.attrs) == dict(b.attrs)
-        names_a, names_b = [], []
-        a.visit(names_a.append)
-        b.visit(names_b.append)
-        assert sorted(names_a) == sorted(names_b)
-        for name in names_a:
-            x, y = a[name], b[name]
-            assert type(x) is type(y), name
-            assert dict(x.attrs) == dict(y.attrs), name
-            if isinstance(x, h5py.Dataset):
-                for prop in ("dtype", "shape", "chunks", "compression", "compression_opts", "shuffle", "fillvalue"):
-                    assert getattr(x, prop) == getattr(y, prop), f"{name}.{prop}"
-                np.testing.assert_array_equal(x[()], y[()], err_msg=name)
-                if x.chunks:  # every chunk stored, as write_state stores them
-                    assert x.id.get_num_chunks() == y.id.get_num_chunks(), name
+def test_layers_are_made_one_at_a_time(synthetic):
+    """write_state reads the layers in turn: the recording is never whole in memory."""
+    _path, planted = synthetic
+    assert planted["layers"] >= 4 and planted["most_layers_in_memory"] == 2
+
+
+def test_command_line(tmp_path, capsys):
+    assert synthetic_cache.main([str(tmp_path / "x.h5"), "--layers", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: need seq_len >= 64")
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_stored_analyses_are_what_analyze_computes(synthetic, tmp_path):
@@ -144,12 +120,12 @@ def test_stored_analyses_are_what_analyze_computes(synthetic, tmp_path):
 
 
 def test_data_counts_as_the_recorder_counts(synthetic):
-    from ffnscope.engine.streaming import data_counts
+    from ffnscope.engine.record.executor import data_counts
 
     path, _ = synthetic
     with CacheReader(path) as reader:
         unigram, grams = data_counts(reader.tokens(), SMALL["vocab"], 1)
-        np.testing.assert_array_equal(reader.file["data/unigram"][:], unigram)
+        np.testing.assert_array_equal(reader.unigram(), unigram)
         for n, counts in reader.gram_counts().items():
             np.testing.assert_array_equal(counts.gram, grams[n].gram)
             np.testing.assert_array_equal(counts.count, grams[n].count)

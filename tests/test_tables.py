@@ -1,4 +1,4 @@
-"""engine.tables: the columnar Table, the safe filter language, and exports that keep hostile token strings."""
+"""engine.table.table: the columnar Table, the safe filter language, and exports that keep hostile token strings."""
 import csv
 import json
 import math
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from ffnscope.cache.errors import UserError
-from ffnscope.engine.tables import Table, concat, export, filter_rows, read_back
+from ffnscope.engine.table.table import Table, concat
+from ffnscope.engine.table.export import export, read_back
+from ffnscope.engine.table.filter import filter_rows
 
 HOSTILE = ["\x1b[31mred\x1b[0m", "[bold red]x[/]", "a\r\nb", "\x00nul", "=1+2", "+cmd", "-x", "@SUM(A1)",
            "'=already", "", "日本", "\tTAB", "\rCR", "'", "a|b`c\\", "line\u2028sep\x85", "\"quoted\",comma"]
@@ -159,7 +161,7 @@ def test_unwritable_directory(tmp_path):
 
 
 def test_failed_write_leaves_target_and_no_temp(tmp_path, monkeypatch):
-    import ffnscope.engine.tables as tables
+    import ffnscope.engine.table.export as tables
 
     path = tmp_path / "out.csv"
     path.write_text("old")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from tests.conftest import env_for_subprocess
@@ -51,7 +52,7 @@ def test_pickle_weights_with_allow_pickle(tmp_path, pickle_model, text_file):
 
 def test_safetensors_beside_a_pickle_file_are_the_ones_loaded(tmp_path, pickle_model):
     """A directory with both: safetensors only, the pickle file never opened."""
-    from ffnscope.engine.models import load_model
+    from ffnscope.engine.model.load import load_model
     from tests.tiny_models import build, save
 
     directory = save(build("opt", 2, seed=1), tmp_path / "both")
@@ -62,7 +63,7 @@ def test_safetensors_beside_a_pickle_file_are_the_ones_loaded(tmp_path, pickle_m
 # --- 2. model specs stored absolute ---------------------------------------------------------------
 def test_relative_model_spec_is_stored_absolute(tmp_path, model_dirs, text_file, monkeypatch):
     from ffnscope.cache.reader import CacheReader
-    from ffnscope.engine.analysis.run import analyze
+    from ffnscope.engine.analysis.job import analyze
     from tests.helpers import record_tiny
 
     work = tmp_path / "work"
@@ -192,23 +193,78 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path, good_cache):
-    from ffnscope.cache.store import remove_stale_temporaries
+    from ffnscope.cache.atomic import remove_stale_temporaries
 
     out = tmp_path / "x.csv"
     dead = _dead_pid()
     stale = [tmp_path / f".x.csv.{dead}.tmp", tmp_path / f".x.csv.{dead}.analysis.tmp",
-             tmp_path / f"x.csv.progress.json.{dead}.tmp"]
+             tmp_path / f".x.csv.progress.json.{dead}.tmp",  # the progress file's
+             tmp_path / f"x.csv.progress.json.{dead}.tmp"]  # the progress file's, by older versions
     live = [tmp_path / f".x.csv.{os.getpid()}.tmp", tmp_path / f".other.csv.{dead}.tmp",
-            tmp_path / ".x.csv.notapid.tmp"]
+            tmp_path / ".x.csv.notapid.tmp", tmp_path / f".x.csv.{2**40}.tmp"]
     for path in stale + live:
         path.write_bytes(b"x" * 100)
     r = run_cli("export", good_cache, "--table", "layers", "--out", out)
     assert r.returncode == 2 or r.returncode == 0, r.stderr  # (no analyses: a one-line error is fine)
     lines = [line for line in r.stderr.splitlines() if "temporary" in line]
-    assert len(lines) == 1 and "removed 3 temporary files" in lines[0], r.stderr
+    assert len(lines) == 1 and "removed 4 temporary files" in lines[0], r.stderr
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in live)  # a live writer's (this process), another file's, not ours
     assert remove_stale_temporaries(out) == []
+
+
+def test_every_writer_uses_the_one_atomic_writer(tmp_path, good_cache, monkeypatch):
+    """Caches, NPL sidecars, exports, progress files and the launcher's progress files all replace
+    their file through cache.atomic, with temporaries that stale-temporary cleanup recognises."""
+    from ffnscope.cache import atomic, schema
+    from ffnscope.cache.npl_store import NplFile, write_npl
+    from ffnscope.cache.store import read_state, write_state
+    from ffnscope.engine.jobs.launcher import fail_if_own
+    from ffnscope.engine.jobs.progress import ProgressFile
+    from ffnscope.engine.table.export import export
+    from ffnscope.engine.table.table import Table
+
+    replaced, synced, real_replace, real_fsync = [], set(), os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append((Path(src), Path(dst))),
+                                                         real_replace(src, dst))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.add(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    cache = tmp_path / "c.h5"
+    write_state(cache, read_state(good_cache, "testing"), schema.COMPLETE)
+    empty = np.zeros((0, 4), np.int32)
+    write_npl(tmp_path / "c.h5.npl.h5", NplFile({}, np.zeros(0, np.uint64), np.zeros(0, np.uint64), empty, empty))
+    for fmt in ("csv", "parquet"):
+        export(Table({"a": [1]}), tmp_path / f"t.{fmt}", fmt)
+    ProgressFile(cache, ["ffnscope", "record"]).finish("complete")
+    (tmp_path / "d.h5.progress.json").write_text(json.dumps({"pid": os.getpid(), "status": "running"}))
+    fail_if_own(tmp_path / "d.h5", "refused")
+    monkeypatch.undo()
+    outputs = {"c.h5": "c.h5", "c.h5.npl.h5": "c.h5.npl.h5", "t.csv": "t.csv", "t.parquet": "t.parquet",
+               "c.h5.progress.json": "c.h5", "d.h5.progress.json": "d.h5"}
+    assert {dst.name for _, dst in replaced} == set(outputs)
+    assert json.loads((tmp_path / "d.h5.progress.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(atomic, "process_alive", lambda pid, command=None: False)  # as if each writer died
+    for tmp, dst in replaced:
+        assert tmp.parent == dst.parent and str(tmp) in synced, (tmp, dst)
+        tmp.write_bytes(b"")
+        assert tmp in atomic.stale_temporaries(tmp_path / outputs[dst.name]), (tmp, dst)
+        tmp.unlink()
+
+
+def test_lock_names_only_a_live_holder(tmp_path):
+    from ffnscope.cache.errors import UserError
+    from ffnscope.cache.lock import lock_path, locked
+
+    path = tmp_path / "c.h5"
+    with locked(path, shared=True):  # a reader holds the lock file a killed writer left with its pid
+        lock_path(path).write_text(str(_dead_pid()))
+        with pytest.raises(UserError, match=r"another ffnscope process is working") as e:
+            with locked(path):
+                pass
+        assert "pid" not in str(e.value)
+        lock_path(path).write_text(str(os.getppid()))
+        with pytest.raises(UserError, match=rf"another ffnscope process \(pid {os.getppid()}\)"):
+            with locked(path):
+                pass
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from ffnscope.app.tui.neurons import NeuronsScreen, parse_range
 from ffnscope.app.tui.recordings import RecordingsScreen
 from ffnscope.app.tui.table import VirtualTable
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.neuron_table import NEURON_KINDS, neuron_table
-from ffnscope.engine.tables import filter_rows, read_back
+from ffnscope.engine.explore.tables import NEURON_KINDS, neuron_table
+from ffnscope.engine.table.filter import filter_rows
+from ffnscope.engine.table.export import read_back
 from tests.tiny_models import OSCILLATING
 from tests.tui_helpers import raw_screen, screen_text, settle, wait_for, wait_screen
 
@@ -159,7 +160,7 @@ async def test_layers_screen_figures(hostile_cache):
     async with app.run_test(size=SIZE) as pilot:
         layers = await wait_screen(pilot, LayersScreen)
         with CacheReader(hostile_cache) as reader:
-            from ffnscope.engine.analysis.neuron_table import layer_table
+            from ffnscope.engine.explore.tables import layer_table
 
             table = layer_table(reader)
         f = layers.figures

@@ -17,8 +17,8 @@ from ffnscope.app.tui.modals import ChooseScreen, ExportScreen, HelpScreen
 from ffnscope.app.tui.neurons import NeuronsScreen
 from ffnscope.app.tui.recordings import RecordingsScreen
 from ffnscope.app.tui.table import VirtualTable
-from ffnscope.engine.analysis.neuron_table import LAYER_KINDS
-from ffnscope.engine.tables import read_back
+from ffnscope.engine.explore.tables import LAYER_KINDS
+from ffnscope.engine.table.export import read_back
 from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
 
 SIZE = (80, 24)
@@ -278,3 +278,26 @@ async def test_npl_heatmap_labels_and_unwrapped_tables(hostile_cache, fake_npl):
         await pilot.press(*["l"] * 8)
         await settle(pilot)
         assert "bg%" in screen_text(app)  # the table's right end, scrolled to
+
+
+async def test_record_form_hints_fit(tmp_path, monkeypatch):
+    """Every field's placeholder is whole inside its input at 80 columns."""
+    from textual.widgets import Input
+
+    from ffnscope.app.tui.record_form import RecordFormScreen
+
+    monkeypatch.setenv("FFNSCOPE_CACHE_DIR", str(tmp_path / "uc"))
+    app = FFNScopeApp(dirs=None)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.push_screen(RecordFormScreen())
+        await wait_screen(pilot, RecordFormScreen)
+        await settle(pilot)
+        inputs = list(app.screen.query(Input))
+        assert len(inputs) >= 8
+        for field in inputs:
+            assert len(field.placeholder) <= field.content_region.width, (field.id, field.content_region.width)
+        shown = words(app)
+        for field in inputs:
+            if not field.value:
+                assert field.placeholder in shown, field.placeholder

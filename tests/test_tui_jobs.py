@@ -12,7 +12,8 @@ from ffnscope.app.tui.layers import LayersScreen
 from ffnscope.app.tui.modals import ConfirmScreen
 from ffnscope.app.tui.record_form import RecordFormScreen
 from ffnscope.app.tui.recordings import RecordingsScreen
-from ffnscope.engine import jobs
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.paths import recordings_dir
 from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
 
 SIZE = (80, 24)
@@ -23,7 +24,7 @@ FAST = "--seq-len 64 --shard-tokens 256 --batch-tokens 128 --samples 40 --topk 4
 def user_cache(tmp_path, monkeypatch):
     """A private recordings directory; jobs still running at the end are killed."""
     monkeypatch.setenv("FFNSCOPE_CACHE_DIR", str(tmp_path / "uc"))
-    yield jobs.recordings_dir()
+    yield recordings_dir()
     for job in jobs.list_jobs():
         if job.status == jobs.RUNNING and job.pid:
             try:

@@ -16,10 +16,11 @@ import pytest
 
 from ffnscope.app.cli import main
 from ffnscope.cache.store import read_state
-from ffnscope.engine import jobs
-from ffnscope.engine.analysis.run import analyze
-from ffnscope.engine.progress import read_progress
-from ffnscope.engine.record import RecordConfig, record
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.analysis.job import analyze
+from ffnscope.engine.jobs.progress import read_progress
+from ffnscope.engine.record.config import RecordConfig
+from ffnscope.engine.record.job import record
 from tests.conftest import env_for_subprocess
 from tests.helpers import FAST, record_tiny
 
@@ -56,6 +57,7 @@ BAD = [
     (REC + ["--part", "3/2"], "--part"),
     (REC + ["--part", "0/2"], "--part"),
     (REC + ["--part", "x"], "--part"),
+    (REC + ["--part", "automatic"], "--part"),
     (REC + ["--tau-rule", "bogus"], "--tau-rule"),
     (REC + ["--tau-rule", "quantile:1.5"], "--tau-rule"),
     (REC + ["--tau", "0.5", "--tau-rule", "quantile:0.9"], "relative --tau-rule"),
@@ -186,6 +188,31 @@ def test_real_command_line_prints_one_line(tmp_path, caches, model_dirs, text_fi
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and lines[0].startswith("ffnscope: error: ") and needle in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN",
+                 "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT")
+
+
+@pytest.mark.parametrize("env, out, needle", [
+    ({}, "out.h5", "needs torchrun's RANK and WORLD_SIZE or a Slurm array's SLURM_ARRAY_TASK_ID"),
+    ({"RANK": "0"}, "out.part{part}.h5", "WORLD_SIZE is not set"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "out.h5", "put {part} in --out, like --out"),
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "4"}, "out.h5",
+     "put {part} in --out"),
+    ({"SLURM_ARRAY_TASK_ID": "2"}, "out.part{part}.h5", "SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT"),
+])
+def test_part_auto_refusals(tmp_path, capsys, monkeypatch, model_dirs, text_file, env, out, needle):
+    """--part auto outside a launcher, or with one --out for several processes: one line, nothing written."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = [str(tmp_path / out) if a == "{O}" else a.format(M=model_dirs["opt"], D=text_file) for a in REC]
+    code, err = _main(argv + ["--part", "auto"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ffnscope: error: ") and needle in lines[0], err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,7 +19,8 @@ from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.app.tui.recordings import RecordingsScreen
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import SUFFIX as NPL_SUFFIX
-from ffnscope.engine import jobs
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.paths import recordings_dir
 
 DEFAULT_NAME = "smollm2-default.h5"
 DEFAULT_TOKENS = 24576  # 12 sequences of 2048: the fewest at which positional neurons can be called at MI 0.05
@@ -57,9 +58,9 @@ class FFNScopeApp(App):
     def start_main_job(self) -> None:
         """Open the default model's recording; record it first if there is none."""
         name = DEFAULT_NAME if self.main_model == "default" else Path(self.main_model).name + ".h5"
-        out = jobs.recordings_dir() / name
+        out = recordings_dir() / name
         job = jobs.read_job(out)
-        from ffnscope.engine.catalog import summarize
+        from ffnscope.engine.explore.catalog import summarize
 
         summary = summarize(out) if out.exists() else None
         if job is not None and job.status == jobs.RUNNING:

@@ -17,7 +17,7 @@ from ffnscope.app.tui.base import HELP_KEY, FramedScreen
 from ffnscope.app.tui.cells import num, pct, token, tokens, unknown, yes_no
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.cache.npl_store import sidecar_path
-from ffnscope.engine.analysis.neuron_detail import NeuronDetail, neuron_detail
+from ffnscope.engine.explore.detail import NeuronDetail, neuron_detail
 
 NGRAM_NAMES = {1: "tokens", 2: "bigrams", 3: "trigrams"}
 

@@ -8,9 +8,10 @@ import numpy as np
 
 from ffnscope.app.safe_text import printable
 from ffnscope.cache.errors import UserError
-from ffnscope.engine.analysis.neuron_index import NeuronIndex
-from ffnscope.engine.analysis.neuron_table import NEURON_KINDS
-from ffnscope.engine.tables import Table, export
+from ffnscope.engine.explore.index import NeuronIndex
+from ffnscope.engine.explore.tables import NEURON_KINDS
+from ffnscope.engine.table.table import Table
+from ffnscope.engine.table.export import export
 
 
 def export_neurons(app, index: NeuronIndex, rows: np.ndarray, fmt: str, path: Path) -> None:

@@ -1,5 +1,6 @@
 """Layers: one row per layer (dead %, alive frequency, detectors, positional neurons by type,
-suppression) and one-line bar charts of the same figures. Enter opens the layer's neurons."""
+suppression) and one-line bar charts of the same figures, which are the layer table's
+(engine.explore.tables.layer_figures). Enter opens the layer's neurons."""
 from __future__ import annotations
 
 from rich.text import Text
@@ -14,7 +15,7 @@ from ffnscope.app.tui.modals import ExportScreen
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.app.tui.table import Column, VirtualTable
 from ffnscope.engine.analysis.dead import is_relative, primary_is_tau0, rule_short
-from ffnscope.engine.analysis.neuron_table import layer_table
+from ffnscope.engine.explore.tables import layer_table
 
 # shares are fractions in the figures and exports, shown here as %; every such title says "%"
 COLUMNS = [Column("layer", "layer", 5), Column("dead", "dead %", 6), Column("alive", "alive freq %", 12),
@@ -155,11 +156,11 @@ class LayersScreen(FramedScreen):
 
     def action_export(self) -> None:
         """The same table as `ffnscope export --table layers` (same columns, fractions)."""
-        reader = self.rec.reader
+        reader, index = self.rec.reader, self.rec.index  # the figures on screen: one computation (layer_figures)
 
         def done(choice):
             if choice is not None:
-                export_table(self.app, lambda: layer_table(reader), *choice)
+                export_table(self.app, lambda: layer_table(reader, index), *choice)
         self.app.push_screen(ExportScreen("layer table", len(self.figures["layer"]),
                                           self.app.export_path(self.rec, "-layers")), done)
 

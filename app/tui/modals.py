@@ -12,7 +12,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ffnscope.engine.tables import FORMATS
+from ffnscope.engine.table.export import FORMATS
 
 MODAL_CSS = """
 ModalScreen { align: center middle; }

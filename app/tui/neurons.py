@@ -1,5 +1,5 @@
 """Neurons: the neuron table of one layer or of all layers, filtered and sorted with numpy in a
-worker (engine.analysis.neuron_index), shown through a virtual table, so millions of rows scroll
+worker (engine.explore.index), shown through a virtual table, so millions of rows scroll
 like ten. The number of matching rows is always on the status line."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ExportScreen
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.app.tui.table import Column, VirtualTable
 from ffnscope.engine.analysis.dead import primary_is_tau0
-from ffnscope.engine.analysis.neuron_index import SORT_KEYS, NeuronFilter
+from ffnscope.engine.explore.index import SORT_KEYS, NeuronFilter
 from ffnscope.engine.analysis.positional import KINDS
 
 SHORT_KIND = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "other"}

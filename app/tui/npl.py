@@ -1,6 +1,6 @@
 """NPL: a recording's Neuron Predictability Lens results (the fitted maps and the paper's averages,
 the layer-pair grid as a heatmap, Table 1, functional and background neurons), and the jobs that
-make them: fit, substitute, functional. Jobs run as processes (engine.jobs); this screen follows
+make them: fit, substitute, functional. Jobs run as processes (engine.jobs.launcher); this screen follows
 their progress file and reloads what they wrote."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ConfirmScreen
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import sidecar_path
-from ffnscope.engine import jobs
+from ffnscope.engine.jobs import launcher as jobs
 from ffnscope.engine.npl.overview import NplOverview, overview
 
 HINTS = {"fit": "f fits them (a job)", "substitute": "s runs it (a job)", "functional": "u finds them (a job)"}

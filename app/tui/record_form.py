@@ -1,5 +1,5 @@
 """The form that starts a recording job: model spec, data sources, tokens, layers, device and
-memory budgets. The job runs in its own process (engine.jobs) and analyzes itself when done."""
+memory budgets. The job runs in its own process (engine.jobs.launcher) and analyzes itself when done."""
 from __future__ import annotations
 
 import re
@@ -15,21 +15,21 @@ from textual.widgets import Button, Input, Label, Static
 from ffnscope.app.safe_text import printable
 from ffnscope.app.tui.base import FramedScreen
 from ffnscope.cache.errors import UserError
-from ffnscope.engine import jobs
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.paths import recordings_dir
 from ffnscope.engine.units import parse_bytes
 
-# (id, label, default, placeholder)
+# (id, label, default, placeholder); placeholders fit the 63 cells an input has at 80 columns
 FIELDS = [
-    ("name", "output name", "", "file name in the recordings directory, like smollm2-1m"),
-    ("model", "model", "default", "default, a HF model directory, a .gguf file or a cached hub id"),
-    ("data", "data", "builtin", "builtin, text files, directories or .jsonl files, separated by spaces"),
+    ("name", "output name", "", "a file name in the recordings directory, like smollm2-1m"),
+    ("model", "model", "default", "default, a model directory, a .gguf file or a hub id"),
+    ("data", "data", "builtin", "builtin, or files and directories, separated by spaces"),
     ("tokens", "tokens", "24576", "tokens to record"),
     ("layers", "layers", "", "like 0-11,15 (empty: all)"),
     ("device", "device", "auto", "auto, cpu, cuda or cuda:N"),
-    ("device_memory", "device memory", "", "weights kept on the device, like 24GiB (empty: all it has)"),
-    ("host_memory", "host memory", "", "host memory budget, like 32GiB (empty: most of it)"),
-    ("options", "more options", "",
-     "other `ffnscope record` options, like --seq-len 512 --tau 0.5 or --tau-rule quantile:0.99"),
+    ("device_memory", "device memory", "", "weights on the device, like 24GiB (empty: all it has)"),
+    ("host_memory", "host memory", "", "a host memory cap, like 32GiB (empty: most of it)"),
+    ("options", "more options", "", "other record options, like --seq-len 512 --tau 0.5"),
 ]
 
 
@@ -38,7 +38,7 @@ def check(values: dict[str, str]) -> dict:
     name = values["name"].strip() or "recording"
     if not re.fullmatch(r"[\w.+-]+", name):
         raise UserError("output name: use letters, digits, '.', '_', '+' or '-'")
-    out = jobs.recordings_dir() / (name if name.endswith(".h5") else name + ".h5")
+    out = recordings_dir() / (name if name.endswith(".h5") else name + ".h5")
     try:
         tokens = int(values["tokens"].replace(",", "").replace("_", ""))
     except ValueError:

@@ -9,7 +9,7 @@ from ffnscope.app.safe_text import printable
 from ffnscope.cache.npl_store import sidecar_path
 from ffnscope.cache.reader import CacheReader
 from ffnscope.engine.analysis.dead import is_relative, rule_short
-from ffnscope.engine.analysis.neuron_index import NeuronIndex
+from ffnscope.engine.explore.index import NeuronIndex
 
 
 class OpenRecording:

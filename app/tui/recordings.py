@@ -18,7 +18,9 @@ from ffnscope.app.tui.base import FramedScreen
 from ffnscope.app.tui.cells import duration
 from ffnscope.app.tui.table import Column, VirtualTable
 from ffnscope.cache.errors import UserError
-from ffnscope.engine import catalog, jobs
+from ffnscope.engine.explore import catalog
+from ffnscope.engine.jobs import launcher as jobs
+from ffnscope.engine.paths import recordings_dir
 
 # names elided in the middle: "smollm2-default.h5" and its NPL job's "smollm2-default.h5.npl.h5" differ
 COLUMNS = [Column("mark", "", 1, "left"), Column("name", "recording", 0, "left", min=14, elide="middle"),
@@ -97,7 +99,7 @@ class RecordingsScreen(FramedScreen):
 
     @work(thread=True, exclusive=True, group="scan")
     def scan(self) -> None:
-        dirs = self.dirs if self.dirs is not None else [jobs.recordings_dir()]
+        dirs = self.dirs if self.dirs is not None else [recordings_dir()]
         summaries = catalog.scan(self.files, dirs)
         job_list = jobs.list_jobs(dirs, self.files)
         by_path = {j.output.resolve(): j for j in job_list}

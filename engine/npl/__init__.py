@@ -8,6 +8,6 @@ Modules (light ones import no torch, so tables and the TUI can read results with
 - engine.npl.fit         exact fit by streamed sufficient statistics, the Adagrad recipe, metrics
 - engine.npl.substitute  substitution perplexity (Table 1) and finer-grained substitution (Fig. 4)
 - engine.npl.functional  functional neurons (variance reduction) and background neurons
-- engine.npl.jobs        the jobs: fit, substitute, functional, on a recording cache and its sidecar
+- engine.npl.job         the jobs: fit, substitute, functional, on a recording cache and its sidecar
 The sidecar format is cache.npl_store.
 """

@@ -1,8 +1,8 @@
 """Reading and replacing FFN activation vectors g in a running model, and the model's own loss.
 
-g is the input of the FFN output projection (engine.adapters); a forward pre-hook on that module
+g is the input of the FFN output projection (engine.model.sites); its hook point (engine.model.hooks)
 sees it, and may hand the module another tensor instead. Layers run one at a time through
-engine.layer_runner.LayerRunner, so a pass can stop after the last layer it needs, or start from
+engine.model.runner.LayerRunner, so a pass can stop after the last layer it needs, or start from
 hidden states saved at a chunk's first layer.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ffnscope.engine.adapters import Adapter
-from ffnscope.engine.layer_runner import LayerRunner
+from ffnscope.engine.model.hooks import ffn_hooks
+from ffnscope.engine.model.runner import LayerRunner
+from ffnscope.engine.model.sites import Adapter
 
 # replace(layer, g_computed) -> the tensor the output projection gets instead, or None to keep g
 Replace = Callable[[int, torch.Tensor], "torch.Tensor | None"]
@@ -38,12 +39,13 @@ def output_difference(adapter: Adapter, k: int, g: torch.Tensor, other: torch.Te
     return contribution(adapter, k, g) - contribution(adapter, k, other)
 
 
-class DownHooks:
-    """Forward pre-hooks on the output projections of chosen layers.
+class GCapture:
+    """What NPL does at the g site (engine.model.hooks) of chosen layers.
 
-    `g[k]` holds the last g that layer k computed (before any replacement); `replace` may swap it.
-    With `explicit=True` the hooks also sum, over the replaced layers, the FFN output of the computed
-    g minus that of the replacement (what partial substitution adds back to the final hidden state).
+    `g[k]` holds the last g that layer k computed (before any replacement), (B, T, d_ffn); where
+    `replace(k, g)` returns a tensor, the output projection gets that instead. With `explicit=True` it
+    also sums, over the replaced layers, the FFN output of the computed g minus that of the replacement
+    (`delta`: what partial substitution adds back to the final hidden state).
     """
 
     def __init__(self, adapter: Adapter, layers, replace: Replace | None = None, explicit: bool = False):
@@ -53,46 +55,26 @@ class DownHooks:
         self.explicit = explicit
         self.g: dict[int, torch.Tensor] = {}
         self.delta: torch.Tensor | None = None
-        self.batch_shape: tuple[int, ...] | None = None  # (B, T) of the layer being run
 
     def reset(self) -> None:
         self.g = {}
         self.delta = None
 
-    def _layer_hook(self, _module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if hidden is not None:
-            self.batch_shape = tuple(hidden.shape[:-1])
-
-    def _hook(self, k: int):
-        def hook(_module, args):
-            g = args[0]
-            flat = g.dim() == 2 and self.batch_shape is not None and len(self.batch_shape) == 2
-            if flat:  # OPT runs its FFN on (B*T, d) rows: every consumer here gets (B, T, d_ffn)
-                g = g.reshape(*self.batch_shape, g.shape[-1])
-            self.g[k] = g
-            if self.replace is None:
-                return None
-            new = self.replace(k, g)
-            if new is None:
-                return None
-            new = new.to(g.dtype)
-            if self.explicit:
-                d = output_difference(self.adapter, k, g, new)
-                self.delta = d if self.delta is None else self.delta + d
-            return (new.reshape(args[0].shape) if flat else new, *args[1:])
-        return hook
+    def _at_g(self, k: int, g: torch.Tensor) -> torch.Tensor | None:
+        self.g[k] = g
+        new = self.replace(k, g) if self.replace is not None else None
+        if new is None:
+            return None
+        new = new.to(g.dtype)
+        if self.explicit:
+            d = output_difference(self.adapter, k, g, new)
+            self.delta = d if self.delta is None else self.delta + d
+        return new
 
     @contextmanager
     def attached(self):
-        layers = self.adapter.layers
-        handles = [self.adapter.down_module(layers[k]).register_forward_pre_hook(self._hook(k)) for k in self.layers]
-        handles += [layers[k].register_forward_pre_hook(self._layer_hook, with_kwargs=True) for k in self.layers]
-        try:
+        with ffn_hooks(self.adapter, self.layers, g=self._at_g):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def run_layers(runner: LayerRunner, hidden: torch.Tensor, start: int, stop: int,
@@ -107,7 +89,7 @@ def run_layers(runner: LayerRunner, hidden: torch.Tensor, start: int, stop: int,
 
 def make_runner(lm, device: torch.device, batch_tokens: int) -> LayerRunner:
     """A layer runner with as many layers resident as the device holds, and the LM head there too."""
-    from ffnscope.engine.budget import plan_device
+    from ffnscope.engine.model.plan import plan_device
 
     device = torch.device(device)
     runner = LayerRunner(lm.adapter, device, plan_device(None, lm, device, batch_tokens))
@@ -150,11 +132,6 @@ def token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, chunk_t
         out[lo:lo + chunk_tokens] = torch.nn.functional.cross_entropy(
             logits, target[lo:lo + chunk_tokens], reduction="none")
     return out.reshape(b, t - 1)
-
-
-def batches(n_seqs: int, seq_len: int, batch_tokens: int) -> list[tuple[int, int]]:
-    per = max(1, batch_tokens // seq_len)
-    return [(lo, min(lo + per, n_seqs)) for lo in range(0, n_seqs, per)]
 
 
 def as_ids(tokens: np.ndarray) -> torch.Tensor:

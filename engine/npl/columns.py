@@ -6,7 +6,7 @@ without torch).
 - npl_l2: held-out L2 error (root mean squared error) likewise: the neuron's predictability score;
 - background: the neuron's score is below its layer's random baseline (engine.npl.functional).
 Unknown values (no sidecar, no map into the layer, functional analysis not run) are NaN / -1 here
-and None in the exported table (engine.analysis.neuron_index).
+and None in the exported table (engine.explore.index).
 """
 from __future__ import annotations
 

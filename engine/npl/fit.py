@@ -33,8 +33,9 @@ import torch
 
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import MapRecord
-from ffnscope.engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers, token_nll
-from ffnscope.engine.streaming import Stopped
+from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.model.batches import seq_batches
+from ffnscope.engine.npl.capture import GCapture, as_ids, make_runner, run_layers, token_nll
 
 METHODS = ("exact", "adagrad")
 STATS_DTYPES = ("float64", "float32")
@@ -268,18 +269,14 @@ def _report(on_progress, phase: str, done: int, total: int, started: float) -> N
                      eta_s=(total - done) / rate if rate > 0 else None))
 
 
-def _check_stop(stop_flag) -> None:
-    if stop_flag is not None and stop_flag.get("stop"):
-        raise Stopped()
-
-
 def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list[tuple[int, int]],
              options: FitOptions | None = None, device: torch.device | str = "cpu", on_progress=None,
-             stop_flag: dict | None = None) -> FitResult:
+             stop: StopToken | None = None) -> FitResult:
     """Fit M_{i->j} for `pairs` on fit_tokens (n, seq_len) and score them on heldout_tokens.
 
     on_progress(dict(phase, tokens_done, tokens_total, tokens_per_s, eta_s)) is called per batch;
-    stop_flag["stop"] = True makes it raise engine.streaming.Stopped at the next batch."""
+    a requested `stop` makes it raise engine.jobs.stop.Stopped at the next layer."""
+    stop = stop or StopToken()
     options = options or FitOptions()
     options.check()
     methods = options.methods()
@@ -295,7 +292,7 @@ def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list
     batch_tokens = (max(1, round(options.adagrad_tokens / seq_len)) * seq_len if "adagrad" in methods
                     else options.batch_tokens)
     runner = make_runner(lm, device, batch_tokens)
-    hooks = DownHooks(adapter, needed)
+    hooks = GCapture(adapter, needed)
     clock = _Clock(device)
     exact = ExactFit(pairs, d, device, options.stats_dtype) if "exact" in methods else None
     adagrad = {p: AdagradMap(d, d, device, options.lr) for p in pairs} if "adagrad" in methods else {}
@@ -304,8 +301,8 @@ def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list
 
     with torch.inference_mode(), hooks.attached():
         # pass 1: the fit sequences
-        for lo, hi in batches(len(fit_tokens), seq_len, batch_tokens):
-            _check_stop(stop_flag)
+        for lo, hi in seq_batches(len(fit_tokens), seq_len, batch_tokens):
+            stop.check()
             t = time.perf_counter()
             hidden = runner.embed(as_ids(fit_tokens[lo:hi]))
             t = clock.add("forward", t)
@@ -313,7 +310,7 @@ def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list
                 exact.begin_batch((hi - lo) * seq_len)
             kept: dict[int, torch.Tensor] = {}
             for k in range(needed[-1] + 1):
-                _check_stop(stop_flag)
+                stop.check()
                 t = time.perf_counter()
                 hidden = runner.run(k, hidden, runner.weights(k))
                 t = clock.add("forward", t)
@@ -355,15 +352,15 @@ def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list
                    for m, s in solved.items()}
         metrics: dict[str, dict[tuple[int, int], Metrics]] = {m: {} for m in solved}
         nll = np.zeros((len(heldout_tokens), max(seq_len - 1, 0)), np.float32)
-        for lo, hi in batches(len(heldout_tokens), seq_len, batch_tokens):
-            _check_stop(stop_flag)
+        for lo, hi in seq_batches(len(heldout_tokens), seq_len, batch_tokens):
+            stop.check()
             t = time.perf_counter()
             ids = as_ids(heldout_tokens[lo:hi])
             hidden = runner.embed(ids)
             kept = {}
 
             def on_layer(k, _out):
-                _check_stop(stop_flag)
+                stop.check()
                 if k not in last_use:
                     return
                 kept[k] = hooks.g.pop(k).reshape(-1, d)

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from ffnscope.cache.schema import encode_grams
-from ffnscope.engine.npl.capture import DownHooks, as_ids, batches, make_runner, run_layers
+from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.model.batches import seq_batches
+from ffnscope.engine.npl.capture import GCapture, as_ids, make_runner, run_layers
 from ffnscope.engine.npl.report import FUNCTIONAL_KINDS as KINDS  # the property kinds, in table order
-from ffnscope.engine.streaming import Stopped
 
 
 @dataclass
@@ -245,11 +246,12 @@ def summarize(layers, names, importance, score, params: FunctionalParams) -> Fun
 
 def functional_neurons(lm, tokens: np.ndarray, nll: np.ndarray, score: dict[int, np.ndarray],
                        params: FunctionalParams | None = None, device="cpu", batch_tokens: int = 8192,
-                       on_progress=None, stop_flag: dict | None = None) -> FunctionalResult:
+                       on_progress=None, stop: StopToken | None = None) -> FunctionalResult:
     """One pass over held-out tokens (n, T) with the unmodified model's per-token loss nll (n, T-1)
     and each layer's predictability scores; -> importance, S_P per kind, background neurons."""
-    from ffnscope.engine.record import special_ids
+    from ffnscope.engine.data.packing import special_ids
 
+    stop = stop or StopToken()
     params = params or FunctionalParams()
     device = torch.device(device)
     adapter = lm.adapter
@@ -261,13 +263,12 @@ def functional_neurons(lm, tokens: np.ndarray, nll: np.ndarray, score: dict[int,
     d = adapter.d_ffn
     moments = {layer: _Moments(props, d, device) for layer in layers}
     runner = make_runner(lm, device, batch_tokens)
-    hooks = DownHooks(adapter, layers)
+    hooks = GCapture(adapter, layers)
     seq_len = tokens.shape[1]
     started = time.time()
     with torch.inference_mode(), hooks.attached():
-        for lo, hi in batches(len(tokens), seq_len, batch_tokens):
-            if stop_flag is not None and stop_flag.get("stop"):
-                raise Stopped()
+        for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
+            stop.check()
             hidden = runner.embed(as_ids(tokens[lo:hi]))
 
             def on_layer(k, _out):

@@ -39,10 +39,11 @@ import numpy as np
 import torch
 
 from ffnscope.cache.errors import UserError
-from ffnscope.engine.npl.capture import DownHooks, as_ids, batches, make_runner, output_difference, run_layers, token_nll
+from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.model.batches import seq_batches
+from ffnscope.engine.npl.capture import GCapture, as_ids, make_runner, output_difference, run_layers, token_nll
 from ffnscope.engine.npl.layout import chunks as make_chunks
 from ffnscope.engine.npl.layout import substituted
-from ffnscope.engine.streaming import Stopped
 
 from ffnscope.engine.npl.report import MAPPINGS
 TREATMENTS = ("actual", "predicted", "zero", "random")
@@ -207,9 +208,10 @@ class RunResult:
 
 
 def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", batch_tokens: int = 8192,
-                 on_progress=None, stop_flag: dict | None = None, explicit: bool = False) -> RunResult:
+                 on_progress=None, stop: StopToken | None = None, explicit: bool = False) -> RunResult:
     """Perplexity of the unmodified model and of every setting (complete and partial, and
-    explicit-only when asked) on tokens."""
+    explicit-only when asked) on tokens; a requested `stop` raises Stopped before the next batch or setting."""
+    stop = stop or StopToken()
     device = torch.device(device)
     adapter = lm.adapter
     n_layers = len(adapter.layers)
@@ -222,17 +224,16 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
     wanted = {k - 1 for k in starts}
     if explicit:
         wanted |= {k for s in settings for j in s.layers for k in (j - 1, j)}
-    capture = DownHooks(adapter, wanted)
+    capture = GCapture(adapter, wanted)
     outcomes = [Outcome(s.labels, list(s.layers), nll_explicit=0.0 if explicit else None) for s in settings]
     seconds = {"original": 0.0, "substituted": 0.0, "explicit": 0.0}
     original_nll = 0.0
     done = 0
     started = time.time()
-    plan = batches(len(tokens), seq_len, batch_tokens)
+    plan = seq_batches(len(tokens), seq_len, batch_tokens)
     with torch.inference_mode():
         for lo, hi in plan:
-            if stop_flag is not None and stop_flag.get("stop"):
-                raise Stopped()
+            stop.check()
             t0 = time.perf_counter()
             ids = as_ids(tokens[lo:hi])
             hidden = runner.embed(ids)
@@ -267,12 +268,11 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
             seconds["explicit"] += spent[0] + _sync(device, te)
             count = (hi - lo) * (seq_len - 1)
             for setting, outcome in zip(settings, outcomes):
-                if stop_flag is not None and stop_flag.get("stop"):
-                    raise Stopped()
+                stop.check()
                 t1 = time.perf_counter()
                 start = min(setting.layers)
                 replacer = _Replacer(set(setting.layers), setting.mapping)
-                hooks = DownHooks(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer,
+                hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer,
                                   explicit=True)
                 replacer.hooks = hooks
                 with hooks.attached():
@@ -295,12 +295,12 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
 
 
 class _Replacer:
-    """DownHooks' replace callback: needs the hooks' own record of g_{j-1}."""
+    """GCapture's replace callback: needs the hooks' own record of g_{j-1}."""
 
     def __init__(self, layers: set[int], mapping: Mapping):
         self.layers = layers
         self.mapping = mapping
-        self.hooks: DownHooks | None = None
+        self.hooks: GCapture | None = None
 
     def __call__(self, k: int, g: torch.Tensor):
         if k not in self.layers:
@@ -410,14 +410,14 @@ def forward_throughput(lm, tokens: np.ndarray, setting: Setting | None = None, d
     seq_len = tokens.shape[1]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for lo, hi in batches(len(tokens), seq_len, batch_tokens):
+        for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
             ids = as_ids(tokens[lo:hi])
             hidden = runner.embed(ids)
             if setting is None:
                 token_nll(adapter, run_layers(runner, hidden, 0, n_layers), ids)
                 continue
             replacer = _Replacer(set(setting.layers), setting.mapping)
-            hooks = DownHooks(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer, explicit=True)
+            hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer, explicit=True)
             replacer.hooks = hooks
             with hooks.attached():
                 out = run_layers(runner, hidden, 0, n_layers)

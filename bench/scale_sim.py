@@ -1,0 +1,131 @@
+"""Peak host memory of a recording against the model's size, under one --host-memory cap (CPU).
+
+    python bench/scale_sim.py [--sizes 1,2,4] [--host-memory 2.5GiB] [--tokens 64] [--assert]
+
+Writes random Llama models of about SIZES GB of weights (bf16 safetensors, one shard per layer, written
+a layer at a time so the writer never holds the model) under /tmp, records each with `ffnscope record
+--dtype float32` in a child process under the cap, and prints the child's peak resident set size
+(wait4's rusage) beside the weights' size: flat is the goal, since decoder layers are read from the files
+when they run. Only --host-memory is given: on the CPU the plan keeps as many layers resident as the cap
+leaves room for and streams the rest. --assert fails if a peak passes the cap. The models are deleted
+afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from ffnscope.engine.units import human, parse_bytes  # noqa: E402
+
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
+             max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def layer_params() -> int:
+    h, f, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_key_value_heads"]
+    head = h // SHAPE["num_attention_heads"]
+    return 2 * h * h + 2 * h * kv * head + 3 * h * f + 2 * h
+
+
+def write_model(directory: Path, n_layers: int) -> int:
+    """A random bf16 Llama, one safetensors shard per layer; -> bytes of weights written."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.tiny_models import BOS, EOS, PAD, VOCAB
+    from tests.tiny_tokenizer import make_tokenizer
+
+    config = LlamaConfig(num_hidden_layers=n_layers, vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=PAD, **SHAPE)
+    with init_empty_weights():  # names and shapes only
+        skeleton = AutoModelForCausalLM.from_config(config)
+    groups: dict[str, dict] = {}
+    for key, tensor in skeleton.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to the embeddings
+        parts = key.split(".")
+        group = parts[2] if parts[1] == "layers" else "rest"
+        groups.setdefault(group, {})[key] = tuple(tensor.shape)
+    directory.mkdir(parents=True)
+    weight_map, total = {}, 0
+    generator = torch.Generator().manual_seed(0)
+    for n, (group, shapes) in enumerate(groups.items()):
+        file = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {key: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02)
+                   .to(torch.bfloat16) for key, shape in shapes.items()}
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                         "weight_map": weight_map}))
+    config.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return total
+
+
+def record(model: Path, out: Path, args) -> tuple[int, float, str]:
+    """-> (peak RSS bytes of the child, seconds, its stderr tail)."""
+    cmd = [sys.executable, "-m", "ffnscope.app.cli", "record", "--model", str(model), "--data", "builtin",
+           "--tokens", str(args.tokens), "--seq-len", "64", "--batch-tokens", "64", "--calib-tokens", "64",
+           "--samples", "16", "--topk", "4", "--dtype", "float32", "--device", "cpu", "--quiet",
+           "--host-memory", args.host_memory, "--out", str(out),
+           "--force"]
+    start = time.perf_counter()
+    with open(out.with_suffix(".log"), "w+") as log:
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        _pid, status, usage = os.wait4(child.pid, 0)
+        log.seek(0)
+        tail = log.read()[-600:]
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"recording {model.name} failed:\n{tail}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start, tail
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,2,4", help="GB of bf16 weights per model, comma separated")
+    parser.add_argument("--host-memory", default="2.5GiB")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--assert", dest="check", action="store_true", help="fail if a peak passes the cap")
+    args = parser.parse_args()
+    cap = parse_bytes(args.host_memory, "--host-memory")
+    per_layer = layer_params() * 2
+    work = Path(tempfile.mkdtemp(prefix="ffnscope-scale-", dir="/tmp"))
+    rows = []
+    try:
+        for size in (float(s) for s in args.sizes.split(",")):
+            n_layers = max(1, round(size * 1e9 / per_layer))
+            model = work / f"llama-{n_layers}"
+            start = time.perf_counter()
+            weights = write_model(model, n_layers)
+            written = time.perf_counter() - start
+            peak, seconds, _ = record(model, work / f"{model.name}.h5", args)
+            rows.append((n_layers, weights, peak, seconds))
+            print(f"{n_layers:3d} layers  weights {human(weights):>9} bf16 ({human(2 * weights):>9} as float32)  "
+                  f"peak RSS {human(peak):>9}  cap {human(cap)}  record {seconds:5.1f}s  (written in {written:.0f}s)",
+                  flush=True)
+            shutil.rmtree(model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    spread = max(r[2] for r in rows) - min(r[2] for r in rows)
+    print(f"peak RSS spread across sizes: {human(spread)} for {human(rows[-1][1] - rows[0][1])} more weights")
+    if args.check and any(peak > cap for _n, _w, peak, _s in rows):
+        raise SystemExit(f"a peak RSS passed the --host-memory cap of {human(cap)}")
+
+
+if __name__ == "__main__":
+    main()

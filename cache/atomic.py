@@ -1,0 +1,186 @@
+"""Every file of ours is written whole, by one writer (`replacing`): into a temporary file beside it,
+flushed to disk, renamed over it. A kill at any moment leaves the old file or the new one, never a
+torn one; a failure removes the temporary and says, in one line, why and how much space is there.
+
+A temporary is named `.NAME.PID[.TAG].tmp`, so the temporaries a killed writer leaves are known by
+their dead PID (`stale_temporaries`). Whether a PID is still a live process, and still the one we
+started, is decided here too (`process_alive`): stale temporaries, lock holders and jobs use it.
+
+Light on purpose (no numpy, no h5py): the progress file and `ffnscope jobs` use it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from ffnscope.cache.errors import UserError
+
+PROGRESS_SUFFIX = ".progress.json"  # a job's progress file beside its output (engine.jobs.progress)
+
+
+# --- processes ------------------------------------------------------------------------------------
+def process_alive(pid: int | None, command: list[str] | None = None) -> bool:
+    """Whether `pid` is a live process: not gone, not a zombie (it writes nothing more) and, when the
+    `command` it was started with is given, still running it where /proc says (so a reused pid is not
+    taken for ours). Another user's process counts as alive."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except OverflowError:  # bigger than any pid
+        return False
+    if _proc_state(pid) == "Z":
+        return False
+    args = [str(a) for a in (command or [])[1:]]  # argv[0] differs between `ffnscope` and `python -m ffnscope`
+    if args:
+        cmdline = _cmdline(pid)
+        if cmdline is not None and cmdline[-len(args):] != args:
+            return False
+    return True
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split() or [None])[0]
+    except OSError:
+        return None  # no /proc (or it went meanwhile): kill(pid, 0) has the last word
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode("utf-8", "surrogateescape") for part in raw.split(b"\0")[:-1]]
+
+
+# --- temporaries ----------------------------------------------------------------------------------
+def temp_path(path: Path, tag: str = "") -> Path:
+    """The temporary that replaces `path`: hidden, beside it, named by this process (see the module)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
+
+
+def stale_temporaries(path: Path) -> list[Path]:
+    """Temporaries beside `path` and its progress file whose writer is dead (kill -9, a crash, a full
+    disk before this check existed). Those of live processes (this one included) stay, and so do
+    names we never write."""
+    path = Path(path)
+    progress = path.name + PROGRESS_SUFFIX
+    # `.NAME.` and `.NAME.progress.json.` (temp_path); `NAME.progress.json.` from older versions
+    prefixes = (f".{path.name}.", f".{progress}.", f"{progress}.")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".tmp"):
+            continue
+        for prefix in prefixes:
+            digits = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            if digits.isdigit() and int(digits) < 1 << 31:  # a bigger number is no pid we wrote
+                if not process_alive(int(digits)):
+                    found.append(path.with_name(name))
+                break
+    return sorted(found)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the stale temporaries beside `path` (stale_temporaries); -> those removed."""
+    removed = []
+    for tmp in stale_temporaries(path):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
+# --- writing --------------------------------------------------------------------------------------
+def size_text(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _free(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def storage_error(path: Path, needs: int | None = None, reason: str = "", failure: str | None = None) -> UserError:
+    """The one line of a failed or impossible write: the path, why, the free space there and needed."""
+    path = Path(path)
+    free = _free(path.parent)
+    parts = [reason] if reason else []
+    if free is not None:
+        parts.append(f"{size_text(free)} free there")
+    if needs:
+        parts.append(f"about {size_text(needs)} needed")
+    head = failure or f"could not write {path}"
+    space = not reason or "space" in reason.lower() or "quota" in reason.lower() or "errno = 28" in reason
+    fix = "free some space or choose another place" if space else "check the place is writable"
+    return UserError(f"{head} ({'; '.join(parts)}); {fix}, then run the command again (the previous file "
+                     "is unchanged)")
+
+
+def _reason(exc: BaseException) -> str:
+    """One short line of why a write failed (h5py puts errno 28 in the text of a RuntimeError)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+    if "No space left" in reason or "errno = 28" in reason:
+        reason = "no space left on the device"
+    return (reason.splitlines() or [exc.__class__.__name__])[0][:200]
+
+
+@contextmanager
+def replacing(path: Path, tag: str = "", copy: bool = False, failure: str | None = None, needs: int = 0):
+    """The temporary path (temp_path) the block writes; when the block ends it is flushed to disk and
+    renamed over `path`. copy=True starts it as a copy of `path`. `needs`: bytes the block writes; with
+    less room than that (plus the copy) the write is refused before it starts (HDF5 does not survive
+    a full disk). An OSError or RuntimeError becomes storage_error's one line (`failure` its head);
+    the temporary is removed on any failure."""
+    path = Path(path)
+    tmp = temp_path(path, tag)
+    need = int(((path.stat().st_size if copy and path.exists() else 0) + needs) * 1.05) + (64 << 10)
+    free = _free(path.parent)
+    if needs and free is not None and free < need:
+        raise storage_error(path, need, "not enough free space", failure)
+    try:
+        if copy:
+            shutil.copyfile(path, tmp)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        raise storage_error(path, need if needs else None, _reason(exc), failure) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def replaced_file(path: Path, mode: str = "w", tag: str = "", failure: str | None = None, **open_args):
+    """An open file (open()'s mode and arguments) that replaces `path` whole when the block ends."""
+    with replacing(path, tag, failure=failure) as tmp, open(tmp, mode, **open_args) as f:
+        yield f
+
+
+def write_text(path: Path, text: str, failure: str | None = None) -> None:
+    """Replace `path` with `text` (UTF-8), whole."""
+    with replaced_file(path, "w", failure=failure, encoding="utf-8") as f:
+        f.write(text)

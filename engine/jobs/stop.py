@@ -1,0 +1,44 @@
+"""Stopping a job cleanly: a StopToken is set (by SIGINT/SIGTERM, or by a caller from another thread)
+and the job's loops check it between batches, raising Stopped there, so a stop always lands on a
+consistent checkpoint."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+
+class Stopped(Exception):
+    """SIGINT/SIGTERM arrived (or the caller asked); the last checkpoint stands and --resume continues from it."""
+
+
+class StopToken:
+    """A request to stop, set once by whoever may stop the job and read by its loops."""
+
+    def __init__(self, requested: bool = False):
+        self.requested = requested  # a plain bool: setting it from a signal handler takes no lock
+
+    def request(self) -> None:
+        self.requested = True
+
+    def check(self) -> None:
+        """Raise Stopped if a stop was requested."""
+        if self.requested:
+            raise Stopped()
+
+
+@contextmanager
+def stop_on_signals(given: StopToken | None = None):
+    """-> the job's StopToken. A caller that passes its own token stops the job itself: no handlers.
+    Otherwise SIGINT/SIGTERM set a new one while the block runs, in the main thread only (only it may
+    set handlers; a job run in another thread is stopped by its caller's token)."""
+    if given is not None or threading.current_thread() is not threading.main_thread():
+        yield given if given is not None else StopToken()
+        return
+    token = StopToken()
+    previous = {s: signal.signal(s, lambda *_: token.request()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield token
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

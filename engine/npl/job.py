@@ -1,0 +1,425 @@
+"""NPL jobs on a recording cache: fit maps, substitution perplexity, functional neurons.
+
+Each job reads the cache's provenance (model spec, dtype, data sources, seq_len), loads that model
+and refuses another one (fingerprint), writes its output into the sidecar `<cache>.npl.h5`
+(cache.npl_store) atomically, and keeps a progress file `<cache>.npl.h5.progress.json`
+(engine.jobs.progress) that `ffnscope jobs` and the TUI can follow. A CLI command is a thin wrapper:
+build the config, call the job, print what it returns. `on_progress(dict)` gets the same fields as
+the progress file (phase, tokens_done, tokens_total, tokens_per_s, eta_s); requesting the `stop`
+token (engine.jobs.stop.StopToken) stops the job at the next layer or batch (raising Stopped). Without
+one, the job stops on SIGINT/SIGTERM (main thread only). A stopped job writes nothing: maps and
+results are all-or-nothing (a fit is one pass; it does not resume).
+
+Fit data: by default the recording's own sources and seed, packed at the recording's seq_len; the
+sequences are split at random (seeded) into fit and held-out sequences, and the fingerprints of
+both sets are stored. Substitution runs on the stored held-out sequences by default, or on
+`data`, which must not share a sequence with the fit data (compared as packed sequences: the same
+text packed at another offset is not recognized).
+
+Importing this module does not import torch (the CLI's --help stays light); the jobs do.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.npl_store import (NplFile, NplReader, cache_tie, pair_summary, sequence_hashes, sidecar_path,
+                             write_npl, write_result)
+from ffnscope.cache.reader import CacheReader
+from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile, running_job
+from ffnscope.engine.jobs.stop import Stopped, StopToken, stop_on_signals
+
+DEFAULT_FIT_TOKENS = 131072
+
+
+def _cache_meta(cache: Path, purpose: str) -> dict:
+    with CacheReader(cache, purpose) as reader:
+        if reader.status != "complete":  # its token stream and samples are a part of what was asked
+            raise UserError(f"{cache} is a partial recording; finish it with `ffnscope record ... --resume` before "
+                            f"{purpose}")
+        return reader.meta
+
+
+def recorded_sources(meta: dict) -> list[str]:
+    """The data source specs of a recording, as `record` was given them."""
+    specs = []
+    for source in meta["data"]["sources"]:
+        specs.append("builtin" if source["kind"] == "builtin" else source["path"])
+    return specs
+
+
+def _load(meta: dict, options: "ModelOptions", cache: Path):
+    """The recording's model (or options.model), refused unless it is the recorded one."""
+    from ffnscope.engine.model.load import load_model
+
+    lm = load_model(options.model or meta["model"]["spec"], options.dtype or meta["model"].get("dtype", "float32"),
+                    options.trust_remote_code, options.allow_pickle)
+    expected = meta["model"]["fingerprint"]
+    if lm.fingerprint != expected:
+        raise UserError(f"model {lm.name} (fingerprint {lm.fingerprint}) is not the model recorded in {cache} "
+                        f"({meta['model']['name']}, fingerprint {expected}); give the recording's model with --model")
+    return lm
+
+
+def _pack(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log):
+    from ffnscope.engine.data.sources import open_sources
+    from ffnscope.engine.data.packing import pack
+    from ffnscope.engine.data.packing import special_ids
+
+    sources = open_sources(specs, field=field_name, seed=seed)
+    start_id, sep_id = special_ids(lm.tokenizer)
+    packed = pack(sources.documents(), lm.tokenizer, seq_len, n_seqs, start_id, sep_id)
+    for note in sources.notes:
+        log(f"note: {note}")
+    return packed, sources
+
+
+def split_sequences(hashes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Seeded random choice of held-out sequences (at least one, and at least one left to fit);
+    sequences equal to a fit sequence (repeated text) are dropped from the held-out set."""
+    n = len(hashes)
+    if n < 2:
+        raise UserError(f"the data gives {n} sequence(s); NPL needs at least 2 (fit and held-out): ask for more "
+                        "--tokens or a shorter --seq-len")
+    if not 0 < fraction < 1:
+        raise UserError(f"--holdout {fraction} must lie strictly between 0 and 1")
+    draw = np.random.default_rng([int(seed), 0x4E504C]).random(n)
+    held = draw < fraction
+    if not held.any():
+        held[int(np.argmin(draw))] = True
+    if held.all():
+        held[int(np.argmax(draw))] = False
+    held &= ~np.isin(hashes, hashes[~held])
+    if not held.any():
+        raise UserError("every held-out sequence repeats a fit sequence (the data repeats itself); give more "
+                        "varied data")
+    return held
+
+
+def check_heldout(tokens: np.ndarray, fit_hashes: np.ndarray, where: str) -> None:
+    """Refuse held-out text that shares sequences with the fit data."""
+    shared = int(np.isin(sequence_hashes(tokens), fit_hashes).sum())
+    if shared:
+        raise UserError(f"the held-out data shares {shared} of its {len(tokens)} sequences with the data the NPL "
+                        f"maps in {where} were fit on; give held-out text disjoint from the fit data (or leave "
+                        "--data out to use the fit run's own held-out sequences)")
+
+
+class _Job:
+    """Progress file, stop token and the final status of one job."""
+
+    def __init__(self, out: Path, command, on_progress, stop):
+        pid = running_job(out)
+        if pid is not None:
+            raise UserError(f"another ffnscope job (pid {pid}) is writing {out}; wait for it or stop it")
+        self.progress = ProgressFile(out, command or [])
+        self.on_progress = on_progress
+        self.given_stop = stop
+
+    def report(self, fields: dict) -> None:
+        self.progress.update(**fields)
+        if self.on_progress is not None:
+            self.on_progress(fields)
+
+    def phase(self, name: str) -> None:
+        self.report({"phase": name})
+        self.progress.update(force=True)
+
+    @contextmanager
+    def running(self, done_message):
+        with self.progress.outcome("stopped; nothing was written (run the job again)", (Stopped,)):
+            with stop_on_signals(self.given_stop) as stop:
+                yield stop
+        self.progress.update(phase="done")
+        self.progress.finish(COMPLETE, done_message())
+
+
+def _device(name: str):
+    from ffnscope.engine.model.plan import resolve_device
+
+    return resolve_device(name)
+
+
+# --- fit -----------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ModelOptions:
+    """How every NPL job loads and runs the recording's model."""
+    batch_tokens: int = 8192
+    device: str = "auto"
+    dtype: str | None = None           # default: the recording's
+    model: str | None = None           # default: the recording's model spec (checked by fingerprint)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False         # accept pickle weights (pytorch_model.bin)
+
+
+@dataclass
+class NplFitConfig(ModelOptions):
+    cache: Path
+    pairs: str = "adjacent"            # engine.npl.layout.parse_pairs
+    method: str = "exact"              # exact | adagrad | both
+    data: list[str] | None = None      # default: the recording's sources
+    field: str = "text"
+    tokens: int = DEFAULT_FIT_TOKENS   # fit + held-out tokens packed
+    seq_len: int | None = None         # default: the recording's
+    seed: int = 0                      # data order and the held-out split
+    holdout: float = 0.1               # fraction of sequences held out
+    ridge: float = 1e-6
+    stats_dtype: str = "float64"
+    force: bool = False
+
+
+@dataclass
+class FitReport:
+    path: Path
+    result: object                     # engine.npl.fit.FitResult
+    summary: dict                      # method -> metric (token_l2, mse, fvu) -> pair_summary averages
+    lines: list[str] = field(default_factory=list)
+
+
+def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=None, stop: StopToken | None = None,
+            log=print) -> FitReport:
+    """Fit NPL maps for a recording cache into its sidecar; raises UserError or Stopped."""
+    from ffnscope.engine.npl.fit import FitOptions, fit_maps
+    from ffnscope.engine.npl.layout import parse_pairs
+
+    cache = Path(config.cache)
+    meta = _cache_meta(cache, "fitting NPL maps")
+    out = sidecar_path(cache)
+    if out.exists() and not config.force:
+        raise UserError(f"{out} exists; add --force to fit the maps again (its results go with it)")
+    options = FitOptions(method=config.method, ridge=config.ridge, stats_dtype=config.stats_dtype,
+                         batch_tokens=config.batch_tokens)
+    options.check()
+    pairs = parse_pairs(config.pairs, int(meta["model"]["n_layers"]))
+    seq_len = int(config.seq_len or meta["data"]["seq_len"])
+    if config.tokens < 2 * seq_len:
+        raise UserError(f"--tokens {config.tokens} gives fewer than 2 sequences of {seq_len}; ask for more")
+    job = _Job(out, command, on_progress, stop)
+    report: dict = {}
+    with job.running(lambda: report.get("message", "done")) as stop:
+        job.phase("loading model")
+        lm = _load(meta, config, cache)
+        device = _device(config.device)
+        job.phase("packing data")
+        specs = config.data or recorded_sources(meta)
+        packed, sources = _pack(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log)
+        hashes = sequence_hashes(packed.tokens)
+        held = split_sequences(hashes, config.holdout, config.seed)
+        fit_tokens, heldout_tokens = packed.tokens[~held], packed.tokens[held]
+        result = fit_maps(lm, fit_tokens, heldout_tokens, pairs, options, device, job.report, stop)
+        job.phase("writing")
+        sidecar_meta = {
+            "cache": cache_tie(meta), "cache_name": cache.name,
+            "model": {"name": lm.name, "spec": meta["model"]["spec"], "fingerprint": lm.fingerprint,
+                      "family": lm.adapter.name, "n_layers": len(lm.adapter.layers),
+                      "d_ffn": lm.adapter.d_ffn, "dtype": config.dtype or meta["model"].get("dtype", "float32")},
+            "fit": {"pairs": [list(p) for p in result.pairs], "pairs_spec": config.pairs, "options": result.options,
+                    "data": {"sources": sources.describe(), "specs": list(specs), "field": config.field,
+                             "seed": config.seed, "seq_len": seq_len, "fingerprint": packed.fingerprint(),
+                             "n_seqs": int(len(packed.tokens)), "holdout": config.holdout,
+                             "split": "numpy default_rng([seed, 0x4E504C]).random(n) < holdout",
+                             "fit_seqs": int(len(fit_tokens)), "heldout_seqs": int(len(heldout_tokens))},
+                    "fit_tokens": result.fit_tokens, "heldout_tokens": result.heldout_tokens,
+                    "seconds": result.seconds, "device": str(device),
+                    "heldout_ppl": float(np.exp(result.heldout_nll.astype(np.float64).mean()))
+                    if result.heldout_nll.size else None,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        }
+        write_npl(out, NplFile(sidecar_meta, hashes[~held], hashes[held], heldout_tokens, result.heldout_nll,
+                               result.maps))
+        with NplReader(out) as reader:
+            summary = {m: {key: pair_summary(reader, m, key) for key in ("token_l2", "mse", "fvu")}
+                       for m in reader.methods()}
+        lines = fit_lines(result, summary)
+        report["message"] = f"{len(result.pairs)} NPL maps fit on {result.fit_tokens} tokens"
+    return FitReport(out, result, summary, lines)
+
+
+def fit_lines(result, summary: dict) -> list[str]:
+    lines = [f"fit tokens {result.fit_tokens}, held-out tokens {result.heldout_tokens}; seconds: "
+             + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())]
+    words = {"token_l2": "L2 distance per token", "mse": "mean squared error", "fvu": "variance unexplained"}
+    for method, by_key in summary.items():
+        for key, groups in by_key.items():
+            cells = ", ".join(f"{name.replace('_', '-')} {value:.4g}" for name, value in groups.items()
+                              if value is not None)
+            lines.append(f"{method}: held-out {words[key]}: {cells}")
+    return lines
+
+
+# --- substitution ---------------------------------------------------------------------------------------
+@dataclass
+class NplSubstituteConfig(ModelOptions):
+    cache: Path
+    data: list[str] | None = None      # default: the fit run's held-out sequences
+    field: str = "text"
+    seed: int = 0                      # document order of `data`
+    tokens: int | None = None          # at most this many held-out tokens (whole sequences)
+    chunks: str | None = None          # "1-4"
+    mappings: tuple[str, ...] = ("random", "zero", "identical", "npl")
+    seeds: int = 3                     # random mapping: seeds averaged
+    random_scale: str = "npl"          # "npl": std of the fitted map's entries; "unit": 1/sqrt(d_ffn)
+    method: str = "exact"              # which fitted maps
+    explicit: bool = False             # also explicit-only substitution (engine.npl.substitute)
+    finegrained: bool = False          # also the Fig. 4 grid
+    fine_chunks: str | None = None     # default: the same chunks
+    fine_metrics: tuple[str, ...] = ("pearson", "l2", "mean", "variance")
+
+
+@dataclass
+class SubstituteReport:
+    original_ppl: float
+    rows: list[dict]
+    table: str
+    fine_rows: list[dict]
+    fine_table: str
+    tokens: int
+    tokens_per_s: dict
+
+
+def heldout_for(config, reader: NplReader, lm, log) -> tuple[np.ndarray, str]:
+    seq_len = int(reader.meta["fit"]["data"]["seq_len"])
+    if config.data:
+        limit = (config.tokens or DEFAULT_FIT_TOKENS // 8) // seq_len
+        packed, _ = _pack(lm, list(config.data), config.field, config.seed, seq_len, max(1, limit), log)
+        tokens, source = packed.tokens, ",".join(map(str, config.data))
+    else:
+        tokens, source = reader.heldout_tokens(), "fit held-out split"
+        if config.tokens:
+            tokens = tokens[: max(1, config.tokens // seq_len)]
+    check_heldout(tokens, reader.fit_hashes(), str(reader.path))
+    return tokens, source
+
+
+def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None, on_progress=None,
+                   stop: StopToken | None = None, log=print) -> SubstituteReport:
+    """Table 1 (and optionally the Fig. 4 grid) for a cache with fitted maps; results go into the sidecar."""
+    from ffnscope.engine.npl.layout import chunks, parse_chunks, substituted
+    from ffnscope.engine.npl.report import format_finegrained, format_table1
+    from ffnscope.engine.npl.substitute import (Maps, finegrained_rows, finegrained_settings, run_settings, table1_rows,
+                                       table1_settings)
+
+    cache = Path(config.cache)
+    meta = _cache_meta(cache, "substituting NPL maps")
+    out = sidecar_path(cache)
+    with NplReader(out) as reader:
+        reader.check_cache(meta, cache)
+        n_layers = int(reader.meta["model"]["n_layers"])
+        chunk_numbers = parse_chunks(config.chunks)
+        fine_chunks = parse_chunks(config.fine_chunks) if config.fine_chunks else chunk_numbers
+        wanted = sorted({j for c in set(chunk_numbers) | (set(fine_chunks) if config.finegrained else set())
+                         for j in substituted(chunks(n_layers)[c - 1])})
+        need_maps = "npl" in config.mappings or config.finegrained or (
+            "random" in config.mappings and config.random_scale == "npl")
+        missing = [j for j in wanted if not reader.has(j - 1, j, config.method)]
+        if need_maps and missing:
+            raise UserError(f"{out} has no {config.method} maps M_(j-1)->j for layers {','.join(map(str, missing))}; "
+                            f"fit them with `ffnscope npl fit {cache} --pairs adjacent --force`")
+        job = _Job(out, command, on_progress, stop)
+        report: dict = {}
+        with job.running(lambda: report.get("message", "done")) as stop:
+            job.phase("loading model")
+            lm = _load(meta, config, cache)
+            reader.check_model(lm.fingerprint, lm.name)
+            tokens, source = heldout_for(config, reader, lm, log)
+            maps = (Maps.from_reader(reader, wanted, config.method, need_metrics=config.finegrained)
+                    if need_maps else None)
+            if maps is not None:
+                maps.check_model(lm)
+            device = _device(config.device)
+            settings = table1_settings(n_layers, maps, chunk_numbers, config.mappings, config.seeds,
+                                       config.random_scale)
+            fine = (finegrained_settings(n_layers, maps, fine_chunks, config.fine_metrics, seeds=config.seeds,
+                                         random_scale=config.random_scale) if config.finegrained else [])
+            result = run_settings(lm, tokens, settings + fine, device, config.batch_tokens, job.report, stop,
+                                  explicit=config.explicit)
+            part = lambda outs: type(result)(result.original_nll, result.tokens, outs, result.seconds)  # noqa: E731
+            result_t1, result_fine = part(result.outcomes[:len(settings)]), part(result.outcomes[len(settings):])
+            rows, fine_rows = table1_rows(result_t1), finegrained_rows(result_fine) if fine else []
+            # tokens/s of the unmodified pass (every layer and the LM head), and of the substituted passes
+            # (each from its chunk's first layer, both losses): the cost of one more setting per token
+            plain = result.tokens / max(result.seconds["original"], 1e-9)
+            subst = sum(o.tokens for o in result.outcomes) / max(result.seconds["substituted"], 1e-9)
+            params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
+                      if k not in ("cache", "device", "model", "trust_remote_code", "allow_pickle", "batch_tokens")}
+            params.update(heldout_source=source, heldout_tokens=int(result.tokens), chunks=chunk_numbers,
+                          chunk_layers=[chunks(n_layers)[c - 1] for c in chunk_numbers],
+                          layer0="kept actual (no previous layer)", original_ppl=result.original_ppl,
+                          tokens_per_s={"plain": plain, "substitution": subst})
+            job.phase("writing")
+            write_result(out, "substitution", params, rows)
+            if fine:
+                write_result(out, "finegrained", {**params, "chunks": fine_chunks}, fine_rows)
+            report["message"] = f"substitution perplexity on {result.tokens} held-out tokens"
+        return SubstituteReport(result.original_ppl, rows, format_table1(rows, result.original_ppl), fine_rows,
+                                format_finegrained(fine_rows, result.original_ppl) if fine else "",
+                                result.tokens, {"plain": plain, "substitution": subst})
+
+
+# --- functional and background neurons ----------------------------------------------------------------
+@dataclass
+class NplFunctionalConfig(ModelOptions):
+    cache: Path
+    method: str = "exact"
+    theta: float = 0.5
+    top_ngrams: int = 100
+    min_count: int = 20
+    loss_fraction: float = 0.1
+    tokens: int | None = None          # at most this many of the stored held-out tokens
+
+
+@dataclass
+class FunctionalReport:
+    rows: list[dict]
+    table: str
+    background_frac: dict[int, float]
+
+
+def functional_job(config: NplFunctionalConfig, command: list[str] | None = None, on_progress=None,
+                   stop: StopToken | None = None, log=print) -> FunctionalReport:
+    """Functional neurons' predictability and background neurons on the fit run's held-out tokens."""
+    from ffnscope.engine.npl.columns import layer_scores
+    from ffnscope.engine.npl.functional import FunctionalParams, functional_neurons
+
+    cache = Path(config.cache)
+    meta = _cache_meta(cache, "finding functional neurons")
+    out = sidecar_path(cache)
+    params = FunctionalParams(theta=config.theta, top_ngrams=config.top_ngrams, min_count=config.min_count,
+                              loss_fraction=config.loss_fraction)
+    with NplReader(out) as reader:
+        reader.check_cache(meta, cache)
+        scores = {layer: l2 for layer, (_r, l2) in layer_scores(reader, config.method).items()}
+        if not scores:
+            raise UserError(f"{out} has no {config.method} map between two different layers; fit some with "
+                            f"`ffnscope npl fit {cache} --force`")
+        tokens, nll = reader.heldout_tokens(), reader.heldout_nll()
+        if config.tokens:
+            keep = max(1, config.tokens // tokens.shape[1])
+            tokens, nll = tokens[:keep], nll[:keep]
+        job = _Job(out, command, on_progress, stop)
+        report: dict = {}
+        with job.running(lambda: report.get("message", "done")) as stop:
+            job.phase("loading model")
+            lm = _load(meta, config, cache)
+            reader.check_model(lm.fingerprint, lm.name)
+            result = functional_neurons(lm, tokens, nll, scores, params, _device(config.device), config.batch_tokens,
+                                        job.report, stop)
+            layers = result.layers
+            arrays = {"layers": np.asarray(layers, np.int64),
+                      "background": np.stack([result.background[k] for k in layers]),
+                      "score": np.stack([np.asarray(result.score[k], np.float64) for k in layers]),
+                      "s_all": np.asarray([result.s_all[k] for k in layers]),
+                      "s_random": np.asarray([result.s_random[k] for k in layers])}
+            job.phase("writing")
+            write_result(out, "functional", {**result.params, "method": config.method,
+                                             "heldout_tokens": int(tokens.size)}, result.rows, arrays)
+            report["message"] = f"functional neurons on {tokens.size} held-out tokens"
+    from ffnscope.engine.npl.report import format_functional
+
+    return FunctionalReport(result.rows, format_functional(result.rows),
+                            {k: float(result.background[k].mean()) for k in result.layers})

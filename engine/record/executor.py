@@ -1,0 +1,329 @@
+"""The layer-major streaming executor (DESIGN.md, "Layer-major streaming").
+
+For each shard (many sequences) the model's embeddings are computed once; then each layer up to
+the last recorded one gets its weights onto the device once, every batch of the shard goes
+through it while its statistics accumulate, and the shard's hidden states (host memory, or a
+memory-mapped file when over the host budget) move on to the next layer. No logits are computed.
+After each shard the whole cache is checkpointed atomically, so a killed job resumes from there.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ffnscope.cache import schema
+from ffnscope.cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples, ngram_drop_limit
+from ffnscope.cache.store import write_state
+from ffnscope.engine.model.batches import seq_batches
+from ffnscope.engine.model.hooks import FFNProbe
+from ffnscope.engine.model.runner import LayerRunner
+from ffnscope.engine.model.plan import release_freed_memory
+from ffnscope.engine.model.load import LoadedModel
+from ffnscope.engine.jobs.progress import ProgressFile
+from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.record.stats import BatchContext, LayerStats
+
+if TYPE_CHECKING:
+    from ffnscope.engine.record.config import RecordConfig
+
+
+def gram_keys(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[dict, dict]:
+    """Keys of the n-gram ending at each token, and whether it avoids the start token."""
+    seq_len = tokens.shape[1]
+    keys, valid = {}, {}
+    positions = np.arange(seq_len)
+    for n in NGRAM_ORDERS:
+        key = tokens.astype(np.int64)
+        for shift in range(1, n):  # first token most significant, as cache.schema.encode_grams
+            prev = np.zeros_like(key)
+            prev[:, shift:] = tokens[:, :-shift]
+            key = key + prev * vocab ** shift
+        keys[n] = key
+        valid[n] = np.broadcast_to(positions - n + 1 >= first_pos, tokens.shape).copy()
+    return keys, valid
+
+
+def data_counts(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[np.ndarray, dict[int, GramCounts]]:
+    keys, valid = gram_keys(tokens, vocab, first_pos)
+    unigram = np.bincount(keys[1][valid[1]], minlength=vocab).astype(np.int64)
+    grams = {}
+    for n in (2, 3):
+        gram, count = np.unique(keys[n][valid[n]], return_counts=True)
+        grams[n] = GramCounts(gram, count.astype(np.int64))
+    return unigram, grams
+
+
+class ActScale:
+    """Calibration accumulator of a relative firing rule: each neuron's largest act, and the act values
+    of every `stride`-th token of the sample (all the layer's neurons; at most about MAX_VALUES values)
+    for a quantile."""
+    MAX_VALUES = 1 << 22
+
+    def __init__(self, d_ffn: int, n_tokens: int):
+        self.stride = max(1, -(-n_tokens * d_ffn // self.MAX_VALUES))
+        self.max: torch.Tensor | None = None
+        self.values: list[np.ndarray] = []
+        self.seen = 0
+
+    @torch.inference_mode()
+    def update(self, g: torch.Tensor, act: torch.Tensor, ctx) -> None:
+        a = act.float()
+        batch_max = a.amax(0)
+        self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
+        self.values.append(a[(-self.seen) % self.stride::self.stride].reshape(-1).cpu().numpy())
+        self.seen += len(a)
+
+    def tau(self, kind: str, value: float) -> float:
+        """The layer's threshold, never below 0 (a relative rule is never laxer than "activated"),
+        rounded to 4 significant digits (the same on every device that records a part)."""
+        if kind == "quantile":
+            values = np.concatenate(self.values) if self.values else np.zeros(1, np.float32)
+            tau = float(np.quantile(values.astype(np.float64), value))
+        else:
+            tau = value * float(np.median(self.max.cpu().numpy())) if self.max is not None else 0.0
+        return float(f"{max(tau, 0.0):.4g}")
+
+
+class Recorder:
+    def __init__(self, config: RecordConfig, lm: LoadedModel, meta: dict, device: torch.device, resident: int,
+                 domains: np.ndarray, hidden_budget: int = 1 << 62, progress: ProgressFile | None = None,
+                 on_progress=None):
+        self.config = config
+        self.domains = domains              # (all sequences, seq_len) domain ids of the packed data
+        self.hidden_budget = hidden_budget  # bytes of hidden states kept in RAM before a mapped file
+        self.spilled = False                # hidden states went to a memory-mapped file at least once
+        self._mapped: Path | None = None
+        self.lm = lm
+        self.meta = meta
+        rec = meta["recording"]
+        self.layers: list[int] = rec["layers"]
+        self.ngram_layers: set[int] = set(rec["ngram_layers"])
+        self.taus: list[float] = rec["taus"]   # the absolute thresholds; layer_taus(i) has the layer's rows
+        self.primary: int = rec["primary_index"]
+        self.seq_len: int = meta["data"]["seq_len"]
+        self.vocab: int = meta["model"]["vocab_size"]
+        self.first_pos: int = 0 if meta["tokenizer"]["start_id"] is None else 1
+        self.sample_rate: float = rec["sample_rate"]
+        self.d_ffn: int = meta["model"]["d_ffn"]
+        self.device = device
+        self.runner = LayerRunner(lm.adapter, device, resident)
+        self.probe = FFNProbe(lm.adapter)
+        self.progress = progress
+        self.on_progress = on_progress
+        self.stop = StopToken()  # the job replaces it with its own (engine.jobs.stop.stop_on_signals)
+        self.seconds = {"statistics": 0.0, "checkpoints": 0.0}  # where recording time goes beyond the layers
+
+    # --- one pass over a block of sequences -------------------------------------------------
+    def _sample_rows(self, seq_index: np.ndarray) -> np.ndarray:
+        """Fixed random token positions, decided per global sequence so parts agree."""
+        mask = np.zeros((len(seq_index), self.seq_len), bool)
+        if self.sample_rate > 0:
+            for row, s in enumerate(seq_index):
+                draw = np.random.default_rng([self.meta["data"]["seed"], int(s)]).random(self.seq_len)
+                mask[row] = draw < self.sample_rate
+            mask[:, : self.first_pos] = False
+        return mask
+
+    def run_block(self, tokens: np.ndarray, seq_index: np.ndarray, layers: list[int], stats_for,
+                  layer_done, report=None) -> np.ndarray:
+        """Push sequences through layers 0..max(layers), layer-major, handing each wanted layer's
+        statistics to layer_done(index, stats) as soon as the layer is through (so only one layer's
+        accumulators exist at a time); -> the global indices of the sampled tokens."""
+        batches = seq_batches(len(tokens), self.seq_len, self.config.batch_tokens)
+        ids = torch.as_tensor(tokens.astype(np.int64))
+        keys, valid = gram_keys(tokens, self.vocab, self.first_pos)
+        sample_mask = self._sample_rows(seq_index)
+        seq_start = torch.as_tensor(seq_index * self.seq_len)
+        dev = self.device
+
+        contexts = []
+        hidden = None
+        for b, (lo, hi) in enumerate(batches):
+            h = self.runner.embed(ids[lo:hi])
+            if hidden is None:
+                hidden = self._host_buffer((len(tokens), self.seq_len, h.shape[-1]), h.dtype)
+            hidden[lo:hi] = h.to("cpu")
+            contexts.append(BatchContext(
+                seq_start=seq_start[lo:hi].to(dev),
+                gram_keys={n: torch.as_tensor(keys[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
+                gram_valid={n: torch.as_tensor(valid[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
+                sample_rows=torch.as_tensor(np.flatnonzero(sample_mask[lo:hi].reshape(-1))).to(dev),
+                seq_len=self.seq_len))
+
+        wanted = set(layers)
+        last = max(layers)
+        for index in range(last + 1):
+            stats = stats_for(index) if index in wanted else None
+            weights = self.runner.weights(index)
+            with self.probe.attached(index):
+                for b, (lo, hi) in enumerate(batches):
+                    self.stop.check()
+                    h = hidden[lo:hi].to(dev, non_blocking=True)
+                    out = self.runner.run(index, h, weights)
+                    g, act = self.probe.take()
+                    if stats is not None:
+                        t0 = time.perf_counter()
+                        stats.update(g, act, contexts[b])
+                        self.seconds["statistics"] += time.perf_counter() - t0
+                    if index < last:
+                        hidden[lo:hi] = out.to("cpu")
+                    if report:
+                        report(index, last, b + 1, len(batches))
+            del weights
+            if stats is not None:
+                layer_done(index, stats)
+        return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
+
+    def _host_buffer(self, shape, dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        if nbytes <= self.hidden_budget:
+            return torch.empty(shape, dtype=dtype)
+        # over budget: hidden states live in a file the OS pages in and out
+        path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
+        self._mapped = path
+        self.spilled = True
+        return torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+
+    def release_buffers(self) -> None:
+        if self._mapped is not None:
+            self._mapped.unlink(missing_ok=True)
+            self._mapped = None
+
+    def layer_taus(self, index: int) -> list[float]:
+        """The thresholds of layer `index`'s fire_count rows: the absolute ones, and for a relative rule
+        the layer's own tau_l as the last (primary) row."""
+        rec = self.meta["recording"]
+        if self.primary < len(self.taus):
+            return list(self.taus)
+        return [*self.taus, float(rec["layer_taus"][str(index)])]
+
+    # --- calibration: per-layer thresholds of a relative rule, and neurons that need no n-gram counts
+    def calibration_rows(self, n_seqs: int) -> np.ndarray:
+        """Sequences of the calibration sample: spread evenly over the whole packed data (not this part's
+        slice), so every part of a recording decides the same."""
+        n = max(1, min(n_seqs, self.config.calib_tokens // self.seq_len))
+        return np.unique(np.linspace(0, n_seqs - 1, n).round().astype(np.int64))
+
+    def _calibration_pass(self, tokens: np.ndarray, rows: np.ndarray, layers: list[int], stats_for, layer_done):
+        saved_rate, self.sample_rate = self.sample_rate, 0.0
+        try:
+            self.run_block(tokens[rows], rows, layers, stats_for, layer_done)
+        finally:
+            self.sample_rate = saved_rate
+
+    def calibrate(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
+        """On the calibration sample of the whole packed data `tokens`: a relative rule's tau_l per layer
+        (written into meta.recording.layer_taus), then which neurons of the n-gram layers get no n-gram
+        counts from the start (-> layer -> counted mask). Skipping early only saves memory; it proves
+        nothing, so it is cautious (engine.record.job.skip_notes reports the skips the full counts did not
+        justify), and neurons counted from the start lose their counts only on proof (record_shards)."""
+        from ffnscope.engine.record.meta import parse_tau_rule
+
+        rec = self.meta["recording"]
+        rows = self.calibration_rows(len(tokens))
+        kind, value = parse_tau_rule(rec.get("tau_rule"))
+        if kind != "absolute":
+            found: dict[int, float] = {}
+
+            def scale_done(index, probe):
+                found[index] = probe.tau(kind, value)
+            n_tokens = len(rows) * self.seq_len
+            self._calibration_pass(tokens, rows, self.layers, lambda _i: ActScale(self.d_ffn, n_tokens), scale_done)
+            rec["layer_taus"] = {str(i): found[i] for i in self.layers}
+        layers = sorted(self.ngram_layers)
+        counted = {i: np.ones(self.d_ffn, bool) for i in layers}
+        limit, guard = self._skip_limit(tokens[rows])
+        if not layers or limit is None:
+            return counted
+        n_tokens = len(rows) * self.seq_len
+
+        def stats_for(index):
+            return LayerStats(self.d_ffn, self.seq_len, [self.layer_taus(index)[self.primary]], 0, 1, self.device,
+                              None)
+
+        def layer_done(index, stats):
+            fires = stats.fire_count[0].cpu().numpy()
+            counted[index] = ~((fires > limit * n_tokens) & (fires > guard))
+        self._calibration_pass(tokens, rows, layers, stats_for, layer_done)
+        return counted
+
+    SKIP_MARGIN = 2.0  # "auto" skips early only what fires this many times more often than any detector can
+
+    def _skip_limit(self, sample: np.ndarray) -> tuple[float | None, float]:
+        """-> (frequency above which a neuron of the sample is skipped from the start, or None: none is;
+        fires in the sample it must exceed besides). --ngram-max-freq F: F. "auto": SKIP_MARGIN x the
+        bound's frequency, and the neuron must also fire more often than a detector could within the
+        sample itself (so a neuron of tokens the sample happens to be rich in is kept)."""
+        rec = self.meta["recording"]
+        cap, bound = rec["ngram_max_freq"], rec.get("ngram_bound")
+        if cap != "auto":
+            return (float(cap) if cap < 1 else None), 0
+        if bound is None:
+            return None, 0
+        limit = self.SKIP_MARGIN * bound["freq"]
+        if limit >= 1:
+            return None, 0
+        from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound
+
+        unigram, grams = data_counts(sample, self.vocab, self.first_pos)
+        own = detector_fire_bound({1: unigram, **{n: g.count for n, g in grams.items()}}, len(sample),
+                                  self.seq_len, self.first_pos, NgramParams())
+        return limit, own["fires"]
+
+    # --- the shard loop ------------------------------------------------------------------------
+    def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
+        rec = self.meta["recording"]
+        per_shard = max(1, rec["shard_tokens"] // self.seq_len)
+        n_shards = rec["n_shards"]
+        started, done_at_start = time.time(), state.shards_done
+        for shard in range(state.shards_done, n_shards):
+            lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(tokens))
+            block, seq_index = tokens[lo:hi], np.arange(seq_lo + lo, seq_lo + hi)
+
+            def report(layer, last, batch, n_batches, shard=shard):
+                frac_shard = (layer + batch / n_batches) / (last + 1)
+                done = (shard + frac_shard) / n_shards
+                elapsed = time.time() - started
+                fresh = done - done_at_start / n_shards
+                total = self.meta["recording"]["part_tokens"]
+                rate = fresh * total / elapsed if elapsed > 0 else 0.0
+                eta = (1 - done) * total / rate if rate > 0 else None
+                fields = dict(phase="recording", shard=shard + 1, n_shards=n_shards, layer=layer,
+                              n_layers=last + 1, tokens_done=int(done * total), tokens_total=total,
+                              tokens_per_s=rate, eta_s=eta)
+                if self.progress:
+                    self.progress.update(**fields)
+                if self.on_progress:
+                    self.on_progress(fields)
+
+            def stats_for(index):
+                counted = state.layers[index].ngram_counted if index in self.ngram_layers else None
+                return LayerStats(self.d_ffn, self.seq_len, self.layer_taus(index), self.primary, rec["topk"],
+                                  self.device, counted)
+
+            samples: dict[int, np.ndarray] = {}
+
+            def layer_done(index, stats):
+                samples[index] = stats.take_samples()
+                state.layers[index].add(stats.to_host())
+                state.layers[index].drop_ngrams_over(ngram_drop_limit(self.meta["recording"]), self.primary)
+
+            sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
+            acts = np.stack([samples[i] for i in self.layers])
+            unigram, grams = data_counts(block, self.vocab, self.first_pos)
+            state.data.add(DataState(block, seq_index, self.domains[seq_index], unigram, grams))
+            state.samples.add(Samples(sample_index.astype(np.int64), acts))
+            state.shards_done = shard + 1
+            if self.progress:
+                self.progress.update(force=True, phase="checkpoint")
+            t0 = time.perf_counter()
+            write_state(self.config.out, state, schema.PARTIAL)
+            self.seconds["checkpoints"] += time.perf_counter() - t0
+            # once a shard, not per layer: trimming returns the batch buffers to the OS, and each
+            # layer faulting them back in cost ~8 % of the recording's time
+            release_freed_memory()

@@ -1,0 +1,196 @@
+"""A recording job: load, pack, calibrate, record shards with checkpoints (the layer-major executor,
+executor.py), finish or stop cleanly."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ffnscope.cache import schema
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.merge import check_same_recording
+from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
+from ffnscope.cache.store import read_state, write_state
+from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
+from ffnscope.engine.data.packing import pack, special_ids
+from ffnscope.engine.data.sources import open_sources
+from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile
+from ffnscope.engine.jobs.stop import Stopped, stop_on_signals
+from ffnscope.engine.model.load import LoadedModel, load_model
+from ffnscope.engine.model.plan import plan_memory, release_freed_memory, resolve_device
+from ffnscope.engine.record.config import RecordConfig, auto_device, check_output, default_shard_tokens
+from ffnscope.engine.record.executor import Recorder, data_counts
+from ffnscope.engine.record.meta import build_meta, part_range
+
+
+def model_max_len(lm: LoadedModel) -> int:
+    config = lm.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def empty_state(meta: dict, counted: dict[int, np.ndarray]) -> RecordingState:
+    rec, model = meta["recording"], meta["model"]
+    seq_len, d_ffn, vocab = meta["data"]["seq_len"], model["d_ffn"], model["vocab_size"]
+    n_rows = max(len(rec["taus"]), rec["primary_index"] + 1)  # a relative rule's per-layer tau is one row more
+    layers = {i: LayerState.zeros(n_rows, d_ffn, seq_len, rec["topk"], counted.get(i))
+              for i in rec["layers"]}
+    data = DataState(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int64), np.zeros((0, seq_len), np.uint8),
+                     np.zeros(vocab, np.int64),
+                     {n: GramCounts(np.zeros(0, np.int64), np.zeros(0, np.int64)) for n in (2, 3)})
+    samples = Samples(np.zeros(0, np.int64), np.zeros((len(rec["layers"]), 0, d_ffn), np.float16))
+    return RecordingState(meta, layers, data, samples)
+
+
+def record(config: RecordConfig, command: list[str] | None = None, on_progress=None, log=print,
+           after=None) -> RecordingState:
+    """Run (or resume) a recording job to completion; raises UserError or Stopped.
+
+    `after(state, progress)`, if given, runs once the cache is written complete, while the progress
+    file still says running (the CLI's `record --analyze` runs the analyses there). If it raises, the
+    complete recording stands and the progress file says failed (or stopped, for a signal)."""
+    check_output(config)
+    previous = read_state(config.out, "resuming") if config.resume else None
+    if previous is not None and previous.status == schema.COMPLETE:
+        raise UserError(f"{config.out} is already complete; nothing to resume (use --force to record it again)")
+    sources = open_sources(config.data, field=config.field, seed=config.seed)
+    progress = ProgressFile(config.out, command or [])
+    recorded = False
+
+    def stopped() -> str:
+        return (f"stopped by signal after the recording was complete; run `ffnscope analyze {config.out}` for "
+                "the analyses" if recorded else "stopped by signal; resume with --resume")
+
+    with progress.outcome(stopped, (Stopped,)):
+        progress.update(force=True, phase="loading model", cwd=os.getcwd())
+        lm = load_model(config.model, config.dtype, config.trust_remote_code, config.allow_pickle)
+        # auto under torchrun: this rank's GPU (LOCAL_RANK), made current so no rank opens a context on GPU 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = resolve_device(auto_device(os.environ, count) if config.device == "auto" else config.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        longest = model_max_len(lm)
+        declared = any(getattr(lm.config, k, None) for k in ("max_position_embeddings", "n_positions", "n_ctx"))
+        if declared and config.seq_len is not None and config.seq_len > longest:
+            raise UserError(f"--seq-len {config.seq_len} is above the model's maximum of {longest} positions; "
+                            f"use --seq-len {longest} or less")
+        seq_len = config.seq_len or min(longest, 2048)
+        if config.tokens < seq_len:
+            raise UserError(f"--tokens {config.tokens} is smaller than one sequence of {seq_len} tokens; "
+                            "ask for more tokens or a shorter --seq-len")
+        progress.update(force=True, phase="packing data")
+        start_id, sep_id = special_ids(lm.tokenizer)
+        packed = pack(sources.documents(), lm.tokenizer, seq_len, config.tokens // seq_len, start_id, sep_id)
+        for note in sources.notes:
+            log(f"note: {note}")
+        if packed.short:
+            log(f"note: --tokens {config.tokens:,} asked, but the data holds only {packed.tokens.size:,} tokens in "
+                f"full sequences of {seq_len}; recording those")
+        elif config.tokens % seq_len:
+            log(f"note: recording {packed.tokens.size:,} tokens: --tokens {config.tokens:,} rounded down to whole "
+                f"sequences of {seq_len}")
+        if config.shard_tokens is None:  # a resumed run keeps the shards it was cut into
+            config = replace(config, shard_tokens=previous.meta["recording"]["shard_tokens"] if previous is not None
+                             else default_shard_tokens(int(packed.tokens.size), seq_len))
+        meta = build_meta(config, lm, sources, packed, seq_len, start_id, sep_id)
+        if previous is not None:
+            check_same_recording(previous.meta, meta, config.out, for_resume=True)
+            meta = previous.meta
+        elif meta["recording"]["ngram_layers"]:
+            meta["recording"]["ngram_bound"] = ngram_bound(packed.tokens, meta)
+        lo, hi = part_range(len(packed.tokens), config.part)
+        if hi <= lo:
+            raise UserError(f"part {config.part[0]}/{config.part[1]} gets no sequence of the "
+                            f"{len(packed.tokens)}; use fewer parts or more --tokens")
+        resident, hidden_budget = plan_memory(config.device_memory, config.host_memory, lm, meta, device,
+                                              config.batch_tokens)
+        recorder = Recorder(config, lm, meta, device, resident, packed.domains, hidden_budget, progress, on_progress)
+        with stop_on_signals() as stop:
+            recorder.stop = stop
+            if previous is None:
+                progress.update(force=True, phase="calibrating")
+                counted = recorder.calibrate(packed.tokens)
+                release_freed_memory()
+                rec = meta["recording"]
+                if rec["tau_rule"] != "absolute":
+                    log(f"note: firing thresholds tau_l ({rec['tau_rule']}): " +
+                        ", ".join(f"layer {i} {rec['layer_taus'][str(i)]:g}" for i in rec["layers"]))
+                state = empty_state(meta, counted)
+                state.vocab, state.pieces = vocabulary(lm.tokenizer, meta["model"]["vocab_size"])
+                write_state(config.out, state, schema.PARTIAL)
+            else:
+                state = previous
+            try:
+                recorder.record_shards(state, packed.tokens[lo:hi], lo)
+            finally:
+                recorder.release_buffers()
+        for line in skip_notes(state):
+            log(f"note: {line}")
+        meta["recording"]["resident_layers"] = recorder.runner.resident
+        meta["recording"]["hidden_on_disk"] = recorder.spilled
+        meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
+        write_state(config.out, state, schema.COMPLETE)
+        state.status = schema.COMPLETE
+        recorded = True
+        total = meta["recording"]["part_tokens"]
+        progress.update(force=True, tokens_done=total, tokens_total=total, eta_s=0.0)
+        if after is not None:
+            after(state, progress)
+        progress.update(phase="done")
+        progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded" +
+                        (f" (all the data holds; {config.tokens} asked)" if packed.short else ""))
+        return state
+
+
+def ngram_bound(tokens: np.ndarray, meta: dict, chunk_seqs: int = 4096) -> dict:
+    """The most fires a detector can have over the whole packed data (every part's), from the data's
+    n-gram occurrence counts (engine.analysis.ngrams.detector_fire_bound, the default analysis
+    parameters). Counted in chunks of sequences, so no tokens x 3 key array is ever held."""
+    vocab = meta["model"]["vocab_size"]
+    first_pos = 0 if meta["tokenizer"]["start_id"] is None else 1
+    unigram, grams = np.zeros(vocab, np.int64), None
+    for lo in range(0, len(tokens), chunk_seqs):
+        u, g = data_counts(tokens[lo:lo + chunk_seqs], vocab, first_pos)
+        unigram += u
+        grams = g if grams is None else {n: GramCounts.reduce([grams[n], g[n]]) for n in g}
+    counts = {1: unigram, **{n: grams[n].count for n in grams}}
+    return detector_fire_bound(counts, len(tokens), tokens.shape[1], first_pos, NgramParams())
+
+
+def skip_notes(state: RecordingState) -> list[str]:
+    """What became of the n-gram counts, one line per kind of skip, for the log."""
+    rec = state.meta["recording"]
+    bound = rec.get("ngram_bound")
+    total = {"counted": 0, "proven": 0, "unproven": 0}
+    for index in rec["ngram_layers"]:
+        layer = state.layers[index]
+        if layer.ngram_counted is not None:
+            for key, value in skip_status(layer.ngram_counted, layer.fire_count[rec["primary_index"]], bound).items():
+                total[key] += value
+    lines = []
+    if total["proven"] and bound:
+        lines.append(f"n-grams: {total['proven']} neurons fire more often than any detector can "
+                     f"(> {bound['fires']:,} fires); their n-gram counts were not kept")
+    if total["unproven"]:
+        cap = rec["ngram_max_freq"]
+        why = "the calibration sample" if cap == "auto" else f"--ngram-max-freq {cap:g}"
+        lines.append(f"n-grams: {total['unproven']} neurons were left out by {why} but fire few enough times to "
+                     "be detectors; they get no detector verdict (--ngram-max-freq 1 counts every neuron)")
+    return lines
+
+
+def vocabulary(tokenizer, size: int) -> tuple[list[str], list[str]]:
+    """Each token id's decoded text and raw piece, so tables show tokens without a tokenizer.
+    Ids past the tokenizer (padded embedding rows) get empty strings."""
+    n = min(size, len(tokenizer))
+    vocab = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    pieces = [p or "" for p in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    pad = [""] * (size - n)
+    return vocab + pad, pieces + pad
+
+

@@ -1,0 +1,129 @@
+"""Provenance of a recording, and the checks that two caches describe the same recording."""
+from __future__ import annotations
+
+import time
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.schema import SCHEMA_VERSION
+from ffnscope import __version__
+
+
+EXTRA_TAUS = (0.0, 0.5, 1.0, 2.0)  # thresholds always recorded besides the primary one
+
+
+def part_range(n_seqs: int, part: tuple[int, int]) -> tuple[int, int]:
+    i, n = part
+    return (i - 1) * n_seqs // n, i * n_seqs // n
+
+
+def parse_layers(text: str | None, n_layers: int, option: str) -> list[int] | None:
+    """'0-5,8,10-11' -> sorted unique layer indices, checked against the model."""
+    if text is None:
+        return None
+    layers: set[int] = set()
+    try:
+        for piece in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = piece.partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"{option} '{text}' is not a layer list; write it like 0-5,8") from None
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad or not layers:
+        raise UserError(f"{option} '{text}' names layers outside 0-{n_layers - 1}")
+    return sorted(layers)
+
+
+TAU_RULES = ("absolute", "quantile:Q", "median-max:F")
+
+
+def parse_tau_rule(text: str | None) -> tuple[str, float | None]:
+    """'absolute' -> ("absolute", None); 'quantile:0.99' -> ("quantile", 0.99) (tau_l = that quantile of
+    act over the layer's neurons and the calibration tokens, 0 < Q < 1); 'median-max:0.25' ->
+    ("median-max", 0.25) (tau_l = F x the median over the layer's neurons of each one's largest act on
+    the calibration tokens, F > 0)."""
+    text = (text or "absolute").strip()
+    if text == "absolute":
+        return "absolute", None
+    kind, _, value = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if kind == "quantile" and number is not None and 0 < number < 1:
+        return kind, number
+    if kind == "median-max" and number is not None and number > 0:
+        return kind, number
+    raise UserError(f"--tau-rule '{text}' is not one of absolute, quantile:Q (0 < Q < 1, like quantile:0.99) "
+                    "or median-max:F (F > 0, like median-max:0.25)")
+
+
+def relative_rule_text(adapter, rule: str) -> str:
+    """The firing rule in words for a relative rule: the adapter's own text with tau_l for tau."""
+    from ffnscope.engine.analysis.dead import describe_rule
+
+    head = adapter.firing_rule(0.0).rsplit(" > ", 1)[0]
+    return f"{head} > tau_l per layer ({describe_rule(rule)})"
+
+
+def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> dict:
+    adapter = lm.adapter
+    n_layers = len(adapter.layers)
+    kind, value = parse_tau_rule(getattr(config, "tau_rule", None))
+    relative = kind != "absolute"
+    if relative and config.tau is not None:
+        raise UserError("--tau sets an absolute threshold; leave it out with a relative --tau-rule "
+                        "(fire counts at 0, 0.5, 1 and 2 are recorded beside the relative rule anyway)")
+    primary = config.tau if config.tau is not None else (0.0 if adapter.is_relu else 1.0)
+    # absolute: one row per threshold, the primary among them; relative: the absolute rows, then one
+    # more row (the last) at each layer's own tau_l, known after calibration (meta.layer_taus)
+    taus = sorted(set(EXTRA_TAUS) | ({float(primary)} if not relative else set()))
+    rule = "absolute" if not relative else f"{kind}:{value:g}"
+    layers = parse_layers(config.layers, n_layers, "--layers") or list(range(n_layers))
+    ngram = parse_layers(config.ngram_layers, n_layers, "--ngram-layers")
+    if ngram is None:
+        ngram = [i for i in layers if i < n_layers // 2]
+    elif not set(ngram) <= set(layers):
+        raise UserError("--ngram-layers must be among the recorded --layers")
+    n_seqs = len(packed.tokens)
+    lo, hi = part_range(n_seqs, config.part)
+    per_shard = max(1, config.shard_tokens // seq_len)
+    model_config = lm.config.to_dict()
+    model_config.pop("quantization_config", None)
+    return {
+        "tool_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            # spec: absolute for local paths, so the model reloads from any directory; spec_given: as typed
+            "spec": lm.spec, "spec_given": lm.given or lm.spec, "name": lm.name, "family": adapter.name,
+            "model_type": lm.config.model_type, "fingerprint": lm.fingerprint,
+            "n_layers": n_layers, "d_model": int(lm.config.hidden_size) if hasattr(lm.config, "hidden_size")
+            else int(lm.model.get_input_embeddings().weight.shape[1]),
+            "d_ffn": adapter.d_ffn, "vocab_size": int(lm.model.get_input_embeddings().weight.shape[0]),
+            "activation": adapter.activation_name, "gated": adapter.gated, "dtype": config.dtype,
+            "config": {k: v for k, v in model_config.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        },
+        "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", ""), "size": len(lm.tokenizer),
+                      "start_id": start_id, "sep_id": sep_id},
+        "data": {
+            "sources": sources.describe(), "field": config.field, "seed": config.seed,
+            "fingerprint": packed.fingerprint(), "seq_len": seq_len, "n_seqs_total": n_seqs,
+            "tokens_total": int(packed.tokens.size), "domain_names": packed.domain_names,
+            "n_documents": packed.n_documents, "notes": list(sources.notes),
+        },
+        "recording": {
+            "taus": taus, "primary_tau": None if relative else float(primary),
+            "primary_index": len(taus) if relative else taus.index(float(primary)), "tau_rule": rule,
+            "layer_taus": {str(i): None if relative else float(primary) for i in layers},
+            "firing_rule": relative_rule_text(adapter, rule) if relative else adapter.firing_rule(primary),
+            "layers": layers, "ngram_layers": ngram,
+            # "auto": n-gram counts for every neuron that can still be a detector (ngram_bound, set by
+            # engine.record.job); a number F: for the neurons firing at most F (the user's cap replaces it)
+            "ngram_max_freq": "auto" if config.ngram_max_freq is None else float(config.ngram_max_freq),
+            "calib_tokens": config.calib_tokens,
+            "topk": config.topk, "samples": config.samples,
+            "sample_rate": min(1.0, config.samples / packed.tokens.size),
+            "n_seqs_total": n_seqs, "part": list(config.part), "seq_range": [lo, hi],
+            "part_tokens": (hi - lo) * seq_len, "shard_tokens": config.shard_tokens,
+            "n_shards": -(-(hi - lo) // per_shard), "batch_tokens": config.batch_tokens,
+        },
+    }
