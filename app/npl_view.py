@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ffnscope.app.arg_types import count, non_negative_float, open_fraction, positive_int
+from ffnscope.app.arg_types import byte_size, count, non_negative_float, open_fraction, positive_int
 
 ACTIONS = ("fit", "substitute", "functional", "show")
 
@@ -45,6 +45,12 @@ def add_parser(sub) -> None:
     fit.add_argument("--tokens", type=positive_int, default=131072, help="fit plus held-out tokens (default: %(default)s)")
     fit.add_argument("--holdout", type=open_fraction, default=0.1, help="fraction of sequences held out (default: %(default)s)")
     fit.add_argument("--ridge", type=non_negative_float, default=1e-6, help="ridge, relative to the mean variance")
+    fit.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
+                     help="the exact fit's batch products: float32 halves their memory and is faster on GPUs; "
+                          "the accumulators stay float64 (default: %(default)s)")
+    fit.add_argument("--memory", type=byte_size("--memory"),
+                     help="bytes the fit's matrices may take, like 40GiB (default: what the device has free); "
+                          "pairs that do not fit together go in several passes over the data")
     fit.add_argument("--seed", type=count, default=0)
     fit.add_argument("--force", action="store_true", help="replace existing maps (and their results)")
 
@@ -117,7 +123,8 @@ def _fit(args) -> int:
 
     report = _job(args, fit_job, NplFitConfig(
         args.file, pairs=args.pairs, method=args.method, data=args.data, tokens=args.tokens, seed=args.seed,
-        holdout=args.holdout, ridge=args.ridge, force=args.force, **_model_options(args)))
+        holdout=args.holdout, ridge=args.ridge, stats_dtype=args.stats_dtype, memory=args.memory, force=args.force,
+        **_model_options(args)))
     print(f"wrote {report.path}")
     for line in report.lines:
         print(line)

@@ -53,8 +53,10 @@ def run_record(args, after=None) -> int:
     task = progress.add_task("loading", total=1.0, tokens="", rate="")
 
     def on_progress(f: dict) -> None:
+        where = (f"calibrating {f['calibration_pass']}/{f['calibration_passes']}" if f["phase"] == "calibrating"
+                 else f"shard {f['shard']}/{f['n_shards']}")
         progress.update(task, completed=f["tokens_done"] / max(f["tokens_total"], 1),
-                        description=f"shard {f['shard']}/{f['n_shards']} layer {f['layer']}/{f['n_layers'] - 1}",
+                        description=f"{where} layer {f['layer']}/{f['n_layers'] - 1}",
                         tokens=f"{f['tokens_done']:,}/{f['tokens_total']:,} tok",
                         rate=f"{f['tokens_per_s']:,.0f} tok/s")
 

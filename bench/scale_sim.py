@@ -13,7 +13,6 @@ afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,56 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 from ffnscope.engine.units import human, parse_bytes  # noqa: E402
+from tests.fixtures.random_llama import layer_params, write_random_llama  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
-             max_position_embeddings=256, tie_word_embeddings=True)
-
-
-def layer_params() -> int:
-    h, f, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_key_value_heads"]
-    head = h // SHAPE["num_attention_heads"]
-    return 2 * h * h + 2 * h * kv * head + 3 * h * f + 2 * h
-
-
-def write_model(directory: Path, n_layers: int) -> int:
-    """A random bf16 Llama, one safetensors shard per layer; -> bytes of weights written."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.tiny_models import BOS, EOS, PAD, VOCAB
-    from tests.tiny_tokenizer import make_tokenizer
-
-    config = LlamaConfig(num_hidden_layers=n_layers, vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS,
-                         pad_token_id=PAD, **SHAPE)
-    with init_empty_weights():  # names and shapes only
-        skeleton = AutoModelForCausalLM.from_config(config)
-    groups: dict[str, dict] = {}
-    for key, tensor in skeleton.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to the embeddings
-        parts = key.split(".")
-        group = parts[2] if parts[1] == "layers" else "rest"
-        groups.setdefault(group, {})[key] = tuple(tensor.shape)
-    directory.mkdir(parents=True)
-    weight_map, total = {}, 0
-    generator = torch.Generator().manual_seed(0)
-    for n, (group, shapes) in enumerate(groups.items()):
-        file = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {key: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02)
-                   .to(torch.bfloat16) for key, shape in shapes.items()}
-        save_file(tensors, str(directory / file), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, file))
-        del tensors
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                         "weight_map": weight_map}))
-    config.save_pretrained(directory)
-    make_tokenizer().save_pretrained(directory)
-    return total
+             max_position_embeddings=256, tie_word_embeddings=True)  # bf16: 1 GB every 11 layers
 
 
 def record(model: Path, out: Path, args) -> tuple[int, float, str]:
@@ -103,7 +58,7 @@ def main() -> None:
     parser.add_argument("--assert", dest="check", action="store_true", help="fail if a peak passes the cap")
     args = parser.parse_args()
     cap = parse_bytes(args.host_memory, "--host-memory")
-    per_layer = layer_params() * 2
+    per_layer = layer_params(SHAPE) * 2
     work = Path(tempfile.mkdtemp(prefix="ffnscope-scale-", dir="/tmp"))
     rows = []
     try:
@@ -111,7 +66,7 @@ def main() -> None:
             n_layers = max(1, round(size * 1e9 / per_layer))
             model = work / f"llama-{n_layers}"
             start = time.perf_counter()
-            weights = write_model(model, n_layers)
+            weights = write_random_llama(model, {**SHAPE, "num_hidden_layers": n_layers})
             written = time.perf_counter() - start
             peak, seconds, _ = record(model, work / f"{model.name}.h5", args)
             rows.append((n_layers, weights, peak, seconds))

@@ -3,10 +3,20 @@
 A cache is only ever replaced whole (cache.atomic): the new image goes to a temporary file beside
 it, is flushed to disk, and is renamed over the old one. A kill at any moment leaves either the previous
 checkpoint or the new one, never a torn file, and only the final write says `complete`.
+
+A partial cache (a checkpoint) keeps what grows with every shard out of that whole-file rewrite: each
+shard's token stream and activation samples go once into a segment file of their own (written whole
+the same way) in the directory `.NAME.segments` beside it, and the checkpoint's `data/tokens`,
+`data/seq_index`, `data/domains`, `samples/index` and `samples/acts` are HDF5 virtual datasets over the
+segments it names, so every reader sees the usual layout. A checkpoint is written after its segments and
+only ever names segments on disk; a segment it does not name is left over from a kill and goes at the
+next start (remove_segments). The complete cache holds everything itself, compressed, and the
+directory goes once it is written (docs/cache-format.md).
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,16 +45,16 @@ def empty_array(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Datas
     return group.create_dataset(name, shape=shape, dtype=dtype, **(_GZIP if size >= 4096 else {}))
 
 
-def write_layer(group: h5py.Group, layer: LayerState) -> None:
+def write_layer(group: h5py.Group, layer: LayerState, compress: bool = True) -> None:
     """One `layers/NNN` group."""
     for name in schema.LAYER_ARRAYS:
-        put_array(group, name, getattr(layer, name))
+        put_array(group, name, getattr(layer, name), compress)
     if layer.ngram_counted is not None:
-        put_array(group, "ngram_counted", layer.ngram_counted)
+        put_array(group, "ngram_counted", layer.ngram_counted, compress)
         for n, sparse in layer.ngrams.items():
             for column in schema.NGRAM_COLUMNS:
                 if getattr(sparse, column) is not None:
-                    put_array(group, f"ngram{n}/{column}", getattr(sparse, column))
+                    put_array(group, f"ngram{n}/{column}", getattr(sparse, column), compress)
 
 
 def read_layer(group: h5py.Group) -> LayerState:
@@ -82,33 +92,134 @@ def replaced(path: Path, tag: str = "", copy: bool = False, failure: str | None 
         f.flush()  # the buffered writes now, so a full disk fails inside the write: one line, temporary gone
 
 
-def write_state(path: Path, state: RecordingState, status: str, needs: int | None = None) -> None:
+# --- segments of a partial cache (see the module) -------------------------------------------------
+STREAMS = ("data/tokens", "data/seq_index", "data/domains", "samples/index", "samples/acts")
+_SAMPLE_AXIS = {"samples/acts": 1}  # the axis a stream grows along (0 for the others)
+
+
+def segments_dir(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.segments")
+
+
+def _streams(data: DataState, samples: Samples) -> dict[str, np.ndarray]:
+    return dict(zip(STREAMS, (data.tokens, data.seq_index, data.domains, samples.index, samples.acts)))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment file (its name in segments_dir) and the shapes of the streams it holds."""
+    name: str
+    shapes: dict
+
+
+def write_segment(path: Path, name: str, data: DataState, samples: Samples) -> Segment:
+    """The streams of one shard (or of everything before a resume) as segment `name` of cache `path`,
+    uncompressed: written once, read back only by a resume or a reader of the checkpoint."""
+    directory = segments_dir(path)
+    directory.mkdir(exist_ok=True)
+    streams = _streams(data, samples)
+    with replaced(directory / f"{name}.h5", failure=f"could not write a checkpoint of {path}",
+                  needs=nbytes(streams)) as f:
+        for key, array in streams.items():
+            put_array(f, key, array, compress=False)
+    return Segment(f"{name}.h5", {key: array.shape for key, array in streams.items()})
+
+
+def remove_segments(path: Path, keep: list[Segment] = ()) -> None:
+    """Remove the segment files of cache `path` but those in `keep` (a kill leaves ones no checkpoint
+    names, and a complete cache needs none), and the directory once it is empty."""
+    directory, names = segments_dir(path), {s.name for s in keep}
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name not in names:
+            entry.unlink(missing_ok=True)
+    if not names:
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
+
+
+def remove_stale_segments(path: Path) -> bool:
+    """A segments folder beside a complete cache (a kill between the final write and its removal) goes;
+    -> whether one did. A partial cache's are its checkpoint's: they stay."""
+    path = Path(path)
+    if not segments_dir(path).is_dir():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            if str(f.attrs.get("status")) != schema.COMPLETE:
+                return False
+    except OSError:  # no cache (a kill before the first checkpoint) or not one: nothing names them
+        pass
+    remove_segments(path)
+    return True
+
+
+def _put_virtual(f: h5py.File, key: str, array: np.ndarray, path: Path, segments: list[Segment]) -> None:
+    """Stream `key` as the concatenation of the segments' (the in-memory `array` only gives its shape)."""
+    axis = _SAMPLE_AXIS.get(key, 0)
+    if not array.shape[axis]:  # HDF5 maps nothing into an empty dataset
+        f.create_dataset(key, data=array)
+        return
+    layout = h5py.VirtualLayout(array.shape, array.dtype)
+    offset, where = 0, [slice(None)] * array.ndim
+    for segment in segments:
+        shape = segment.shapes[key]
+        if shape[axis]:
+            where[axis] = slice(offset, offset + shape[axis])
+            # a relative name: found beside the cache, wherever the directory is moved with it
+            layout[tuple(where)] = h5py.VirtualSource(f"{segments_dir(path).name}/{segment.name}", key, shape)
+        offset += shape[axis]
+    if offset != array.shape[axis]:
+        raise ValueError(f"the segments hold {offset} rows of {key}, the recording {array.shape[axis]}")
+    f.create_virtual_dataset(key, layout)
+
+
+def write_state(path: Path, state: RecordingState, status: str, needs: int | None = None,
+                compress: bool = True, segments: list[Segment] | None = None) -> None:
     """`state.layers` is read once, in order, through .items(): a mapping that makes each layer when asked
     (tests/synthetic_cache.py) is written without the whole recording in memory; it then gives `needs`,
-    the bytes the write takes (default: nbytes(state))."""
-    with replaced(path, failure=f"could not write {path}", needs=nbytes(state) if needs is None else needs) as f:
+    the bytes the write takes (default: nbytes(state)). compress=False: no gzip (checkpoints, rewritten
+    after each shard). `segments`: a checkpoint's, holding the streams (STREAMS), which this write
+    then names instead of writing them."""
+    streams = _streams(state.data, state.samples)
+    if needs is None:
+        needs = nbytes(state) - (nbytes(streams) if segments is not None else 0)
+    with replaced(path, failure=f"could not write {path}", needs=needs) as f:
         f.attrs["format"] = schema.FORMAT
         f.attrs["schema_version"] = schema.SCHEMA_VERSION
         f.attrs["status"] = status
         f.attrs["shards_done"] = state.shards_done
         f.attrs["meta"] = json.dumps(state.meta)
         data = f.create_group("data")
-        put_array(data, "tokens", state.data.tokens)
-        put_array(data, "seq_index", state.data.seq_index)
-        put_array(data, "domains", state.data.domains)
-        put_array(data, "unigram", state.data.unigram)
+        put_array(data, "unigram", state.data.unigram, compress)
         for n, grams in state.data.grams.items():
-            put_array(data, f"gram{n}/gram", grams.gram)
-            put_array(data, f"gram{n}/count", grams.count)
+            put_array(data, f"gram{n}/gram", grams.gram, compress)
+            put_array(data, f"gram{n}/count", grams.count, compress)
         for index, layer in state.layers.items():
-            write_layer(f.create_group(schema.layer_group(index)), layer)
+            write_layer(f.create_group(schema.layer_group(index)), layer, compress)
         _put_strings(f, "tokenizer/vocab", state.vocab)
         _put_strings(f, "tokenizer/pieces", state.pieces)
-        samples = f.create_group("samples")
-        put_array(samples, "index", state.samples.index)
-        acts = state.samples.acts
-        chunks = (1, max(1, min(acts.shape[1], 256)), acts.shape[2]) if acts.size else None
-        samples.create_dataset("acts", data=acts, chunks=chunks)
+        for key, array in streams.items():
+            if segments is not None:
+                _put_virtual(f, key, array, path, segments)
+            elif key == "samples/acts":
+                chunks = (1, max(1, min(array.shape[1], 256)), array.shape[2]) if array.size else None
+                f.create_dataset(key, data=array, chunks=chunks)
+            else:
+                put_array(f, key, array, compress)
+
+
+def missing_segments(f: h5py.File) -> list[str]:
+    """Segment files a checkpoint names that are not beside it (copied or moved without them)."""
+    if f.attrs.get("status") == schema.COMPLETE or "data/tokens" not in f or not f["data/tokens"].is_virtual:
+        return []
+    directory = Path(f.filename).parent
+    return sorted({s.file_name for key in STREAMS if f[key].is_virtual for s in f[key].virtual_sources()
+                   if not (directory / s.file_name).is_file()})
 
 
 def open_file(path: Path, purpose: str) -> h5py.File:
@@ -133,6 +244,12 @@ def open_file(path: Path, purpose: str) -> h5py.File:
         fix = ("record it again (older caches rank contexts by g and lack the g sums suppression needs)"
                if version < schema.SCHEMA_VERSION else "upgrade ffnscope or record again")
         raise UserError(f"{path} uses cache schema v{version}, this ffnscope reads v{schema.SCHEMA_VERSION}; {fix}")
+    missing = missing_segments(f)
+    if missing:
+        f.close()
+        raise UserError(f"{path} is a partial recording whose segment files are missing ({missing[0]}"
+                        f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); copy the directory "
+                        f"{segments_dir(path).name} beside it, or record again")
     return f
 
 

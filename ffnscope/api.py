@@ -20,7 +20,7 @@ class Frame:
     """A table of the recording (one column per name, numpy arrays), convertible for notebooks."""
 
     def __init__(self, table):
-        self.table = table  # ffnscope.engine.tables.Table
+        self.table = table  # ffnscope.engine.table.table.Table
 
     @property
     def columns(self) -> list[str]:
@@ -33,10 +33,9 @@ class Frame:
         return self.table[name]
 
     def to_arrow(self):
-        from ffnscope.engine.table.export import _arrow_table, _import_pyarrow
+        from ffnscope.engine.table.export import arrow_table
 
-        _import_pyarrow()
-        return _arrow_table(self.table)
+        return arrow_table(self.table)
 
     def to_pandas(self):
         try:
@@ -127,12 +126,17 @@ def record(out: str | Path, **options) -> Path:
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"unknown record option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
-    run(RecordConfig(out=Path(out), **options), log=print)
+    from ffnscope.cache.lock import locked
+
+    with locked(Path(out)):  # one writer per file, as the CLI's
+        run(RecordConfig(out=Path(out), **options), log=print)
     return Path(out)
 
 
 def analyze(path: str | Path, only: list[str] | None = None, settings: list[str] | None = None) -> dict[str, str]:
     """Run (or bring up to date) the stored analyses, as `ffnscope analyze`; -> analysis -> what was done."""
+    from ffnscope.cache.lock import locked
     from ffnscope.engine.analysis.job import analyze as run
 
-    return run(Path(path), only, settings, log=print)
+    with locked(Path(path)):
+        return run(Path(path), only, settings, log=print)

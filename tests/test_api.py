@@ -54,3 +54,23 @@ def test_tables_and_detail(analysed):
 def test_record_refuses_unknown_options(tmp_path):
     with pytest.raises(UserError, match="unknown record option"):
         ffnscope.record(tmp_path / "x.h5", tokenz=5)
+
+
+def test_one_writer_per_file_from_python_too(analysed, tmp_path):
+    """A cache another process is writing (its lock held) is refused by record and analyze alike."""
+    import subprocess
+
+    hold = ("import sys, time; from pathlib import Path; from ffnscope.cache.lock import locked\n"
+            "with locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(analysed)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="another ffnscope process .* is working on"):
+            ffnscope.analyze(analysed)
+        with pytest.raises(UserError, match="another ffnscope process .* is working on"):
+            ffnscope.record(analysed, force=True, tokens=2048)
+    finally:
+        holder.kill()
+        holder.wait()
+    with ffnscope.open_recording(analysed) as rec:  # untouched
+        assert len(rec.layers()) == 4 and len(rec.neurons()) > 0

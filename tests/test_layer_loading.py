@@ -5,7 +5,7 @@ import torch
 
 import ffnscope.engine.record.job
 from ffnscope.engine.model.load import load_model
-from ffnscope.engine.model.plan import host_fixed_bytes, layer_sizes, plan_device, plan_memory
+from ffnscope.engine.model.plan import host_fixed_bytes, layer_sizes, plan_device, plan_memory, weight_sizes
 from ffnscope.engine.model.runner import LayerRunner
 from ffnscope.engine.model.weights import LayerWeights
 from tests.helpers import assert_same_cache, record_tiny
@@ -102,3 +102,11 @@ def test_host_plan_charges_the_weights_held(model_dirs, text_file, tmp_path):
     assert resident == 0 and room >= hidden
     resident, _ = plan_memory(None, streamed + hidden + 2 * per_layer, lazy, state.meta, torch.device("cpu"), 64)
     assert resident == 2
+
+
+def test_weight_sizes_keep_only_an_untied_head_on_the_host_of_a_gpu(model_dirs):
+    """The head a GPU plan leaves in host memory: an untied LM head (llama here), nothing for a tied one."""
+    untied, tied = load_model(str(model_dirs["llama"])), load_model(str(model_dirs["opt"]))
+    head = untied.model.get_output_embeddings().weight
+    assert weight_sizes(untied).head == head.numel() * head.element_size()
+    assert weight_sizes(tied).head == 0 and weight_sizes(tied).fixed == layer_sizes(tied)[0]

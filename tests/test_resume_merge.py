@@ -8,12 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
-from bench.merge_memory import synthetic_parts
 from ffnscope.cache.merge import merge
 from ffnscope.cache.state import ngram_drop_limit
-from ffnscope.cache.store import read_state, write_state
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.store import read_state, segments_dir, write_state
 from ffnscope.engine.jobs.progress import read_progress
 from tests.conftest import env_for_subprocess
+from tests.fixtures.parts import synthetic_parts
 from tests.helpers import assert_same_cache, record_tiny
 
 LONG = ["--tokens", "49152", "--seq-len", "32", "--shard-tokens", "1024", "--batch-tokens", "64",
@@ -53,6 +54,63 @@ def test_sigkill_then_resume_equals_uninterrupted(model_dirs, text_file, tmp_pat
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert_same_cache(whole, killed)
+
+
+# Kills inside a checkpoint, at the call named (cache.store's function, its nth call): the shard's segment
+# written but not yet named by a checkpoint; halfway through the checkpoint's own write (3rd shard's).
+_KILL_AT = {"segment": ("write_segment", 3), "checkpoint": ("write_layer", 4 * 3 + 2)}
+_KILLER = """import os, runpy, signal, sys
+import ffnscope.cache.store as store
+import ffnscope.engine.record.executor as executor
+name, nth = sys.argv.pop(1), int(sys.argv.pop(1))
+real, calls = getattr(store, name), [0]
+def killing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == nth and name == "write_layer":
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*args, **kwargs)
+    if calls[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+setattr(store, name, killing)
+setattr(executor, name, killing)
+sys.argv[0] = "ffnscope"
+runpy.run_module("ffnscope", run_name="__main__")
+"""
+
+
+def test_kill_inside_a_checkpoint_then_resume_equals_uninterrupted(model_dirs, text_file, tmp_path):
+    """SIGKILL between a shard's segment and the checkpoint naming it, and halfway through the
+    checkpoint's own write: the partial cache is the previous checkpoint, readable; the resume equals
+    an uninterrupted run (samples included) and leaves no temporary or segment behind."""
+    model_dir = model_dirs["llama"]
+    whole = tmp_path / "whole.h5"
+    subprocess.run(_record_cmd(model_dir, text_file, whole), env=env_for_subprocess(), check=True,
+                   capture_output=True)
+    for where, (name, nth) in _KILL_AT.items():
+        out = tmp_path / where / "killed.h5"
+        out.parent.mkdir()
+        cmd = _record_cmd(model_dir, text_file, out)
+        killed = subprocess.run([sys.executable, "-c", _KILLER, name, str(nth), *cmd[3:]], env=env_for_subprocess(),
+                                capture_output=True, text=True)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert read_state(out, "testing").shards_done == 2, where  # the checkpoint before the kill
+        assert segments_dir(out).is_dir()
+        if where == "checkpoint":
+            assert list(out.parent.glob(f".{out.name}.*.tmp")), "the kill left no torn temporary"
+            alone = tmp_path / "alone.h5"  # a partial cache copied without its segments says so
+            alone.write_bytes(out.read_bytes())
+            with pytest.raises(UserError, match="segment files are missing"):
+                read_state(alone, "testing")
+            alone.unlink()
+        done = subprocess.run(cmd + ["--resume"], env=env_for_subprocess(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert_same_cache(whole, out)
+        a, b = read_state(whole, "testing").samples, read_state(out, "testing").samples
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.acts, b.acts)
+        assert _layout(whole) == _layout(out)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["killed.h5", "killed.h5.progress.json"], where
 
 
 def test_sigint_stops_cleanly_and_resumes(model_dirs, text_file, tmp_path):
@@ -173,3 +231,23 @@ def test_merge_refuses_overlap_and_strangers(model_dirs, text_file, tmp_path):
     with pytest.raises(UserError, match="another taus|another primary_tau"):
         merge([tmp_path / "p1.h5", tmp_path / "tau.h5"], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_segments_left_beside_a_complete_cache_are_removed(tmp_path, model_dirs, text_file, capsys):
+    """A kill between the final write and the segments' removal leaves the folder: the next command on the
+    cache removes it, saying so; a partial cache's segments are its checkpoint's and stay."""
+    from ffnscope.app.cli import main
+    from ffnscope.cache.store import remove_stale_segments
+
+    out = tmp_path / "c.h5"
+    record_tiny(out, model_dirs["gpt2"], [text_file])
+    leftover = segments_dir(out)
+    leftover.mkdir()
+    (leftover / "0.h5").write_bytes(b"x")
+    assert main(["analyze", str(out), "--only", "dead"]) == 0
+    assert not leftover.exists() and leftover.name in capsys.readouterr().err
+    partial = tmp_path / "p.h5"
+    state = read_state(out, "reading it")
+    write_state(partial, state, "partial")
+    segments_dir(partial).mkdir()
+    assert not remove_stale_segments(partial) and segments_dir(partial).is_dir()

@@ -44,3 +44,24 @@ def test_nothing_runs_after_the_last_recorded_layer(model_dirs, text_file, tmp_p
     state = record_tiny(tmp_path / "c.h5", model_dirs["llama"], [text_file], layers="0-1")
     assert sorted(state.layers) == [0, 1]
     assert calls == {"layer2": 0, "layer3": 0, "lm_head": 0}
+
+
+def test_calibration_reports_percent_rate_and_eta(model_dirs, text_file, tmp_path, monkeypatch):
+    """The calibrating phase reports like the recording: percent up to 100, tokens/s and an ETA (its
+    progress file is written at most every ProgressFile.interval from these updates)."""
+    from ffnscope.engine.jobs.progress import ProgressFile
+
+    seen, update = [], ProgressFile.update
+
+    def spy(self, force=False, **fields):
+        if fields.get("phase") == "calibrating":
+            seen.append(fields)
+        update(self, force, **fields)
+    monkeypatch.setattr(ProgressFile, "update", spy)
+    # a relative rule and n-gram layers: both calibration passes
+    record_tiny(tmp_path / "c.h5", model_dirs["llama"], [text_file], tau_rule="quantile:0.9", ngram_max_freq=0.5)
+    reports = [f for f in seen if "percent" in f]
+    assert {f["calibration_passes"] for f in reports} == {2}
+    percents = [f["percent"] for f in reports]
+    assert percents == sorted(percents) and 0 < percents[0] < 100 and percents[-1] == 100.0
+    assert all(f["tokens_per_s"] > 0 and f["eta_s"] is not None and f["tokens_total"] > 0 for f in reports)

@@ -1,15 +1,17 @@
 """NPL: a recording's Neuron Predictability Lens results (the fitted maps and the paper's averages,
 the layer-pair grid as a heatmap, Table 1, functional and background neurons), and the jobs that
 make them: fit, substitute, functional. Jobs run as processes (engine.jobs.launcher); this screen follows
-their progress file and reloads what they wrote."""
+their progress file and reloads what they wrote. The dialogs that start them estimate their duration
+from the recording's measured speed (engine.explore.estimate)."""
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from ffnscope.app.npl_text import fit_text, heatmap, results_text
 from ffnscope.app.safe_text import printable
@@ -19,6 +21,7 @@ from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ConfirmScreen
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import sidecar_path
+from ffnscope.engine.explore import estimate
 from ffnscope.engine.jobs import launcher as jobs
 from ffnscope.engine.npl.overview import NplOverview, overview
 
@@ -35,6 +38,29 @@ def _tokens_error(text: str) -> str | None:
         return None if int(text.replace(",", "").replace("_", "")) > 0 else "a positive number"
     except ValueError:
         return "write a whole number of tokens, like 131072"
+
+
+def _tokens(text: str) -> int | None:
+    return None if _tokens_error(text) else int(text.replace(",", "").replace("_", ""))
+
+
+class TokensScreen(AskScreen):
+    """AskScreen for a token count, with the job's estimated duration under the input, kept current."""
+
+    def __init__(self, prompt: str, value: str, check, speed: estimate.Speed | None, work: float):
+        super().__init__(prompt, value, check=check)
+        self.speed, self.work = speed, work
+
+    def on_mount(self) -> None:
+        error = self.query_one(".error")
+        error.parent.mount(Static(self._estimate(self.value), classes="estimate"), before=error)
+
+    def _estimate(self, text: str) -> Text:
+        return Text(printable(estimate.describe(_tokens(text), self.speed, self.work, rough=True)))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        for line in self.query(".estimate"):
+            line.update(self._estimate(event.value))
 
 
 class NplScreen(FramedScreen):
@@ -122,13 +148,15 @@ class NplScreen(FramedScreen):
         action = next((a for a in ("fit", "substitute", "functional") if a in job.command), "")
         return f"npl {action}".strip()
 
-    def _start(self, action: str, options: list[str]) -> None:
+    def _start(self, action: str, options: list[str], note: str = "") -> None:
         try:
             job = jobs.start_npl(self.rec.path, action, options)
         except UserError as exc:
             self.app.notify(printable(str(exc)), severity="error", markup=False)
             return
         self.app.started_jobs.add(job.output)
+        if note:
+            self.app.notify(note, markup=False)
         self.follow()
 
     def _busy(self) -> bool:
@@ -159,8 +187,9 @@ class NplScreen(FramedScreen):
                                                        yes="Replace", no="Keep"), confirmed)
                 else:
                     self._start("fit", options)
-            self.app.push_screen(AskScreen("Tokens of fresh text (the recording's sources) to fit on, 10% held out",
-                                           "131072", check=_tokens_error), sized)
+            self.app.push_screen(TokensScreen("Tokens of fresh text (the recording's sources) to fit on, 10% held out",
+                                              "131072", _tokens_error, estimate.recording_speed(self.rec.path),
+                                              estimate.FIT_WORK), sized)
         self.app.push_screen(ChooseScreen("Fit NPL maps", FITS), chosen)
 
     def action_substitute(self) -> None:
@@ -176,8 +205,9 @@ class NplScreen(FramedScreen):
         def chosen(value):
             if value is not None:
                 self._start("substitute", [value] if value else [])
-        self.app.push_screen(ChooseScreen("Substitution perplexity on the fit's held-out sequences", choices),
-                             chosen)
+        guess = self._estimate(estimate.SUBSTITUTE_WORK)
+        self.app.push_screen(ChooseScreen("Substitution perplexity on the fit's held-out sequences"
+                                          + (f"\nTable 1: {escape(guess)}" if guess else ""), choices), chosen)
 
     def action_functional(self) -> None:
         if self._busy():
@@ -185,7 +215,15 @@ class NplScreen(FramedScreen):
         if not self.view.exists:
             self.app.notify("fit the maps first (f)", severity="warning")
             return
-        self._start("functional", [])
+        guess = self._estimate(estimate.FUNCTIONAL_WORK)  # it starts at once (no dialog): the estimate comes with it
+        self._start("functional", [], f"npl functional: {guess}" if guess else "")
+
+    def _estimate(self, work: float) -> str:
+        """A job over the fit's held-out tokens: its rough duration, or "" when they are not known."""
+        held = self.view.meta.get("fit", {}).get("heldout_tokens")
+        if isinstance(held, bool) or not isinstance(held, (int, float)) or not held > 0:
+            return ""
+        return printable(estimate.describe(int(held), estimate.recording_speed(self.rec.path), work, rough=True))
 
     def action_cancel(self) -> None:
         if self.job is not None and jobs.cancel(self.job):

@@ -1,5 +1,6 @@
 """The form that starts a recording job: model spec, data sources, tokens, layers, device and
-memory budgets. The job runs in its own process (engine.jobs.launcher) and analyzes itself when done."""
+memory budgets. The job runs in its own process (engine.jobs.launcher) and analyzes itself when done.
+Below the fields, an estimate of the recording's duration from the newest measured recording of the model."""
 from __future__ import annotations
 
 import re
@@ -7,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -15,6 +17,7 @@ from textual.widgets import Button, Input, Label, Static
 from ffnscope.app.safe_text import printable
 from ffnscope.app.tui.base import FramedScreen
 from ffnscope.cache.errors import UserError
+from ffnscope.engine.explore import catalog, estimate
 from ffnscope.engine.jobs import launcher as jobs
 from ffnscope.engine.paths import recordings_dir
 from ffnscope.engine.units import parse_bytes
@@ -66,7 +69,7 @@ def check(values: dict[str, str]) -> dict:
         raise UserError(f"more options: {exc}") from None
     if any(opt in kwargs["extra"] for opt in ("--out", "--model", "--data", "--tokens")):
         raise UserError("more options: --out, --model, --data and --tokens have their own fields")
-    from ffnscope.app.cli import check_record_options
+    from ffnscope.app.parser import check_record_options
 
     try:  # refused here, in place, rather than by the job a moment later
         check_record_options(kwargs["extra"])
@@ -84,6 +87,7 @@ class RecordFormScreen(FramedScreen):
     RecordFormScreen .field { height: 1; }
     RecordFormScreen .field Label { width: 15; }
     RecordFormScreen .field Input { width: 1fr; border: none; height: 1; padding: 0; }
+    RecordFormScreen #estimate { color: $text-muted; height: auto; }
     RecordFormScreen #error { color: $error; height: auto; }
     RecordFormScreen #start-row { height: 3; align-horizontal: right; }
     """
@@ -95,6 +99,7 @@ class RecordFormScreen(FramedScreen):
                 with Horizontal(classes="field"):
                     yield Label(label)
                     yield Input(default, placeholder=placeholder, id=key)
+            yield Static(id="estimate")
             yield Static(id="error")
             with Horizontal(id="start-row"):
                 yield Button("Start (ctrl+s)", id="start", variant="primary")
@@ -103,6 +108,37 @@ class RecordFormScreen(FramedScreen):
     def on_mount(self) -> None:
         self.set_header("ffnscope", "", "Recordings > New recording (runs as a job; esc cancels)")
         self.query_one("#name", Input).focus()
+        self.recordings: list | None = None  # the catalog, once read (tests wait on it)
+        self.read_catalog()
+
+    @work(thread=True, exclusive=True, group="estimate")
+    def read_catalog(self) -> None:
+        rows = catalog.scan(getattr(self.app, "files", ()), getattr(self.app, "dirs", None))
+        self.app.call_from_thread(self._catalog_read, rows)
+
+    def _catalog_read(self, rows: list) -> None:
+        self.recordings = rows
+        self.show_estimate()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id in ("model", "tokens", "layers") and self.recordings is not None:
+            self.show_estimate()
+
+    def show_estimate(self) -> None:
+        """Progress files are small JSON: read again at each keystroke, so a recording that just ended counts."""
+        value = {key: self.query_one(f"#{key}", Input).value for key in ("model", "tokens", "layers")}
+        speed = estimate.latest_speed(self.recordings or [], value["model"])
+        try:
+            tokens = int(value["tokens"].replace(",", "").replace("_", ""))
+        except ValueError:
+            tokens = None
+        if speed is None:
+            text = "no estimate yet: no complete recording of this model with a measured speed"
+        else:
+            depth = estimate.layers_run(value["layers"], speed.model_layers)
+            text = estimate.describe(tokens, speed, layers_run=depth)
+            text = f"estimate: {text}, recording alone" if text else ""
+        self.query_one("#estimate", Static).update(Text(printable(text)))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == FIELDS[-1][0]:

@@ -1,3 +1,4 @@
-"""The data stage: documents from text files, directories, JSONL, Parquet and saved datasets
-(sources.py) or the builtin corpus (builtin.py), shuffled deterministically and packed into
-fixed-length token sequences (packing.py)."""
+"""The data stage: documents from text files, directories, JSONL, Parquet and saved datasets (each
+format's reader in formats.py; sources.py opens the specs and shuffles their documents
+deterministically) or the builtin corpus (builtin.py), packed into fixed-length token sequences
+(packing.py)."""

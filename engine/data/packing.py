@@ -45,10 +45,11 @@ def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
 
 
 def pack(documents: Iterable[Document], tokenizer, seq_len: int, n_seqs: int,
-         start_id: int | None, sep_id: int | None) -> Packed:
+         start_id: int | None, sep_id: int | None, on_progress=None) -> Packed:
     """Tokenize documents into one stream (sep_id after each document) and cut it into n_seqs
     sequences of seq_len tokens: start_id, if any, then the next stream tokens. A tail too short
-    for a full sequence is dropped. Fewer sequences than asked set `short`; none raise UserError."""
+    for a full sequence is dropped. Fewer sequences than asked set `short`; none raise UserError.
+    on_progress(tokens_have, tokens_needed), if given, after each batch of documents tokenized."""
     body = seq_len - (start_id is not None)
     if body < 1:
         raise UserError(f"--seq-len must be at least {2 if start_id is not None else 1}")
@@ -70,6 +71,8 @@ def pack(documents: Iterable[Document], tokenizer, seq_len: int, n_seqs: int,
             pieces.append(np.asarray(ids, dtype=np.int32))
             doc_domains.append(domain_ids.setdefault(doc.domain, len(domain_ids)))
             have += len(ids)
+        if on_progress is not None:
+            on_progress(min(have, need), need)
         if have >= need:
             break
 

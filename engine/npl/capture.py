@@ -7,6 +7,7 @@ hidden states saved at a chunk's first layer.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable
 
@@ -87,12 +88,33 @@ def run_layers(runner: LayerRunner, hidden: torch.Tensor, start: int, stop: int,
     return hidden
 
 
-def make_runner(lm, device: torch.device, batch_tokens: int) -> LayerRunner:
-    """A layer runner with as many layers resident as the device holds, and the LM head there too."""
-    from ffnscope.engine.model.plan import plan_device
+def forward_workspace(lm, batch_tokens: int) -> int:
+    """Bytes one layer's forward batch takes on a GPU (engine.model.plan's estimate)."""
+    from ffnscope.engine.model.plan import device_workspace
+
+    d_model = lm.model.get_input_embeddings().weight.shape[1]
+    return device_workspace(batch_tokens, d_model, lm.adapter.d_ffn)
+
+
+def forward_minimum(lm, batch_tokens: int) -> int:
+    """Device bytes the smallest plan needs: the weights outside the layers, one layer slot, a batch."""
+    from ffnscope.engine.model.plan import layer_sizes
+
+    fixed, per_layer = layer_sizes(lm)
+    return fixed + per_layer + forward_workspace(lm, batch_tokens)
+
+
+def make_runner(lm, device: torch.device, batch_tokens: int, reserve: int = 0) -> LayerRunner:
+    """A layer runner with as many layers resident as the device holds (less `reserve` bytes that the
+    caller keeps for itself on a GPU), and the LM head there too."""
+    from ffnscope.engine.model.plan import DEVICE_SHARE, plan_device
 
     device = torch.device(device)
-    runner = LayerRunner(lm.adapter, device, plan_device(None, lm, device, batch_tokens))
+    budget = None
+    if reserve and device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * DEVICE_SHARE) - forward_workspace(lm, batch_tokens) - reserve
+    runner = LayerRunner(lm.adapter, device, plan_device(budget, lm, device, batch_tokens))
     lm.model.get_output_embeddings().to(device)
     return runner
 
@@ -136,3 +158,27 @@ def token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, chunk_t
 
 def as_ids(tokens: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(tokens).astype(np.int64))
+
+
+class PassProgress:
+    """Progress of forward passes counted in work units (tokens x layers run), reported per layer as
+    tokens (a batch of a large model takes minutes): on_progress(dict(phase, tokens_done, tokens_total,
+    tokens_per_s, eta_s, **extra)), the percent monotone across phases and passes."""
+
+    def __init__(self, on_progress, tokens_total: int, units_total: float, phase: str):
+        self.on_progress, self.tokens_total = on_progress, int(tokens_total)
+        self.units_total, self.units = max(float(units_total), 1.0), 0.0
+        self.phase, self.extra = phase, {}
+        self.started = time.time()
+
+    def step(self, units: float = 0.0, phase: str | None = None, **extra) -> None:
+        self.units = min(self.units + units, self.units_total)
+        self.phase = phase or self.phase
+        self.extra.update(extra)
+        if self.on_progress is None:
+            return
+        done = int(self.tokens_total * self.units / self.units_total)
+        elapsed = time.time() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        self.on_progress(dict(phase=self.phase, tokens_done=done, tokens_total=self.tokens_total, tokens_per_s=rate,
+                              eta_s=(self.tokens_total - done) / rate if rate > 0 else None, **self.extra))

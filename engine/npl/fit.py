@@ -22,6 +22,11 @@ error (over tokens and neurons: the training loss), the fraction of variance une
 the mean Pearson r over neurons with a defined r.
 
 All token positions are used, the start token's included: substitution replaces them all too.
+
+At scale (X^T X alone is 10.9 GB at d_ffn 36,864) the pairs go in groups that fit the device's memory
+(engine.npl.plan: FitOptions.memory, else FFNSCOPE_NPL_MEMORY, else measured), one fit and one scoring pass
+over the data per group; each pair's statistics depend on its own layers only, so the results are
+those of one pass. What cannot fit even one pair is refused before any data is read.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import MapRecord
 from ffnscope.engine.jobs.stop import StopToken
 from ffnscope.engine.model.batches import seq_batches
-from ffnscope.engine.npl.capture import GCapture, as_ids, make_runner, run_layers, token_nll
+from ffnscope.engine.npl.capture import GCapture, PassProgress, as_ids, make_runner, run_layers, token_nll
+from ffnscope.engine.npl.plan import group_bytes, plan_fit
 
 METHODS = ("exact", "adagrad")
 STATS_DTYPES = ("float64", "float32")
@@ -49,6 +55,7 @@ class FitOptions:
     lr: float = 0.01                  # Adagrad
     adagrad_tokens: int = 10_000      # Adagrad batch, rounded to whole sequences
     batch_tokens: int = 8192          # forward batch when only the exact fit runs
+    memory: int | None = None         # bytes the fit's matrices may take (default: FFNSCOPE_NPL_MEMORY, or measured)
 
     def methods(self) -> list[str]:
         if self.method == "both":
@@ -63,6 +70,14 @@ class FitOptions:
             raise UserError(f"unknown statistics dtype '{self.stats_dtype}'; use float64 or float32")
         if self.ridge < 0:
             raise UserError("--ridge must be >= 0")
+        if self.memory is not None and self.memory <= 0:
+            raise UserError("the NPL memory budget must be positive")
+
+    def forward_batch(self, seq_len: int) -> int:
+        """Tokens a forward batch takes: Adagrad steps on whole sequences of about adagrad_tokens."""
+        if "adagrad" in self.methods():
+            return max(1, round(self.adagrad_tokens / seq_len)) * seq_len
+        return self.batch_tokens
 
 
 # --- exact fit: streamed sufficient statistics -------------------------------------------------------
@@ -142,26 +157,36 @@ class ExactFit:
         if buf is not None:
             self._pool.append(buf)
 
-    def solve(self, ridge: float) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    def solve(self, ridge: float, on_source=None, consume: bool = False
+              ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """The maps. With `consume` the solved matrices are built in the accumulators (which go), so
+        the solve needs about three more d_ffn^2 float64 matrices, not six. on_source() after each source."""
+        take = (lambda acc, key: acc.pop(key)) if consume else (lambda acc, key: acc[key].clone())  # noqa: E731
         out = {}
         for i in self.sources:
             mx = self.sum[i] / self.n
-            upper = torch.triu(self.xx[i])
-            cxx = upper + torch.triu(upper, 1).T - self.n * torch.outer(mx, mx)
-            lam = ridge * float(torch.diagonal(cxx).sum()) / self.d
-            a = cxx + lam * torch.eye(self.d, dtype=torch.float64, device=self.device)
+            a = take(self.xx, i).triu_()  # the upper triangle mirrored: C_xx, then C_xx + lambda I
+            a.add_(torch.triu(a, 1).T)
+            a.sub_(torch.outer(mx, mx).mul_(self.n))
+            lam = ridge * float(torch.diagonal(a).sum()) / self.d
+            a.diagonal().add_(lam)
             chol, info = torch.linalg.cholesky_ex(a)
             for (si, j) in self.pairs:
                 if si != i:
                     continue
                 my = self.sum[j] / self.n
-                cxy = self.xy[(i, j)] - self.n * torch.outer(mx, my)
+                cxy = take(self.xy, (i, j)).sub_(torch.outer(mx, my).mul_(self.n))
                 if int(info) == 0:
                     w = torch.cholesky_solve(cxy, chol)
                 else:  # singular (dead neurons, ridge 0): the minimum-norm least-squares solution
                     w = torch.from_numpy(np.linalg.lstsq(a.cpu().numpy(), cxy.cpu().numpy(), rcond=None)[0]).to(a)
+                del cxy
                 b = (self.shift[j] + my) - (self.shift[i] + mx) @ w
                 out[(i, j)] = (w.cpu().numpy(), b.cpu().numpy())
+                del w
+            del a, chol
+            if on_source is not None:
+                on_source()
         return out
 
 
@@ -235,7 +260,7 @@ class Metrics:
         return metrics, scalars
 
 
-# --- the pass ---------------------------------------------------------------------------------------------
+# --- the passes -----------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
     pairs: list[tuple[int, int]]
@@ -260,111 +285,87 @@ class _Clock:
         return now
 
 
-def _report(on_progress, phase: str, done: int, total: int, started: float) -> None:
-    if on_progress is None:
-        return
-    elapsed = time.time() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    on_progress(dict(phase=phase, tokens_done=int(done), tokens_total=int(total), tokens_per_s=rate,
-                     eta_s=(total - done) / rate if rate > 0 else None))
+def _uses(group) -> dict[int, int]:
+    """Layer -> the last layer of a pair that needs it (its g can go after that)."""
+    return {k: max(max(p) for p in group if k in p) for p in group for k in p}
 
 
-def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list[tuple[int, int]],
-             options: FitOptions | None = None, device: torch.device | str = "cpu", on_progress=None,
-             stop: StopToken | None = None) -> FitResult:
-    """Fit M_{i->j} for `pairs` on fit_tokens (n, seq_len) and score them on heldout_tokens.
-
-    on_progress(dict(phase, tokens_done, tokens_total, tokens_per_s, eta_s)) is called per batch;
-    a requested `stop` makes it raise engine.jobs.stop.Stopped at the next layer."""
-    stop = stop or StopToken()
-    options = options or FitOptions()
-    options.check()
-    methods = options.methods()
-    device = torch.device(device)
-    adapter = lm.adapter
-    n_layers, d = len(adapter.layers), adapter.d_ffn
-    pairs = sorted(set((int(i), int(j)) for i, j in pairs))
-    if not pairs:
-        raise UserError("no NPL pair to fit")
-    needed = sorted({k for p in pairs for k in p})
-    last_use = {k: max(max(p) for p in pairs if k in p) for k in needed}
-    seq_len = fit_tokens.shape[1]
-    batch_tokens = (max(1, round(options.adagrad_tokens / seq_len)) * seq_len if "adagrad" in methods
-                    else options.batch_tokens)
-    runner = make_runner(lm, device, batch_tokens)
-    hooks = GCapture(adapter, needed)
-    clock = _Clock(device)
-    exact = ExactFit(pairs, d, device, options.stats_dtype) if "exact" in methods else None
-    adagrad = {p: AdagradMap(d, d, device, options.lr) for p in pairs} if "adagrad" in methods else {}
-    total = int(fit_tokens.size + heldout_tokens.size)
-    started = time.time()
-
-    with torch.inference_mode(), hooks.attached():
-        # pass 1: the fit sequences
-        for lo, hi in seq_batches(len(fit_tokens), seq_len, batch_tokens):
+def _fit_pass(lm, runner, group, tokens, options: FitOptions, batch_tokens: int, clock, progress, stop):
+    """Pass 1, over the fit sequences, for one group of pairs, and the solve: (method -> pair -> (W, b),
+    each layer's shift)."""
+    d, methods, device, seq_len = lm.adapter.d_ffn, options.methods(), runner.device, tokens.shape[1]
+    last_use = _uses(group)
+    hooks = GCapture(lm.adapter, last_use)
+    exact = ExactFit(group, d, device, options.stats_dtype) if "exact" in methods else None
+    adagrad = {p: AdagradMap(d, d, device, options.lr) for p in group} if "adagrad" in methods else {}
+    with hooks.attached():
+        for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
             stop.check()
             t = time.perf_counter()
-            hidden = runner.embed(as_ids(fit_tokens[lo:hi]))
+            hidden = runner.embed(as_ids(tokens[lo:hi]))
             t = clock.add("forward", t)
             if exact is not None:
                 exact.begin_batch((hi - lo) * seq_len)
             kept: dict[int, torch.Tensor] = {}
-            for k in range(needed[-1] + 1):
+            for k in range(max(last_use) + 1):
                 stop.check()
                 t = time.perf_counter()
                 hidden = runner.run(k, hidden, runner.weights(k))
                 t = clock.add("forward", t)
-                if k not in last_use:
-                    continue
-                kept[k] = hooks.g.pop(k).reshape(-1, d)
-                ready = [p for p in pairs if max(p) == k]
-                if exact is not None:
-                    exact.layer(k, kept[k])
-                    for i, j in ready:
-                        exact.cross(i, j, kept[i], kept[j])
-                    t = clock.add("exact", t)
-                for i, j in ready if adagrad else ():
-                    adagrad[(i, j)].step(kept[i], kept[j])
-                t = clock.add("adagrad", t) if adagrad else t
-                for m in [m for m in kept if last_use[m] <= k]:
-                    del kept[m]
+                if k in last_use:
+                    kept[k] = hooks.g.pop(k).reshape(-1, d)
+                    ready = [p for p in group if max(p) == k]
                     if exact is not None:
-                        exact.drop(m)
-            _report(on_progress, "fitting", hi * seq_len, total, started)
+                        exact.layer(k, kept[k])
+                        for i, j in ready:
+                            exact.cross(i, j, kept[i], kept[j])
+                        t = clock.add("exact", t)
+                    for i, j in ready if adagrad else ():
+                        adagrad[(i, j)].step(kept[i], kept[j])
+                    t = clock.add("adagrad", t) if adagrad else t
+                    for m in [m for m in kept if last_use[m] <= k]:
+                        del kept[m]
+                        if exact is not None:
+                            exact.drop(m)
+                progress.step((hi - lo) * seq_len, "fitting")
+    solved = {}
+    if exact is not None:
+        progress.step(phase="solving")
+        t = time.perf_counter()
+        solved["exact"] = exact.solve(options.ridge, progress.step, consume=True)
+        clock.add("exact_solve", t)
+        clock.add("exact", t)
+    if adagrad:  # to the host first: no float64 copy on the device
+        solved["adagrad"] = {p: (m.W.cpu().double().numpy(), m.b.cpu().double().numpy()) for p, m in adagrad.items()}
+    return solved, (exact.shift if exact is not None else {})
 
-        maps: dict[str, dict[tuple[int, int], MapRecord]] = {}
-        solved = {}
-        if exact is not None:
-            t = time.perf_counter()
-            solved["exact"] = exact.solve(options.ridge)
-            clock.add("exact_solve", t)
-            clock.add("exact", t)
-        if adagrad:
-            solved["adagrad"] = {p: (m.W.double().cpu().numpy(), m.b.double().cpu().numpy())
-                                 for p, m in adagrad.items()}
-        if on_progress is not None:
-            on_progress(dict(phase="solving", tokens_done=int(fit_tokens.size), tokens_total=total))
 
-        # pass 2: held-out sequences, every layer and the LM head (the unmodified model's loss)
-        shifts = exact.shift if exact is not None else {}
-        weights = {m: {p: (torch.as_tensor(w, dtype=torch.float32, device=device),
-                           torch.as_tensor(b, dtype=torch.float32, device=device)) for p, (w, b) in s.items()}
-                   for m, s in solved.items()}
-        metrics: dict[str, dict[tuple[int, int], Metrics]] = {m: {} for m in solved}
-        nll = np.zeros((len(heldout_tokens), max(seq_len - 1, 0)), np.float32)
-        for lo, hi in seq_batches(len(heldout_tokens), seq_len, batch_tokens):
+def _score_pass(lm, runner, group, tokens, batch_tokens: int, solved, shifts, metrics, nll, clock, progress,
+                stop) -> None:
+    """Pass 2, over the held-out sequences: the group's metrics into `metrics`, and where `nll` is
+    given, the unmodified model's loss (every layer and the LM head)."""
+    adapter, d, device, seq_len = lm.adapter, lm.adapter.d_ffn, runner.device, tokens.shape[1]
+    last_use = _uses(group)
+    n_run = len(adapter.layers) if nll is not None else max(last_use) + 1
+    weights = {m: {p: (torch.as_tensor(s[p][0], dtype=torch.float32, device=device),
+                       torch.as_tensor(s[p][1], dtype=torch.float32, device=device)) for p in group}
+               for m, s in solved.items()}
+    hooks = GCapture(adapter, last_use)
+    with hooks.attached():
+        for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
             stop.check()
             t = time.perf_counter()
-            ids = as_ids(heldout_tokens[lo:hi])
+            ids = as_ids(tokens[lo:hi])
             hidden = runner.embed(ids)
             kept = {}
 
             def on_layer(k, _out):
                 stop.check()
+                progress.step((hi - lo) * seq_len, "scoring held-out")
                 if k not in last_use:
                     return
                 kept[k] = hooks.g.pop(k).reshape(-1, d)
-                for i, j in (p for p in pairs if max(p) == k):
+                for i, j in (p for p in group if max(p) == k):
                     for method, ws in weights.items():
                         w, b = ws[(i, j)]
                         if (i, j) not in metrics[method]:
@@ -375,15 +376,62 @@ def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list
                 for m in [m for m in kept if last_use[m] <= k]:
                     del kept[m]
 
-            hidden = run_layers(runner, hidden, 0, n_layers, on_layer)
-            nll[lo:hi] = token_nll(adapter, hidden, ids).cpu().numpy()
+            hidden = run_layers(runner, hidden, 0, n_run, on_layer)
+            if nll is not None:
+                nll[lo:hi] = token_nll(adapter, hidden, ids).cpu().numpy()
+                progress.step((hi - lo) * seq_len)
             clock.add("heldout", t)
-            _report(on_progress, "scoring held-out", int(fit_tokens.size) + hi * seq_len, total, started)
 
+
+def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list[tuple[int, int]],
+             options: FitOptions | None = None, device: torch.device | str = "cpu", on_progress=None,
+             stop: StopToken | None = None, groups: list[list[tuple[int, int]]] | None = None) -> FitResult:
+    """Fit M_{i->j} for `pairs` on fit_tokens (n, seq_len) and score them on heldout_tokens.
+
+    The pairs go in `groups` (default: plan_fit's for the device's memory), one fit and one scoring pass
+    each; every pair's results are those of a single pass. on_progress(dict(phase, tokens_done,
+    tokens_total, tokens_per_s, eta_s, and group, n_groups when there are several)) is called after
+    every layer run, tokens counted once per pass; a requested `stop` raises Stopped at the next layer."""
+    stop = stop or StopToken()
+    options = options or FitOptions()
+    options.check()
+    methods = options.methods()
+    device = torch.device(device)
+    n_layers, d = len(lm.adapter.layers), lm.adapter.d_ffn
+    pairs = sorted(set((int(i), int(j)) for i, j in pairs))
+    if not pairs:
+        raise UserError("no NPL pair to fit")
+    seq_len = fit_tokens.shape[1]
+    batch_tokens = options.forward_batch(seq_len)
+    groups = groups or plan_fit(lm, pairs, options, device, seq_len)
+    lasts = [max(k for p in g for k in p) + 1 for g in groups]  # layers each group's passes run
+    units = (fit_tokens.size + heldout_tokens.size) * sum(lasts) + heldout_tokens.size * (n_layers + 1 - lasts[0])
+    progress = PassProgress(on_progress, len(groups) * (fit_tokens.size + heldout_tokens.size), units,
+                            "placing model")
+    progress.step()
+    reserve = max(group_bytes(g, d, methods, options.stats_dtype, batch_tokens) for g in groups)
+    runner = make_runner(lm, device, batch_tokens, reserve)
+    clock = _Clock(device)
+    solved: dict[str, dict] = {m: {} for m in methods}
+    metrics: dict[str, dict[tuple[int, int], Metrics]] = {m: {} for m in methods}
+    nll = np.zeros((len(heldout_tokens), max(seq_len - 1, 0)), np.float32)
+    with torch.inference_mode():
+        for number, group in enumerate(groups):
+            if len(groups) > 1:
+                progress.extra.update(group=number + 1, n_groups=len(groups))
+            found, shifts = _fit_pass(lm, runner, group, fit_tokens, options, batch_tokens, clock, progress, stop)
+            _score_pass(lm, runner, group, heldout_tokens, batch_tokens, found, shifts, metrics,
+                        nll if number == 0 else None, clock, progress, stop)
+            for method, maps in found.items():
+                solved[method].update(maps)
+            del found, shifts
+
+    maps: dict[str, dict[tuple[int, int], MapRecord]] = {}
     for method, per_pair in solved.items():
         maps[method] = {}
-        for (i, j), (w, b) in per_pair.items():
+        for (i, j), (w, b) in sorted(per_pair.items()):
             values, scalars = metrics[method][(i, j)].result() if (i, j) in metrics[method] else ({}, {})
             maps[method][(i, j)] = MapRecord(i, j, w, b, values, scalars)
     return FitResult(pairs, maps, nll, clock.seconds, int(fit_tokens.size), int(heldout_tokens.size),
-                     {**asdict(options), "methods": methods, "batch_tokens_used": batch_tokens})
+                     {**asdict(options), "methods": methods, "batch_tokens_used": batch_tokens,
+                      "pair_groups": len(groups)})

@@ -28,7 +28,6 @@ neurons"). Background neurons: s_i < S_R (paper Sec. 5.4).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch
 from ffnscope.cache.schema import encode_grams
 from ffnscope.engine.jobs.stop import StopToken
 from ffnscope.engine.model.batches import seq_batches
-from ffnscope.engine.npl.capture import GCapture, as_ids, make_runner, run_layers
+from ffnscope.engine.npl.capture import GCapture, PassProgress, as_ids, make_runner, run_layers
 from ffnscope.engine.npl.report import FUNCTIONAL_KINDS as KINDS  # the property kinds, in table order
 
 
@@ -259,27 +258,27 @@ def functional_neurons(lm, tokens: np.ndarray, nll: np.ndarray, score: dict[int,
     start_id, _ = special_ids(lm.tokenizer)
     first_pos = 1 if start_id is not None and len(tokens) and (tokens[:, 0] == start_id).all() else 0
     vocab = int(lm.model.get_input_embeddings().weight.shape[0])
+    # progress in layer runs (tokens x layers), the pass's only token work
+    progress = PassProgress(on_progress, tokens.size, tokens.size * (max(score, default=0) + 1), "counting properties")
+    progress.step()
     props = build_properties(tokens, nll, vocab, first_pos, params)
     d = adapter.d_ffn
     moments = {layer: _Moments(props, d, device) for layer in layers}
+    progress.step(phase="placing model")
     runner = make_runner(lm, device, batch_tokens)
     hooks = GCapture(adapter, layers)
     seq_len = tokens.shape[1]
-    started = time.time()
     with torch.inference_mode(), hooks.attached():
         for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
             stop.check()
             hidden = runner.embed(as_ids(tokens[lo:hi]))
 
             def on_layer(k, _out):
+                progress.step((hi - lo) * seq_len, "functional neurons")
                 if k in moments:
                     moments[k].update(hooks.g.pop(k), slice(lo, hi))
 
             run_layers(runner, hidden, 0, max(layers) + 1, on_layer)
-            if on_progress is not None:
-                elapsed = time.time() - started
-                rate = hi * seq_len / elapsed if elapsed > 0 else 0.0
-                on_progress(dict(phase="functional neurons", tokens_done=hi * seq_len, tokens_total=tokens.size,
-                                 tokens_per_s=rate, eta_s=(tokens.size - hi * seq_len) / rate if rate else None))
+    progress.step(phase="summarizing")
     importance = {layer: m.importance() for layer, m in moments.items()}
     return summarize(layers, props.names, importance, score, params)

@@ -8,7 +8,8 @@ build the config, call the job, print what it returns. `on_progress(dict)` gets 
 the progress file (phase, tokens_done, tokens_total, tokens_per_s, eta_s); requesting the `stop`
 token (engine.jobs.stop.StopToken) stops the job at the next layer or batch (raising Stopped). Without
 one, the job stops on SIGINT/SIGTERM (main thread only). A stopped job writes nothing: maps and
-results are all-or-nothing (a fit is one pass; it does not resume).
+results are all-or-nothing (a fit does not resume; it makes one pass, or one per group of pairs where the
+device's memory does not hold them all).
 
 Fit data: by default the recording's own sources and seed, packed at the recording's seq_len; the
 sequences are split at random (seeded) into fit and held-out sequences, and the fingerprints of
@@ -66,14 +67,22 @@ def _load(meta: dict, options: "ModelOptions", cache: Path):
     return lm
 
 
-def _pack(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log):
+def _pack(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log, report=None):
+    """Packed sequences of the sources; report(fields) follows the tokenizing."""
+    from ffnscope.engine.data.packing import pack, special_ids
     from ffnscope.engine.data.sources import open_sources
-    from ffnscope.engine.data.packing import pack
-    from ffnscope.engine.data.packing import special_ids
 
     sources = open_sources(specs, field=field_name, seed=seed)
     start_id, sep_id = special_ids(lm.tokenizer)
-    packed = pack(sources.documents(), lm.tokenizer, seq_len, n_seqs, start_id, sep_id)
+    started = time.time()
+
+    def packing(have: int, need: int) -> None:
+        rate = have / max(time.time() - started, 1e-9)
+        report({"phase": "packing data", "tokens_done": have, "tokens_total": need, "tokens_per_s": rate,
+                "eta_s": (need - have) / rate if rate > 0 else None})
+
+    packed = pack(sources.documents(), lm.tokenizer, seq_len, n_seqs, start_id, sep_id,
+                  packing if report is not None else None)
     for note in sources.notes:
         log(f"note: {note}")
     return packed, sources
@@ -122,12 +131,16 @@ class _Job:
         self.given_stop = stop
 
     def report(self, fields: dict) -> None:
-        self.progress.update(**fields)
+        """Fields to the progress file (at once when the phase changes, else at most every half second)
+        and to on_progress."""
+        changed = fields.get("phase", self.progress.state["phase"]) != self.progress.state["phase"]
+        self.progress.update(force=changed, **fields)
         if self.on_progress is not None:
             self.on_progress(fields)
 
     def phase(self, name: str) -> None:
-        self.report({"phase": name})
+        """A phase without a token count (the last phase's count and ETA do not carry over)."""
+        self.report({"phase": name, "tokens_done": None, "tokens_total": None, "tokens_per_s": None, "eta_s": None})
         self.progress.update(force=True)
 
     @contextmanager
@@ -170,6 +183,7 @@ class NplFitConfig(ModelOptions):
     holdout: float = 0.1               # fraction of sequences held out
     ridge: float = 1e-6
     stats_dtype: str = "float64"
+    memory: int | None = None          # bytes the fit's matrices may take (default: measured; engine.npl.plan)
     force: bool = False
 
 
@@ -185,6 +199,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
             log=print) -> FitReport:
     """Fit NPL maps for a recording cache into its sidecar; raises UserError or Stopped."""
     from ffnscope.engine.npl.fit import FitOptions, fit_maps
+    from ffnscope.engine.npl.plan import plan_fit
     from ffnscope.engine.npl.layout import parse_pairs
 
     cache = Path(config.cache)
@@ -193,7 +208,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
     if out.exists() and not config.force:
         raise UserError(f"{out} exists; add --force to fit the maps again (its results go with it)")
     options = FitOptions(method=config.method, ridge=config.ridge, stats_dtype=config.stats_dtype,
-                         batch_tokens=config.batch_tokens)
+                         batch_tokens=config.batch_tokens, memory=config.memory)
     options.check()
     pairs = parse_pairs(config.pairs, int(meta["model"]["n_layers"]))
     seq_len = int(config.seq_len or meta["data"]["seq_len"])
@@ -205,13 +220,17 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
         job.phase("loading model")
         lm = _load(meta, config, cache)
         device = _device(config.device)
+        groups = plan_fit(lm, pairs, options, device, seq_len)  # refuses what cannot fit before reading data
+        if len(groups) > 1:
+            log(f"note: the {len(pairs)} pairs take {len(groups)} passes over the data (device memory)")
         job.phase("packing data")
         specs = config.data or recorded_sources(meta)
-        packed, sources = _pack(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log)
+        packed, sources = _pack(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log,
+                                job.report)
         hashes = sequence_hashes(packed.tokens)
         held = split_sequences(hashes, config.holdout, config.seed)
         fit_tokens, heldout_tokens = packed.tokens[~held], packed.tokens[held]
-        result = fit_maps(lm, fit_tokens, heldout_tokens, pairs, options, device, job.report, stop)
+        result = fit_maps(lm, fit_tokens, heldout_tokens, pairs, options, device, job.report, stop, groups)
         job.phase("writing")
         sidecar_meta = {
             "cache": cache_tie(meta), "cache_name": cache.name,
@@ -282,11 +301,11 @@ class SubstituteReport:
     tokens_per_s: dict
 
 
-def heldout_for(config, reader: NplReader, lm, log) -> tuple[np.ndarray, str]:
+def heldout_for(config, reader: NplReader, lm, log, report=None) -> tuple[np.ndarray, str]:
     seq_len = int(reader.meta["fit"]["data"]["seq_len"])
     if config.data:
         limit = (config.tokens or DEFAULT_FIT_TOKENS // 8) // seq_len
-        packed, _ = _pack(lm, list(config.data), config.field, config.seed, seq_len, max(1, limit), log)
+        packed, _ = _pack(lm, list(config.data), config.field, config.seed, seq_len, max(1, limit), log, report)
         tokens, source = packed.tokens, ",".join(map(str, config.data))
     else:
         tokens, source = reader.heldout_tokens(), "fit held-out split"
@@ -326,12 +345,15 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             job.phase("loading model")
             lm = _load(meta, config, cache)
             reader.check_model(lm.fingerprint, lm.name)
-            tokens, source = heldout_for(config, reader, lm, log)
+            job.phase("packing data" if config.data else "reading held-out data")
+            tokens, source = heldout_for(config, reader, lm, log, job.report)
+            job.phase("reading maps")
             maps = (Maps.from_reader(reader, wanted, config.method, need_metrics=config.finegrained)
                     if need_maps else None)
             if maps is not None:
                 maps.check_model(lm)
             device = _device(config.device)
+            job.phase("preparing settings")
             settings = table1_settings(n_layers, maps, chunk_numbers, config.mappings, config.seeds,
                                        config.random_scale)
             fine = (finegrained_settings(n_layers, maps, fine_chunks, config.fine_metrics, seeds=config.seeds,

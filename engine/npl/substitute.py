@@ -41,7 +41,8 @@ import torch
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.jobs.stop import StopToken
 from ffnscope.engine.model.batches import seq_batches
-from ffnscope.engine.npl.capture import GCapture, as_ids, make_runner, output_difference, run_layers, token_nll
+from ffnscope.engine.npl.capture import (GCapture, PassProgress, as_ids, make_runner, output_difference, run_layers,
+                                          token_nll)
 from ffnscope.engine.npl.layout import chunks as make_chunks
 from ffnscope.engine.npl.layout import substituted
 
@@ -220,6 +221,10 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
         if not s.layers or min(s.layers) < 1 or max(s.layers) >= n_layers:
             raise UserError(f"substituted layers must lie in 1-{n_layers - 1}; got {s.layers}")
     starts = sorted({min(s.layers) for s in settings})
+    # progress in layer runs: the unmodified pass (every layer and the head), then each setting's
+    units = tokens.size * (n_layers + 1 + sum(n_layers + 2 - min(s.layers) for s in settings))
+    progress = PassProgress(on_progress, len(tokens) * (seq_len - 1), units, "placing model")
+    progress.step()
     runner = make_runner(lm, device, batch_tokens)
     wanted = {k - 1 for k in starts}
     if explicit:
@@ -229,7 +234,6 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
     seconds = {"original": 0.0, "substituted": 0.0, "explicit": 0.0}
     original_nll = 0.0
     done = 0
-    started = time.time()
     plan = seq_batches(len(tokens), seq_len, batch_tokens)
     with torch.inference_mode():
         for lo, hi in plan:
@@ -241,10 +245,13 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
             saved_g: dict[int, torch.Tensor] = {}
             deltas: list[torch.Tensor | None] = [None] * len(settings)
             spent = [0.0]  # explicit-only work done inside the unmodified pass
+            n_tok = (hi - lo) * seq_len
+            step = lambda _k=None, _out=None: progress.step(n_tok, "substituting")  # noqa: E731
             with capture.attached():
                 capture.reset()
 
                 def keep(k, out):
+                    step()
                     if explicit:
                         te = time.perf_counter()
                         for n, s in enumerate(settings):
@@ -260,6 +267,7 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
 
                 final = run_layers(runner, hidden, 0, n_layers, keep)
             original_nll += float(token_nll(adapter, final, ids).double().sum())
+            step()
             seconds["original"] += _sync(device, t0) - spent[0]
             te = time.perf_counter()
             for n, delta in enumerate(deltas):
@@ -277,19 +285,15 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
                 replacer.hooks = hooks
                 with hooks.attached():
                     hooks.g[start - 1] = saved_g[start - 1]
-                    out = run_layers(runner, saved_h[start], start, n_layers)
+                    out = run_layers(runner, saved_h[start], start, n_layers, step)
                     outcome.nll_complete += float(token_nll(adapter, out, ids).double().sum())
+                    step()
                     partial = out if hooks.delta is None else out + hooks.delta
                     outcome.nll_partial += float(token_nll(adapter, partial, ids).double().sum())
+                    step()
                 outcome.tokens += count
                 outcome.seconds += _sync(device, t1)
             done += count
-            if on_progress is not None:
-                elapsed = time.time() - started
-                total = len(tokens) * (seq_len - 1)
-                rate = done / elapsed if elapsed > 0 else 0.0
-                on_progress(dict(phase="substituting", tokens_done=done, tokens_total=total, tokens_per_s=rate,
-                                 eta_s=(total - done) / rate if rate > 0 else None))
     seconds["substituted"] = sum(o.seconds for o in outcomes)
     return RunResult(original_nll, done, outcomes, seconds)
 

@@ -4,7 +4,9 @@ For each shard (many sequences) the model's embeddings are computed once; then e
 the last recorded one gets its weights onto the device once, every batch of the shard goes
 through it while its statistics accumulate, and the shard's hidden states (host memory, or a
 memory-mapped file when over the host budget) move on to the next layer. No logits are computed.
-After each shard the whole cache is checkpointed atomically, so a killed job resumes from there.
+After each shard the cache is checkpointed atomically, so a killed job resumes from there: the
+shard's tokens and samples go to a segment file of their own and the rest (statistics of a fixed
+size) is rewritten uncompressed, so a checkpoint costs about the shard's delta (cache.store).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from ffnscope.cache import schema
 from ffnscope.cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples, ngram_drop_limit
-from ffnscope.cache.store import write_state
+from ffnscope.cache.store import remove_segments, write_segment, write_state
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.hooks import FFNProbe
 from ffnscope.engine.model.runner import LayerRunner
@@ -117,6 +119,7 @@ class Recorder:
         self.on_progress = on_progress
         self.stop = StopToken()  # the job replaces it with its own (engine.jobs.stop.stop_on_signals)
         self.seconds = {"statistics": 0.0, "checkpoints": 0.0}  # where recording time goes beyond the layers
+        self.shard_seconds: list[tuple[float, float]] = []  # (compute, checkpoint) per shard: bench/checkpoint_cost
 
     # --- one pass over a block of sequences -------------------------------------------------
     def _sample_rows(self, seq_index: np.ndarray) -> np.ndarray:
@@ -209,12 +212,39 @@ class Recorder:
         n = max(1, min(n_seqs, self.config.calib_tokens // self.seq_len))
         return np.unique(np.linspace(0, n_seqs - 1, n).round().astype(np.int64))
 
-    def _calibration_pass(self, tokens: np.ndarray, rows: np.ndarray, layers: list[int], stats_for, layer_done):
+    def _calibration_pass(self, tokens: np.ndarray, rows: np.ndarray, layers: list[int], stats_for, layer_done,
+                          report=None):
         saved_rate, self.sample_rate = self.sample_rate, 0.0
         try:
-            self.run_block(tokens[rows], rows, layers, stats_for, layer_done)
+            self.run_block(tokens[rows], rows, layers, stats_for, layer_done, report)
         finally:
             self.sample_rate = saved_rate
+
+    def _calibration_report(self, passes: list[int], n_tokens: int):
+        """A run_block report for the calibration: `passes` holds each pass's layer count (the last layer
+        + 1); the work is counted in layers, shown as tokens (the whole calibration is
+        tokens_total = n_tokens x passes), with percent, tokens/s and ETA like the recording's.
+        -> (report, next_pass)."""
+        started, current = time.time(), [0]
+        total_work = sum(passes)
+
+        def report(layer, last, batch, n_batches):
+            done = (sum(passes[:current[0]]) + layer + batch / n_batches) / total_work
+            tokens_total = n_tokens * len(passes)
+            tokens_done, elapsed = done * tokens_total, time.time() - started
+            rate = tokens_done / elapsed if elapsed > 0 else 0.0
+            fields = dict(phase="calibrating", calibration_pass=current[0] + 1, calibration_passes=len(passes),
+                          layer=layer, n_layers=last + 1, tokens_done=int(tokens_done), tokens_total=tokens_total,
+                          percent=100.0 * done, tokens_per_s=rate,
+                          eta_s=(tokens_total - tokens_done) / rate if rate > 0 else None)
+            if self.progress:
+                self.progress.update(**fields)
+            if self.on_progress:
+                self.on_progress(fields)
+
+        def next_pass():
+            current[0] += 1
+        return report, next_pass
 
     def calibrate(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
         """On the calibration sample of the whole packed data `tokens`: a relative rule's tau_l per layer
@@ -227,17 +257,22 @@ class Recorder:
         rec = self.meta["recording"]
         rows = self.calibration_rows(len(tokens))
         kind, value = parse_tau_rule(rec.get("tau_rule"))
+        layers = sorted(self.ngram_layers)
+        limit, guard = self._skip_limit(tokens[rows]) if layers else (None, 0)
+        passes = ([max(self.layers) + 1] if kind != "absolute" else []) + \
+                 ([max(layers) + 1] if layers and limit is not None else [])
+        report, next_pass = self._calibration_report(passes, len(rows) * self.seq_len)
         if kind != "absolute":
             found: dict[int, float] = {}
 
             def scale_done(index, probe):
                 found[index] = probe.tau(kind, value)
             n_tokens = len(rows) * self.seq_len
-            self._calibration_pass(tokens, rows, self.layers, lambda _i: ActScale(self.d_ffn, n_tokens), scale_done)
+            self._calibration_pass(tokens, rows, self.layers, lambda _i: ActScale(self.d_ffn, n_tokens), scale_done,
+                                   report)
             rec["layer_taus"] = {str(i): found[i] for i in self.layers}
-        layers = sorted(self.ngram_layers)
+            next_pass()
         counted = {i: np.ones(self.d_ffn, bool) for i in layers}
-        limit, guard = self._skip_limit(tokens[rows])
         if not layers or limit is None:
             return counted
         n_tokens = len(rows) * self.seq_len
@@ -249,7 +284,7 @@ class Recorder:
         def layer_done(index, stats):
             fires = stats.fire_count[0].cpu().numpy()
             counted[index] = ~((fires > limit * n_tokens) & (fires > guard))
-        self._calibration_pass(tokens, rows, layers, stats_for, layer_done)
+        self._calibration_pass(tokens, rows, layers, stats_for, layer_done, report)
         return counted
 
     SKIP_MARGIN = 2.0  # "auto" skips early only what fires this many times more often than any detector can
@@ -276,11 +311,26 @@ class Recorder:
         return limit, own["fires"]
 
     # --- the shard loop ------------------------------------------------------------------------
+    def _first_segments(self, state: RecordingState) -> list:
+        """The segments the shards' checkpoints build on: none on a fresh start; on a resume one holding
+        everything recorded so far (the streams were read whole), named in a checkpoint before the
+        segments the previous run left (and any a kill left unnamed) go."""
+        out = self.config.out
+        if not state.shards_done:
+            remove_segments(out)
+            return []
+        base = [write_segment(out, f"upto{state.shards_done:06d}", state.data, state.samples)]
+        write_state(out, state, schema.PARTIAL, compress=False, segments=base)
+        remove_segments(out, keep=base)
+        return base
+
     def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
         rec = self.meta["recording"]
         per_shard = max(1, rec["shard_tokens"] // self.seq_len)
         n_shards = rec["n_shards"]
         started, done_at_start = time.time(), state.shards_done
+        segments = self._first_segments(state)
+        shard_start = time.perf_counter()
         for shard in range(state.shards_done, n_shards):
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(tokens))
             block, seq_index = tokens[lo:hi], np.arange(seq_lo + lo, seq_lo + hi)
@@ -295,7 +345,7 @@ class Recorder:
                 eta = (1 - done) * total / rate if rate > 0 else None
                 fields = dict(phase="recording", shard=shard + 1, n_shards=n_shards, layer=layer,
                               n_layers=last + 1, tokens_done=int(done * total), tokens_total=total,
-                              tokens_per_s=rate, eta_s=eta)
+                              percent=100.0 * done, tokens_per_s=rate, eta_s=eta)
                 if self.progress:
                     self.progress.update(**fields)
                 if self.on_progress:
@@ -316,14 +366,20 @@ class Recorder:
             sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
             acts = np.stack([samples[i] for i in self.layers])
             unigram, grams = data_counts(block, self.vocab, self.first_pos)
-            state.data.add(DataState(block, seq_index, self.domains[seq_index], unigram, grams))
-            state.samples.add(Samples(sample_index.astype(np.int64), acts))
+            data = DataState(block, seq_index, self.domains[seq_index], unigram, grams)
+            shard_samples = Samples(sample_index.astype(np.int64), acts)
+            state.data.add(data)
+            state.samples.add(shard_samples)
             state.shards_done = shard + 1
             if self.progress:
                 self.progress.update(force=True, phase="checkpoint")
             t0 = time.perf_counter()
-            write_state(self.config.out, state, schema.PARTIAL)
-            self.seconds["checkpoints"] += time.perf_counter() - t0
+            segments.append(write_segment(self.config.out, f"{shard:06d}", data, shard_samples))
+            write_state(self.config.out, state, schema.PARTIAL, compress=False, segments=segments)
+            t1 = time.perf_counter()
+            self.seconds["checkpoints"] += t1 - t0
+            self.shard_seconds.append((t0 - shard_start, t1 - t0))
+            shard_start = t1
             # once a shard, not per layer: trimming returns the batch buffers to the OS, and each
             # layer faulting them back in cost ~8 % of the recording's time
             release_freed_memory()

@@ -1,5 +1,6 @@
 """A recording job: load, pack, calibrate, record shards with checkpoints (the layer-major executor,
-executor.py), finish or stop cleanly."""
+executor.py), finish or stop cleanly (the complete cache written compressed, the checkpoint's segment
+files removed)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.merge import check_same_recording
 from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
-from ffnscope.cache.store import read_state, write_state
+from ffnscope.cache.store import read_state, remove_segments, write_state
 from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
 from ffnscope.engine.data.packing import pack, special_ids
 from ffnscope.engine.data.sources import open_sources
@@ -134,7 +135,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         meta["recording"]["resident_layers"] = recorder.runner.resident
         meta["recording"]["hidden_on_disk"] = recorder.spilled
         meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
-        write_state(config.out, state, schema.COMPLETE)
+        write_state(config.out, state, schema.COMPLETE)  # compressed, every stream in the file itself
+        remove_segments(config.out)  # the checkpoint's segments (cache.store), named by no cache now
         state.status = schema.COMPLETE
         recorded = True
         total = meta["recording"]["part_tokens"]

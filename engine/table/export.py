@@ -121,7 +121,9 @@ def _write_markdown(table: Table, f) -> None:
         f.write("| " + " | ".join(_md_cell(v, k) for v, k in zip(row.values(), kinds)) + " |\n")
 
 
-def _arrow_table(table: Table):
+def arrow_table(table: Table):
+    """The table as a pyarrow.Table, with the kinds' Arrow types (None as null)."""
+    _import_pyarrow()
     import pyarrow as pa
 
     types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(),
@@ -134,7 +136,7 @@ def _import_pyarrow() -> None:
     try:
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise UserError("parquet needs pyarrow; install it with: pip install pyarrow") from None
+        raise UserError("Parquet and Arrow need pyarrow; install it with: pip install pyarrow") from None
 
 
 def _check_fmt(fmt: str) -> str:
@@ -165,7 +167,7 @@ def export(table: Table, path: str | os.PathLike, fmt: str) -> None:
         if binary:
             import pyarrow.parquet as pq
 
-            pq.write_table(_arrow_table(table), f)
+            pq.write_table(arrow_table(table), f)
         else:  # csv: the csv module writes its own line ends; jsonl/markdown: always \n
             {"csv": _write_csv, "jsonl": _write_jsonl, "markdown": _write_markdown}[fmt](table, f)
 

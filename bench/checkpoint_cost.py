@@ -1,0 +1,120 @@
+"""What a shard's checkpoint costs against the shard's compute, shard by shard (issue 11).
+
+    python bench/checkpoint_cost.py [--layers 8] [--d-model 512] [--d-ffn 4096] [--shards 16]
+
+A random Llama built in code (tests.tiny_models' tokenizer) is recorded on CPU with many small shards;
+per shard it prints the seconds of compute, of the checkpoint, and their ratio. The checkpoint is timed
+around the executor's own checkpoint call (Recorder.shard_seconds where the executor logs it; else by
+wrapping its write_state, which is what older executors call after each shard). Goal: a flat ratio
+<= 0.05, i.e. a checkpoint whose cost is the shard's delta, not the whole file.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from ffnscope.engine.record import executor  # noqa: E402
+from ffnscope.engine.record.config import RecordConfig  # noqa: E402
+from ffnscope.engine.record.job import record  # noqa: E402
+from tests.tiny_tokenizer import make_tokenizer  # noqa: E402
+from tests.tiny_models import BOS, EOS, PAD, VOCAB  # noqa: E402
+
+
+def model_dir(directory: Path, layers: int, d_model: int, d_ffn: int, seq_len: int) -> Path:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=d_model, intermediate_size=d_ffn, num_hidden_layers=layers,
+                            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq_len,
+                            vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    tf.AutoModelForCausalLM.from_config(config).eval().save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def text_file(path: Path, n_words: int) -> Path:
+    words = ("the cat sat on a mat by the bank of a big blue river and all was fine before breakfast "
+             "but after lunch a storm came over the hills").split()
+    rng = random.Random(0)
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)))
+    return path
+
+
+def timed_write_state(log: list):
+    """Wrap the executor's write_state (the old checkpoint: it wrote nothing else) -> (compute, checkpoint)
+    per shard in `log`, compute timed from the start of record_shards or the previous checkpoint."""
+    inner, last = executor.write_state, [time.perf_counter()]
+    record_shards = executor.Recorder.record_shards
+
+    def timed_record_shards(*args, **kwargs):
+        last[0] = time.perf_counter()
+        return record_shards(*args, **kwargs)
+    executor.Recorder.record_shards = timed_record_shards
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        inner(*args, **kwargs)
+        t1 = time.perf_counter()
+        log.append((t0 - last[0], t1 - t0))
+        last[0] = t1
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ffn", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--shard-tokens", type=int, default=1024)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=2048)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = model_dir(tmp / "model", args.layers, args.d_model, args.d_ffn, args.seq_len)
+        tokens = args.shards * args.shard_tokens
+        data = text_file(tmp / "text.txt", tokens)  # about 4 bytes a word: more than enough tokens
+        out = tmp / "cache.h5"
+        config = RecordConfig(out=out, model=str(model), data=[str(data)], tokens=tokens, seq_len=args.seq_len,
+                              shard_tokens=args.shard_tokens, batch_tokens=args.shard_tokens, samples=args.samples,
+                              device="cpu", calib_tokens=args.shard_tokens)
+        log: list = []
+        recorders = []
+        new_executor = hasattr(executor.Recorder, "shard_seconds")
+        original_init = executor.Recorder.__init__
+
+        def init(self, *a, **k):
+            original_init(self, *a, **k)
+            recorders.append(self)
+        executor.Recorder.__init__ = init
+        if not new_executor:
+            executor.write_state = timed_write_state(log)
+        t0 = time.perf_counter()
+        record(config, log=lambda *_: None)
+        total = time.perf_counter() - t0
+        if new_executor:
+            log = recorders[0].shard_seconds
+        size = out.stat().st_size
+    print(f"{args.layers} layers x {args.d_ffn} neurons, d_model {args.d_model}, seq_len {args.seq_len}, "
+          f"{len(log)} shards of {args.shard_tokens} tokens, {args.samples} samples; "
+          f"{'delta' if new_executor else 'whole-file'} checkpoints")
+    print("shard  compute_s  checkpoint_s  ratio")
+    ratios = []
+    for shard, (compute, checkpoint) in enumerate(log, 1):
+        ratios.append(checkpoint / compute)
+        print(f"{shard:5d}  {compute:9.3f}  {checkpoint:12.3f}  {ratios[-1]:5.3f}")
+    print(f"ratio first {ratios[0]:.3f}, last {ratios[-1]:.3f}, max {max(ratios):.3f}; "
+          f"whole job {total:.1f} s; final cache {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

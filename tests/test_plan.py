@@ -1,0 +1,100 @@
+"""The memory plan's arithmetic with the sizes of models no test machine holds (engine.model.plan is pure
+given sizes, the device kind and its free bytes): OPT-66b on an H200, as measured, and Llama-7B."""
+import pytest
+
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.model.plan import (RecordSizes, WeightSizes, device_weight_bytes, device_workspace,
+                                        host_other_bytes, host_weight_bytes, plan)
+
+GiB = 1 << 30
+H200_FREE = 139 * GiB
+
+
+def weights(n_layers, d, f, vocab, per_layer_params, base_params, head_params, from_files):
+    per_layer, base, head = per_layer_params * 2, base_params * 2, head_params * 2  # fp16
+    fixed = base + (head or vocab * d * 2)  # a tied head: state_dict names the embeddings twice
+    return WeightSizes(n_layers=n_layers, per_layer=per_layer, base=base, fixed=fixed, head=head,
+                       total=fixed + n_layers * per_layer, from_files=from_files)
+
+
+def opt_66b(from_files=False):
+    d, f, vocab = 9216, 36864, 50272
+    layer = 4 * (d * d + d) + d * f + f + f * d + d + 4 * d
+    return weights(64, d, f, vocab, layer, vocab * d + 2050 * d + 2 * d, 0, from_files)  # tied head
+
+
+def llama_7b(from_files=True):
+    d, f, vocab = 4096, 11008, 32000
+    return weights(32, d, f, vocab, 4 * d * d + 3 * d * f + 2 * d, vocab * d + d, vocab * d, from_files)
+
+
+def run(d_model, d_ffn, heads, layers, batch_tokens=8192, shard_tokens=262144):
+    return RecordSizes(d_model=d_model, d_ffn=d_ffn, seq_len=2048, recorded_layers=layers, topk=16, samples=2048,
+                       batch_tokens=batch_tokens, shard_tokens=shard_tokens, heads=heads, hidden_itemsize=2)
+
+
+# the measured run: OPT-66b loaded whole, --batch-tokens 16384, --shard-tokens 1000000, --host-memory 200GiB
+OPT_RUN = run(9216, 36864, 72, 64, batch_tokens=16384, shard_tokens=1_000_000)
+
+
+def test_the_measured_opt_66b_figure_is_the_cpu_arithmetic():
+    """Charging every weight and the CPU's attention workspace to the host gave 9.7 GB for an 18.4 GB shard."""
+    cpu = plan(opt_66b(), OPT_RUN, "cpu", 1 << 50, 200 * GiB)
+    assert round(OPT_RUN.shard_hidden_bytes / 1e9, 1) == 18.4
+    assert round(cpu.hidden_bytes / 1e9, 1) == 9.7
+
+
+@pytest.mark.parametrize("from_files", [False, True])
+def test_on_a_gpu_the_opt_66b_shard_fits_the_host(from_files):
+    w = opt_66b(from_files)
+    gpu = plan(w, OPT_RUN, "cuda", None, 200 * GiB, free=H200_FREE)
+    assert 0 < gpu.resident < 64
+    assert gpu.hidden_bytes >= OPT_RUN.shard_hidden_bytes  # no spill to disk
+    assert gpu.device_weight_bytes <= H200_FREE
+    # the host holds no weight that is on the GPU, and no attention workspace
+    streamed = 64 - gpu.resident
+    held = w.per_layer * (1 if from_files else streamed)
+    assert host_weight_bytes(w, "cuda", gpu.resident) == held
+    assert gpu.host_bytes == held + host_other_bytes(OPT_RUN, "cuda")
+    assert host_other_bytes(OPT_RUN, "cpu") - host_other_bytes(OPT_RUN, "cuda") > 30e9  # the CPU's score matrices
+
+
+def test_all_resident_gpu_holds_no_weights_on_the_host_but_an_untied_head():
+    w = llama_7b(from_files=False)
+    gpu = plan(w, run(4096, 11008, 32, 32), "cuda", None, None, free=H200_FREE)
+    assert gpu.resident == 32 and host_weight_bytes(w, "cuda", 32) == w.head == 32000 * 4096 * 2
+    assert gpu.hidden_bytes == 1 << 62  # no host budget: no cap
+
+
+def test_device_memory_above_the_free_memory_is_refused_in_one_line():
+    with pytest.raises(UserError) as error:
+        plan(llama_7b(), run(4096, 11008, 32, 32), "cuda", 200 * GiB, None, free=H200_FREE)
+    message = str(error.value)
+    assert "--device-memory" in message and "139.0 GiB free" in message and "\n" not in message
+    # at or under the free memory it is the weights' budget: 4 layers' worth keeps 3 resident and a slot
+    w = llama_7b()
+    four = plan(w, run(4096, 11008, 32, 32), "cuda", w.base + 4 * w.per_layer, None, free=H200_FREE)
+    assert four.resident == 3 and four.device_weight_bytes == device_weight_bytes(w, 3) == w.base + 4 * w.per_layer
+
+
+def test_the_plan_says_when_the_shard_hidden_states_fit_on_the_gpu():
+    w, r = llama_7b(), run(4096, 11008, 32, 32)
+    assert plan(w, r, "cuda", None, None, free=H200_FREE).hidden_on_device  # 13.5 GB of weights, 2 GB shard
+    # a weight budget of 4 layers leaves the shard no room beside them
+    assert not plan(w, r, "cuda", w.base + 4 * w.per_layer, None, free=H200_FREE).hidden_on_device
+    # the whole budget asked, but the GPU too full for the shard beside all the layers
+    full = w.base + 32 * w.per_layer + device_workspace(r.batch_tokens, r.d_model, r.d_ffn) + r.shard_hidden_bytes
+    short = plan(w, r, "cuda", None, None, free=int((full - 1000) / 0.9))
+    assert short.resident == 32 and not short.hidden_on_device
+    assert plan(w, r, "cuda", None, None, free=int((full + 1000) / 0.9)).hidden_on_device
+    assert not plan(w, r, "cpu", None, None).hidden_on_device  # the CPU's host is its device: nothing to say
+
+
+def test_the_cpu_plan_still_charges_the_host_for_everything():
+    w = opt_66b(from_files=True)
+    r = run(9216, 36864, 72, 64)
+    cpu = plan(w, r, "cpu", w.base + 2 * w.per_layer, 200 * GiB)
+    assert cpu.resident == 1
+    assert cpu.host_bytes == w.fixed + 2 * w.per_layer + host_other_bytes(r, "cpu")
+    with pytest.raises(UserError, match="keep fewer layers in memory"):
+        plan(w, r, "cpu", w.base + 2 * w.per_layer, cpu.host_bytes)
