@@ -74,6 +74,7 @@ class RecordingInfo:
     shard_tokens: int
     n_shards: int
     batch_tokens: int | None
+    tokens_per_s: float | None       # the recording job's measured speed over its layers (None before v0.1 caches had it)
 
     @property
     def is_relative(self) -> bool:
@@ -128,6 +129,6 @@ class Provenance:
             part=tuple(r.get("part", (1, 1))), parts=None if r.get("parts") is None else
             tuple(tuple(p) for p in r["parts"]), seq_range=tuple(r.get("seq_range", (0, 0))),
             part_tokens=r.get("part_tokens", 0), shard_tokens=r.get("shard_tokens", 0), n_shards=r["n_shards"],
-            batch_tokens=r.get("batch_tokens"))
+            batch_tokens=r.get("batch_tokens"), tokens_per_s=r.get("tokens_per_s"))
         return cls(tool_version=meta.get("tool_version", "?"), schema_version=meta.get("schema_version", 0),
                    created=meta.get("created", ""), model=model, tokenizer=tokenizer, data=data, recording=recording)

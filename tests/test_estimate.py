@@ -75,7 +75,7 @@ def test_layers_run():
 
 
 async def test_dialogs_show_the_estimate(hostile_cache, tmp_path, fake_npl):
-    """The record form and the NPL fit dialog show the estimate from the recording's progress file,
+    """The record form and the NPL fit dialog show the estimate from the speed the recording measured,
     and follow the token field."""
     import shutil
 
@@ -88,9 +88,15 @@ async def test_dialogs_show_the_estimate(hostile_cache, tmp_path, fake_npl):
     from ffnscope.app.tui.record_form import RecordFormScreen
     from tests.tui_helpers import screen_text, settle, wait_for, wait_screen
 
+    import h5py
+
     cache = tmp_path / "c.h5"
     shutil.copyfile(hostile_cache, cache)
-    _progress(cache, tokens_per_s=50.0, n_layers=None)
+    with h5py.File(cache, "a") as f:  # the speed its recording measured, made round
+        meta = json.loads(f.attrs["meta"])
+        meta["recording"]["tokens_per_s"] = 50.0
+        f.attrs["meta"] = json.dumps(meta)
+    _progress(cache, tokens_per_s=7.0, n_layers=None)  # the provenance's speed wins over the progress file's
     app = FFNScopeApp([cache], dirs=[])
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_screen(pilot, LayersScreen)
@@ -119,3 +125,17 @@ async def test_dialogs_show_the_estimate(hostile_cache, tmp_path, fake_npl):
         ask.query_one(Input).value = "x"
         await settle(pilot)
         assert "tok/s" not in screen_text(app)
+
+
+def test_a_recording_keeps_its_speed_past_later_jobs(tmp_path, model_dirs, text_file):
+    """The speed is the recording's provenance: a later analyze job (which rewrites the progress file
+    beside the cache) leaves the estimate standing."""
+    from ffnscope.engine.jobs.progress import progress_path
+    from tests.helpers import record_tiny
+
+    cache = tmp_path / "c.h5"
+    state = record_tiny(cache, model_dirs["llama"], [text_file])
+    rate = state.meta["recording"]["tokens_per_s"]
+    assert rate > 0
+    progress_path(cache).write_text('{"status": "complete", "command": ["ffnscope", "analyze"]}')
+    assert estimate.recording_speed(cache) == Speed(rate, "c.h5", len(state.meta["recording"]["layers"]))

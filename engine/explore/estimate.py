@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ffnscope.cache import schema
+from ffnscope.cache.errors import UserError
+from ffnscope.cache.reader import CacheReader
 from ffnscope.engine.jobs.progress import COMPLETE, read_progress
 
 # forward passes over the recorded layers, per token, that an NPL job costs (rough: the fit's solves,
@@ -63,7 +65,16 @@ def describe(tokens: int | None, speed: Speed | None, work: float = 1.0, rough: 
 
 
 def recording_speed(cache: Path) -> Speed | None:
-    """The speed a complete recording job measured on `cache`, from its progress file, if still there."""
+    """The speed the recording job measured on `cache`: stored in its provenance, else (caches recorded
+    before it was) its progress file's, if that is still the recording job's."""
+    try:
+        with CacheReader(Path(cache)) as reader:
+            recording, status = reader.provenance.recording, reader.status
+        rate = recording.tokens_per_s
+        if status == schema.COMPLETE and isinstance(rate, (int, float)) and rate > 0:
+            return Speed(float(rate), Path(cache).name, len(recording.layers))
+    except (UserError, OSError, KeyError, ValueError, TypeError):
+        pass
     progress = read_progress(cache)
     if not isinstance(progress, dict) or progress.get("status") != COMPLETE:
         return None

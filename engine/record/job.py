@@ -4,6 +4,7 @@ files removed)."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -126,15 +127,19 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
                 write_state(config.out, state, schema.PARTIAL)
             else:
                 state = previous
+            before, started = state.n_tokens, time.perf_counter()
             try:
                 recorder.record_shards(state, packed.tokens[lo:hi], lo)
             finally:
                 recorder.release_buffers()
+            seconds = time.perf_counter() - started
         for line in skip_notes(state):
             log(f"note: {line}")
         meta["recording"]["resident_layers"] = recorder.runner.resident
         meta["recording"]["hidden_on_disk"] = recorder.spilled
         meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
+        # this run's speed over the recorded layers (checkpoints included): what the app's dialogs estimate from
+        meta["recording"]["tokens_per_s"] = (state.n_tokens - before) / seconds if state.n_tokens > before else None
         write_state(config.out, state, schema.COMPLETE)  # compressed, every stream in the file itself
         remove_segments(config.out)  # the checkpoint's segments (cache.store), named by no cache now
         state.status = schema.COMPLETE
