@@ -183,6 +183,11 @@ class Samples:
     acts: np.ndarray            # (n_layers_recorded, n, d_ffn) float16
 
     def add(self, other: "Samples") -> None:
+        if not len(self.index) or not len(other.index) or other.index[0] > self.index[-1]:
+            # shards arrive in data order: appending keeps the order, without permuting every vector
+            self.index = np.concatenate([self.index, other.index])
+            self.acts = np.concatenate([self.acts, other.acts], axis=1)
+            return
         order = np.argsort(np.concatenate([self.index, other.index]), kind="stable")
         self.index = np.concatenate([self.index, other.index])[order]
         self.acts = np.concatenate([self.acts, other.acts], axis=1)[:, order]
