@@ -143,6 +143,14 @@ class _Job:
         self.report({"phase": name, "tokens_done": None, "tokens_total": None, "tokens_per_s": None, "eta_s": None})
         self.progress.update(force=True)
 
+    def load_model(self, meta: dict, config, cache: Path, reader: NplReader | None = None):
+        """The recording's model (or the one the options name), checked against the sidecar's maps."""
+        self.phase("loading model")
+        lm = _load(meta, config, cache)
+        if reader is not None:
+            reader.check_model(lm.fingerprint, lm.name)
+        return lm
+
     @contextmanager
     def running(self, done_message):
         with self.progress.outcome("stopped; nothing was written (run the job again)", (Stopped,)):
@@ -217,8 +225,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
     job = _Job(out, command, on_progress, stop)
     report: dict = {}
     with job.running(lambda: report.get("message", "done")) as stop:
-        job.phase("loading model")
-        lm = _load(meta, config, cache)
+        lm = job.load_model(meta, config, cache)
         device = _device(config.device)
         groups = plan_fit(lm, pairs, options, device, seq_len)  # refuses what cannot fit before reading data
         if len(groups) > 1:
@@ -342,9 +349,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
         job = _Job(out, command, on_progress, stop)
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as stop:
-            job.phase("loading model")
-            lm = _load(meta, config, cache)
-            reader.check_model(lm.fingerprint, lm.name)
+            lm = job.load_model(meta, config, cache, reader)
             job.phase("packing data" if config.data else "reading held-out data")
             tokens, source = heldout_for(config, reader, lm, log, job.report)
             job.phase("reading maps")
@@ -426,9 +431,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
         job = _Job(out, command, on_progress, stop)
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as stop:
-            job.phase("loading model")
-            lm = _load(meta, config, cache)
-            reader.check_model(lm.fingerprint, lm.name)
+            lm = job.load_model(meta, config, cache, reader)
             result = functional_neurons(lm, tokens, nll, scores, params, _device(config.device), config.batch_tokens,
                                         job.report, stop)
             layers = result.layers
