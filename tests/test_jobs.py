@@ -180,6 +180,23 @@ def test_reused_pid_is_not_taken_for_the_job(tmp_path):
         stranger.wait()
 
 
+def test_final_status_written_as_the_process_exits_is_not_interrupted(tmp_path, monkeypatch):
+    """A job that writes "stopped" and exits between the listing's read of its file and its liveness
+    check is stopped, not interrupted (the race a fresh-clone CI once hit)."""
+    out = tmp_path / "c.h5"
+    path = Path(str(out) + ".progress.json")
+    path.write_text(json.dumps({"pid": 4242, "status": "running", "command": []}))
+
+    def exits_after_writing(pid, command=None):
+        path.write_text(json.dumps({"pid": 4242, "status": "stopped", "command": []}))
+        return False
+    monkeypatch.setattr(jobs, "process_alive", exits_after_writing)
+    assert jobs.read_job(out).status == "stopped"
+    path.write_text(json.dumps({"pid": 4242, "status": "running", "command": []}))
+    monkeypatch.setattr(jobs, "process_alive", lambda pid, command=None: False)
+    assert jobs.read_job(out).status == "interrupted"  # gone without a word: interrupted
+
+
 def test_one_liveness_rule_for_jobs(tmp_path):
     """running_job (a second writer refused) and the listing judge a pid alike: a reused pid running
     another program, or a zombie, is not the job."""

@@ -132,6 +132,14 @@ def job_from_progress(progress: dict, progress_file: Path) -> Job:
     pid = _num(progress.get("pid"), int)
     status = str(progress.get("status") or RUNNING)
     if status == RUNNING and not process_alive(pid, command):
+        # the file was read before the process was found gone: it may have written its final status
+        # in between (a stop, a failure), so read it once more before calling it interrupted
+        try:
+            again = json.loads(progress_file.read_text())
+        except (OSError, ValueError):
+            again = None
+        if isinstance(again, dict) and again.get("pid") == progress.get("pid") and again.get("status") != RUNNING:
+            return job_from_progress(again, progress_file)
         status = INTERRUPTED
     output = _output_of(progress_file)
     message = str(progress.get("message") or "")
