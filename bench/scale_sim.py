@@ -7,7 +7,9 @@ a layer at a time so the writer never holds the model) under /tmp, records each 
 --dtype float32` in a child process under the cap, and prints the child's peak resident set size
 (wait4's rusage) beside the weights' size: flat is the goal, since decoder layers are read from the files
 when they run. Only --host-memory is given: on the CPU the plan keeps as many layers resident as the cap
-leaves room for and streams the rest. --assert fails if a peak passes the cap. The models are deleted
+leaves room for and streams the rest. --assert fails if a peak passes the cap, and also records the
+largest model a second time with every weight loaded up front (from_pretrained, no cap) and fails unless
+the two caches are equal array for array (tests.helpers.assert_same_cache). The models are deleted
 afterwards.
 """
 from __future__ import annotations
@@ -32,12 +34,19 @@ SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, n
              max_position_embeddings=256, tie_word_embeddings=True)  # bf16: 1 GB every 11 layers
 
 
-def record(model: Path, out: Path, args) -> tuple[int, float, str]:
-    """-> (peak RSS bytes of the child, seconds, its stderr tail)."""
-    cmd = [sys.executable, "-m", "ffnscope.app.cli", "record", "--model", str(model), "--data", "builtin",
+# the reference recording: the same CLI with every weight loaded up front (load_model's per_layer=False)
+WHOLE = ("import sys; import ffnscope.engine.model.load as load, ffnscope.engine.record.job as job; "
+         "real = load.load_model; job.load_model = lambda *a, **k: real(*a, **k, per_layer=False); "
+         "from ffnscope.app.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def record(model: Path, out: Path, args, whole: bool = False) -> tuple[int, float, str]:
+    """-> (peak RSS bytes of the child, seconds, its stderr tail). whole: every weight in memory, no cap."""
+    cmd = [sys.executable, *(["-c", WHOLE] if whole else ["-m", "ffnscope.app.cli"]), "record", "--model",
+           str(model), "--data", "builtin",
            "--tokens", str(args.tokens), "--seq-len", "64", "--batch-tokens", "64", "--calib-tokens", "64",
            "--samples", "16", "--topk", "4", "--dtype", "float32", "--device", "cpu", "--quiet",
-           "--host-memory", args.host_memory, "--out", str(out),
+           *([] if whole else ["--host-memory", args.host_memory]), "--out", str(out),
            "--force"]
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w+") as log:
@@ -60,9 +69,9 @@ def main() -> None:
     cap = parse_bytes(args.host_memory, "--host-memory")
     per_layer = layer_params(SHAPE) * 2
     work = Path(tempfile.mkdtemp(prefix="ffnscope-scale-", dir="/tmp"))
-    rows = []
+    rows, sizes = [], [float(s) for s in args.sizes.split(",")]
     try:
-        for size in (float(s) for s in args.sizes.split(",")):
+        for size in sizes:
             n_layers = max(1, round(size * 1e9 / per_layer))
             model = work / f"llama-{n_layers}"
             start = time.perf_counter()
@@ -73,6 +82,13 @@ def main() -> None:
             print(f"{n_layers:3d} layers  weights {human(weights):>9} bf16 ({human(2 * weights):>9} as float32)  "
                   f"peak RSS {human(peak):>9}  cap {human(cap)}  record {seconds:5.1f}s  (written in {written:.0f}s)",
                   flush=True)
+            if args.check and size == max(sizes):
+                from tests.helpers import assert_same_cache
+
+                peak_whole, seconds_whole, _ = record(model, work / "whole.h5", args, whole=True)
+                assert_same_cache(work / "whole.h5", work / f"{model.name}.h5")
+                print(f"    the same model with every weight loaded up front: peak RSS {human(peak_whole):>9}, "
+                      f"{seconds_whole:.1f}s; the two caches are equal array for array")
             shutil.rmtree(model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
