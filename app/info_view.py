@@ -18,16 +18,16 @@ from ffnscope.engine.analysis.positional import call_limit, stored_note
 
 
 def layer_table(reader: CacheReader) -> Table:
-    meta, rec = reader.meta, reader.provenance.recording
-    relative, paper = rec.is_relative, primary_is_tau0(meta)
+    rec = reader.provenance.recording
+    relative, paper = rec.is_relative, primary_is_tau0(rec)
     # every text from the cache is untrusted: plain() escapes control characters and is never markup
     table = Table(title=plain(f"firing rule: {rec.firing_rule}"),
-                  caption=plain(f"dead: {dead_label(meta)}" + ("" if paper else f"; dead τ=0: {PAPER_DEAD}; "
+                  caption=plain(f"dead: {dead_label(rec)}" + ("" if paper else f"; dead τ=0: {PAPER_DEAD}; "
                                                                "g² of dead: their share of the layer's sum of g²")))
     table.add_column("layer", justify="right")
     if relative:
         table.add_column("τ_l", justify="right")
-    table.add_column(plain("dead %" if paper else f"dead % {'τ_l' if relative else rule_short(meta)}"),
+    table.add_column(plain("dead %" if paper else f"dead % {'τ_l' if relative else rule_short(rec)}"),
                      justify="right")
     if not paper:
         table.add_column("dead % τ=0 (paper)", justify="right")

@@ -30,7 +30,7 @@ def _kept(out) -> str:
 
     try:
         with CacheReader(out) as reader:
-            done, total = reader.shards_done, reader.meta["recording"]["n_shards"]
+            done, total = reader.shards_done, reader.provenance.recording.n_shards
     except (UserError, OSError, KeyError):
         done, total = 0, None
     if done:

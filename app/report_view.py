@@ -37,11 +37,11 @@ def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
 
 
 def _summary_table(reader: CacheReader, rows) -> RichTable:
-    meta, rec = reader.meta, reader.provenance.recording
-    paper, relative = primary_is_tau0(meta), rec.is_relative
+    rec = reader.provenance.recording
+    paper, relative = primary_is_tau0(rec), rec.is_relative
     table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec.firing_rule)}"),
-                      caption=None if paper else plain(f"dead: {dead_label(meta)}; dead τ=0: {PAPER_DEAD}"))
-    dead_headers = ["dead %"] if paper else [f"dead % {'τ_l' if relative else rule_short(meta)}", "dead % τ=0"]
+                      caption=None if paper else plain(f"dead: {dead_label(rec)}; dead τ=0: {PAPER_DEAD}"))
+    dead_headers = ["dead %"] if paper else [f"dead % {'τ_l' if relative else rule_short(rec)}", "dead % τ=0"]
     for header in ("layer", *(["τ_l"] if relative else []), *dead_headers, "alive %", "tok det", "2g det", "3g det",
                    "suppress", "positional"):
         table.add_column(plain(header), justify="right")
@@ -114,7 +114,7 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             label = _label(reader)
             depth = rows["rel_depth"].tolist()
             ngram = rows["ngram_layer"]
-            series["dead"][f"{label} {printable(rule_short(reader.meta))}"] = (depth,
+            series["dead"][f"{label} {printable(rule_short(reader.provenance.recording))}"] = (depth,
                                                                                (100 * rows["dead_frac"]).tolist())
             series["dead0"][label] = (depth, (100 * rows["dead_tau0_frac"]).tolist())
             series["freq"][label] = (depth, (100 * rows["alive_freq"]).tolist())
@@ -125,7 +125,7 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             series["cum"][label] = (d, rows["cumulative_tokens"][ngram].tolist())
             supp = [(x, 100 * v) for x, v in zip(d, rows["suppress_frac"][ngram].tolist()) if v is not None]
             series["supp"][label] = ([x for x, _ in supp], [v for _, v in supp])  # layers with no detector: no point
-        paper = all(primary_is_tau0(r.meta) for r in readers)
+        paper = all(primary_is_tau0(r.provenance.recording) for r in readers)
         charts = [("dead neurons (Fig. 1a): never activated, τ=0 (the paper's dead)" if paper else
                    "dead neurons (Fig. 1a) at each recording's firing rule: never above its τ", "dead", "%"),
                   *([] if paper else [("never activated, τ=0: the paper's dead (Fig. 1a)", "dead0", "%")]),

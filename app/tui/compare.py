@@ -65,7 +65,7 @@ class CompareScreen(FramedScreen):
         for title in ("#", "rule", "layers", "d_ffn", "tokens", "dead %", "dead τ=0 %", "1g det", "positional"):
             summary.add_column(title, justify="right", no_wrap=True)
         for number, (rec, f) in enumerate(figures, start=1):
-            summary.add_row(str(number), rule_short(rec.meta), str(len(rec.index.layers)),
+            summary.add_row(str(number), rule_short(rec.prov.recording), str(len(rec.index.layers)),
                             f"{rec.index.d_ffn:,}", f"{rec.n_tokens:,}", f"{100 * float(np.mean(f['dead_frac'])):.1f}",
                             f"{100 * float(np.mean(f['dead_tau0_frac'])):.1f}",
                             str(int(f["token_detectors"].sum())), str(int(f["positional"].sum())))
@@ -74,7 +74,7 @@ class CompareScreen(FramedScreen):
         for title, key, scale in FIGURES:
             series = {}
             for rec, f in figures:
-                n_layers = rec.meta["model"]["n_layers"]
+                n_layers = rec.prov.model.n_layers
                 depth = (f["layer"] / max(n_layers - 1, 1)).tolist()
                 series[self._label(rec)] = (depth, (np.nan_to_num(f[key].astype(float)) * scale).tolist())
             self.query_one(f"#{key}", Static).update(line_chart(title, series, width, 12, "relative depth"))

@@ -13,8 +13,9 @@ from ffnscope.app.tui.cells import pct, spark
 from ffnscope.app.tui.export import export_table
 from ffnscope.app.tui.modals import ExportScreen
 from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.cache.provenance import RecordingInfo
 from ffnscope.app.tui.table import Column, VirtualTable
-from ffnscope.engine.analysis.dead import is_relative, primary_is_tau0, rule_short
+from ffnscope.engine.analysis.dead import primary_is_tau0, rule_short
 from ffnscope.engine.explore.tables import layer_table
 
 # shares are fractions in the figures and exports, shown here as %; every such title says "%"
@@ -26,21 +27,21 @@ CHARTS = (("dead %", "dead_frac"), ("alive freq %", "alive_freq"), ("token det",
           ("positional", "positional"))
 
 
-def columns_for(meta: dict) -> list[Column]:
+def columns_for(rec: RecordingInfo) -> list[Column]:
     """COLUMNS, with dead labelled by its threshold: beside a stricter rule than the paper's (tau 0),
     the paper's dead ("dead τ=0", never activated) too, and a relative rule's per-layer tau_l."""
-    if primary_is_tau0(meta):
+    if primary_is_tau0(rec):
         return COLUMNS
-    rule = [Column("tau", "τ_l", 6)] if is_relative(meta) else []
-    dead = [Column("dead", f"dead {'τ_l' if is_relative(meta) else rule_short(meta)} %", 10),
+    rule = [Column("tau", "τ_l", 6)] if rec.is_relative else []
+    dead = [Column("dead", f"dead {'τ_l' if rec.is_relative else rule_short(rec)} %", 10),
             Column("dead0", "dead τ=0 %", 10)]
     return [COLUMNS[0], *rule, *dead, *COLUMNS[2:]]
 
 
-def charts_for(meta: dict) -> tuple:
-    if primary_is_tau0(meta):
+def charts_for(rec: RecordingInfo) -> tuple:
+    if primary_is_tau0(rec):
         return CHARTS
-    return ((f"dead {'τ_l' if is_relative(meta) else rule_short(meta)} %", "dead_frac"), *CHARTS[1:])
+    return ((f"dead {'τ_l' if rec.is_relative else rule_short(rec)} %", "dead_frac"), *CHARTS[1:])
 
 
 class LayersScreen(FramedScreen):
@@ -71,7 +72,7 @@ class LayersScreen(FramedScreen):
         table scrolls sideways when the terminal is narrower)."""
         longest = max([len(self._cell(i, "pos")) for i in range(len(self.figures["layer"]))] + [10])
         return [Column(c.key, c.title, c.width, c.align, min=longest) if c.key == "pos" else c
-                for c in columns_for(self.rec.meta)]
+                for c in columns_for(self.rec.prov.recording)]
 
     def rebind(self, rec: OpenRecording) -> None:
         self.rec, self.figures = rec, rec.index.per_layer()
@@ -95,7 +96,7 @@ class LayersScreen(FramedScreen):
     def _charts(self) -> None:
         width = max(self.app.size.width - 16, 10)
         text = Text()
-        charts = charts_for(self.rec.meta)
+        charts = charts_for(self.rec.prov.recording)
         for i, (label, key) in enumerate(charts):
             text.append(f" {label:>13} ", style="bold")
             text.append(spark(self.figures[key].tolist(), width))

@@ -193,7 +193,7 @@ class NeuronsScreen(FramedScreen):
         alive -> any."""
         f = self.filter
         state = "never" if f.never_activated else f.dead
-        steps = [None, True] + ([] if primary_is_tau0(self.rec.meta) else ["never"]) + [False, None]
+        steps = [None, True] + ([] if primary_is_tau0(self.rec.prov.recording) else ["never"]) + [False, None]
         state = steps[steps.index(state) + 1]
         f.dead, f.never_activated = (None, True) if state == "never" else (state, False)
         self.refilter()

@@ -8,7 +8,7 @@ from pathlib import Path
 from ffnscope.app.safe_text import printable
 from ffnscope.cache.npl_store import sidecar_path
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.analysis.dead import is_relative, rule_short
+from ffnscope.engine.analysis.dead import rule_short
 from ffnscope.engine.explore.index import NeuronIndex
 
 
@@ -20,6 +20,7 @@ class OpenRecording:
         self.index = NeuronIndex(self.reader)
         self._warming: threading.Thread | None = None
         self.meta = self.reader.meta
+        self.prov = self.reader.provenance
         self.status = self.reader.status
         self.n_tokens = self.reader.n_tokens
 
@@ -52,14 +53,13 @@ class OpenRecording:
 
     @property
     def model_name(self) -> str:
-        return printable(self.meta["model"]["name"])
+        return printable(self.prov.model.name)
 
     def title(self) -> str:
         """The one-line header: what is open."""
-        rec, data = self.meta["recording"], self.meta["data"]
-        tau = f"tau {rec['primary_tau']:g}" if not is_relative(self.meta) else rule_short(self.meta)
-        return (f"{self.model_name} · {_tokens(self.n_tokens)} tok · {tau}"
-                f" · seq {data['seq_len']}")
+        rec = self.prov.recording
+        tau = f"tau {rec.primary_tau:g}" if not rec.is_relative else rule_short(rec)
+        return f"{self.model_name} · {_tokens(self.n_tokens)} tok · {tau} · seq {self.prov.data.seq_len}"
 
     def close(self) -> None:
         self.reader.close()

@@ -14,33 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ffnscope.cache.provenance import RecordingInfo
 from ffnscope.cache.reader import CacheReader
 
 PAPER_DEAD = "never activated (act > 0 nowhere: the paper's dead)"
 RULE_NAMES = {"quantile": "quantile of act over the layer's neurons and calibration tokens",
               "median-max": "x the median over the layer's neurons of each one's max act on the calibration tokens"}
-
-
-def tau_rule(meta: dict) -> str:
-    """'absolute', or a relative rule like 'quantile:0.99' or 'median-max:0.25'."""
-    return meta["recording"].get("tau_rule", "absolute")
-
-
-def is_relative(meta: dict) -> bool:
-    return tau_rule(meta) != "absolute"
-
-
-def layer_tau(meta: dict, layer: int) -> float:
-    """The threshold the firing rule uses in this layer (the same in every layer for an absolute rule)."""
-    rec = meta["recording"]
-    taus = rec.get("layer_taus") or {}
-    value = taus.get(str(layer))
-    return float(rec["primary_tau"] if value is None else value)
-
-
-def tau0_index(meta: dict) -> int:
-    """The fire_count row of tau = 0, the paper's "activated" (always recorded)."""
-    return meta["recording"]["taus"].index(0.0)
 
 
 def describe_rule(rule: str) -> str:
@@ -51,27 +30,26 @@ def describe_rule(rule: str) -> str:
     return f"tau_l = {value} {RULE_NAMES.get(kind, kind)}"
 
 
-def rule_short(meta: dict) -> str:
+def rule_short(rec: RecordingInfo) -> str:
     """A few characters for headers: 'τ=1', or 'τ_l q0.99' for a relative rule."""
-    rule = tau_rule(meta)
-    if rule == "absolute":
-        return f"τ={meta['recording']['primary_tau']:g}"
-    kind, _, value = rule.partition(":")
+    if not rec.is_relative:
+        return f"τ={rec.primary_tau:g}"
+    kind, _, value = rec.tau_rule.partition(":")
     return f"τ_l {'q' if kind == 'quantile' else 'max×'}{value}"
 
 
-def primary_is_tau0(meta: dict) -> bool:
+def primary_is_tau0(rec: RecordingInfo) -> bool:
     """The firing rule is the paper's own (absolute tau = 0): one notion of dead, not two."""
-    return not is_relative(meta) and meta["recording"]["primary_tau"] == 0.0
+    return not rec.is_relative and rec.primary_tau == 0.0
 
 
-def dead_label(meta: dict) -> str:
+def dead_label(rec: RecordingInfo) -> str:
     """What 'dead' at the recording's firing rule means, in words."""
-    if primary_is_tau0(meta):
+    if primary_is_tau0(rec):
         return PAPER_DEAD
-    if is_relative(meta):
-        return f"never above its layer's threshold ({describe_rule(tau_rule(meta))})"
-    return f"never above τ={meta['recording']['primary_tau']:g} (stricter than the paper's never activated)"
+    if rec.is_relative:
+        return f"never above its layer's threshold ({describe_rule(rec.tau_rule)})"
+    return f"never above τ={rec.primary_tau:g} (stricter than the paper's never activated)"
 
 
 @dataclass
@@ -90,9 +68,8 @@ class LayerFiring:
 
 
 def firing_by_layer(reader: CacheReader) -> list[LayerFiring]:
-    meta = reader.meta
-    rec = meta["recording"]
-    taus, primary, zero = rec["taus"], rec["primary_index"], tau0_index(meta)
+    rec = reader.provenance.recording
+    taus, primary, zero = rec.taus, rec.primary_index, rec.tau0_index
     n_tokens = max(reader.n_tokens, 1)
     rows = []
     for layer in reader.layers:
@@ -104,6 +81,6 @@ def firing_by_layer(reader: CacheReader) -> list[LayerFiring]:
         sumsq = reader.array(layer, "g_sumsq")
         total = float(sumsq.sum())
         share = float(sumsq[never].sum() / total) if total > 0 else 0.0
-        rows.append(LayerFiring(layer, counts.shape[1], layer_tau(meta, layer), dead, float(never.mean()),
+        rows.append(LayerFiring(layer, counts.shape[1], rec.layer_tau(layer), dead, float(never.mean()),
                                 float(np.mean(counts[zero] == 0)), freq, share))
     return rows
