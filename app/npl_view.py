@@ -29,6 +29,11 @@ def add_parser(sub) -> None:
             p.add_argument("--dtype", help="default: the recording's")
             p.add_argument("--model", help="default: the recording's model spec (checked by fingerprint)")
             p.add_argument("--batch-tokens", type=positive_int, default=8192)
+            p.add_argument("--device-memory", type=byte_size("--device-memory"),
+                           help="bytes of weights kept on the device, like 24GiB; layers beyond it stream")
+            p.add_argument("--host-memory", type=byte_size("--host-memory"),
+                           help="host memory the job may take, like 64GiB; on a CPU, layers beyond what it leaves "
+                                "stream from the model's files")
             p.add_argument("--allow-pickle", action="store_true",
                            help="accept pickle weights (pytorch_model.bin) where the model has no safetensors")
             p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -115,7 +120,7 @@ def _job(args, run_job, config):
 
 def _model_options(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, model=args.model, batch_tokens=args.batch_tokens,
-                allow_pickle=args.allow_pickle)
+                allow_pickle=args.allow_pickle, device_memory=args.device_memory, host_memory=args.host_memory)
 
 
 def _fit(args) -> int:

@@ -19,12 +19,14 @@ is refused.
 
 The sidecar is tied to its cache by the cache's model fingerprint, data fingerprint and creation
 time (meta["cache"]); a sidecar whose cache was recorded again is refused as stale. It is only
-ever replaced whole (cache.atomic: temporary file, fsync, rename), so a killed job never leaves a torn file.
+ever replaced whole (cache.atomic: temporary file, fsync, rename), so a killed job never leaves a torn file;
+a fit writes it in steps (NplWriter: each group of pairs' maps as the group is solved, into the temporary).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,29 +90,92 @@ class NplFile:
     maps: dict[str, dict[tuple[int, int], MapRecord]] = field(default_factory=dict)
 
 
+def map_bytes(n_maps: int, d: int) -> int:
+    """Bytes `n_maps` maps of width d take in a sidecar, uncompressed (W float32, b and the metrics float64)."""
+    return n_maps * (4 * d * d + 8 * d * (1 + len(METRIC_NAMES)) + 6 * 4096)
+
+
+class _Abandoned(Exception):
+    """Thrown into the writer to drop its temporary without a storage error (the fit failed, not the disk)."""
+
+
+class NplWriter:
+    """A sidecar written in steps through the store's one writer (cache.store.replaced): `put` each map as
+    its group of pairs is solved (it leaves memory then), `finish` with the data and meta. Everything goes
+    into the writer's temporary; only finish renames it over `path`, so a kill or a failure at any point
+    leaves the old sidecar (or none), never a torn or half-updated one. A context manager: leaving the
+    block unfinished drops the temporary."""
+
+    def __init__(self, path: Path, needs: int = 0):
+        self.path = Path(path)
+        self._replacing = replaced(self.path, failure=f"could not write {self.path}", needs=needs)
+        self._file = self._replacing.__enter__()
+        self._open = True
+
+    def _write(self, step) -> None:
+        try:
+            step(self._file)
+        except (OSError, RuntimeError) as exc:  # the disk's failure: the writer's one line, temporary gone
+            self._open = False
+            self._replacing.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def put(self, method: str, rec: MapRecord) -> None:
+        """One map and its metrics (W stored as float32)."""
+        def step(f):
+            group = f.create_group(f"maps/{method}/{pair_key(rec.source, rec.target)}")
+            group.attrs["source"], group.attrs["target"] = int(rec.source), int(rec.target)
+            for name, value in rec.scalars.items():
+                group.attrs[name] = float(value)
+            group.create_dataset("W", data=np.ascontiguousarray(rec.W, dtype=np.float32))
+            _put(group, "b", np.asarray(rec.b, np.float64), compress=False)
+            for name in METRIC_NAMES:
+                _put(group, name, np.asarray(rec.metrics[name], np.float64), compress=False)
+            f.flush()  # the group's maps on disk now, not in HDF5's buffers
+        self._write(step)
+
+    def finish(self, meta: dict, fit_hashes: np.ndarray, heldout_hashes: np.ndarray, heldout_tokens: np.ndarray,
+               heldout_nll: np.ndarray) -> None:
+        """The data and meta; then the sidecar replaces `path` whole."""
+        def step(f):
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["meta"] = json.dumps(meta)
+            data = f.create_group("data")
+            _put(data, "fit_hashes", np.sort(fit_hashes.astype(np.uint64)))
+            _put(data, "heldout_hashes", heldout_hashes.astype(np.uint64))
+            _put(data, "heldout_tokens", heldout_tokens.astype(np.int32))
+            _put(data, "heldout_nll", heldout_nll.astype(np.float32))
+            f.create_group("results")
+        self._write(step)
+        self._open = False
+        self._replacing.__exit__(None, None, None)  # flush, fsync, rename (a failure: one line)
+
+    @property
+    def maps(self) -> "StoredMaps":
+        """The maps, read from the sidecar once finish has written it."""
+        return StoredMaps(self.path)
+
+    def abandon(self) -> None:
+        if self._open:
+            self._open = False
+            self._replacing.__exit__(_Abandoned, _Abandoned(), None)
+
+    def __enter__(self) -> "NplWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abandon()
+
+
 def write_npl(path: Path, npl: NplFile) -> None:
     """Write a whole sidecar atomically (maps stored as float32; results from an older sidecar are
     not carried over: they belong to the maps they were computed with)."""
-    with replaced(path, failure=f"could not write {path}", needs=nbytes(npl)) as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["meta"] = json.dumps(npl.meta)
-        data = f.create_group("data")
-        _put(data, "fit_hashes", np.sort(npl.fit_hashes.astype(np.uint64)))
-        _put(data, "heldout_hashes", npl.heldout_hashes.astype(np.uint64))
-        _put(data, "heldout_tokens", npl.heldout_tokens.astype(np.int32))
-        _put(data, "heldout_nll", npl.heldout_nll.astype(np.float32))
+    with NplWriter(path, needs=nbytes(npl)) as writer:
         for method, records in npl.maps.items():
-            for (i, j), rec in sorted(records.items()):
-                group = f.create_group(f"maps/{method}/{pair_key(i, j)}")
-                group.attrs["source"], group.attrs["target"] = int(i), int(j)
-                for name, value in rec.scalars.items():
-                    group.attrs[name] = float(value)
-                group.create_dataset("W", data=np.ascontiguousarray(rec.W, dtype=np.float32))
-                _put(group, "b", np.asarray(rec.b, np.float64), compress=False)
-                for name in METRIC_NAMES:
-                    _put(group, name, np.asarray(rec.metrics[name], np.float64), compress=False)
-        f.create_group("results")
+            for _pair, rec in sorted(records.items()):
+                writer.put(method, rec)
+        writer.finish(npl.meta, npl.fit_hashes, npl.heldout_hashes, npl.heldout_tokens, npl.heldout_nll)
 
 
 def write_result(path: Path, name: str, params: dict, rows: list[dict] | None = None,
@@ -241,6 +306,33 @@ class NplReader:
         group.visititems(lambda k, obj: arrays.__setitem__(k, obj[()]) if isinstance(obj, h5py.Dataset) else None)
         return {"params": json.loads(group.attrs["params"]), "rows": json.loads(group.attrs["rows"]),
                 "arrays": arrays}
+
+
+class StoredMaps(Mapping):
+    """method -> pair -> MapRecord, read from a sidecar when asked: one map in memory at a time."""
+
+    def __init__(self, path: Path, method: str | None = None):
+        self.path, self.method = Path(path), method
+
+    def _keys(self) -> list:
+        with NplReader(self.path) as reader:
+            return reader.methods() if self.method is None else reader.pairs(self.method)
+
+    def __getitem__(self, key):
+        if self.method is None:
+            if key not in self._keys():
+                raise KeyError(key)
+            return StoredMaps(self.path, key)
+        with NplReader(self.path) as reader:
+            if not reader.has(*key, self.method):
+                raise KeyError(key)
+            return reader.record(*key, self.method)
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
 
 
 def _cache_name(sidecar: Path) -> str:

@@ -122,3 +122,12 @@ async def test_npl_screen_fits_and_finds_background_neurons(hostile_cache, tmp_p
         want = np.flatnonzero(neurons.index.cols["background"] == 1)
         assert len(want) and np.array_equal(neurons.rows, want)
         assert "background" in screen_text(app)
+def test_memory_options_are_checked_up_front_and_reach_the_jobs(npl_cache, tmp_path):
+    for action in ("fit", "substitute", "functional"):
+        bad = run_cli("npl", action, npl_cache, "--host-memory", "lots", "--device", "cpu")
+        assert bad.returncode == 2 and "--host-memory 'lots' is not a size" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+        zero = run_cli("npl", action, npl_cache, "--device-memory", "0", "--device", "cpu", "--quiet")
+        assert zero.returncode == 2 and zero.stderr.strip() == "ffnscope: error: --device-memory must be positive"
+    small = run_cli("npl", "substitute", npl_cache, "--host-memory", "1MiB", "--device", "cpu", "--quiet")
+    assert small.returncode == 2 and "--host-memory 1.0 MiB does not hold" in small.stderr

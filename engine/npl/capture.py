@@ -104,17 +104,18 @@ def forward_minimum(lm, batch_tokens: int) -> int:
     return fixed + per_layer + forward_workspace(lm, batch_tokens)
 
 
-def make_runner(lm, device: torch.device, batch_tokens: int, reserve: int = 0) -> LayerRunner:
-    """A layer runner with as many layers resident as the device holds (less `reserve` bytes that the
-    caller keeps for itself on a GPU), and the LM head there too."""
-    from ffnscope.engine.model.plan import DEVICE_SHARE, plan_device
+def make_runner(lm, device: torch.device, batch_tokens: int, reserve: int = 0, limits=None,
+                seq_len: int | None = None, host_reserve: int = 0, what: str = "its own data") -> LayerRunner:
+    """A layer runner with as many layers resident as the device holds under the job's memory limits
+    (engine.npl.plan.runner_resident: a plan.MemoryLimits; `reserve` bytes the caller keeps for itself on
+    the device, `host_reserve` in host memory), the others streamed from the model's files; the LM head on
+    the device too."""
+    from ffnscope.engine.npl.plan import runner_resident
 
     device = torch.device(device)
-    budget = None
-    if reserve and device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget = int(free * DEVICE_SHARE) - forward_workspace(lm, batch_tokens) - reserve
-    runner = LayerRunner(lm.adapter, device, plan_device(budget, lm, device, batch_tokens))
+    resident = runner_resident(lm, device, batch_tokens, seq_len or batch_tokens, reserve, limits, host_reserve, what)
+    lm.host_layers = resident if device.type == "cpu" else 0
+    runner = LayerRunner(lm.adapter, device, resident)
     lm.model.get_output_embeddings().to(device)
     return runner
 

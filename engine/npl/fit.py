@@ -26,11 +26,14 @@ All token positions are used, the start token's included: substitution replaces 
 At scale (X^T X alone is 10.9 GB at d_ffn 36,864) the pairs go in groups that fit the device's memory
 (engine.npl.plan: FitOptions.memory, else FFNSCOPE_NPL_MEMORY, else measured), one fit and one scoring pass
 over the data per group; each pair's statistics depend on its own layers only, so the results are
-those of one pass. What cannot fit even one pair is refused before any data is read.
+those of one pass. What cannot fit even one pair is refused before any data is read. Each group's maps
+leave memory as the group ends, for a sink (engine.npl.maps: kept in memory, or into the sidecar), and the
+model's layers beyond the job's memory limits stream from its files (engine.npl.plan.runner_resident).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,8 +43,10 @@ from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import MapRecord
 from ffnscope.engine.jobs.stop import StopToken
 from ffnscope.engine.model.batches import seq_batches
+from ffnscope.engine.model.plan import release_freed_memory
 from ffnscope.engine.npl.capture import GCapture, PassProgress, as_ids, make_runner, run_layers, token_nll
-from ffnscope.engine.npl.plan import group_bytes, plan_fit
+from ffnscope.engine.npl.maps import KeptMaps, Metrics, colsum
+from ffnscope.engine.npl.plan import group_bytes, held_maps, plan_fit
 
 METHODS = ("exact", "adagrad")
 STATS_DTYPES = ("float64", "float32")
@@ -81,11 +86,6 @@ class FitOptions:
 
 
 # --- exact fit: streamed sufficient statistics -------------------------------------------------------
-def _colsum(x: torch.Tensor) -> torch.Tensor:
-    """Column sums as a matrix-vector product (far faster than a dim-0 reduction on CPU)."""
-    return torch.ones(x.shape[0], dtype=x.dtype, device=x.device) @ x
-
-
 def _add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 512) -> None:
     """acc += x^T x on and above the diagonal blocks only (the rest of acc is never read): with
     3 column blocks of 512, 6 of the 9 block products, about 2/3 of a full product."""
@@ -144,7 +144,7 @@ class ExactFit:
         x = self._centered(k, g)
         if k not in self._counted:
             self._counted.add(k)
-            self.sum[k].add_(_colsum(x))
+            self.sum[k].add_(colsum(x))
         if k in self.xx:
             _add_gram_upper(self.xx[k], x, self.block)
 
@@ -207,64 +207,18 @@ class AdagradMap:
         x, y = x.float(), y.float()
         err = torch.addmm(self.b, x, self.W).sub_(y)
         scale = 2.0 / err.numel()
-        grads = ((self.W, self.sum_W, (x.T @ err).mul_(scale)), (self.b, self.sum_b, _colsum(err).mul_(scale)))
+        grads = ((self.W, self.sum_W, (x.T @ err).mul_(scale)), (self.b, self.sum_b, colsum(err).mul_(scale)))
         for param, acc, grad in grads:
             acc.addcmul_(grad, grad)
             param.addcdiv_(grad, acc.sqrt().add_(self.eps), value=-self.lr)
         self.steps += 1
 
 
-# --- held-out metrics ---------------------------------------------------------------------------------
-class Metrics:
-    """Streamed held-out metrics of one map: per batch in the data's dtype on data shifted by the
-    target's fit mean, summed into float64."""
-
-    def __init__(self, d: int, shift: torch.Tensor):
-        self.shift = shift.double()
-        z = lambda: torch.zeros(d, dtype=torch.float64, device=shift.device)  # noqa: E731
-        self.n = 0
-        self.se, self.sp, self.sa, self.spp, self.saa, self.spa = z(), z(), z(), z(), z(), z()
-        self.token_l2 = 0.0
-
-    def update(self, pred: torch.Tensor, actual: torch.Tensor) -> None:
-        dtype = torch.promote_types(pred.dtype, actual.dtype)
-        shift = self.shift.to(dtype)
-        p, a = pred.to(dtype) - shift, actual.to(dtype) - shift
-        e = p - a
-        self.n += p.shape[0]
-        self.token_l2 += float(torch.linalg.vector_norm(e, dim=1).double().sum())
-        self.se += _colsum(e.mul_(e)).double()
-        self.sp += _colsum(p).double()
-        self.sa += _colsum(a).double()
-        self.spp += _colsum(p * p).double()
-        self.saa += _colsum(a * a).double()
-        self.spa += _colsum(p.mul_(a)).double()
-
-    def result(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        n = max(self.n, 1)
-        mp, ma = self.sp / n, self.sa / n
-        var_p = (self.spp / n - mp * mp).clamp_min(0)
-        var_a = (self.saa / n - ma * ma).clamp_min(0)
-        cov = self.spa / n - mp * ma
-        denom = torch.sqrt(var_p * var_a)
-        tiny = 1e-12 * float(var_a.mean()) if float(var_a.mean()) > 0 else 0.0
-        r = torch.where(denom > tiny, cov / denom.clamp_min(1e-300), torch.full_like(cov, float("nan")))
-        metrics = {"pearson": r.clamp(-1, 1).cpu().numpy(), "l2": torch.sqrt(self.se / n).cpu().numpy(),
-                   "target_mean": (self.shift + ma).cpu().numpy(), "target_var": var_a.cpu().numpy()}
-        d = self.se.shape[0]
-        total_var = float(var_a.sum())
-        finite = metrics["pearson"][np.isfinite(metrics["pearson"])]
-        scalars = {"n_heldout": float(self.n), "token_l2": self.token_l2 / n, "mse": float(self.se.sum()) / (n * d),
-                   "fvu": float(self.se.sum()) / (n * total_var) if total_var > 0 else float("nan"),
-                   "mean_pearson": float(finite.mean()) if finite.size else float("nan")}
-        return metrics, scalars
-
-
 # --- the passes -----------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
     pairs: list[tuple[int, int]]
-    maps: dict[str, dict[tuple[int, int], MapRecord]]
+    maps: Mapping[str, Mapping[tuple[int, int], MapRecord]]  # the sink's view (read lazily from a sidecar)
     heldout_nll: np.ndarray            # (n_heldout, seq_len - 1) float32: the unmodified model's loss
     seconds: dict[str, float]          # forward, exact (statistics + solve), exact_solve, adagrad, heldout
     fit_tokens: int
@@ -385,13 +339,17 @@ def _score_pass(lm, runner, group, tokens, batch_tokens: int, solved, shifts, me
 
 def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list[tuple[int, int]],
              options: FitOptions | None = None, device: torch.device | str = "cpu", on_progress=None,
-             stop: StopToken | None = None, groups: list[list[tuple[int, int]]] | None = None) -> FitResult:
+             stop: StopToken | None = None, groups: list[list[tuple[int, int]]] | None = None,
+             sink=None, limits=None) -> FitResult:
     """Fit M_{i->j} for `pairs` on fit_tokens (n, seq_len) and score them on heldout_tokens.
 
     The pairs go in `groups` (default: plan_fit's for the device's memory), one fit and one scoring pass
-    each; every pair's results are those of a single pass. on_progress(dict(phase, tokens_done,
-    tokens_total, tokens_per_s, eta_s, and group, n_groups when there are several)) is called after
-    every layer run, tokens counted once per pass; a requested `stop` raises Stopped at the next layer."""
+    each; every pair's results are those of a single pass. Each group's maps go to `sink` (engine.npl.maps;
+    default: KeptMaps) as the group ends; the result's `maps` is the sink's view. `limits`
+    (engine.npl.plan.MemoryLimits): the job's --device-memory / --host-memory; layers beyond them stream.
+    on_progress(dict(phase, tokens_done, tokens_total, tokens_per_s, eta_s, and group, n_groups when there
+    are several)) is called after every layer run, tokens counted once per pass; a requested `stop` raises
+    Stopped at the next layer."""
     stop = stop or StopToken()
     options = options or FitOptions()
     options.check()
@@ -401,37 +359,37 @@ def fit_maps(lm, fit_tokens: np.ndarray, heldout_tokens: np.ndarray, pairs: list
     pairs = sorted(set((int(i), int(j)) for i, j in pairs))
     if not pairs:
         raise UserError("no NPL pair to fit")
+    kept = sink is None
+    sink = KeptMaps(methods) if kept else sink
     seq_len = fit_tokens.shape[1]
     batch_tokens = options.forward_batch(seq_len)
-    groups = groups or plan_fit(lm, pairs, options, device, seq_len)
+    groups = groups or plan_fit(lm, pairs, options, device, seq_len, limits, results_kept=kept)
     lasts = [max(k for p in g for k in p) + 1 for g in groups]  # layers each group's passes run
     units = (fit_tokens.size + heldout_tokens.size) * sum(lasts) + heldout_tokens.size * (n_layers + 1 - lasts[0])
     progress = PassProgress(on_progress, len(groups) * (fit_tokens.size + heldout_tokens.size), units,
                             "placing model")
     progress.step()
     reserve = max(group_bytes(g, d, methods, options.stats_dtype, batch_tokens) for g in groups)
-    runner = make_runner(lm, device, batch_tokens, reserve)
+    maps_held = held_maps(len(pairs) if kept else max(len(g) for g in groups), d, methods)  # float64, host
+    runner = make_runner(lm, device, batch_tokens, reserve, limits, seq_len, maps_held, "the fit's matrices and maps")
     clock = _Clock(device)
-    solved: dict[str, dict] = {m: {} for m in methods}
-    metrics: dict[str, dict[tuple[int, int], Metrics]] = {m: {} for m in methods}
     nll = np.zeros((len(heldout_tokens), max(seq_len - 1, 0)), np.float32)
     with torch.inference_mode():
         for number, group in enumerate(groups):
             if len(groups) > 1:
                 progress.extra.update(group=number + 1, n_groups=len(groups))
             found, shifts = _fit_pass(lm, runner, group, fit_tokens, options, batch_tokens, clock, progress, stop)
+            metrics: dict[str, dict[tuple[int, int], Metrics]] = {m: {} for m in methods}
             _score_pass(lm, runner, group, heldout_tokens, batch_tokens, found, shifts, metrics,
                         nll if number == 0 else None, clock, progress, stop)
-            for method, maps in found.items():
-                solved[method].update(maps)
-            del found, shifts
-
-    maps: dict[str, dict[tuple[int, int], MapRecord]] = {}
-    for method, per_pair in solved.items():
-        maps[method] = {}
-        for (i, j), (w, b) in sorted(per_pair.items()):
-            values, scalars = metrics[method][(i, j)].result() if (i, j) in metrics[method] else ({}, {})
-            maps[method][(i, j)] = MapRecord(i, j, w, b, values, scalars)
-    return FitResult(pairs, maps, nll, clock.seconds, int(fit_tokens.size), int(heldout_tokens.size),
+            for method, per_pair in found.items():
+                for pair in sorted(per_pair):
+                    w, b = per_pair.pop(pair)  # each map leaves memory once the sink has it
+                    values, scalars = metrics[method][pair].result() if pair in metrics[method] else ({}, {})
+                    sink.put(method, MapRecord(pair[0], pair[1], w, b, values, scalars))
+                    del w, b
+            del found, shifts, metrics
+            release_freed_memory()  # the group's matrices and maps: glibc would keep their pages otherwise
+    return FitResult(pairs, sink.maps, nll, clock.seconds, int(fit_tokens.size), int(heldout_tokens.size),
                      {**asdict(options), "methods": methods, "batch_tokens_used": batch_tokens,
                       "pair_groups": len(groups)})

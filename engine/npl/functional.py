@@ -245,7 +245,7 @@ def summarize(layers, names, importance, score, params: FunctionalParams) -> Fun
 
 def functional_neurons(lm, tokens: np.ndarray, nll: np.ndarray, score: dict[int, np.ndarray],
                        params: FunctionalParams | None = None, device="cpu", batch_tokens: int = 8192,
-                       on_progress=None, stop: StopToken | None = None) -> FunctionalResult:
+                       on_progress=None, stop: StopToken | None = None, limits=None) -> FunctionalResult:
     """One pass over held-out tokens (n, T) with the unmodified model's per-token loss nll (n, T-1)
     and each layer's predictability scores; -> importance, S_P per kind, background neurons."""
     from ffnscope.engine.data.packing import special_ids
@@ -265,9 +265,9 @@ def functional_neurons(lm, tokens: np.ndarray, nll: np.ndarray, score: dict[int,
     d = adapter.d_ffn
     moments = {layer: _Moments(props, d, device) for layer in layers}
     progress.step(phase="placing model")
-    runner = make_runner(lm, device, batch_tokens)
-    hooks = GCapture(adapter, layers)
     seq_len = tokens.shape[1]
+    runner = make_runner(lm, device, batch_tokens, limits=limits, seq_len=seq_len)  # layers beyond limits stream
+    hooks = GCapture(adapter, layers)
     with torch.inference_mode(), hooks.attached():
         for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
             stop.check()

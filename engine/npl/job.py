@@ -9,7 +9,10 @@ the progress file (phase, tokens_done, tokens_total, tokens_per_s, eta_s); reque
 token (engine.jobs.stop.StopToken) stops the job at the next layer or batch (raising Stopped). Without
 one, the job stops on SIGINT/SIGTERM (main thread only). A stopped job writes nothing: maps and
 results are all-or-nothing (a fit does not resume; it makes one pass, or one per group of pairs where the
-device's memory does not hold them all).
+device's memory does not hold them all; each group's maps go to the sidecar's temporary as the group ends,
+cache.npl_store.NplWriter, which replaces the sidecar only when the fit is done). Every job keeps as many
+layers resident as --device-memory / --host-memory allow (ModelOptions; engine.npl.plan) and streams the
+others from the model's files.
 
 Fit data: by default the recording's own sources and seed, packed at the recording's seq_len; the
 sequences are split at random (seeded) into fit and held-out sequences, and the fingerprints of
@@ -29,94 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from ffnscope.cache.errors import UserError
-from ffnscope.cache.npl_store import (NplFile, NplReader, cache_tie, pair_summary, sequence_hashes, sidecar_path,
-                             write_npl, write_result)
-from ffnscope.cache.reader import CacheReader
+from ffnscope.cache.npl_store import (NplReader, NplWriter, cache_tie, map_bytes, pair_summary, sequence_hashes,
+                                      sidecar_path, write_result)
 from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile, running_job
 from ffnscope.engine.jobs.stop import Stopped, StopToken, stop_on_signals
-
-DEFAULT_FIT_TOKENS = 131072
-
-
-def _cache_meta(cache: Path, purpose: str) -> dict:
-    with CacheReader(cache, purpose) as reader:
-        if reader.status != "complete":  # its token stream and samples are a part of what was asked
-            raise UserError(f"{cache} is a partial recording; finish it with `ffnscope record ... --resume` before "
-                            f"{purpose}")
-        return reader.meta
-
-
-def recorded_sources(meta: dict) -> list[str]:
-    """The data source specs of a recording, as `record` was given them."""
-    specs = []
-    for source in meta["data"]["sources"]:
-        specs.append("builtin" if source["kind"] == "builtin" else source["path"])
-    return specs
-
-
-def _load(meta: dict, options: "ModelOptions", cache: Path):
-    """The recording's model (or options.model), refused unless it is the recorded one."""
-    from ffnscope.engine.model.load import load_model
-
-    lm = load_model(options.model or meta["model"]["spec"], options.dtype or meta["model"].get("dtype", "float32"),
-                    options.trust_remote_code, options.allow_pickle)
-    expected = meta["model"]["fingerprint"]
-    if lm.fingerprint != expected:
-        raise UserError(f"model {lm.name} (fingerprint {lm.fingerprint}) is not the model recorded in {cache} "
-                        f"({meta['model']['name']}, fingerprint {expected}); give the recording's model with --model")
-    return lm
-
-
-def _pack(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log, report=None):
-    """Packed sequences of the sources; report(fields) follows the tokenizing."""
-    from ffnscope.engine.data.packing import pack, special_ids
-    from ffnscope.engine.data.sources import open_sources
-
-    sources = open_sources(specs, field=field_name, seed=seed)
-    start_id, sep_id = special_ids(lm.tokenizer)
-    started = time.time()
-
-    def packing(have: int, need: int) -> None:
-        rate = have / max(time.time() - started, 1e-9)
-        report({"phase": "packing data", "tokens_done": have, "tokens_total": need, "tokens_per_s": rate,
-                "eta_s": (need - have) / rate if rate > 0 else None})
-
-    packed = pack(sources.documents(), lm.tokenizer, seq_len, n_seqs, start_id, sep_id,
-                  packing if report is not None else None)
-    for note in sources.notes:
-        log(f"note: {note}")
-    return packed, sources
-
-
-def split_sequences(hashes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Seeded random choice of held-out sequences (at least one, and at least one left to fit);
-    sequences equal to a fit sequence (repeated text) are dropped from the held-out set."""
-    n = len(hashes)
-    if n < 2:
-        raise UserError(f"the data gives {n} sequence(s); NPL needs at least 2 (fit and held-out): ask for more "
-                        "--tokens or a shorter --seq-len")
-    if not 0 < fraction < 1:
-        raise UserError(f"--holdout {fraction} must lie strictly between 0 and 1")
-    draw = np.random.default_rng([int(seed), 0x4E504C]).random(n)
-    held = draw < fraction
-    if not held.any():
-        held[int(np.argmin(draw))] = True
-    if held.all():
-        held[int(np.argmax(draw))] = False
-    held &= ~np.isin(hashes, hashes[~held])
-    if not held.any():
-        raise UserError("every held-out sequence repeats a fit sequence (the data repeats itself); give more "
-                        "varied data")
-    return held
-
-
-def check_heldout(tokens: np.ndarray, fit_hashes: np.ndarray, where: str) -> None:
-    """Refuse held-out text that shares sequences with the fit data."""
-    shared = int(np.isin(sequence_hashes(tokens), fit_hashes).sum())
-    if shared:
-        raise UserError(f"the held-out data shares {shared} of its {len(tokens)} sequences with the data the NPL "
-                        f"maps in {where} were fit on; give held-out text disjoint from the fit data (or leave "
-                        "--data out to use the fit run's own held-out sequences)")
+from ffnscope.engine.npl.inputs import (DEFAULT_FIT_TOKENS, _cache_meta, _load, _pack, heldout_for,
+                                        recorded_sources, split_sequences)
 
 
 class _Job:
@@ -176,6 +97,16 @@ class ModelOptions:
     model: str | None = None           # default: the recording's model spec (checked by fingerprint)
     trust_remote_code: bool = False
     allow_pickle: bool = False         # accept pickle weights (pytorch_model.bin)
+    device_memory: int | None = None   # bytes of weights kept on the device; layers beyond it stream
+    host_memory: int | None = None     # bytes of host memory the job may take; layers beyond it stream
+
+    def limits(self):
+        """The memory limits (engine.npl.plan.MemoryLimits), refused when not positive."""
+        from ffnscope.engine.npl.plan import MemoryLimits
+
+        limits = MemoryLimits(self.device_memory, self.host_memory)
+        limits.check()
+        return limits
 
 
 @dataclass
@@ -211,6 +142,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
     from ffnscope.engine.npl.layout import parse_pairs
 
     cache = Path(config.cache)
+    limits = config.limits()
     meta = _cache_meta(cache, "fitting NPL maps")
     out = sidecar_path(cache)
     if out.exists() and not config.force:
@@ -227,7 +159,8 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
     with job.running(lambda: report.get("message", "done")) as stop:
         lm = job.load_model(meta, config, cache)
         device = _device(config.device)
-        groups = plan_fit(lm, pairs, options, device, seq_len)  # refuses what cannot fit before reading data
+        # refuses what cannot fit before reading data
+        groups = plan_fit(lm, pairs, options, device, seq_len, limits, results_kept=False)
         if len(groups) > 1:
             log(f"note: the {len(pairs)} pairs take {len(groups)} passes over the data (device memory)")
         job.phase("packing data")
@@ -237,33 +170,42 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
         hashes = sequence_hashes(packed.tokens)
         held = split_sequences(hashes, config.holdout, config.seed)
         fit_tokens, heldout_tokens = packed.tokens[~held], packed.tokens[held]
-        result = fit_maps(lm, fit_tokens, heldout_tokens, pairs, options, device, job.report, stop, groups)
-        job.phase("writing")
-        sidecar_meta = {
-            "cache": cache_tie(meta), "cache_name": cache.name,
-            "model": {"name": lm.name, "spec": meta["model"]["spec"], "fingerprint": lm.fingerprint,
-                      "family": lm.adapter.name, "n_layers": len(lm.adapter.layers),
-                      "d_ffn": lm.adapter.d_ffn, "dtype": config.dtype or meta["model"].get("dtype", "float32")},
-            "fit": {"pairs": [list(p) for p in result.pairs], "pairs_spec": config.pairs, "options": result.options,
-                    "data": {"sources": sources.describe(), "specs": list(specs), "field": config.field,
-                             "seed": config.seed, "seq_len": seq_len, "fingerprint": packed.fingerprint(),
-                             "n_seqs": int(len(packed.tokens)), "holdout": config.holdout,
-                             "split": "numpy default_rng([seed, 0x4E504C]).random(n) < holdout",
-                             "fit_seqs": int(len(fit_tokens)), "heldout_seqs": int(len(heldout_tokens))},
-                    "fit_tokens": result.fit_tokens, "heldout_tokens": result.heldout_tokens,
-                    "seconds": result.seconds, "device": str(device),
-                    "heldout_ppl": float(np.exp(result.heldout_nll.astype(np.float64).mean()))
-                    if result.heldout_nll.size else None,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        }
-        write_npl(out, NplFile(sidecar_meta, hashes[~held], hashes[held], heldout_tokens, result.heldout_nll,
-                               result.maps))
+        needs = map_bytes(len(pairs) * len(options.methods()), lm.adapter.d_ffn) + 3 * packed.tokens.nbytes
+        # each group's maps go into the sidecar's temporary as the group ends; it replaces the sidecar at finish
+        with NplWriter(out, needs=needs) as writer:
+            result = fit_maps(lm, fit_tokens, heldout_tokens, pairs, options, device, job.report, stop, groups,
+                              writer, limits)
+            job.phase("writing")
+            writer.finish(_sidecar_meta(config, meta, cache, lm, result, sources, specs, packed, seq_len, device,
+                                        len(fit_tokens), len(heldout_tokens)),
+                          hashes[~held], hashes[held], heldout_tokens, result.heldout_nll)
         with NplReader(out) as reader:
             summary = {m: {key: pair_summary(reader, m, key) for key in ("token_l2", "mse", "fvu")}
                        for m in reader.methods()}
         lines = fit_lines(result, summary)
         report["message"] = f"{len(result.pairs)} NPL maps fit on {result.fit_tokens} tokens"
     return FitReport(out, result, summary, lines)
+
+
+def _sidecar_meta(config, meta, cache: Path, lm, result, sources, specs, packed, seq_len: int, device,
+                  n_fit: int, n_heldout: int) -> dict:
+    return {
+        "cache": cache_tie(meta), "cache_name": cache.name,
+        "model": {"name": lm.name, "spec": meta["model"]["spec"], "fingerprint": lm.fingerprint,
+                  "family": lm.adapter.name, "n_layers": len(lm.adapter.layers),
+                  "d_ffn": lm.adapter.d_ffn, "dtype": config.dtype or meta["model"].get("dtype", "float32")},
+        "fit": {"pairs": [list(p) for p in result.pairs], "pairs_spec": config.pairs, "options": result.options,
+                "data": {"sources": sources.describe(), "specs": list(specs), "field": config.field,
+                         "seed": config.seed, "seq_len": seq_len, "fingerprint": packed.fingerprint(),
+                         "n_seqs": int(len(packed.tokens)), "holdout": config.holdout,
+                         "split": "numpy default_rng([seed, 0x4E504C]).random(n) < holdout",
+                         "fit_seqs": int(n_fit), "heldout_seqs": int(n_heldout)},
+                "fit_tokens": result.fit_tokens, "heldout_tokens": result.heldout_tokens,
+                "seconds": result.seconds, "device": str(device),
+                "heldout_ppl": float(np.exp(result.heldout_nll.astype(np.float64).mean()))
+                if result.heldout_nll.size else None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
 
 
 def fit_lines(result, summary: dict) -> list[str]:
@@ -308,20 +250,6 @@ class SubstituteReport:
     tokens_per_s: dict
 
 
-def heldout_for(config, reader: NplReader, lm, log, report=None) -> tuple[np.ndarray, str]:
-    seq_len = int(reader.meta["fit"]["data"]["seq_len"])
-    if config.data:
-        limit = (config.tokens or DEFAULT_FIT_TOKENS // 8) // seq_len
-        packed, _ = _pack(lm, list(config.data), config.field, config.seed, seq_len, max(1, limit), log, report)
-        tokens, source = packed.tokens, ",".join(map(str, config.data))
-    else:
-        tokens, source = reader.heldout_tokens(), "fit held-out split"
-        if config.tokens:
-            tokens = tokens[: max(1, config.tokens // seq_len)]
-    check_heldout(tokens, reader.fit_hashes(), str(reader.path))
-    return tokens, source
-
-
 def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None, on_progress=None,
                    stop: StopToken | None = None, log=print) -> SubstituteReport:
     """Table 1 (and optionally the Fig. 4 grid) for a cache with fitted maps; results go into the sidecar."""
@@ -331,6 +259,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
                                        table1_settings)
 
     cache = Path(config.cache)
+    limits = config.limits()
     meta = _cache_meta(cache, "substituting NPL maps")
     out = sidecar_path(cache)
     with NplReader(out) as reader:
@@ -364,7 +293,8 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             fine = (finegrained_settings(n_layers, maps, fine_chunks, config.fine_metrics, seeds=config.seeds,
                                          random_scale=config.random_scale) if config.finegrained else [])
             result = run_settings(lm, tokens, settings + fine, device, config.batch_tokens, job.report, stop,
-                                  explicit=config.explicit)
+                                  explicit=config.explicit, limits=limits,
+                                  maps_bytes=maps.nbytes() if maps is not None else 0)
             part = lambda outs: type(result)(result.original_nll, result.tokens, outs, result.seconds)  # noqa: E731
             result_t1, result_fine = part(result.outcomes[:len(settings)]), part(result.outcomes[len(settings):])
             rows, fine_rows = table1_rows(result_t1), finegrained_rows(result_fine) if fine else []
@@ -373,7 +303,8 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             plain = result.tokens / max(result.seconds["original"], 1e-9)
             subst = sum(o.tokens for o in result.outcomes) / max(result.seconds["substituted"], 1e-9)
             params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
-                      if k not in ("cache", "device", "model", "trust_remote_code", "allow_pickle", "batch_tokens")}
+                      if k not in ("cache", "device", "model", "trust_remote_code", "allow_pickle", "batch_tokens",
+                                    "device_memory", "host_memory")}
             params.update(heldout_source=source, heldout_tokens=int(result.tokens), chunks=chunk_numbers,
                           chunk_layers=[chunks(n_layers)[c - 1] for c in chunk_numbers],
                           layer0="kept actual (no previous layer)", original_ppl=result.original_ppl,
@@ -414,6 +345,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
     from ffnscope.engine.npl.functional import FunctionalParams, functional_neurons
 
     cache = Path(config.cache)
+    limits = config.limits()
     meta = _cache_meta(cache, "finding functional neurons")
     out = sidecar_path(cache)
     params = FunctionalParams(theta=config.theta, top_ngrams=config.top_ngrams, min_count=config.min_count,
@@ -433,7 +365,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
         with job.running(lambda: report.get("message", "done")) as stop:
             lm = job.load_model(meta, config, cache, reader)
             result = functional_neurons(lm, tokens, nll, scores, params, _device(config.device), config.batch_tokens,
-                                        job.report, stop)
+                                        job.report, stop, limits)
             layers = result.layers
             arrays = {"layers": np.asarray(layers, np.int64),
                       "background": np.stack([result.background[k] for k in layers]),

@@ -104,6 +104,9 @@ class Maps:
             return float(np.asarray(self.weights[j][0], np.float64).std())
         return 1.0 / math.sqrt(self.d)
 
+    def nbytes(self) -> int:
+        return sum(np.asarray(w).nbytes + np.asarray(b).nbytes for w, b in self.weights.values())
+
 
 def _ranges(layers) -> str:
     return ",".join(str(j) for j in layers)
@@ -209,9 +212,12 @@ class RunResult:
 
 
 def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", batch_tokens: int = 8192,
-                 on_progress=None, stop: StopToken | None = None, explicit: bool = False) -> RunResult:
+                 on_progress=None, stop: StopToken | None = None, explicit: bool = False, limits=None,
+                 maps_bytes: int = 0) -> RunResult:
     """Perplexity of the unmodified model and of every setting (complete and partial, and
-    explicit-only when asked) on tokens; a requested `stop` raises Stopped before the next batch or setting."""
+    explicit-only when asked) on tokens; a requested `stop` raises Stopped before the next batch or setting.
+    `limits` (engine.npl.plan.MemoryLimits): layers beyond them stream; `maps_bytes`: the maps the settings
+    hold (in host memory, and copied to a GPU)."""
     stop = stop or StopToken()
     device = torch.device(device)
     adapter = lm.adapter
@@ -225,7 +231,8 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
     units = tokens.size * (n_layers + 1 + sum(n_layers + 2 - min(s.layers) for s in settings))
     progress = PassProgress(on_progress, len(tokens) * (seq_len - 1), units, "placing model")
     progress.step()
-    runner = make_runner(lm, device, batch_tokens)
+    runner = make_runner(lm, device, batch_tokens, maps_bytes if device.type == "cuda" else 0, limits, seq_len,
+                         maps_bytes, "the maps")
     wanted = {k - 1 for k in starts}
     if explicit:
         wanted |= {k for s in settings for j in s.layers for k in (j - 1, j)}
@@ -409,9 +416,9 @@ def forward_throughput(lm, tokens: np.ndarray, setting: Setting | None = None, d
     substitution's hooks attached (complete and partial loss both computed, as substitution does)."""
     device = torch.device(device)
     adapter = lm.adapter
-    runner = make_runner(lm, device, batch_tokens)
-    n_layers = len(adapter.layers)
     seq_len = tokens.shape[1]
+    runner = make_runner(lm, device, batch_tokens, seq_len=seq_len)
+    n_layers = len(adapter.layers)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
