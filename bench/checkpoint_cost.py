@@ -1,12 +1,12 @@
-"""What a shard's checkpoint costs against the shard's compute, shard by shard (issue 11).
+"""What checkpoints cost against the compute, shard by shard and amortized (issue 11).
 
-    python bench/checkpoint_cost.py [--layers 8] [--d-model 512] [--d-ffn 4096] [--shards 16]
+    python bench/checkpoint_cost.py [--layers 8] [--d-model 512] [--d-ffn 4096] [--shards 16] [--checkpoint-ratio R]
 
 A random Llama built in code (tests.tiny_models' tokenizer) is recorded on CPU with many small shards;
-per shard it prints the seconds of compute, of the checkpoint, and their ratio. The checkpoint is timed
-around the executor's own checkpoint call (Recorder.shard_seconds where the executor logs it; else by
-wrapping its write_state, which is what older executors call after each shard). Goal: a flat ratio
-<= 0.05, i.e. a checkpoint whose cost is the shard's delta, not the whole file.
+per shard it prints the seconds of compute, of what followed it before the next shard (the shard's
+segment, and the checkpoint of the fixed-size statistics where one was written: Recorder.shard_seconds,
+Recorder.checkpointed), their ratio, and the amortized ratio (all checkpoint time over all compute).
+Goal: <= 0.05 and flat.
 """
 from __future__ import annotations
 
@@ -47,26 +47,6 @@ def text_file(path: Path, n_words: int) -> Path:
     return path
 
 
-def timed_write_state(log: list):
-    """Wrap the executor's write_state (the old checkpoint: it wrote nothing else) -> (compute, checkpoint)
-    per shard in `log`, compute timed from the start of record_shards or the previous checkpoint."""
-    inner, last = executor.write_state, [time.perf_counter()]
-    record_shards = executor.Recorder.record_shards
-
-    def timed_record_shards(*args, **kwargs):
-        last[0] = time.perf_counter()
-        return record_shards(*args, **kwargs)
-    executor.Recorder.record_shards = timed_record_shards
-
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        inner(*args, **kwargs)
-        t1 = time.perf_counter()
-        log.append((t0 - last[0], t1 - t0))
-        last[0] = t1
-    return wrapper
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -76,7 +56,10 @@ def main() -> None:
     parser.add_argument("--shard-tokens", type=int, default=1024)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--checkpoint-ratio", type=float, default=executor.Recorder.CHECKPOINT_RATIO,
+                        help="Recorder.CHECKPOINT_RATIO; 0: a checkpoint after every shard (the old cadence)")
     args = parser.parse_args()
+    executor.Recorder.CHECKPOINT_RATIO = args.checkpoint_ratio
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -87,34 +70,31 @@ def main() -> None:
         config = RecordConfig(out=out, model=str(model), data=[str(data)], tokens=tokens, seq_len=args.seq_len,
                               shard_tokens=args.shard_tokens, batch_tokens=args.shard_tokens, samples=args.samples,
                               device="cpu", calib_tokens=args.shard_tokens)
-        log: list = []
         recorders = []
-        new_executor = hasattr(executor.Recorder, "shard_seconds")
         original_init = executor.Recorder.__init__
 
         def init(self, *a, **k):
             original_init(self, *a, **k)
             recorders.append(self)
         executor.Recorder.__init__ = init
-        if not new_executor:
-            executor.write_state = timed_write_state(log)
         t0 = time.perf_counter()
         record(config, log=lambda *_: None)
         total = time.perf_counter() - t0
-        if new_executor:
-            log = recorders[0].shard_seconds
+        log = recorders[0].shard_seconds
+        written = set(getattr(recorders[0], "checkpointed", range(1, len(log) + 1)))  # older: every shard
         size = out.stat().st_size
     print(f"{args.layers} layers x {args.d_ffn} neurons, d_model {args.d_model}, seq_len {args.seq_len}, "
-          f"{len(log)} shards of {args.shard_tokens} tokens, {args.samples} samples; "
-          f"{'delta' if new_executor else 'whole-file'} checkpoints")
-    print("shard  compute_s  checkpoint_s  ratio")
+          f"{len(log)} shards of {args.shard_tokens} tokens, {args.samples} samples, "
+          f"checkpoint ratio {args.checkpoint_ratio:g}")
+    print("shard  compute_s  checkpoint_s  ratio  full")
     ratios = []
     for shard, (compute, checkpoint) in enumerate(log, 1):
         ratios.append(checkpoint / compute)
-        print(f"{shard:5d}  {compute:9.3f}  {checkpoint:12.3f}  {ratios[-1]:5.3f}")
-    print(f"ratio first {ratios[0]:.3f}, last {ratios[-1]:.3f}, max {max(ratios):.3f}; "
-          f"whole job {total:.1f} s; final cache {size / 2**20:.1f} MiB")
-
+        full = "yes" if shard in written else "-"
+        print(f"{shard:5d}  {compute:9.3f}  {checkpoint:12.3f}  {ratios[-1]:5.3f}  {full}")
+    amortized = sum(c for _, c in log) / sum(c for c, _ in log)
+    print(f"ratio first {ratios[0]:.3f}, last {ratios[-1]:.3f}, max {max(ratios):.3f}, amortized {amortized:.3f}; "
+          f"{len(written)} full checkpoints; whole job {total:.1f} s; final cache {size / 2**20:.1f} MiB")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 """Merge caches recorded as disjoint parts (`record --part i/n`) of one recording.
 
-The merge streams: it holds one layer of one part beside the layer it accumulates, and copies token
-streams and activation samples block by block, so its memory does not grow with the number of parts.
+The merge streams: it holds one layer of one part beside the layer it accumulates, merges the parts'
+n-gram pairs as sorted runs a chunk at a time (cache.runs), and copies token streams and activation
+samples block by block, so its memory does not grow with the number of parts.
 Parts are added in data order (by their first sequence), whatever order they are given in.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.state import GramCounts, LayerState, ngram_drop_limit
-from ffnscope.cache.store import empty_array, open_file, put_array, read_layer, read_state, replaced, write_layer
+from ffnscope.cache.store import (empty_array, open_file, put_array, read_layer, read_state, remove_segments, replaced,
+                                  segments_dir, write_layer, write_merged_pairs)
 
 # recording settings that change what is counted: caches differing in one of them never add up
 _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_freq", "calib_tokens",
@@ -119,7 +121,10 @@ def merge(inputs: list[Path], out: Path, force: bool = False) -> Merged:
             _write_data(f.create_group("data"), parts)
             limit, primary = ngram_drop_limit(rec), rec["primary_index"]
             for name in first.file["layers"]:
-                write_layer(f.create_group(schema.layer_group(int(name))), _merged_layer(parts, name, limit, primary))
+                layer = _merged_layer(parts, name, limit, primary)
+                write_layer(f.create_group(schema.layer_group(int(name))), layer,
+                            pairs=lambda group, name=name, counted=layer.ngram_counted:
+                            _merged_pairs(group, parts, name, counted, out))
             with _reading(first.path):
                 f.copy(first.file["tokenizer"], f, name="tokenizer")
             _write_samples(f.create_group("samples"), parts)
@@ -212,11 +217,12 @@ def _write_data(group: h5py.Group, parts: list[_Part]) -> None:
 
 
 def _merged_layer(parts: list[_Part], name: str, limit: int | None, primary: int) -> LayerState:
-    """One layer summed over the parts, read one part at a time."""
+    """One layer's fixed-size statistics summed over the parts, read one part at a time (the n-gram
+    pairs: _merged_pairs)."""
     layer = None
     for part in parts:
         with _reading(part.path):
-            addend = read_layer(part.file["layers"][name])
+            addend = read_layer(part.file["layers"][name], pairs=False)
         if layer is None:
             layer = addend
         else:
@@ -224,6 +230,17 @@ def _merged_layer(parts: list[_Part], name: str, limit: int | None, primary: int
         del addend  # before the next part's layer is read
     layer.drop_ngrams_over(limit, primary)  # as the recorder drops them after each shard
     return layer
+
+
+def _merged_pairs(group, parts: list[_Part], name: str, counted, out: Path) -> None:
+    """One layer's n-gram pairs: each part's (sorted, keys unique) a run, merged in data order, the
+    neurons the merged layer no longer counts dropped, as LayerState.add and drop_ngrams_over would."""
+    def sources(n, stack):
+        return [part.file["layers"][name][f"ngram{n}"] for part in parts]
+    try:
+        write_merged_pairs(group, sources, counted, segments_dir(out), compress=True)
+    finally:
+        remove_segments(out)  # the scratch (a kill leaves it: remove_stale_segments)
 
 
 def _write_samples(group: h5py.Group, parts: list[_Part]) -> None:

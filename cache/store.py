@@ -8,17 +8,19 @@ A partial cache (a checkpoint) keeps what grows with every shard out of that who
 shard's token stream and activation samples go once into a segment file of their own (written whole
 the same way) in the directory `.NAME.segments` beside it, and the checkpoint's `data/tokens`,
 `data/seq_index`, `data/domains`, `samples/index` and `samples/acts` are HDF5 virtual datasets over the
-segments it names, so every reader sees the usual layout. A checkpoint is written after its segments and
-only ever names segments on disk; a segment it does not name is left over from a kill and goes at the
-next start (remove_segments). The complete cache holds everything itself, compressed, and the
-directory goes once it is written (docs/cache-format.md).
+segments it names, so every reader sees the usual layout. A segment also holds the shard's n-gram pairs
+as sorted runs, which the checkpoint's `layers/LLL/ngramN` name and readers sum on read (cache.runs).
+A checkpoint is written after its segments and only ever names segments on disk; a segment it does not
+name is left over from a kill and goes at the next start (remove_segments). The complete cache holds
+everything itself, compressed, the pairs merged from the runs once, and the directory goes once it is
+written (docs/cache-format.md).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import h5py
@@ -27,7 +29,10 @@ import numpy as np
 from ffnscope.cache import schema
 from ffnscope.cache.atomic import replacing
 from ffnscope.cache.errors import UserError
-from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples, Sparse
+from ffnscope.cache.runs import (RUNS_ATTR, columns, merged_chunks, put_runs, put_virtual_pairs, run_key,
+                                 spill_merged, sum_runs)
+from ffnscope.cache.state import (G_ORDERS, NGRAM_ORDERS, DataState, GramCounts, LayerState, RecordingState, Samples,
+                                  Sparse)
 
 _GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
 
@@ -45,22 +50,28 @@ def empty_array(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Datas
     return group.create_dataset(name, shape=shape, dtype=dtype, **(_GZIP if size >= 4096 else {}))
 
 
-def write_layer(group: h5py.Group, layer: LayerState, compress: bool = True) -> None:
-    """One `layers/NNN` group."""
+def write_layer(group: h5py.Group, layer: LayerState, compress: bool = True, pairs=None) -> None:
+    """One `layers/NNN` group. `pairs(group)`, if given, writes the n-gram pairs instead of layer.ngrams
+    (write_state: from the segments' runs)."""
     for name in schema.LAYER_ARRAYS:
         put_array(group, name, getattr(layer, name), compress)
     if layer.ngram_counted is not None:
         put_array(group, "ngram_counted", layer.ngram_counted, compress)
+        if pairs is not None:
+            pairs(group)
+            return
         for n, sparse in layer.ngrams.items():
             for column in schema.NGRAM_COLUMNS:
                 if getattr(sparse, column) is not None:
                     put_array(group, f"ngram{n}/{column}", getattr(sparse, column), compress)
 
 
-def read_layer(group: h5py.Group) -> LayerState:
+def read_layer(group: h5py.Group, pairs: bool = True) -> LayerState:
+    """One `layers/NNN` group; pairs=False: without its n-gram pairs (what grows with the data)."""
     arrays = {k: group[k][:] for k in schema.LAYER_ARRAYS}
     counted = group["ngram_counted"][:] if "ngram_counted" in group else None
-    ngrams = {int(k[5:]): read_sparse(group[k]) for k in group if k.startswith("ngram") and k != "ngram_counted"}
+    ngrams = {int(k[5:]): read_sparse(group[k]) for k in group
+              if pairs and k.startswith("ngram") and k != "ngram_counted"}
     return LayerState(**arrays, ngram_counted=counted, ngrams=ngrams)
 
 
@@ -113,17 +124,20 @@ class Segment:
     shapes: dict
 
 
-def write_segment(path: Path, name: str, data: DataState, samples: Samples) -> Segment:
+def write_segment(path: Path, name: str, data: DataState, samples: Samples,
+                  pairs: dict[int, dict[int, Sparse]] | None = None) -> Segment:
     """The streams of one shard (or of everything before a resume) as segment `name` of cache `path`,
-    uncompressed: written once, read back only by a resume or a reader of the checkpoint."""
+    with its n-gram pairs (layer -> order -> Sparse) as sorted runs (cache.runs), uncompressed: written
+    once, read back only by a resume, the final merge or a reader of the checkpoint."""
     directory = segments_dir(path)
     directory.mkdir(exist_ok=True)
     streams = _streams(data, samples)
     with replaced(directory / f"{name}.h5", failure=f"could not write a checkpoint of {path}",
-                  needs=nbytes(streams)) as f:
+                  needs=nbytes(streams) + nbytes(pairs or {})) as f:
         for key, array in streams.items():
             put_array(f, key, array, compress=False)
-    return Segment(f"{name}.h5", {key: array.shape for key, array in streams.items()})
+        shapes = put_runs(f, pairs or {})
+    return Segment(f"{name}.h5", {**{key: array.shape for key, array in streams.items()}, **shapes})
 
 
 def remove_segments(path: Path, keep: list[Segment] = ()) -> None:
@@ -179,15 +193,20 @@ def _put_virtual(f: h5py.File, key: str, array: np.ndarray, path: Path, segments
 
 
 def write_state(path: Path, state: RecordingState, status: str, needs: int | None = None,
-                compress: bool = True, segments: list[Segment] | None = None) -> None:
+                compress: bool = True, segments: list[Segment] | None = None,
+                runs: list[Segment] | None = None) -> None:
     """`state.layers` is read once, in order, through .items(): a mapping that makes each layer when asked
     (tests/synthetic_cache.py) is written without the whole recording in memory; it then gives `needs`,
-    the bytes the write takes (default: nbytes(state)). compress=False: no gzip (checkpoints, rewritten
-    after each shard). `segments`: a checkpoint's, holding the streams (STREAMS), which this write
-    then names instead of writing them."""
+    the bytes the write takes (default: nbytes(state)). compress=False: no gzip (checkpoints).
+    `segments`: a checkpoint's, holding the streams (STREAMS) and the n-gram pairs' runs, which this
+    write then names instead of writing them. `runs`: segments whose runs the n-gram layers' pairs are
+    merged from, streamed (the final write of a recording); the streams come from `state` then."""
     streams = _streams(state.data, state.samples)
     if needs is None:
         needs = nbytes(state) - (nbytes(streams) if segments is not None else 0)
+        # the merged pairs, at most the runs' rows: in the scratch files and in the cache
+        needs += 2 * sum(shape[0] * 28 for s in runs or () for key, shape in s.shapes.items()
+                         if key.startswith("pairs/"))
     with replaced(path, failure=f"could not write {path}", needs=needs) as f:
         f.attrs["format"] = schema.FORMAT
         f.attrs["schema_version"] = schema.SCHEMA_VERSION
@@ -200,7 +219,8 @@ def write_state(path: Path, state: RecordingState, status: str, needs: int | Non
             put_array(data, f"gram{n}/gram", grams.gram, compress)
             put_array(data, f"gram{n}/count", grams.count, compress)
         for index, layer in state.layers.items():
-            write_layer(f.create_group(schema.layer_group(index)), layer, compress)
+            write_layer(f.create_group(schema.layer_group(index)), layer, compress,
+                        _pair_writer(path, index, layer, compress, segments, runs))
         _put_strings(f, "tokenizer/vocab", state.vocab)
         _put_strings(f, "tokenizer/pieces", state.pieces)
         for key, array in streams.items():
@@ -211,6 +231,53 @@ def write_state(path: Path, state: RecordingState, status: str, needs: int | Non
                 f.create_dataset(key, data=array, chunks=chunks)
             else:
                 put_array(f, key, array, compress)
+
+
+def _pair_writer(path: Path, index: int, layer: LayerState, compress: bool, segments, runs):
+    """What writes a layer's n-gram pairs (write_layer's `pairs`): a checkpoint names its segments'
+    runs, the final write merges them, and anything else writes the layer's own (None)."""
+    if segments is not None:
+        return lambda group: put_virtual_pairs(group, index, segments_dir(path).name, segments)
+    if runs is not None:
+        return lambda group: _write_merged(group, index, layer.ngram_counted, path, runs, compress)
+    return None
+
+
+def _write_merged(group: h5py.Group, index: int, counted: np.ndarray, path: Path, runs: list[Segment],
+                  compress: bool) -> None:
+    """One layer's `ngramN/*`, merged from the segments' runs (scratch files in the segments folder)."""
+    directory = segments_dir(path)
+
+    def sources(n, stack):
+        key = run_key(index, n)
+        return [stack.enter_context(h5py.File(directory / s.name, "r"))[key] for s in runs
+                if s.shapes.get(key, (0,))[0]]
+    write_merged_pairs(group, sources, counted, directory, compress)
+
+
+def write_merged_pairs(group: h5py.Group, sources, counted: np.ndarray, scratch: Path, compress: bool) -> None:
+    """`ngramN/*` of one layer as the streamed sum of sorted runs (cache.runs.merged_chunks), neurons not
+    `counted` dropped: `sources(n, stack)` gives order n's runs in data order (h5py groups, files opened
+    on the ExitStack). Chunks go through raw files in the folder `scratch` (plain files: what a kill
+    leaves there goes with the segments), then are copied in blocks into datasets laid out as put_array
+    lays them out (their length known only after the merge)."""
+    like = Sparse.empty(True)
+    for n in NGRAM_ORDERS:
+        with ExitStack() as stack:
+            rows, files = spill_merged(merged_chunks(sources(n, stack), counted, n in G_ORDERS), scratch, n in G_ORDERS)
+        for column in columns(n):
+            dtype = getattr(like, column).dtype
+            target = group.create_dataset(f"ngram{n}/{column}", shape=(rows,), dtype=dtype,
+                                          **(_GZIP if compress and rows >= 4096 else {}))
+            if rows:
+                source = np.memmap(files[column], dtype, "r", shape=(rows,))
+                for lo in range(0, rows, _BLOCK_ROWS):
+                    target[lo:lo + _BLOCK_ROWS] = source[lo:lo + _BLOCK_ROWS]
+                del source
+            files[column].unlink()
+
+
+_BLOCK_ROWS = 1 << 22  # rows of a merged column copied into the final file at a time
 
 
 def missing_segments(f: h5py.File) -> list[str]:
@@ -270,9 +337,12 @@ def read_strings(f: h5py.File, name: str) -> list[str]:
 
 
 def read_sparse(group: h5py.Group) -> Sparse:
-    """One `ngram{n}` group (g_sum only where the order carries it)."""
+    """One `ngram{n}` group (g_sum only where the order carries it); a checkpoint's runs summed."""
     g_sum = group["g_sum"][:] if "g_sum" in group else None
-    return Sparse(group["gram"][:], group["neuron"][:], group["count"][:].astype(np.int64), g_sum)
+    sparse = Sparse(group["gram"][:], group["neuron"][:], group["count"][:].astype(np.int64), g_sum)
+    if group.attrs.get(RUNS_ATTR, False):
+        return sum_runs(sparse, group.parent["ngram_counted"][:], g_sum is not None)
+    return sparse
 
 
 def read_state(path: Path, purpose: str) -> RecordingState:

@@ -95,7 +95,8 @@ def test_host_plan_charges_the_weights_held(model_dirs, text_file, tmp_path):
     fixed, per_layer = layer_sizes(lazy)
     assert plan_device(fixed + per_layer, lazy, torch.device("cpu"), 64) == 0
     streamed = host_fixed_bytes(lazy, state.meta)
-    assert host_fixed_bytes(whole, state.meta) - streamed == 3 * per_layer  # 4 layers held vs 1 in flight
+    # 4 layers held vs 2 in flight: the one computing and the next one read meanwhile (the prefetch)
+    assert host_fixed_bytes(whole, state.meta) - streamed == 2 * per_layer
     # the CPU with only a host budget: as many resident layers as leave room for a shard's hidden states
     hidden = state.meta["recording"]["shard_tokens"] * state.meta["model"]["d_model"] * 4
     resident, room = plan_memory(None, streamed + hidden, lazy, state.meta, torch.device("cpu"), 64)

@@ -71,10 +71,15 @@ def test_device_memory_above_the_free_memory_is_refused_in_one_line():
         plan(llama_7b(), run(4096, 11008, 32, 32), "cuda", 200 * GiB, None, free=H200_FREE)
     message = str(error.value)
     assert "--device-memory" in message and "139.0 GiB free" in message and "\n" not in message
-    # at or under the free memory it is the weights' budget: 4 layers' worth keeps 3 resident and a slot
+    # at or under the free memory it is the weights' budget: 4 layers' worth keeps 2 resident and two slots
+    # (the streamed layer computing and the next one arriving: LayerRunner's prefetch)
     w = llama_7b()
-    four = plan(w, run(4096, 11008, 32, 32), "cuda", w.base + 4 * w.per_layer, None, free=H200_FREE)
-    assert four.resident == 3 and four.device_weight_bytes == device_weight_bytes(w, 3) == w.base + 4 * w.per_layer
+    four = plan(w, run(4096, 11008, 32, 32), "cuda", w.base + 4 * w.per_layer, None, free=H200_FREE, prefetch=True)
+    assert four.resident == 2 and four.device_weight_bytes == device_weight_bytes(w, 2, 2) == w.base + 4 * w.per_layer
+    with pytest.raises(UserError, match="2 layers"):  # one slot is not room enough to stream on a GPU
+        plan(w, run(4096, 11008, 32, 32), "cuda", w.base + w.per_layer, None, free=H200_FREE, prefetch=True)
+    # without a prefetch (NPL's passes) one slot: 3 resident
+    assert plan(w, run(4096, 11008, 32, 32), "cuda", w.base + 4 * w.per_layer, None, free=H200_FREE).resident == 3
 
 
 def test_the_plan_says_when_the_shard_hidden_states_fit_on_the_gpu():
@@ -93,8 +98,11 @@ def test_the_plan_says_when_the_shard_hidden_states_fit_on_the_gpu():
 def test_the_cpu_plan_still_charges_the_host_for_everything():
     w = opt_66b(from_files=True)
     r = run(9216, 36864, 72, 64)
-    cpu = plan(w, r, "cpu", w.base + 2 * w.per_layer, 200 * GiB)
+    cpu = plan(w, r, "cpu", w.base + 2 * w.per_layer, 200 * GiB, prefetch=True)
     assert cpu.resident == 1
-    assert cpu.host_bytes == w.fixed + 2 * w.per_layer + host_other_bytes(r, "cpu")
+    # the resident layer, the streamed one computing and the next one being read meanwhile (the prefetch)
+    assert cpu.host_bytes == w.fixed + 3 * w.per_layer + host_other_bytes(r, "cpu")
     with pytest.raises(UserError, match="keep fewer layers in memory"):
-        plan(w, r, "cpu", w.base + 2 * w.per_layer, cpu.host_bytes)
+        plan(w, r, "cpu", w.base + 2 * w.per_layer, cpu.host_bytes, prefetch=True)
+    # without a prefetch (NPL's passes) the layer being read is the only one in flight
+    assert plan(w, r, "cpu", w.base + 2 * w.per_layer, 200 * GiB).host_bytes == cpu.host_bytes - w.per_layer

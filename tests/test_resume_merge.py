@@ -26,6 +26,16 @@ def _record_cmd(model_dir, data, out, *extra):
             "--out", str(out), *LONG, *extra]
 
 
+# the CLI with a checkpoint after every shard (Recorder.CHECKPOINT_RATIO 0): a kill after shard 3 then
+# always finds one to resume from, however cheap the tiny model's compute is against its checkpoints
+_EVERY_SHARD = """import runpy, sys
+import ffnscope.engine.record.executor as executor
+executor.Recorder.CHECKPOINT_RATIO = 0.0
+sys.argv[0] = "ffnscope"
+runpy.run_module("ffnscope", run_name="__main__")
+"""
+
+
 def _start_and_stop(cmd, out, sig, after_shards=3):
     """Start a recording, wait for some checkpoints, send `sig`; -> the process's exit code."""
     proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -47,7 +57,8 @@ def test_sigkill_then_resume_equals_uninterrupted(model_dirs, text_file, tmp_pat
     whole, killed = tmp_path / "whole.h5", tmp_path / "killed.h5"
     subprocess.run(_record_cmd(model_dir, text_file, whole), env=env_for_subprocess(), check=True,
                    capture_output=True)
-    _start_and_stop(_record_cmd(model_dir, text_file, killed), killed, signal.SIGKILL)
+    _start_and_stop([sys.executable, "-c", _EVERY_SHARD, *_record_cmd(model_dir, text_file, killed)[3:]], killed,
+                    signal.SIGKILL)
     partial = read_state(killed, "testing")
     assert partial.status == "partial" and 0 < partial.shards_done < partial.meta["recording"]["n_shards"]
     done = subprocess.run(_record_cmd(model_dir, text_file, killed, "--resume"), env=env_for_subprocess(),
@@ -74,6 +85,7 @@ def killing(*args, **kwargs):
     return out
 setattr(store, name, killing)
 setattr(executor, name, killing)
+executor.Recorder.CHECKPOINT_RATIO = 0.0  # a checkpoint after every shard: the kills land where _KILL_AT says
 sys.argv[0] = "ffnscope"
 runpy.run_module("ffnscope", run_name="__main__")
 """

@@ -119,15 +119,24 @@ def batch_workspace_bytes(r: RecordSizes, device_kind: str) -> int:
     return 4 * (seqs * r.heads * r.seq_len * r.seq_len + tokens * (6 * r.d_ffn + 12 * r.d_model))
 
 
-def host_weight_bytes(w: WeightSizes, device_kind: str, resident: int) -> int:
+def streaming_slots(device_kind: str, prefetch: bool) -> int:
+    """Device room kept for streamed layers: with a prefetch on a GPU (a recording: LayerRunner.weights
+    brings the next layer in while the current one computes) two; on the CPU the device is the host, and
+    host_weight_bytes charges the read."""
+    return 2 if prefetch and device_kind == "cuda" else 1
+
+
+def host_weight_bytes(w: WeightSizes, device_kind: str, resident: int, prefetch: bool = False) -> int:
     """Weight bytes held in host memory while `resident` layers stay on the device. On the CPU the device
-    is the host: the non-layer weights, the resident layers and, read per layer, one more being read (a
-    model loaded whole: all of it). On a GPU the non-layer weights of the base and the resident layers
-    are there; the host keeps an untied head and, loaded whole, the streamed layers; read per layer, one
-    layer passes through a memory map of its file on its way."""
+    is the host: the non-layer weights, the resident layers and, read per layer, the streamed one computing
+    (and with a prefetch the next one being read meanwhile; a model loaded whole: all of it). On a GPU the
+    non-layer weights of the base and the resident layers are there; the host keeps an untied head and,
+    loaded whole, the streamed layers; read per layer, one layer at a time passes through host memory on its
+    way (a prefetch frees its pinned copy once the layer is on the device)."""
     streamed = w.n_layers - min(resident, w.n_layers)
     if device_kind == "cpu":
-        return w.fixed + min(w.n_layers, resident + 1) * w.per_layer if w.from_files else w.total
+        in_flight = min(streamed, 2 if prefetch else 1)
+        return w.fixed + (w.n_layers - streamed + in_flight) * w.per_layer if w.from_files else w.total
     return w.head + (min(streamed, 1) if w.from_files else streamed) * w.per_layer
 
 
@@ -141,20 +150,21 @@ def host_other_bytes(r: RecordSizes, device_kind: str) -> int:
     return state + one_layer + 2 * samples + RUNTIME_BYTES + batch_workspace_bytes(r, device_kind)
 
 
-def device_weight_bytes(w: WeightSizes, resident: int) -> int:
-    """Weights on the device: the base's non-layer ones, the resident layers, a slot for a streamed one."""
+def device_weight_bytes(w: WeightSizes, resident: int, slots: int = 1) -> int:
+    """Weights on the device: the base's non-layer ones, the resident layers, `slots` for streamed ones."""
     resident = min(resident, w.n_layers)
-    return w.base + (resident + (resident < w.n_layers)) * w.per_layer
+    return w.base + (resident + min(w.n_layers - resident, slots)) * w.per_layer
 
 
-def resident_layers(budget: int, w: WeightSizes) -> int:
-    """Leading layers a device weight budget keeps resident; one layer's room is kept for the streamed."""
+def resident_layers(budget: int, w: WeightSizes, slots: int = 1) -> int:
+    """Leading layers a device weight budget keeps resident; `slots` layers' room is kept for the streamed."""
     room = budget - w.base
-    if room < w.per_layer:
-        raise UserError(f"--device-memory {human(budget)} does not hold the embeddings and one layer "
-                        f"({human(w.base + w.per_layer)}); raise it")
+    if room < slots * w.per_layer and room // w.per_layer < w.n_layers:
+        what = "one layer" if slots == 1 else f"{slots} layers (one computing, the next arriving)"
+        raise UserError(f"--device-memory {human(budget)} does not hold the embeddings and {what} "
+                        f"({human(w.base + slots * w.per_layer)}); raise it")
     fit = room // w.per_layer
-    return w.n_layers if fit >= w.n_layers else int(fit) - 1
+    return w.n_layers if fit >= w.n_layers else int(fit) - slots
 
 
 def device_budget(asked: int | None, device_kind: str, free: int | None, workspace: int) -> int | None:
@@ -170,21 +180,23 @@ def device_budget(asked: int | None, device_kind: str, free: int | None, workspa
 
 
 def plan(w: WeightSizes, r: RecordSizes, device_kind: str, device_memory: int | None, host_memory: int | None,
-         free: int | None = None) -> MemoryPlan:
-    """The memory plan of a recording; `free`: the GPU's free bytes (None on the CPU).
+         free: int | None = None, prefetch: bool = False) -> MemoryPlan:
+    """The memory plan of a recording; `free`: the GPU's free bytes (None on the CPU); `prefetch`: the next
+    streamed layer is brought in while the current one computes (a recording's LayerRunner; NPL's passes not).
 
     On the CPU with a host budget, no device budget and layers read from their files, the device is the
     host: as many layers stay resident as the host budget leaves room for after one shard's hidden states."""
     workspace = device_workspace(r.batch_tokens, r.d_model, r.d_ffn)
     if device_kind == "cpu" and device_memory is None and host_memory is not None and w.from_files:
         # all the host holds but the base's non-layer weights and the resident layers, a shard's hidden states in
-        others = host_weight_bytes(w, "cpu", 0) - w.per_layer - w.base + host_other_bytes(r, "cpu") \
+        others = host_weight_bytes(w, "cpu", 0, prefetch) - w.per_layer - w.base + host_other_bytes(r, "cpu") \
             + r.shard_hidden_bytes
         device_memory = max(host_memory - others, w.base + w.per_layer)  # too small: the host check says so
     budget = device_budget(device_memory, device_kind, free, workspace)
-    resident = w.n_layers if budget is None else resident_layers(budget, w)
-    host = host_weight_bytes(w, device_kind, resident) + host_other_bytes(r, device_kind)
-    on_device = device_weight_bytes(w, resident)
+    slots = streaming_slots(device_kind, prefetch)
+    resident = w.n_layers if budget is None else resident_layers(budget, w, slots)
+    host = host_weight_bytes(w, device_kind, resident, prefetch) + host_other_bytes(r, device_kind)
+    on_device = device_weight_bytes(w, resident, slots)
     hidden_on_device = (device_kind != "cpu" and free is not None
                         and r.shard_hidden_bytes <= min(budget, int(free * DEVICE_SHARE) - workspace) - on_device)
     if host_memory is None:
@@ -205,13 +217,13 @@ def _free_bytes(device: torch.device) -> int | None:
 
 
 def plan_device(budget: int | None, lm, device: torch.device, batch_tokens: int) -> int:
-    """Number of leading layers kept resident; the rest stream through one device slot. Remembers on `lm`
-    how many layers that keeps in host memory, for host_fixed_bytes."""
+    """Number of leading layers a recording keeps resident; the rest stream through its slots (streaming_slots).
+    Remembers on `lm` how many layers that keeps in host memory, for host_fixed_bytes."""
     w = weight_sizes(lm)
     d_model = lm.model.get_input_embeddings().weight.shape[1]
     allowed = device_budget(budget, device.type, _free_bytes(device),
                             device_workspace(batch_tokens, d_model, lm.adapter.d_ffn))
-    resident = w.n_layers if allowed is None else resident_layers(allowed, w)
+    resident = w.n_layers if allowed is None else resident_layers(allowed, w, streaming_slots(device.type, True))
     lm.host_layers = resident if device.type == "cpu" else 0
     return resident
 
@@ -221,7 +233,7 @@ def host_fixed_bytes(lm, meta: dict, host_layers: int | None = None, device_kind
     on the device (default: plan_device's choice on the CPU, else all)."""
     w = weight_sizes(lm)
     resident = getattr(lm, "host_layers", None) if host_layers is None else host_layers
-    return (host_weight_bytes(w, device_kind, w.n_layers if resident is None else resident)
+    return (host_weight_bytes(w, device_kind, w.n_layers if resident is None else resident, prefetch=True)
             + host_other_bytes(record_sizes(lm, meta), device_kind))
 
 
@@ -229,7 +241,7 @@ def plan_memory(device_budget: int | None, host_budget: int | None, lm, meta: di
                 batch_tokens: int) -> MemoryPlan:
     """The recording's memory plan (see `plan`); unpacks as (resident layers, hidden-state bytes)."""
     memory = plan(weight_sizes(lm), record_sizes(lm, meta, batch_tokens), device.type, device_budget, host_budget,
-                  _free_bytes(device))
+                  _free_bytes(device), prefetch=True)
     lm.host_layers = memory.resident if device.type == "cpu" else 0
     return memory
 

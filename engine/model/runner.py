@@ -8,6 +8,7 @@ any batch with the recorded arguments, in whatever order the caller likes: layer
 """
 from __future__ import annotations
 
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,7 +102,11 @@ class LayerRunner:
     The first `resident` layers (and everything that is not a decoder layer) live on the device;
     `weights(i)` brings in any other layer when its turn comes: read from the model's files straight to
     the device when the model was loaded per layer (engine.model.weights), else copied from host memory.
+    `weights(i, prefetch=j)` also starts bringing layer j in on one background thread while layer i
+    computes: at most one layer in flight beyond the current one (engine.model.plan charges it).
     """
+
+    POLL_S = 0.05  # how often a wait for a prefetched layer looks at the stop token
 
     def __init__(self, adapter: Adapter, device: torch.device, resident: int):
         self.adapter = adapter
@@ -112,6 +117,9 @@ class LayerRunner:
         self._calls: dict[tuple, list[LayerCall]] = {}
         self.returns_tuple: bool | None = None  # the layers' return convention, learned on the first batch
         self._files = adapter.weights  # None: every weight is in memory already
+        self._pool: ThreadPoolExecutor | None = None  # the prefetch thread, started on first use
+        self._pending: tuple[int, Future] | None = None  # (layer, its prefetch)
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with _layers_swapped(adapter, []):  # move the non-layer parts only
             adapter.base.to(device)
         for index, layer in enumerate(self.layers[: self.resident]):
@@ -132,16 +140,106 @@ class LayerRunner:
             self._calls[key] = [LayerCall(args, kwargs) for args, kwargs, _ in sink]
         return sink[0][2]
 
-    def weights(self, index: int) -> dict | None:
+    def weights(self, index: int, prefetch: int | None = None, stop=None) -> dict | None:
         """Device copies of a streamed layer's weights (None for a resident layer); they are gone when the
-        caller drops them."""
-        if index < self.resident:
-            return None
-        layer = self.layers[index]
-        self.bytes_moved += param_bytes(layer)  # what a device copy moves (a no-op copy on CPU)
+        caller drops them. prefetch: the layer whose weights to start bringing in meanwhile; stop: a
+        StopToken looked at while waiting for a prefetched layer."""
+        weights = None
+        if index >= self.resident:
+            self.bytes_moved += param_bytes(self.layers[index])  # what a device copy moves (a no-op copy on CPU)
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] == index:
+                weights = self._wait(pending[1], stop)
+            else:
+                self._drop(pending)
+                weights = self._fetch(index)
+        self._start(prefetch)  # after the wait: never two layers in flight beyond the current one
+        return self._on_compute_stream(weights)
+
+    def _needs_read(self, index: int) -> bool:
+        """A streamed layer whose weights take work to bring in (a host copy on the CPU is the layer itself)."""
+        return index >= self.resident and (self._in_files(index) or self.device.type == "cuda")
+
+    def _start(self, index: int | None) -> None:
+        if index is None or index >= len(self.layers) or not self._needs_read(index):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffnscope-prefetch")
+        previous_done = None  # on a GPU: the compute queued so far, up to the previous layer, whose weights went
+        if self.device.type == "cuda":
+            previous_done = torch.cuda.Event()
+            previous_done.record(torch.cuda.current_stream(self.device))
+        self._pending = (index, self._pool.submit(self._fetch, index, previous_done))
+
+    def _wait(self, future: Future, stop) -> dict:
+        """The prefetched weights; an error raised by the read is raised here, and a stop is not kept waiting."""
+        while True:
+            if stop is not None and stop.requested:
+                self._drop((None, future))
+                stop.check()
+            try:
+                return future.result(timeout=self.POLL_S)
+            except TimeoutError:
+                continue
+
+    @staticmethod
+    def _drop(pending) -> None:
+        """Forget a prefetch: cancelled if it has not started, else waited for (a read is bounded) with its
+        result and any error discarded, so no thread outlives the caller's stop or error."""
+        if pending is None:
+            return
+        future = pending[1]
+        if not future.cancel():
+            wait([future])
+            try:
+                future.exception()
+            except CancelledError:
+                pass
+
+    def cancel_prefetch(self) -> None:
+        pending, self._pending = self._pending, None
+        self._drop(pending)
+
+    def close(self) -> None:
+        self.cancel_prefetch()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _fetch(self, index: int, previous_done=None):
+        """Layer `index`'s weights on the device (on the prefetch thread or the caller's). On a GPU: read
+        into pinned host memory, copied on a side stream once `previous_done` (an event) says the layer
+        before the current one is through, so the device never holds more than two streamed layers;
+        -> (weights, the copy's event)."""
+        cuda = self.device.type == "cuda"
         if self._in_files(index):
-            return self._files.read(index, self.device)
-        return {k: v.to(self.device, non_blocking=True) for k, v in layer.state_dict().items()}
+            host = self._files.read(index, "cpu", pin=True) if cuda else self._files.read(index, self.device)
+        else:
+            host = self.layers[index].state_dict()
+            if not cuda:
+                return {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        if not cuda:
+            return host
+        if previous_done is not None:
+            previous_done.synchronize()
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            weights = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        event.synchronize()  # this thread waits, not the GPU: then the pinned host copy may go
+        return weights, event
+
+    def _on_compute_stream(self, fetched):
+        """On a GPU: the compute stream waits for the copy's event, and the weights' memory (allocated on the
+        copy stream) is not reused before the compute stream is through with them."""
+        if fetched is None or self.device.type != "cuda":
+            return fetched
+        weights, event = fetched
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(event)
+        for tensor in weights.values():
+            tensor.record_stream(compute)
+        return weights
 
     @torch.inference_mode()
     def run(self, index: int, hidden: torch.Tensor, weights: dict | None) -> torch.Tensor:
@@ -154,3 +252,62 @@ class LayerRunner:
         return out[0] if isinstance(out, (tuple, list)) else out  # some layers return (hidden, ...), one a list
 
 
+
+
+class HiddenStates:
+    """A shard's hidden states between layers (`buffer`: all its sequences) and their way to the device and
+    back, batch by batch. On the device or on the CPU nothing moves. From host memory to a GPU, batches
+    move on a copy stream: batch b+1 goes up while b computes, each result comes back behind the compute,
+    and events order the two streams, so neither the host nor the compute stream waits on a copy."""
+
+    def __init__(self, buffer: torch.Tensor, device: torch.device, batches: list[tuple[int, int]]):
+        self.buffer, self.device, self.batches = buffer, device, batches
+        self.bytes_moved = 0  # host <-> device bytes (0 when the buffer is where the layers run)
+        self._moves = buffer.device.type != device.type
+        self._copy = torch.cuda.Stream(device) if device.type == "cuda" and self._moves else None
+        self._ahead: tuple | None = None  # (batch, its device copy, the copy's event)
+
+    def get(self, b: int) -> torch.Tensor:
+        """Batch b's hidden states on the device."""
+        lo, hi = self.batches[b]
+        if self._copy is None:
+            self.bytes_moved += self.buffer[lo:hi].nbytes if self._moves else 0
+            return self.buffer[lo:hi].to(self.device, non_blocking=True)
+        ahead, self._ahead = self._ahead, None
+        x, event = ahead[1:] if ahead is not None and ahead[0] == b else self._upload(b)
+        if b + 1 < len(self.batches):
+            self._ahead = (b + 1, *self._upload(b + 1))
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(event)
+        x.record_stream(compute)  # allocated on the copy stream: not reused before the compute is through
+        return x
+
+    def put(self, b: int, out: torch.Tensor) -> None:
+        """Batch b's output replaces its hidden states."""
+        lo, hi = self.batches[b]
+        if self._copy is None:
+            self.bytes_moved += out.nbytes if self._moves else 0
+            self.buffer[lo:hi] = out.to(self.buffer.device)
+            return
+        # on the copy stream, after what the compute stream queued so far (out among it); an upload of a
+        # later layer reads these rows after this copy, being on the same stream
+        self._copy.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy):
+            self.buffer[lo:hi].copy_(out, non_blocking=True)
+        out.record_stream(self._copy)
+        self.bytes_moved += out.nbytes
+
+    def _upload(self, b: int):
+        lo, hi = self.batches[b]
+        with torch.cuda.stream(self._copy):
+            x = self.buffer[lo:hi].to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy)
+        self.bytes_moved += x.nbytes
+        return x, event
+
+    def finish(self) -> None:
+        """Wait for the copies still queued (before the buffer is reused or its file removed)."""
+        self._ahead = None
+        if self._copy is not None:
+            self._copy.synchronize()

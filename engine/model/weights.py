@@ -38,8 +38,9 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 
 def read_tensors(names: dict[str, str], files: dict[str, Path], dtypes: dict[str, torch.dtype],
-                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """{key: tensor} for names {key: name in the files}, each cast to dtypes[key] (as from_pretrained casts)."""
+                 device: torch.device | str = "cpu", pin: bool = False) -> dict[str, torch.Tensor]:
+    """{key: tensor} for names {key: name in the files}, each cast to dtypes[key] (as from_pretrained casts);
+    pin: into page-locked host memory (for an asynchronous copy to a GPU), `device` ignored."""
     from safetensors import safe_open
 
     by_file = defaultdict(list)
@@ -51,7 +52,11 @@ def read_tensors(names: dict[str, str], files: dict[str, Path], dtypes: dict[str
             for key in keys:
                 # the tensor read is a view of the memory map: always copy it (casting or not), so closing
                 # the file leaves no mapped page behind and nothing written to a weight reaches the map
-                out[key] = handle.get_tensor(names[key]).to(device=device, dtype=dtypes[key], copy=True)
+                src = handle.get_tensor(names[key])
+                if pin:
+                    out[key] = torch.empty(src.shape, dtype=dtypes[key], pin_memory=True).copy_(src)
+                else:
+                    out[key] = src.to(device=device, dtype=dtypes[key], copy=True)
     return out
 
 
@@ -147,11 +152,12 @@ class LayerWeights:
     def is_loaded(self, index: int) -> bool:
         return not any(p.is_meta for p in self.layers[index].parameters())
 
-    def read(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Layer `index`'s weights from the files, keyed as in its state_dict, for torch.func.functional_call."""
+    def read(self, index: int, device: torch.device | str = "cpu", pin: bool = False) -> dict[str, torch.Tensor]:
+        """Layer `index`'s weights from the files, keyed as in its state_dict, for torch.func.functional_call
+        (pin: into page-locked host memory, see read_tensors)."""
         head = f"{self.layers_path}.{index}."
         return read_tensors(self.layer_names[index], self.files,
-                            {k: self.dtypes[head + k] for k in self.layer_names[index]}, device)
+                            {k: self.dtypes[head + k] for k in self.layer_names[index]}, device, pin)
 
     def load(self, index: int, device: torch.device | str = "cpu") -> None:
         """Read layer `index` into its module (it stays until release)."""

@@ -4,9 +4,10 @@ For each shard (many sequences) the model's embeddings are computed once; then e
 the last recorded one gets its weights onto the device once, every batch of the shard goes
 through it while its statistics accumulate, and the shard's hidden states (host memory, or a
 memory-mapped file when over the host budget) move on to the next layer. No logits are computed.
-After each shard the cache is checkpointed atomically, so a killed job resumes from there: the
-shard's tokens and samples go to a segment file of their own and the rest (statistics of a fixed
-size) is rewritten uncompressed, so a checkpoint costs about the shard's delta (cache.store).
+After each shard its tokens, samples and n-gram pairs go to a segment file of their own (cache.store,
+cache.runs); the statistics of a fixed size are checkpointed atomically, uncompressed, beside them when
+the compute since the last checkpoint is Recorder.CHECKPOINT_RATIO times what that one cost, so a
+killed job resumes from the last checkpoint and checkpoints stay a small, flat share of the time.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ffnscope.cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingS
 from ffnscope.cache.store import remove_segments, write_segment, write_state
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.hooks import FFNProbe
-from ffnscope.engine.model.runner import LayerRunner
+from ffnscope.engine.model.runner import HiddenStates, LayerRunner
 from ffnscope.engine.model.plan import release_freed_memory
 from ffnscope.engine.model.load import LoadedModel
 from ffnscope.engine.jobs.progress import ProgressFile
@@ -94,10 +95,12 @@ class ActScale:
 class Recorder:
     def __init__(self, config: RecordConfig, lm: LoadedModel, meta: dict, device: torch.device, resident: int,
                  domains: np.ndarray, hidden_budget: int = 1 << 62, progress: ProgressFile | None = None,
-                 on_progress=None):
+                 on_progress=None, hidden_on_device: bool = False):
         self.config = config
         self.domains = domains              # (all sequences, seq_len) domain ids of the packed data
         self.hidden_budget = hidden_budget  # bytes of hidden states kept in RAM before a mapped file
+        self.hidden_on_device = hidden_on_device  # the plan found a GPU room for a shard's hidden states
+        self.hidden_bytes_moved = 0         # hidden-state bytes between host and device (bench/gpu_scale)
         self.spilled = False                # hidden states went to a memory-mapped file at least once
         self._mapped: Path | None = None
         self.lm = lm
@@ -150,7 +153,8 @@ class Recorder:
             h = self.runner.embed(ids[lo:hi])
             if hidden is None:
                 hidden = self._host_buffer((len(tokens), self.seq_len, h.shape[-1]), h.dtype)
-            hidden[lo:hi] = h.to("cpu")
+            hidden[lo:hi] = h.to(hidden.device)
+            self.hidden_bytes_moved += h.nbytes if hidden.device.type != dev.type else 0
             contexts.append(BatchContext(
                 seq_start=seq_start[lo:hi].to(dev),
                 gram_keys={n: torch.as_tensor(keys[n][lo:hi].reshape(-1)).to(dev) for n in NGRAM_ORDERS},
@@ -160,32 +164,43 @@ class Recorder:
 
         wanted = set(layers)
         last = max(layers)
-        for index in range(last + 1):
-            stats = stats_for(index) if index in wanted else None
-            weights = self.runner.weights(index)
-            with self.probe.attached(index):
-                for b, (lo, hi) in enumerate(batches):
-                    self.stop.check()
-                    h = hidden[lo:hi].to(dev, non_blocking=True)
-                    out = self.runner.run(index, h, weights)
-                    g, act = self.probe.take()
-                    if stats is not None:
-                        t0 = time.perf_counter()
-                        stats.update(g, act, contexts[b])
-                        self.seconds["statistics"] += time.perf_counter() - t0
-                    if index < last:
-                        hidden[lo:hi] = out.to("cpu")
-                    if report:
-                        report(index, last, b + 1, len(batches))
-            del weights
-            if stats is not None:
-                layer_done(index, stats)
+        states = HiddenStates(hidden, dev, batches)
+        try:
+            for index in range(last + 1):
+                stats = stats_for(index) if index in wanted else None
+                # the next layer's weights are read meanwhile, on the runner's prefetch thread
+                weights = self.runner.weights(index, index + 1 if index < last else None, self.stop)
+                with self.probe.attached(index):
+                    for b in range(len(batches)):
+                        self.stop.check()
+                        out = self.runner.run(index, states.get(b), weights)
+                        g, act = self.probe.take()
+                        if stats is not None:
+                            t0 = time.perf_counter()
+                            stats.update(g, act, contexts[b])
+                            self.seconds["statistics"] += time.perf_counter() - t0
+                        if index < last:
+                            states.put(b, out)
+                        if report:
+                            report(index, last, b + 1, len(batches))
+                del weights
+                if stats is not None:
+                    layer_done(index, stats)
+        finally:  # a stop or an error leaves no read in flight nor copy queued behind it
+            self.runner.close()
+            states.finish()
+            self.hidden_bytes_moved += states.bytes_moved
         return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
 
     def _host_buffer(self, shape, dtype) -> torch.Tensor:
+        """The shard's hidden states: on the GPU when the plan found room, else host memory (pinned for
+        a GPU's asynchronous copies), or a memory-mapped file over the host budget."""
         nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        cuda = self.device.type == "cuda"
+        if cuda and self.hidden_on_device and shape[0] <= max(1, self.meta["recording"]["shard_tokens"] // self.seq_len):
+            return torch.empty(shape, dtype=dtype, device=self.device)
         if nbytes <= self.hidden_budget:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype, pin_memory=cuda)
         # over budget: hidden states live in a file the OS pages in and out
         path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
         self._mapped = path
@@ -312,24 +327,36 @@ class Recorder:
 
     # --- the shard loop ------------------------------------------------------------------------
     def _first_segments(self, state: RecordingState) -> list:
-        """The segments the shards' checkpoints build on: none on a fresh start; on a resume one holding
-        everything recorded so far (the streams were read whole), named in a checkpoint before the
-        segments the previous run left (and any a kill left unnamed) go."""
+        """The segments the shards' checkpoints build on, named by a first checkpoint (timed: the cost the
+        cadence weighs compute against): none on a fresh start; on a resume one holding everything
+        recorded so far (the streams were read whole, the n-gram pairs summed on read), written before the
+        segments the previous run left (and any a kill left unnamed) go. From here the layers hold no
+        n-gram pairs: each shard's go to its own segment as sorted runs (cache.runs)."""
         out = self.config.out
-        if not state.shards_done:
-            remove_segments(out)
-            return []
-        base = [write_segment(out, f"upto{state.shards_done:06d}", state.data, state.samples)]
+        pairs = {i: dict(layer.ngrams) for i, layer in state.layers.items() if layer.ngram_counted is not None}
+        for layer in state.layers.values():
+            layer.ngrams = {}
+        base = []
+        if state.shards_done:
+            base = [write_segment(out, f"upto{state.shards_done:06d}", state.data, state.samples, pairs)]
+        t0 = time.perf_counter()
         write_state(out, state, schema.PARTIAL, compress=False, segments=base)
+        self.checkpoint_cost = time.perf_counter() - t0
         remove_segments(out, keep=base)
         return base
+
+    # a checkpoint (the fixed-size statistics rewritten whole) once the compute since the last one is this
+    # many times what the last one cost: checkpoints stay <= 1/RATIO of the compute, whatever their size
+    CHECKPOINT_RATIO = 25.0  # 1/25 = 0.04: room under the 0.05 goal for the segments and for noise
 
     def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
         rec = self.meta["recording"]
         per_shard = max(1, rec["shard_tokens"] // self.seq_len)
         n_shards = rec["n_shards"]
         started, done_at_start = time.time(), state.shards_done
-        segments = self._first_segments(state)
+        self.segments = segments = self._first_segments(state)  # the final write merges their runs (job)
+        self.checkpointed: list[int] = []  # shards after which a checkpoint was written
+        since = 0.0  # compute since the last checkpoint
         shard_start = time.perf_counter()
         for shard in range(state.shards_done, n_shards):
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(tokens))
@@ -357,11 +384,15 @@ class Recorder:
                                   self.device, counted)
 
             samples: dict[int, np.ndarray] = {}
+            pairs: dict[int, dict] = {}
 
             def layer_done(index, stats):
                 samples[index] = stats.take_samples()
-                state.layers[index].add(stats.to_host())
-                state.layers[index].drop_ngrams_over(ngram_drop_limit(self.meta["recording"]), self.primary)
+                host, layer = stats.to_host(), state.layers[index]
+                layer.add(host)  # the fixed-size statistics; the layer holds no pairs (_first_segments)
+                layer.drop_ngrams_over(ngram_drop_limit(self.meta["recording"]), self.primary)
+                if layer.ngram_counted is not None:  # the shard's run: only what is still counted
+                    pairs[index] = {n: p.drop_neurons(layer.ngram_counted) for n, p in host.ngrams.items()}
 
             sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
             acts = np.stack([samples[i] for i in self.layers])
@@ -371,11 +402,19 @@ class Recorder:
             state.data.add(data)
             state.samples.add(shard_samples)
             state.shards_done = shard + 1
-            if self.progress:
-                self.progress.update(force=True, phase="checkpoint")
             t0 = time.perf_counter()
-            segments.append(write_segment(self.config.out, f"{shard:06d}", data, shard_samples))
-            write_state(self.config.out, state, schema.PARTIAL, compress=False, segments=segments)
+            since += t0 - shard_start
+            # the shard's delta (streams, samples, pair runs) always; the checkpoint naming it only when
+            # the compute since the last is worth its cost (a kill loses at most that much: the resume
+            # redoes those shards), and never after the last shard (the final write follows)
+            segments.append(write_segment(self.config.out, f"{shard:06d}", data, shard_samples, pairs))
+            if shard + 1 < n_shards and since >= self.CHECKPOINT_RATIO * self.checkpoint_cost:
+                if self.progress:
+                    self.progress.update(force=True, phase="checkpoint")
+                t = time.perf_counter()
+                write_state(self.config.out, state, schema.PARTIAL, compress=False, segments=segments)
+                self.checkpoint_cost, since = time.perf_counter() - t, 0.0
+                self.checkpointed.append(shard + 1)
             t1 = time.perf_counter()
             self.seconds["checkpoints"] += t1 - t0
             self.shard_seconds.append((t0 - shard_start, t1 - t0))

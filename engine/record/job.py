@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.merge import check_same_recording
+from ffnscope.cache.runs import CachePairs
 from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
 from ffnscope.cache.store import read_state, remove_segments, write_state
 from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
@@ -109,9 +111,9 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         if hi <= lo:
             raise UserError(f"part {config.part[0]}/{config.part[1]} gets no sequence of the "
                             f"{len(packed.tokens)}; use fewer parts or more --tokens")
-        resident, hidden_budget = plan_memory(config.device_memory, config.host_memory, lm, meta, device,
-                                              config.batch_tokens)
-        recorder = Recorder(config, lm, meta, device, resident, packed.domains, hidden_budget, progress, on_progress)
+        memory = plan_memory(config.device_memory, config.host_memory, lm, meta, device, config.batch_tokens)
+        recorder = Recorder(config, lm, meta, device, memory.resident, packed.domains, memory.hidden_bytes, progress,
+                            on_progress, hidden_on_device=memory.hidden_on_device)
         with stop_on_signals() as stop:
             recorder.stop = stop
             if previous is None:
@@ -122,11 +124,12 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
                 if rec["tau_rule"] != "absolute":
                     log(f"note: firing thresholds tau_l ({rec['tau_rule']}): " +
                         ", ".join(f"layer {i} {rec['layer_taus'][str(i)]:g}" for i in rec["layers"]))
-                state = empty_state(meta, counted)
+                state = empty_state(meta, counted)  # its first checkpoint: Recorder.record_shards
                 state.vocab, state.pieces = vocabulary(lm.tokenizer, meta["model"]["vocab_size"])
-                write_state(config.out, state, schema.PARTIAL)
             else:
                 state = previous
+                log(f"note: resuming {config.out} after its last checkpoint: {state.shards_done} of "
+                    f"{meta['recording']['n_shards']} shards done, recording from shard {state.shards_done + 1}")
             before, started = state.n_tokens, time.perf_counter()
             try:
                 recorder.record_shards(state, packed.tokens[lo:hi], lo)
@@ -140,9 +143,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         meta["recording"]["weight_bytes_moved"] = recorder.runner.bytes_moved
         # this run's speed over the recorded layers (checkpoints included): what the app's dialogs estimate from
         meta["recording"]["tokens_per_s"] = (state.n_tokens - before) / seconds if state.n_tokens > before else None
-        write_state(config.out, state, schema.COMPLETE)  # compressed, every stream in the file itself
-        remove_segments(config.out)  # the checkpoint's segments (cache.store), named by no cache now
-        state.status = schema.COMPLETE
+        write_complete(config.out, state, recorder)
         recorded = True
         total = meta["recording"]["part_tokens"]
         progress.update(force=True, tokens_done=total, tokens_total=total, eta_s=0.0)
@@ -152,6 +153,17 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded" +
                         (f" (all the data holds; {config.tokens} asked)" if packed.short else ""))
         return state
+
+
+def write_complete(out: Path, state: RecordingState, recorder: Recorder) -> None:
+    """The recording's final write: compressed, every stream in the file itself, the n-gram pairs merged
+    from the segments' runs; then the segments go, and `state` reads its pairs from the file when asked."""
+    write_state(out, state, schema.COMPLETE, runs=recorder.segments)
+    remove_segments(out)  # the checkpoint's segments (cache.store), named by no cache now
+    for index, layer in state.layers.items():
+        if layer.ngram_counted is not None:
+            layer.ngrams = CachePairs(out, index)
+    state.status = schema.COMPLETE
 
 
 def ngram_bound(tokens: np.ndarray, meta: dict, chunk_seqs: int = 4096) -> dict:

@@ -65,8 +65,8 @@ class LayerStats:
     @torch.inference_mode()
     def update(self, g: torch.Tensor, act: torch.Tensor, ctx: BatchContext) -> None:
         """g, act: (tokens, d_ffn) in the model's dtype; act is what the firing rule thresholds."""
-        if len(ctx.sample_rows):
-            self.samples.append(g[ctx.sample_rows].to(torch.float16).cpu())
+        if len(ctx.sample_rows):  # kept where g is: no host sync per batch on a GPU (take_samples moves them)
+            self.samples.append(g[ctx.sample_rows].to(torch.float16))
         if self.fused:
             g32, a32, seq_max, seq_arg, seq_g = self._update_fused(g, act, ctx)
         else:
@@ -168,7 +168,7 @@ class LayerStats:
     def take_samples(self) -> np.ndarray:
         if not self.samples:
             return np.zeros((0, self.d_ffn), np.float16)
-        return torch.cat(self.samples).numpy()
+        return torch.cat(self.samples).cpu().numpy()  # one move to the host per layer and shard
 
 
 def _merge_topk(kept: tuple, offered: tuple, k: int) -> tuple:
