@@ -120,7 +120,7 @@ def test_stored_analyses_are_what_analyze_computes(synthetic, tmp_path):
 
 
 def test_data_counts_as_the_recorder_counts(synthetic):
-    from ffnscope.engine.record.executor import data_counts
+    from ffnscope.engine.record.grams import data_counts
 
     path, _ = synthetic
     with CacheReader(path) as reader:

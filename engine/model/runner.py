@@ -252,8 +252,6 @@ class LayerRunner:
         return out[0] if isinstance(out, (tuple, list)) else out  # some layers return (hidden, ...), one a list
 
 
-
-
 class HiddenStates:
     """A shard's hidden states between layers (`buffer`: all its sequences) and their way to the device and
     back, batch by batch. On the device or on the CPU nothing moves. From host memory to a GPU, batches

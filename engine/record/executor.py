@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ffnscope.cache import schema
-from ffnscope.cache.state import NGRAM_ORDERS, DataState, GramCounts, RecordingState, Samples, ngram_drop_limit
+from ffnscope.cache.state import NGRAM_ORDERS, DataState, RecordingState, Samples, ngram_drop_limit
 from ffnscope.cache.store import remove_segments, write_segment, write_state
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.hooks import FFNProbe
@@ -29,67 +29,11 @@ from ffnscope.engine.model.plan import release_freed_memory
 from ffnscope.engine.model.load import LoadedModel
 from ffnscope.engine.jobs.progress import ProgressFile
 from ffnscope.engine.jobs.stop import StopToken
-from ffnscope.engine.record.stats import BatchContext, LayerStats
+from ffnscope.engine.record.grams import data_counts, gram_keys
+from ffnscope.engine.record.stats import ActScale, BatchContext, LayerStats
 
 if TYPE_CHECKING:
     from ffnscope.engine.record.config import RecordConfig
-
-
-def gram_keys(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[dict, dict]:
-    """Keys of the n-gram ending at each token, and whether it avoids the start token."""
-    seq_len = tokens.shape[1]
-    keys, valid = {}, {}
-    positions = np.arange(seq_len)
-    for n in NGRAM_ORDERS:
-        key = tokens.astype(np.int64)
-        for shift in range(1, n):  # first token most significant, as cache.schema.encode_grams
-            prev = np.zeros_like(key)
-            prev[:, shift:] = tokens[:, :-shift]
-            key = key + prev * vocab ** shift
-        keys[n] = key
-        valid[n] = np.broadcast_to(positions - n + 1 >= first_pos, tokens.shape).copy()
-    return keys, valid
-
-
-def data_counts(tokens: np.ndarray, vocab: int, first_pos: int) -> tuple[np.ndarray, dict[int, GramCounts]]:
-    keys, valid = gram_keys(tokens, vocab, first_pos)
-    unigram = np.bincount(keys[1][valid[1]], minlength=vocab).astype(np.int64)
-    grams = {}
-    for n in (2, 3):
-        gram, count = np.unique(keys[n][valid[n]], return_counts=True)
-        grams[n] = GramCounts(gram, count.astype(np.int64))
-    return unigram, grams
-
-
-class ActScale:
-    """Calibration accumulator of a relative firing rule: each neuron's largest act, and the act values
-    of every `stride`-th token of the sample (all the layer's neurons; at most about MAX_VALUES values)
-    for a quantile."""
-    MAX_VALUES = 1 << 22
-
-    def __init__(self, d_ffn: int, n_tokens: int):
-        self.stride = max(1, -(-n_tokens * d_ffn // self.MAX_VALUES))
-        self.max: torch.Tensor | None = None
-        self.values: list[np.ndarray] = []
-        self.seen = 0
-
-    @torch.inference_mode()
-    def update(self, g: torch.Tensor, act: torch.Tensor, ctx) -> None:
-        a = act.float()
-        batch_max = a.amax(0)
-        self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
-        self.values.append(a[(-self.seen) % self.stride::self.stride].reshape(-1).cpu().numpy())
-        self.seen += len(a)
-
-    def tau(self, kind: str, value: float) -> float:
-        """The layer's threshold, never below 0 (a relative rule is never laxer than "activated"),
-        rounded to 4 significant digits (the same on every device that records a part)."""
-        if kind == "quantile":
-            values = np.concatenate(self.values) if self.values else np.zeros(1, np.float32)
-            tau = float(np.quantile(values.astype(np.float64), value))
-        else:
-            tau = value * float(np.median(self.max.cpu().numpy())) if self.max is not None else 0.0
-        return float(f"{max(tau, 0.0):.4g}")
 
 
 class Recorder:

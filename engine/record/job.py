@@ -25,7 +25,8 @@ from ffnscope.engine.jobs.stop import Stopped, stop_on_signals
 from ffnscope.engine.model.load import LoadedModel, load_model
 from ffnscope.engine.model.plan import plan_memory, release_freed_memory, resolve_device
 from ffnscope.engine.record.config import RecordConfig, auto_device, check_output, default_shard_tokens
-from ffnscope.engine.record.executor import Recorder, data_counts
+from ffnscope.engine.record.executor import Recorder
+from ffnscope.engine.record.grams import data_counts
 from ffnscope.engine.record.meta import build_meta, part_range
 
 

@@ -8,6 +8,8 @@ Contexts (top-k) rank by act, the quantity the firing rule thresholds (act(gate)
 for plain ones), and keep g there, signed. Each sequence offers its strongest position >= 1 per
 neuron; position 0 (the start token: the same context in every sequence) competes for one slot of
 its own. Ties go to the smaller global token index, as cache.state.merge_topk merges them.
+
+ActScale is the calibration's accumulator for a relative firing rule (each layer's own tau_l).
 """
 from __future__ import annotations
 
@@ -179,3 +181,34 @@ def _merge_topk(kept: tuple, offered: tuple, k: int) -> tuple:
     by_index = key.argsort(dim=0, stable=True)
     order = by_index.gather(0, (-value.gather(0, by_index)).argsort(dim=0, stable=True))[:k]
     return value.gather(0, order), index.gather(0, order), g.gather(0, order)
+
+
+class ActScale:
+    """Calibration accumulator of a relative firing rule: each neuron's largest act, and the act values
+    of every `stride`-th token of the sample (all the layer's neurons; at most about MAX_VALUES values)
+    for a quantile."""
+    MAX_VALUES = 1 << 22
+
+    def __init__(self, d_ffn: int, n_tokens: int):
+        self.stride = max(1, -(-n_tokens * d_ffn // self.MAX_VALUES))
+        self.max: torch.Tensor | None = None
+        self.values: list[np.ndarray] = []
+        self.seen = 0
+
+    @torch.inference_mode()
+    def update(self, g: torch.Tensor, act: torch.Tensor, ctx) -> None:
+        a = act.float()
+        batch_max = a.amax(0)
+        self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
+        self.values.append(a[(-self.seen) % self.stride::self.stride].reshape(-1).cpu().numpy())
+        self.seen += len(a)
+
+    def tau(self, kind: str, value: float) -> float:
+        """The layer's threshold, never below 0 (a relative rule is never laxer than "activated"),
+        rounded to 4 significant digits (the same on every device that records a part)."""
+        if kind == "quantile":
+            values = np.concatenate(self.values) if self.values else np.zeros(1, np.float32)
+            tau = float(np.quantile(values.astype(np.float64), value))
+        else:
+            tau = value * float(np.median(self.max.cpu().numpy())) if self.max is not None else 0.0
+        return float(f"{max(tau, 0.0):.4g}")
