@@ -125,19 +125,54 @@ class Segment:
 
 
 def write_segment(path: Path, name: str, data: DataState, samples: Samples,
-                  pairs: dict[int, dict[int, Sparse]] | None = None) -> Segment:
+                  pairs: dict[int, dict[int, Sparse]] | None = None,
+                  counted: dict[int, np.ndarray] | None = None) -> Segment:
     """The streams of one shard (or of everything before a resume) as segment `name` of cache `path`,
     with its n-gram pairs (layer -> order -> Sparse) as sorted runs (cache.runs), uncompressed: written
-    once, read back only by a resume, the final merge or a reader of the checkpoint."""
+    once, read back only by a resume, the final merge or a reader of the checkpoint. `counted` (layer ->
+    ngram_counted), for a resume: each such layer's run is the sum of the checkpoint at `path`'s pairs,
+    merged from its runs as the final write merges them (memory bounded, never the pairs whole)."""
     directory = segments_dir(path)
     directory.mkdir(exist_ok=True)
     streams = _streams(data, samples)
-    with replaced(directory / f"{name}.h5", failure=f"could not write a checkpoint of {path}",
-                  needs=nbytes(streams) + nbytes(pairs or {})) as f:
+    needs = nbytes(streams) + nbytes(pairs or {}) + (_pair_bytes(path) if counted else 0)
+    with replaced(directory / f"{name}.h5", failure=f"could not write a checkpoint of {path}", needs=needs) as f:
         for key, array in streams.items():
             put_array(f, key, array, compress=False)
         shapes = put_runs(f, pairs or {})
+        for layer, mask in (counted or {}).items():
+            shapes.update(_merged_run(f, path, layer, mask))
     return Segment(f"{name}.h5", {**{key: array.shape for key, array in streams.items()}, **shapes})
+
+
+def _checkpoint_runs(checkpoint: h5py.File, directory: Path, layer: int, n: int, stack: ExitStack) -> list:
+    """The sorted runs a checkpoint's `ngramN` of `layer` is made of: the segments' runs its virtual
+    datasets name (cache.runs), or the group itself where it holds summed pairs (older checkpoints)."""
+    group = checkpoint[schema.layer_group(layer)].get(f"ngram{n}")
+    if group is None:
+        return []
+    if not group.attrs.get(RUNS_ATTR, False) or not group["gram"].is_virtual:
+        return [group]
+    files = [Path(source.file_name).name for source in group["gram"].virtual_sources()]
+    return [stack.enter_context(h5py.File(directory / name, "r"))[run_key(layer, n)] for name in files]
+
+
+def _merged_run(f: h5py.File, path: Path, layer: int, counted: np.ndarray) -> dict[str, tuple]:
+    """Layer `layer`'s pairs of the checkpoint at `path` summed into one run per order of segment file `f`."""
+    directory = segments_dir(path)
+    with h5py.File(path, "r") as checkpoint:
+        write_merged_pairs(f.require_group(f"pairs/{layer:03d}"),
+                           lambda n, stack: _checkpoint_runs(checkpoint, directory, layer, n, stack),
+                           counted, directory, compress=False)
+    return {run_key(layer, n): f[f"{run_key(layer, n)}/gram"].shape for n in NGRAM_ORDERS}
+
+
+def _pair_bytes(path: Path) -> int:
+    """Bytes of a checkpoint's n-gram pairs as stored (what a resume's merged runs take at most)."""
+    with h5py.File(path, "r") as f:
+        return sum(dataset.size * dataset.dtype.itemsize for layer in f["layers"].values()
+                   for name, group in layer.items() if name.startswith("ngram") and name != "ngram_counted"
+                   for dataset in group.values())
 
 
 def remove_segments(path: Path, keep: list[Segment] = ()) -> None:
@@ -345,8 +380,9 @@ def read_sparse(group: h5py.Group) -> Sparse:
     return sparse
 
 
-def read_state(path: Path, purpose: str) -> RecordingState:
-    """Load a whole cache into memory (for resume and merge)."""
+def read_state(path: Path, purpose: str, pairs: bool = True) -> RecordingState:
+    """Load a whole cache into memory (for resume and merge); pairs=False: without the n-gram pairs (a
+    resume carries them over from the checkpoint's runs, streamed: segment_runs_from)."""
     with open_file(path, purpose) as f:
         try:
             meta = json.loads(f.attrs["meta"])
@@ -355,7 +391,7 @@ def read_state(path: Path, purpose: str) -> RecordingState:
                      for name in data if name.startswith("gram")}
             data_state = DataState(data["tokens"][:], data["seq_index"][:], data["domains"][:],
                                    data["unigram"][:], grams)
-            layers = {int(name): read_layer(group) for name, group in f["layers"].items()}
+            layers = {int(name): read_layer(group, pairs) for name, group in f["layers"].items()}
             samples = Samples(f["samples/index"][:], f["samples/acts"][:])
             return RecordingState(meta, dict(sorted(layers.items())), data_state, samples,
                                   int(f.attrs["shards_done"]), str(f.attrs["status"]),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ffnscope.cache import runs as runs_module
-from ffnscope.cache import schema
+from ffnscope.cache import schema, store
 from ffnscope.cache.reader import CacheReader
 from ffnscope.cache.state import (G_ORDERS, NGRAM_ORDERS, DataState, GramCounts, LayerState, RecordingState, Samples,
                                   Sparse)
@@ -158,8 +158,9 @@ def test_kill_between_checkpoints_resumes_from_the_last_and_cleans_up(model_dirs
                                                                       monkeypatch, whole):
     """A kill after shard 5's segment, the last checkpoint after shard 2: the partial cache says 2 shards
     (pairs summed from the runs it names), the unnamed segments and runs of shards 3-5 (and a stray file)
-    go at the resume, which says where it starts and ends equal to the uninterrupted recording with no
-    segment, run or scratch file left."""
+    go at the resume, which carries the pairs over merged from the runs (never summed whole in memory),
+    says where it starts and ends equal to the uninterrupted recording with no segment, run or scratch
+    file left."""
     out = tmp_path / "killed.h5"
     # every shard is due (ratio 0), but only the checkpoint after shard 2 is written: the cadence's
     # skips, made deterministic
@@ -183,7 +184,12 @@ def test_kill_between_checkpoints_resumes_from_the_last_and_cleans_up(model_dirs
 
     monkeypatch.undo()
     lines = []
+
+    def whole_in_memory(*args):
+        raise AssertionError("the resume summed the checkpoint's pairs in memory")
+    monkeypatch.setattr(store, "sum_runs", whole_in_memory)  # they are merged from the runs, streamed
     _record(out, model_dirs["llama"], text_file, log=lines.append, resume=True)
+    monkeypatch.undo()
     assert any("recording from shard 3" in line for line in lines), lines
     assert_same_cache(whole, out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["killed.h5", "killed.h5.progress.json"]

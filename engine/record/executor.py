@@ -272,17 +272,18 @@ class Recorder:
     # --- the shard loop ------------------------------------------------------------------------
     def _first_segments(self, state: RecordingState) -> list:
         """The segments the shards' checkpoints build on, named by a first checkpoint (timed: the cost the
-        cadence weighs compute against): none on a fresh start; on a resume one holding everything
-        recorded so far (the streams were read whole, the n-gram pairs summed on read), written before the
-        segments the previous run left (and any a kill left unnamed) go. From here the layers hold no
-        n-gram pairs: each shard's go to its own segment as sorted runs (cache.runs)."""
+        cadence weighs compute against): none on a fresh start; on a resume (`state` read from the
+        checkpoint at config.out, without its n-gram pairs) one holding everything recorded so far: the
+        streams read whole, the pairs merged from the checkpoint's runs in bounded memory; it is written
+        before the segments the previous run left (and any a kill left unnamed) go. From here the layers
+        hold no n-gram pairs: each shard's go to its own segment as sorted runs (cache.runs)."""
         out = self.config.out
-        pairs = {i: dict(layer.ngrams) for i, layer in state.layers.items() if layer.ngram_counted is not None}
+        counted = {i: layer.ngram_counted for i, layer in state.layers.items() if layer.ngram_counted is not None}
         for layer in state.layers.values():
             layer.ngrams = {}
         base = []
         if state.shards_done:
-            base = [write_segment(out, f"upto{state.shards_done:06d}", state.data, state.samples, pairs)]
+            base = [write_segment(out, f"upto{state.shards_done:06d}", state.data, state.samples, counted=counted)]
         t0 = time.perf_counter()
         write_state(out, state, schema.PARTIAL, compress=False, segments=base)
         self.checkpoint_cost = time.perf_counter() - t0

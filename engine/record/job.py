@@ -60,7 +60,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
     file still says running (the CLI's `record --analyze` runs the analyses there). If it raises, the
     complete recording stands and the progress file says failed (or stopped, for a signal)."""
     check_output(config)
-    previous = read_state(config.out, "resuming") if config.resume else None
+    # without the n-gram pairs: the recorder carries them over from the checkpoint's runs, streamed
+    previous = read_state(config.out, "resuming", pairs=False) if config.resume else None
     if previous is not None and previous.status == schema.COMPLETE:
         raise UserError(f"{config.out} is already complete; nothing to resume (use --force to record it again)")
     sources = open_sources(config.data, field=config.field, seed=config.seed)
