@@ -87,7 +87,7 @@ def test_an_impossible_budget_is_refused_before_any_data_is_read(cache, monkeypa
     def no_packing(*_a, **_k):
         raise AssertionError("data read")
 
-    monkeypatch.setattr(job_module, "_pack", no_packing)
+    monkeypatch.setattr(job_module, "pack_text", no_packing)
     with pytest.raises(UserError, match=r"the NPL fit needs .* for one layer pair .* NPL memory budget is 1000 B"):
         fit_job(NplFitConfig(cache, tokens=3200, device="cpu", memory=1000), **QUIET)
     monkeypatch.setenv(MEMORY_ENV, "2KiB")

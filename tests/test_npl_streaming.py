@@ -135,7 +135,7 @@ def test_memory_limits_are_refused_up_front(setup, monkeypatch):
     def no_packing(*_a, **_k):
         raise AssertionError("data read")
 
-    monkeypatch.setattr(job_module, "_pack", no_packing)
+    monkeypatch.setattr(job_module, "pack_text", no_packing)
     with pytest.raises(UserError, match=r"--host-memory 1\.0 MiB does not hold the model's smallest plan"):
         fit_job(NplFitConfig(cache, tokens=3200, device="cpu", host_memory=1 << 20, force=True), **QUIET)
     # --memory beyond what the host cap leaves is capped by it: refused before any data is read

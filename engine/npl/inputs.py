@@ -14,7 +14,7 @@ from ffnscope.cache.reader import CacheReader
 DEFAULT_FIT_TOKENS = 131072
 
 
-def _cache_meta(cache: Path, purpose: str) -> dict:
+def cache_meta(cache: Path, purpose: str) -> dict:
     with CacheReader(cache, purpose) as reader:
         if reader.status != "complete":  # its token stream and samples are a part of what was asked
             raise UserError(f"{cache} is a partial recording; finish it with `ffnscope record ... --resume` before "
@@ -30,7 +30,7 @@ def recorded_sources(meta: dict) -> list[str]:
     return specs
 
 
-def _load(meta: dict, options, cache: Path):
+def load_model_of(meta: dict, options, cache: Path):
     """The recording's model (or options.model; options: a job.ModelOptions), refused unless it is the recorded one."""
     from ffnscope.engine.model.load import load_model
 
@@ -43,7 +43,7 @@ def _load(meta: dict, options, cache: Path):
     return lm
 
 
-def _pack(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log, report=None):
+def pack_text(lm, specs: list[str], field_name: str, seed: int, seq_len: int, n_seqs: int, log, report=None):
     """Packed sequences of the sources; report(fields) follows the tokenizing."""
     from ffnscope.engine.data.packing import pack, special_ids
     from ffnscope.engine.data.sources import open_sources
@@ -99,7 +99,7 @@ def heldout_for(config, reader: NplReader, lm, log, report=None) -> tuple[np.nda
     seq_len = int(reader.meta["fit"]["data"]["seq_len"])
     if config.data:
         limit = (config.tokens or DEFAULT_FIT_TOKENS // 8) // seq_len
-        packed, _ = _pack(lm, list(config.data), config.field, config.seed, seq_len, max(1, limit), log, report)
+        packed, _ = pack_text(lm, list(config.data), config.field, config.seed, seq_len, max(1, limit), log, report)
         tokens, source = packed.tokens, ",".join(map(str, config.data))
     else:
         tokens, source = reader.heldout_tokens(), "fit held-out split"

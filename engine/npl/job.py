@@ -36,7 +36,7 @@ from ffnscope.cache.npl_store import (NplReader, NplWriter, cache_tie, map_bytes
                                       sidecar_path, write_result)
 from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile, running_job
 from ffnscope.engine.jobs.stop import Stopped, StopToken, stop_on_signals
-from ffnscope.engine.npl.inputs import (DEFAULT_FIT_TOKENS, _cache_meta, _load, _pack, heldout_for,
+from ffnscope.engine.npl.inputs import (DEFAULT_FIT_TOKENS, cache_meta, load_model_of, pack_text, heldout_for,
                                         recorded_sources, split_sequences)
 
 
@@ -67,7 +67,7 @@ class _Job:
     def load_model(self, meta: dict, config, cache: Path, reader: NplReader | None = None):
         """The recording's model (or the one the options name), checked against the sidecar's maps."""
         self.phase("loading model")
-        lm = _load(meta, config, cache)
+        lm = load_model_of(meta, config, cache)
         if reader is not None:
             reader.check_model(lm.fingerprint, lm.name)
         return lm
@@ -143,7 +143,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
 
     cache = Path(config.cache)
     limits = config.limits()
-    meta = _cache_meta(cache, "fitting NPL maps")
+    meta = cache_meta(cache, "fitting NPL maps")
     out = sidecar_path(cache)
     if out.exists() and not config.force:
         raise UserError(f"{out} exists; add --force to fit the maps again (its results go with it)")
@@ -165,7 +165,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
             log(f"note: the {len(pairs)} pairs take {len(groups)} passes over the data (device memory)")
         job.phase("packing data")
         specs = config.data or recorded_sources(meta)
-        packed, sources = _pack(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log,
+        packed, sources = pack_text(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log,
                                 job.report)
         hashes = sequence_hashes(packed.tokens)
         held = split_sequences(hashes, config.holdout, config.seed)
@@ -260,7 +260,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
 
     cache = Path(config.cache)
     limits = config.limits()
-    meta = _cache_meta(cache, "substituting NPL maps")
+    meta = cache_meta(cache, "substituting NPL maps")
     out = sidecar_path(cache)
     with NplReader(out) as reader:
         reader.check_cache(meta, cache)
@@ -346,7 +346,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
 
     cache = Path(config.cache)
     limits = config.limits()
-    meta = _cache_meta(cache, "finding functional neurons")
+    meta = cache_meta(cache, "finding functional neurons")
     out = sidecar_path(cache)
     params = FunctionalParams(theta=config.theta, top_ngrams=config.top_ngrams, min_count=config.min_count,
                               loss_fraction=config.loss_fraction)
