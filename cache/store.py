@@ -140,8 +140,10 @@ def write_segment(path: Path, name: str, data: DataState, samples: Samples,
         for key, array in streams.items():
             put_array(f, key, array, compress=False)
         shapes = put_runs(f, pairs or {})
-        for layer, mask in (counted or {}).items():
-            shapes.update(_merged_run(f, path, layer, mask))
+        if counted:
+            with h5py.File(path, "r") as checkpoint:
+                for layer, mask in counted.items():
+                    shapes.update(_merged_run(f, checkpoint, path, layer, mask))
     return Segment(f"{name}.h5", {**{key: array.shape for key, array in streams.items()}, **shapes})
 
 
@@ -157,13 +159,13 @@ def _checkpoint_runs(checkpoint: h5py.File, directory: Path, layer: int, n: int,
     return [stack.enter_context(h5py.File(directory / name, "r"))[run_key(layer, n)] for name in files]
 
 
-def _merged_run(f: h5py.File, path: Path, layer: int, counted: np.ndarray) -> dict[str, tuple]:
-    """Layer `layer`'s pairs of the checkpoint at `path` summed into one run per order of segment file `f`."""
+def _merged_run(f: h5py.File, checkpoint: h5py.File, path: Path, layer: int, counted: np.ndarray) -> dict[str, tuple]:
+    """Layer `layer`'s pairs of `checkpoint` (the open cache at `path`) summed into one run per order of
+    segment file `f`."""
     directory = segments_dir(path)
-    with h5py.File(path, "r") as checkpoint:
-        write_merged_pairs(f.require_group(f"pairs/{layer:03d}"),
-                           lambda n, stack: _checkpoint_runs(checkpoint, directory, layer, n, stack),
-                           counted, directory, compress=False)
+    write_merged_pairs(f.require_group(f"pairs/{layer:03d}"),
+                       lambda n, stack: _checkpoint_runs(checkpoint, directory, layer, n, stack),
+                       counted, directory, compress=False)
     return {run_key(layer, n): f[f"{run_key(layer, n)}/gram"].shape for n in NGRAM_ORDERS}
 
 

@@ -134,10 +134,7 @@ def job_from_progress(progress: dict, progress_file: Path) -> Job:
     if status == RUNNING and not process_alive(pid, command):
         # the file was read before the process was found gone: it may have written its final status
         # in between (a stop, a failure), so read it once more before calling it interrupted
-        try:
-            again = json.loads(progress_file.read_text())
-        except (OSError, ValueError):
-            again = None
+        again = read_progress(_output_of(progress_file))
         if isinstance(again, dict) and again.get("pid") == progress.get("pid") and again.get("status") != RUNNING:
             return job_from_progress(again, progress_file)
         status = INTERRUPTED

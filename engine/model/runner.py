@@ -196,12 +196,10 @@ class LayerRunner:
             except CancelledError:
                 pass
 
-    def cancel_prefetch(self) -> None:
+    def close(self) -> None:
+        """Forget any prefetch and end its thread (after every block: a stop or an error included)."""
         pending, self._pending = self._pending, None
         self._drop(pending)
-
-    def close(self) -> None:
-        self.cancel_prefetch()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
