@@ -18,6 +18,17 @@ FAST = dict(seq_len=32, shard_tokens=256, batch_tokens=64, samples=40, topk=4, d
             calib_tokens=128)
 
 
+# `python -c EVERY_SHARD ARGS...` is `ffnscope ARGS...` with a checkpoint after every shard
+# (Recorder.CHECKPOINT_RATIO 0): a test that stops or kills a recording after shard k then always finds
+# k shards kept, however cheap a tiny model's compute is against its checkpoints (the cadence is timing)
+EVERY_SHARD = """import runpy, sys
+import ffnscope.engine.record.executor as executor
+executor.Recorder.CHECKPOINT_RATIO = 0.0
+sys.argv[0] = "ffnscope"
+runpy.run_module("ffnscope", run_name="__main__")
+"""
+
+
 def record_tiny(out: Path, model: Path, data: list, tokens: int = 768, **overrides):
     options = {**FAST, **overrides}
     return record(RecordConfig(out=out, model=str(model), data=[str(d) for d in data], tokens=tokens,

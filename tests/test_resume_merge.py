@@ -15,7 +15,7 @@ from ffnscope.cache.store import read_state, segments_dir, write_state
 from ffnscope.engine.jobs.progress import read_progress
 from tests.conftest import env_for_subprocess
 from tests.fixtures.parts import synthetic_parts
-from tests.helpers import assert_same_cache, record_tiny
+from tests.helpers import EVERY_SHARD, assert_same_cache, record_tiny
 
 LONG = ["--tokens", "49152", "--seq-len", "32", "--shard-tokens", "1024", "--batch-tokens", "64",
         "--samples", "40", "--topk", "4", "--device", "cpu", "--quiet"]
@@ -25,15 +25,6 @@ def _record_cmd(model_dir, data, out, *extra):
     return [sys.executable, "-m", "ffnscope", "record", "--model", str(model_dir), "--data", str(data),
             "--out", str(out), *LONG, *extra]
 
-
-# the CLI with a checkpoint after every shard (Recorder.CHECKPOINT_RATIO 0): a kill after shard 3 then
-# always finds one to resume from, however cheap the tiny model's compute is against its checkpoints
-_EVERY_SHARD = """import runpy, sys
-import ffnscope.engine.record.executor as executor
-executor.Recorder.CHECKPOINT_RATIO = 0.0
-sys.argv[0] = "ffnscope"
-runpy.run_module("ffnscope", run_name="__main__")
-"""
 
 
 def _start_and_stop(cmd, out, sig, after_shards=3):
@@ -57,7 +48,7 @@ def test_sigkill_then_resume_equals_uninterrupted(model_dirs, text_file, tmp_pat
     whole, killed = tmp_path / "whole.h5", tmp_path / "killed.h5"
     subprocess.run(_record_cmd(model_dir, text_file, whole), env=env_for_subprocess(), check=True,
                    capture_output=True)
-    _start_and_stop([sys.executable, "-c", _EVERY_SHARD, *_record_cmd(model_dir, text_file, killed)[3:]], killed,
+    _start_and_stop([sys.executable, "-c", EVERY_SHARD, *_record_cmd(model_dir, text_file, killed)[3:]], killed,
                     signal.SIGKILL)
     partial = read_state(killed, "testing")
     assert partial.status == "partial" and 0 < partial.shards_done < partial.meta["recording"]["n_shards"]

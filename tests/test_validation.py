@@ -22,7 +22,7 @@ from ffnscope.engine.jobs.progress import read_progress
 from ffnscope.engine.record.config import RecordConfig
 from ffnscope.engine.record.job import record
 from tests.conftest import env_for_subprocess
-from tests.helpers import FAST, record_tiny
+from tests.helpers import EVERY_SHARD, FAST, record_tiny
 
 REC = ["record", "--model", "{M}", "--data", "{D}", "--out", "{O}", "--device", "cpu", "--quiet",
        "--tokens", "256", "--seq-len", "32", "--samples", "8"]
@@ -240,10 +240,11 @@ def test_small_recordings_have_several_shards(tmp_path, model_dirs, text_file):
 
 def test_stopped_small_recording_keeps_its_checkpoint(tmp_path, model_dirs, text_file):
     """No --shard-tokens: the default cuts a small recording into 4 shards, so a stop after the first
-    keeps work, the stop message and the TUI's cancel message say how much, and --resume finishes it."""
+    keeps work (with a checkpoint after every shard: the cadence would make it timing), the stop message
+    and the TUI's cancel message say how much, and --resume finishes it."""
     out = tmp_path / "small.h5"
-    cmd = [sys.executable, "-m", "ffnscope", "record", "--model", str(model_dirs["llama"]), "--data", str(text_file),
-           "--out", str(out), "--tokens", "32768", "--seq-len", "32", "--batch-tokens", "64", "--samples", "40",
+    cmd = [sys.executable, "-c", EVERY_SHARD, "record", "--model", str(model_dirs["llama"]),
+           "--data", str(text_file), "--out", str(out), "--tokens", "32768", "--seq-len", "32", "--batch-tokens", "64", "--samples", "40",
            "--topk", "4", "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
