@@ -115,7 +115,7 @@ def main() -> None:
         sub = heldout[: max(1, args.sub_tokens // args.seq_len)]
         settings = table1_settings(n_layers, maps, [1, 2, 3, 4], seeds=args.seeds)
         t0 = time.perf_counter()
-        run = run_settings(lm, sub, settings, args.device, on_progress=progress)
+        run = run_settings(lm, sub, settings, args.device, on_progress=progress, maps=maps)
         rows = table1_rows(run)
         print(f"\nsubstitution perplexity on {sub.size} held-out tokens ({len(settings)} settings, "
               f"{time.perf_counter() - t0:.0f} s); chunks: "

@@ -165,3 +165,36 @@ def test_table1_layout_seeds_and_the_finegrained_grid():
     assert rows["random"]["seeds"] == 2 and rows["zero"]["seeds"] == 1
     fine = finegrained_settings(N_LAYERS, maps, [4], metrics=("pearson", "variance"), seeds=1)
     assert len(fine) == 2 + 2 * 8 and all(s.layers == [3] for s in fine)
+
+
+def test_a_run_holds_one_chunks_maps_at_a_time_and_equals_holding_them_all():
+    """Maps read from a sidecar are held a chunk at a time (Maps.hold): each read once, at most one chunk's
+    held, and every perplexity equal to the bit to a run with every map in memory, explicit-only included."""
+    model = build("llama", 8, 5)
+    lm = LoadedModel(model, None, Adapter(model), "llama", "llama", "fp-8")
+    rng = np.random.default_rng(4)
+    weights = {j: (rng.normal(size=(D_FFN, D_FFN)) * 0.3, rng.normal(size=D_FFN) * 0.1) for j in range(1, 8)}
+    metrics = {j: {"pearson": rng.uniform(-1, 1, D_FFN), "l2": rng.uniform(0, 1, D_FFN),
+                   "target_mean": rng.normal(size=D_FFN), "target_var": rng.uniform(0, 2, D_FFN)}
+               for j in range(1, 8)}
+    reads, most = [], [0]
+
+    def load(j):
+        reads.append(j)
+        most[0] = max(most[0], len(lazy.weights) + 1)
+        return weights[j]
+
+    lazy = Maps(lm.fingerprint, D_FFN, metrics=metrics, load=load, layers=range(1, 8))
+    whole = Maps(lm.fingerprint, D_FFN, weights, metrics)
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(3)).numpy().astype(np.int32)
+    runs = []
+    for maps in (whole, lazy):
+        settings = (table1_settings(8, maps, [1, 2, 3, 4], seeds=2)
+                    + finegrained_settings(8, maps, [3], metrics=("l2",), seeds=1))
+        runs.append(run_settings(lm, ids, settings, batch_tokens=32, explicit=True, maps=maps))
+    assert sorted(reads) == list(range(1, 8)) and most[0] == 2  # the chunks' substituted layers: 1 | 2,3 | 4,5 | 6,7
+    assert runs[0].original_nll == runs[1].original_nll and runs[0].tokens == runs[1].tokens == 6 * 15
+    for a, b in zip(runs[0].outcomes, runs[1].outcomes, strict=True):
+        assert (a.labels, a.nll_complete, a.nll_partial, a.nll_explicit, a.tokens) == \
+               (b.labels, b.nll_complete, b.nll_partial, b.nll_explicit, b.tokens)
+    assert len({o.nll_complete for o in runs[1].outcomes}) > 10  # the settings differ

@@ -293,8 +293,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             fine = (finegrained_settings(n_layers, maps, fine_chunks, config.fine_metrics, seeds=config.seeds,
                                          random_scale=config.random_scale) if config.finegrained else [])
             result = run_settings(lm, tokens, settings + fine, device, config.batch_tokens, job.report, stop,
-                                  explicit=config.explicit, limits=limits,
-                                  maps_bytes=maps.nbytes() if maps is not None else 0)
+                                  explicit=config.explicit, limits=limits, maps=maps)
             part = lambda outs: type(result)(result.original_nll, result.tokens, outs, result.seconds)  # noqa: E731
             result_t1, result_fine = part(result.outcomes[:len(settings)]), part(result.outcomes[len(settings):])
             rows, fine_rows = table1_rows(result_t1), finegrained_rows(result_fine) if fine else []

@@ -25,8 +25,10 @@ near the original perplexity for every mapping, chunk 4 worst) behave like this 
 Fig. 3 caption and DESIGN.md define partial as above; we report both and leave the name to DESIGN.md.
 
 Perplexity is exp of the token-weighted mean loss over all next-token predictions of the held-out
-sequences. Layers before a chunk are run once per batch (the unmodified pass, which also gives the
-model's own perplexity) and their hidden states reused by every setting of that chunk.
+sequences. Settings run chunk by chunk (grouped by their first layer), each chunk over every batch,
+holding only that chunk's maps: per batch, the layers before the chunk run once (for the first chunk
+the whole unmodified pass, which also gives the model's own perplexity) and their hidden states are
+reused by every setting of the chunk.
 """
 from __future__ import annotations
 
@@ -58,26 +60,33 @@ Mapping = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Maps:
-    """The fitted maps M_{j-1->j} (and metrics) a substitution run uses, keyed by target layer."""
+    """The fitted maps M_{j-1->j} (and metrics) a substitution run uses, keyed by target layer.
+
+    Built from a sidecar (`from_reader`), a map's W and b are read only when a run holds the group of
+    layers that needs it (`hold`): a run holds one chunk's maps at a time, not every chunk's (at d_ffn
+    11,008, LLaMA-2-7b, a map is 485 MB of float32). Maps given whole (`weights`) are simply all held."""
 
     def __init__(self, fingerprint: str, d: int, weights: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-                 metrics: dict[int, dict[str, np.ndarray]] | None = None):
+                 metrics: dict[int, dict[str, np.ndarray]] | None = None,
+                 load: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None, layers=None):
         self.fingerprint = fingerprint
         self.d = d
-        self.weights = weights or {}
+        self.weights = weights or {}  # the maps held now
         self.metrics = metrics or {}
+        self.layers = sorted(set(self.weights) if layers is None else set(layers))  # the maps there are
+        self._load = load  # j -> (W, b), read when held; None: every map is in `weights`
+        self._std: dict[int, float] = {}
         self._device: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_reader(cls, reader, layers, method: str = "exact", need_metrics: bool = False) -> "Maps":
-        """Load M_{j-1->j} for each j in layers from a cache.npl_store.NplReader."""
-        weights, metrics = {}, {}
-        for j in sorted(set(layers)):
-            weights[j] = reader.load_map(j - 1, j, method)
-            if need_metrics:
-                metrics[j] = reader.metrics(j - 1, j, method)
+        """M_{j-1->j} for each j in layers in a cache.npl_store.NplReader (which must stay open while they are
+        used): the metrics read now (d_ffn values a map), W and b when held."""
+        layers = sorted(set(layers))
+        metrics = {j: reader.metrics(j - 1, j, method) for j in layers} if need_metrics else {}
         d = int(reader.meta["model"]["d_ffn"])
-        return cls(reader.meta["model"]["fingerprint"], d, weights, metrics)
+        return cls(reader.meta["model"]["fingerprint"], d, metrics=metrics, layers=layers,
+                   load=lambda j: reader.load_map(j - 1, j, method))
 
     def check_model(self, lm) -> None:
         if lm.fingerprint != self.fingerprint:
@@ -86,10 +95,25 @@ class Maps:
                             "maps on a cache of this model")
 
     def require(self, layers) -> None:
-        missing = [j for j in layers if j not in self.weights]
+        missing = [j for j in layers if j not in self.layers]
         if missing:
             raise UserError(f"substitution needs the maps M_(j-1)->j for layers {_ranges(missing)}; fit them "
                             "with `ffnscope npl fit CACHE --pairs adjacent --force`")
+
+    def hold(self, layers) -> None:
+        """Hold the maps into `layers` (those there are), and only them when they can be read again."""
+        wanted = set(layers) & set(self.layers)
+        if self._load is not None:
+            for j in set(self.weights) - wanted:
+                del self.weights[j]
+            self._device = {key: v for key, v in self._device.items() if key[0] in wanted}
+        for j in sorted(wanted - set(self.weights)):
+            self.weights[j] = self._load(j)
+
+    def held_bytes(self, layers) -> int:
+        """Bytes the maps into `layers` take held, one copy of W and b as float32: in host memory, and
+        once more on a GPU (`on`)."""
+        return sum(4 * (self.d * self.d + self.d) for j in set(layers) if j in self.layers)
 
     def on(self, j: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (j, str(device))
@@ -100,12 +124,11 @@ class Maps:
         return self._device[key]
 
     def random_std(self, j: int, scale: str) -> float:
-        if scale == "npl" and j in self.weights:
-            return float(np.asarray(self.weights[j][0], np.float64).std())
+        if scale == "npl" and j in self.layers:
+            if j not in self._std:  # asked while j's group is held, as the random mapping is
+                self._std[j] = float(np.asarray(self.weights[j][0], np.float64).std())
+            return self._std[j]
         return 1.0 / math.sqrt(self.d)
-
-    def nbytes(self) -> int:
-        return sum(np.asarray(w).nbytes + np.asarray(b).nbytes for w, b in self.weights.values())
 
 
 def _ranges(layers) -> str:
@@ -213,11 +236,14 @@ class RunResult:
 
 def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", batch_tokens: int = 8192,
                  on_progress=None, stop: StopToken | None = None, explicit: bool = False, limits=None,
-                 maps_bytes: int = 0) -> RunResult:
+                 maps: Maps | None = None) -> RunResult:
     """Perplexity of the unmodified model and of every setting (complete and partial, and
     explicit-only when asked) on tokens; a requested `stop` raises Stopped before the next batch or setting.
-    `limits` (engine.npl.plan.MemoryLimits): layers beyond them stream; `maps_bytes`: the maps the settings
-    hold (in host memory, and copied to a GPU)."""
+    `limits` (engine.npl.plan.MemoryLimits): layers beyond them stream. `maps`: the maps the settings' mappings
+    use; settings run grouped by their first layer (a chunk), each group over every batch, holding only that
+    group's maps (Maps.hold). The passes before a group's first layer are run again for each later group
+    (whole passes when `explicit`): a fraction of the substituted passes' compute, for a chunk's maps held
+    instead of all."""
     stop = stop or StopToken()
     device = torch.device(device)
     adapter = lm.adapter
@@ -226,81 +252,93 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
     for s in settings:
         if not s.layers or min(s.layers) < 1 or max(s.layers) >= n_layers:
             raise UserError(f"substituted layers must lie in 1-{n_layers - 1}; got {s.layers}")
-    starts = sorted({min(s.layers) for s in settings})
-    # progress in layer runs: the unmodified pass (every layer and the head), then each setting's
-    units = tokens.size * (n_layers + 1 + sum(n_layers + 2 - min(s.layers) for s in settings))
+    groups: dict[int, list[int]] = {}  # first substituted layer -> its settings, in the order given
+    for n, s in enumerate(settings):
+        groups.setdefault(min(s.layers), []).append(n)
+    group_layers = {start: sorted({j for n in members for j in settings[n].layers}) for start, members in groups.items()}
+    starts = sorted(groups) or [0]  # no setting: the unmodified pass alone
+    # progress in layer runs: per group, the pass up to its first layer (the first group's is the whole
+    # unmodified pass: every layer and the head), then each setting's from there
+    lead = [n_layers + 1 if g == 0 or explicit else start for g, start in enumerate(starts)]
+    units = tokens.size * (sum(lead) + sum(n_layers + 2 - min(s.layers) for s in settings))
     progress = PassProgress(on_progress, len(tokens) * (seq_len - 1), units, "placing model")
     progress.step()
-    runner = make_runner(lm, device, batch_tokens, maps_bytes if device.type == "cuda" else 0, limits, seq_len,
-                         maps_bytes, "the maps")
-    wanted = {k - 1 for k in starts}
-    if explicit:
-        wanted |= {k for s in settings for j in s.layers for k in (j - 1, j)}
-    capture = GCapture(adapter, wanted)
+    held = max((maps.held_bytes(layers) for layers in group_layers.values()), default=0) if maps is not None else 0
+    runner = make_runner(lm, device, batch_tokens, held if device.type == "cuda" else 0, limits, seq_len, held,
+                         "the maps")
     outcomes = [Outcome(s.labels, list(s.layers), nll_explicit=0.0 if explicit else None) for s in settings]
-    seconds = {"original": 0.0, "substituted": 0.0, "explicit": 0.0}
+    seconds = {"original": 0.0, "substituted": 0.0, "explicit": 0.0, "repeated": 0.0}
     original_nll = 0.0
     done = 0
     plan = seq_batches(len(tokens), seq_len, batch_tokens)
-    with torch.inference_mode():
-        for lo, hi in plan:
-            stop.check()
-            t0 = time.perf_counter()
-            ids = as_ids(tokens[lo:hi])
-            hidden = runner.embed(ids)
-            saved_h: dict[int, torch.Tensor] = {}
-            saved_g: dict[int, torch.Tensor] = {}
-            deltas: list[torch.Tensor | None] = [None] * len(settings)
-            spent = [0.0]  # explicit-only work done inside the unmodified pass
-            n_tok = (hi - lo) * seq_len
-            step = lambda _k=None, _out=None: progress.step(n_tok, "substituting")  # noqa: E731
-            with capture.attached():
-                capture.reset()
-
-                def keep(k, out):
-                    step()
-                    if explicit:
-                        te = time.perf_counter()
-                        for n, s in enumerate(settings):
-                            if k in s.layers:
-                                g = capture.g[k]
-                                d = output_difference(adapter, k, s.mapping(k, capture.g[k - 1], g).to(g.dtype), g)
-                                deltas[n] = d if deltas[n] is None else deltas[n] + d
-                        spent[0] += _sync(device, te)
-                    if k + 1 in starts:
-                        saved_h[k + 1] = out
-                        saved_g[k] = capture.g[k]
-                    capture.g.pop(k - 1, None)
-
-                final = run_layers(runner, hidden, 0, n_layers, keep)
-            original_nll += float(token_nll(adapter, final, ids).double().sum())
-            step()
-            seconds["original"] += _sync(device, t0) - spent[0]
-            te = time.perf_counter()
-            for n, delta in enumerate(deltas):
-                if delta is not None:
-                    outcomes[n].nll_explicit += float(token_nll(adapter, final + delta, ids).double().sum())
-            seconds["explicit"] += spent[0] + _sync(device, te)
-            count = (hi - lo) * (seq_len - 1)
-            for setting, outcome in zip(settings, outcomes):
+    for g, start in enumerate(starts):
+        members = groups.get(start, [])
+        if maps is not None:
+            maps.hold(group_layers.get(start, []))
+        whole = g == 0 or explicit  # the unmodified pass to the end: its loss (first group), explicit-only
+        wanted = {start - 1} | ({k for n in members for j in settings[n].layers for k in (j - 1, j)}
+                                if explicit else set())
+        capture = GCapture(adapter, wanted)
+        with torch.inference_mode():
+            for lo, hi in plan:
                 stop.check()
-                t1 = time.perf_counter()
-                start = min(setting.layers)
-                replacer = _Replacer(set(setting.layers), setting.mapping)
-                hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer,
-                                  explicit=True)
-                replacer.hooks = hooks
-                with hooks.attached():
-                    hooks.g[start - 1] = saved_g[start - 1]
-                    out = run_layers(runner, saved_h[start], start, n_layers, step)
-                    outcome.nll_complete += float(token_nll(adapter, out, ids).double().sum())
+                t0 = time.perf_counter()
+                ids = as_ids(tokens[lo:hi])
+                hidden = runner.embed(ids)
+                saved: dict = {}
+                deltas: dict[int, torch.Tensor] = {}
+                spent = [0.0]  # explicit-only work done inside the unmodified pass
+                n_tok = (hi - lo) * seq_len
+                step = lambda _k=None, _out=None: progress.step(n_tok, "substituting")  # noqa: E731
+                with capture.attached():
+                    capture.reset()
+
+                    def keep(k, out):
+                        step()
+                        if explicit:
+                            te = time.perf_counter()
+                            for n in members:
+                                if k in settings[n].layers:
+                                    gk = capture.g[k]
+                                    d = output_difference(adapter, k,
+                                                          settings[n].mapping(k, capture.g[k - 1], gk).to(gk.dtype), gk)
+                                    deltas[n] = d if n not in deltas else deltas[n] + d
+                            spent[0] += _sync(device, te)
+                        if k + 1 == start:
+                            saved["h"], saved["g"] = out, capture.g[k]
+                        capture.g.pop(k - 1, None)
+
+                    final = run_layers(runner, hidden, 0, n_layers if whole else start, keep)
+                if g == 0:
+                    original_nll += float(token_nll(adapter, final, ids).double().sum())
+                if whole:
                     step()
-                    partial = out if hooks.delta is None else out + hooks.delta
-                    outcome.nll_partial += float(token_nll(adapter, partial, ids).double().sum())
-                    step()
-                outcome.tokens += count
-                outcome.seconds += _sync(device, t1)
-            done += count
+                seconds["original" if g == 0 else "repeated"] += _sync(device, t0) - spent[0]
+                te = time.perf_counter()
+                for n, delta in deltas.items():
+                    outcomes[n].nll_explicit += float(token_nll(adapter, final + delta, ids).double().sum())
+                seconds["explicit"] += spent[0] + _sync(device, te)
+                count = (hi - lo) * (seq_len - 1)
+                for n in members:
+                    setting, outcome = settings[n], outcomes[n]
+                    stop.check()
+                    t1 = time.perf_counter()
+                    replacer = _Replacer(set(setting.layers), setting.mapping)
+                    hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer,
+                                      explicit=True)
+                    replacer.hooks = hooks
+                    with hooks.attached():
+                        hooks.g[start - 1] = saved["g"]
+                        out = run_layers(runner, saved["h"], start, n_layers, step)
+                        outcome.nll_complete += float(token_nll(adapter, out, ids).double().sum())
+                        step()
+                        partial = out if hooks.delta is None else out + hooks.delta
+                        outcome.nll_partial += float(token_nll(adapter, partial, ids).double().sum())
+                        step()
+                    outcome.tokens += count
+                    outcome.seconds += _sync(device, t1)
+                if g == 0:
+                    done += count
     seconds["substituted"] = sum(o.seconds for o in outcomes)
     return RunResult(original_nll, done, outcomes, seconds)
 
