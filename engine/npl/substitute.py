@@ -276,8 +276,9 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
         if maps is not None:
             maps.hold(group_layers.get(start, []))
         whole = g == 0 or explicit  # the unmodified pass to the end: its loss (first group), explicit-only
-        wanted = {start - 1} | ({k for n in members for j in settings[n].layers for k in (j - 1, j)}
-                                if explicit else set())
+        wanted = {start - 1} if members else set()  # where the group's passes start (none: no setting)
+        if explicit:
+            wanted |= {k for n in members for j in settings[n].layers for k in (j - 1, j)}
         capture = GCapture(adapter, wanted)
         with torch.inference_mode():
             for lo, hi in plan:
