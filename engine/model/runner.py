@@ -9,6 +9,7 @@ any batch with the recorded arguments, in whatever order the caller likes: layer
 from __future__ import annotations
 
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as WaitTimeout  # not the builtin TimeoutError before Python 3.11
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -179,7 +180,7 @@ class LayerRunner:
                 stop.check()
             try:
                 return future.result(timeout=self.POLL_S)
-            except TimeoutError:
+            except WaitTimeout:
                 continue
 
     @staticmethod
