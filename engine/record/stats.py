@@ -192,7 +192,7 @@ class ActScale:
     def __init__(self, d_ffn: int, n_tokens: int):
         self.stride = max(1, -(-n_tokens * d_ffn // self.MAX_VALUES))
         self.max: torch.Tensor | None = None
-        self.values: list[np.ndarray] = []
+        self.values: list[torch.Tensor] = []  # kept where act is (at most MAX_VALUES): no host sync per batch
         self.seen = 0
 
     @torch.inference_mode()
@@ -200,14 +200,14 @@ class ActScale:
         a = act.float()
         batch_max = a.amax(0)
         self.max = batch_max if self.max is None else torch.maximum(self.max, batch_max)
-        self.values.append(a[(-self.seen) % self.stride::self.stride].reshape(-1).cpu().numpy())
+        self.values.append(a[(-self.seen) % self.stride::self.stride].reshape(-1).clone())  # not a view of act
         self.seen += len(a)
 
     def tau(self, kind: str, value: float) -> float:
         """The layer's threshold, never below 0 (a relative rule is never laxer than "activated"),
         rounded to 4 significant digits (the same on every device that records a part)."""
         if kind == "quantile":
-            values = np.concatenate(self.values) if self.values else np.zeros(1, np.float32)
+            values = torch.cat(self.values).cpu().numpy() if self.values else np.zeros(1, np.float32)
             tau = float(np.quantile(values.astype(np.float64), value))
         else:
             tau = value * float(np.median(self.max.cpu().numpy())) if self.max is not None else 0.0
