@@ -330,7 +330,8 @@ def test_disk_full_during_a_recording(small_fs, tmp_path, model_dirs, text_file)
     assert r.returncode == 0, r.stderr
     assert run_cli(*args[:5], "--out", tmp_path / "whole.h5", *args[7:]).returncode == 0
     assert_same_cache(out, tmp_path / "whole.h5")
-    assert not [p.name for p in small_fs.iterdir() if p.name not in ("c.h5", "c.h5.progress.json")]  # no segment, no temporary
+    left = [p.name for p in small_fs.iterdir() if p.name not in ("c.h5", "c.h5.progress.json")]
+    assert not left  # no segment, no temporary
 
 
 def test_disk_full_analyze_merge_export(small_fs, tmp_path, model_dirs, text_file, hostile_cache):

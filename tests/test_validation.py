@@ -244,8 +244,8 @@ def test_stopped_small_recording_keeps_its_checkpoint(tmp_path, model_dirs, text
     and the TUI's cancel message say how much, and --resume finishes it."""
     out = tmp_path / "small.h5"
     cmd = [sys.executable, "-c", EVERY_SHARD, "record", "--model", str(model_dirs["llama"]),
-           "--data", str(text_file), "--out", str(out), "--tokens", "32768", "--seq-len", "32", "--batch-tokens", "64", "--samples", "40",
-           "--topk", "4", "--device", "cpu", "--quiet"]
+           "--data", str(text_file), "--out", str(out), "--tokens", "32768", "--seq-len", "32",
+           "--batch-tokens", "64", "--samples", "40", "--topk", "4", "--device", "cpu", "--quiet"]
     proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while (read_progress(out) or {}).get("shard", 0) < 2:

@@ -259,7 +259,8 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
     groups: dict[int, list[int]] = {}  # first substituted layer -> its settings, in the order given
     for n, s in enumerate(settings):
         groups.setdefault(min(s.layers), []).append(n)
-    group_layers = {start: sorted({j for n in members for j in settings[n].layers}) for start, members in groups.items()}
+    group_layers = {start: sorted({j for n in members for j in settings[n].layers})
+                    for start, members in groups.items()}
     starts = sorted(groups) or [0]  # no setting: the unmodified pass alone
     # progress in layer runs: per group, the pass up to its first layer (the first group's is the whole
     # unmodified pass: every layer and the head), then each setting's from there
