@@ -146,20 +146,38 @@ def cmd_jobs(args) -> int:
     from rich.table import Table
 
     from ffnscope.app.safe_text import plain, printable
-    from ffnscope.engine.jobs.launcher import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job
+    from ffnscope.engine.jobs.launcher import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job, stop_after_shard
     from ffnscope.engine.jobs.progress import COMPLETE, FAILED, INTERRUPTED, RUNNING, STOPPED
     from ffnscope.engine.paths import user_cache_dir
 
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         raise UserError(f"not a directory: {', '.join(missing)}; give directories that hold recordings")
+    def job_on(out: Path):
+        out = Path(str(out)[: -len(PROGRESS_SUFFIX)]) if str(out).endswith(PROGRESS_SUFFIX) else out
+        job = read_job(out)
+        if job is None:
+            raise UserError(f"no job on {out} (no {out.name}{PROGRESS_SUFFIX} beside it)")
+        return job
+
+    if args.stop_after_shard:
+        targets = [job_on(out) for out in args.stop_after_shard]
+        for job in targets:  # every one checked before any is signalled
+            if job.kind != "record":
+                raise UserError(f"the job on {job.output} is a {job.kind} job; only a recording stops after a "
+                                "shard (stop the others with ctrl-c or `kill -INT PID`)")
+            if not job.active:
+                raise UserError(f"the recording on {job.output} is not running ({job.status}); nothing to stop")
+        for job in targets:
+            if not stop_after_shard(job):
+                raise UserError(f"the recording on {job.output} ended meanwhile; nothing to stop")
+            print(printable(f"asked the recording on {job.output} (pid {job.pid}) to stop after its current "
+                            "shard: it writes a checkpoint, then stops; --resume continues from there"))
+        return 0
     if args.dismiss:
         targets = []
         for out in args.dismiss:
-            out = Path(str(out)[: -len(PROGRESS_SUFFIX)]) if str(out).endswith(PROGRESS_SUFFIX) else out
-            job = read_job(out)
-            if job is None:
-                raise UserError(f"no job on {out} (no {out.name}{PROGRESS_SUFFIX} beside it)")
+            job = job_on(out)
             if job.active:
                 raise UserError(f"the job on {out} is still running (pid {job.pid}); cancel it first")
             targets.append(job)
@@ -315,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # plain `ffnscope`: the explorer
         args = parser.parse_args(["tui"])
     args.argv = list(sys.argv) if argv is None else ["ffnscope", *raw]
+    _stop_after_shard_on_sigusr1()
     try:
         if args.command == "record":
             _resolve_part(args)
@@ -374,6 +393,18 @@ def _remove_stale_temporaries(args) -> None:
         names = ", ".join(p.name for p in removed)
         print(printable(f"ffnscope: removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} that "
                         f"killed writers left beside {output}: {names}"), file=sys.stderr)
+
+
+def _stop_after_shard_on_sigusr1() -> None:
+    """SIGUSR1 (`ffnscope jobs --stop-after-shard`) asks a recording to stop after its current shard, from
+    the process's start: by default it would end the process, model loading included."""
+    import signal
+    import threading
+
+    from ffnscope.engine.jobs.stop import request_after_shard
+
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, request_after_shard)
 
 
 def _fail_own_job(args, message: str, stopped: bool = False) -> None:

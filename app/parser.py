@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="forget the ended jobs on these outputs (their progress files go; caches and logs stay)")
     jobs.add_argument("--clean", action="store_true",
                       help="forget every complete and failed job (stopped and interrupted ones stay: r resumes them)")
+    jobs.add_argument("--stop-after-shard", type=Path, nargs="+", metavar="OUT",
+                      help="ask the recordings on these outputs to stop once their current shard is checkpointed "
+                           "(a resume then records nothing again; ctrl-c stops at the next batch instead)")
 
     from ffnscope.app.npl_view import add_parser as add_npl_parser
 

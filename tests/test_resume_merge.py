@@ -131,6 +131,45 @@ def test_sigint_stops_cleanly_and_resumes(model_dirs, text_file, tmp_path):
     assert read_progress(out)["status"] == "complete"
 
 
+def test_stop_after_shard_checkpoints_it_and_the_resume_equals_uninterrupted(model_dirs, text_file, tmp_path):
+    """`ffnscope jobs --stop-after-shard OUT` (SIGUSR1): the recording ends the shard it is in, checkpoints
+    it though the cadence would not (its ratio set out of reach here: no checkpoint but the first of its
+    own), exits 130 saying so; the resume records only the shards after it and equals an uninterrupted run."""
+    model_dir = model_dirs["llama"]
+    whole, out = tmp_path / "whole.h5", tmp_path / "c.h5"
+    subprocess.run(_record_cmd(model_dir, text_file, whole), env=env_for_subprocess(), check=True,
+                   capture_output=True)
+    never = EVERY_SHARD.replace("CHECKPOINT_RATIO = 0.0", "CHECKPOINT_RATIO = 1e12")
+    assert never != EVERY_SHARD
+    proc = subprocess.Popen([sys.executable, "-c", never, *_record_cmd(model_dir, text_file, out)[3:]],
+                            env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while (read_progress(out) or {}).get("shard", 0) < 3:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the recording never reached its third shard: {proc.communicate()[1][-800:]}")
+        time.sleep(0.01)
+    asked = subprocess.run([sys.executable, "-m", "ffnscope", "jobs", "--stop-after-shard", str(out)],
+                           env=env_for_subprocess(), capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0 and "stop after its current shard" in asked.stdout, asked.stderr
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    partial = read_state(out, "testing")
+    n_shards = partial.meta["recording"]["n_shards"]
+    assert partial.status == "partial" and 3 <= partial.shards_done < n_shards  # the shard it was in, kept
+    assert f"({partial.shards_done} of {n_shards} shards)" in " ".join(stderr.split())  # the message wraps
+    assert read_progress(out)["status"] == "stopped"
+    again = subprocess.run([sys.executable, "-m", "ffnscope", "jobs", "--stop-after-shard", str(out)],
+                           env=env_for_subprocess(), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"ffnscope: error: the recording on {out} is not running (stopped); nothing to stop"], again.stderr
+    done = subprocess.run(_record_cmd(model_dir, text_file, out, "--resume"), env=env_for_subprocess(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"recording from shard {partial.shards_done + 1}" in done.stderr
+    assert_same_cache(whole, out)
+
+
 def _relu_opt_with_ties(directory):
     """Tiny OPT (ReLU) whose neurons range from firing often to never: many top-k slots hold act 0
     exactly, ties that only the tie rule orders."""

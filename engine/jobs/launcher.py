@@ -303,6 +303,12 @@ def cancel(job: Job, sig: int = signal.SIGINT) -> bool:
     return True
 
 
+def stop_after_shard(job: Job) -> bool:
+    """Ask a running recording to stop once its current shard is checkpointed (SIGUSR1, which every
+    ffnscope process handles: engine.jobs.stop). -> whether the signal was sent."""
+    return job.kind == "record" and cancel(job, signal.SIGUSR1)
+
+
 def cache_status(path: Path) -> str | None:
     """cache.schema's COMPLETE or PARTIAL for a readable cache, None otherwise (no torch: h5py
     attributes only; cache.schema and h5py are imported here, not with this module, which lists jobs)."""

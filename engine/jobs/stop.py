@@ -1,6 +1,10 @@
 """Stopping a job cleanly: a StopToken is set (by SIGINT/SIGTERM, or by a caller from another thread)
 and the job's loops check it between batches, raising Stopped there, so a stop always lands on a
-consistent checkpoint."""
+consistent checkpoint.
+
+A recording can also be asked to stop after its current shard (SIGUSR1: `ffnscope jobs --stop-after-shard`):
+it then writes a checkpoint of that shard and stops, so a resume records nothing again, where a stop at the
+next batch keeps only the last checkpoint the cadence wrote. Other jobs take no notice of it."""
 from __future__ import annotations
 
 import signal
@@ -9,7 +13,17 @@ from contextlib import contextmanager
 
 
 class Stopped(Exception):
-    """SIGINT/SIGTERM arrived (or the caller asked); the last checkpoint stands and --resume continues from it."""
+    """SIGINT/SIGTERM arrived (or the caller asked), or SIGUSR1 and the shard is checkpointed; the last
+    checkpoint stands and --resume continues from it."""
+
+
+# SIGUSR1 before a job's token exists (the model still loading): app.cli sets it for the process's life
+_after_shard = [False]
+
+
+def request_after_shard(*_signal) -> None:
+    """The SIGUSR1 handler: stop after the current shard (a signal handler: sets a flag, nothing else)."""
+    _after_shard[0] = True
 
 
 class StopToken:
@@ -17,9 +31,18 @@ class StopToken:
 
     def __init__(self, requested: bool = False):
         self.requested = requested  # a plain bool: setting it from a signal handler takes no lock
+        self._after_shard = False
 
     def request(self) -> None:
         self.requested = True
+
+    def request_after_shard(self) -> None:
+        self._after_shard = True
+
+    @property
+    def after_shard(self) -> bool:
+        """A recording asked to stop once its current shard is checkpointed (this token, or SIGUSR1)."""
+        return self._after_shard or _after_shard[0]
 
     def check(self) -> None:
         """Raise Stopped if a stop was requested."""

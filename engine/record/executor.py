@@ -28,7 +28,7 @@ from ffnscope.engine.model.runner import HiddenStates, LayerRunner
 from ffnscope.engine.model.plan import release_freed_memory
 from ffnscope.engine.model.load import LoadedModel
 from ffnscope.engine.jobs.progress import ProgressFile
-from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.jobs.stop import Stopped, StopToken
 from ffnscope.engine.record.grams import data_counts, gram_keys
 from ffnscope.engine.record.stats import ActScale, BatchContext, LayerStats
 
@@ -353,7 +353,9 @@ class Recorder:
             # the compute since the last is worth its cost (a kill loses at most that much: the resume
             # redoes those shards), and never after the last shard (the final write follows)
             segments.append(write_segment(self.config.out, f"{shard:06d}", data, shard_samples, pairs))
-            if shard + 1 < n_shards and since >= self.CHECKPOINT_RATIO * self.checkpoint_cost:
+            # asked to stop after this shard (engine.jobs.stop): its checkpoint first, whatever the cadence
+            last, stopping = shard + 1 == n_shards, self.stop.after_shard
+            if not last and (stopping or since >= self.CHECKPOINT_RATIO * self.checkpoint_cost):
                 if self.progress:
                     self.progress.update(force=True, phase="checkpoint")
                 t = time.perf_counter()
@@ -364,6 +366,8 @@ class Recorder:
             self.seconds["checkpoints"] += t1 - t0
             self.shard_seconds.append((t0 - shard_start, t1 - t0))
             shard_start = t1
+            if stopping and not last:  # the last shard goes on to the final write: a complete cache
+                raise Stopped()
             # once a shard, not per layer: trimming returns the batch buffers to the OS, and each
             # layer faulting them back in cost ~8 % of the recording's time
             release_freed_memory()
