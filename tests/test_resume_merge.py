@@ -170,6 +170,26 @@ def test_stop_after_shard_checkpoints_it_and_the_resume_equals_uninterrupted(mod
     assert_same_cache(whole, out)
 
 
+def test_stop_after_the_last_shard_completes_the_recording_and_runs_no_analysis(model_dirs, text_file, tmp_path,
+                                                                               monkeypatch):
+    """Asked during the last shard (here from the start: SIGUSR1's flag set), the recording completes (a
+    stop there would keep less than finishing does) and what `record --analyze` runs after it does not."""
+    from ffnscope.engine.jobs import stop as stop_module
+    from ffnscope.engine.jobs.stop import Stopped
+    from ffnscope.engine.record.config import RecordConfig
+    from ffnscope.engine.record.job import record
+    from tests.helpers import FAST
+
+    monkeypatch.setattr(stop_module, "_after_shard", [True])
+    out, after = tmp_path / "c.h5", []
+    config = RecordConfig(out=out, model=str(model_dirs["opt"]), data=[str(text_file)], tokens=256,
+                          **{**FAST, "shard_tokens": 256})
+    with pytest.raises(Stopped):
+        record(config, log=lambda _m: None, after=lambda state, progress: after.append(state))
+    assert read_state(out, "testing").status == "complete" and after == []
+    assert read_progress(out)["status"] == "stopped"
+
+
 def _relu_opt_with_ties(directory):
     """Tiny OPT (ReLU) whose neurons range from firing often to never: many top-k slots hold act 0
     exactly, ties that only the tie rule orders."""

@@ -150,6 +150,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         total = meta["recording"]["part_tokens"]
         progress.update(force=True, tokens_done=total, tokens_total=total, eta_s=0.0)
         if after is not None:
+            if stop.after_shard:  # asked to stop during the last shard: the recording is whole, stop before more
+                raise Stopped()
             after(state, progress)
         progress.update(phase="done")
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded" +
