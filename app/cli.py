@@ -153,6 +153,7 @@ def cmd_jobs(args) -> int:
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         raise UserError(f"not a directory: {', '.join(missing)}; give directories that hold recordings")
+
     def job_on(out: Path):
         out = Path(str(out)[: -len(PROGRESS_SUFFIX)]) if str(out).endswith(PROGRESS_SUFFIX) else out
         job = read_job(out)

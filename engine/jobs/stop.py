@@ -31,18 +31,14 @@ class StopToken:
 
     def __init__(self, requested: bool = False):
         self.requested = requested  # a plain bool: setting it from a signal handler takes no lock
-        self._after_shard = False
 
     def request(self) -> None:
         self.requested = True
 
-    def request_after_shard(self) -> None:
-        self._after_shard = True
-
     @property
     def after_shard(self) -> bool:
-        """A recording asked to stop once its current shard is checkpointed (this token, or SIGUSR1)."""
-        return self._after_shard or _after_shard[0]
+        """A recording asked (SIGUSR1, to the process) to stop once its current shard is checkpointed."""
+        return _after_shard[0]
 
     def check(self) -> None:
         """Raise Stopped if a stop was requested."""
