@@ -1,11 +1,15 @@
 """Shared test helpers: recording tiny models quickly and comparing caches."""
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ffnscope.cache.store import read_state
+from ffnscope.engine.jobs.progress import read_progress
 from ffnscope.engine.record.config import RecordConfig
 from ffnscope.engine.record.job import record
 from tests.tiny_models import DETECTED
@@ -27,6 +31,21 @@ executor.Recorder.CHECKPOINT_RATIO = 0.0
 sys.argv[0] = "ffnscope"
 runpy.run_module("ffnscope", run_name="__main__")
 """
+
+
+def start_until_shard(cmd: list, out: Path, shard: int, timeout: float = 120) -> subprocess.Popen:
+    """Start a recording command; -> its process once its progress file says it records shard `shard`
+    (1-based). Fails the test if it ends or times out first."""
+    from tests.conftest import env_for_subprocess
+
+    proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while (read_progress(out) or {}).get("shard", 0) < shard:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the recording never reached shard {shard}: {proc.communicate()[1][-800:]}")
+        time.sleep(0.01)
+    return proc
 
 
 def record_tiny(out: Path, model: Path, data: list, tokens: int = 768, **overrides):

@@ -2,7 +2,6 @@
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -15,7 +14,7 @@ from ffnscope.cache.store import read_state, segments_dir, write_state
 from ffnscope.engine.jobs.progress import read_progress
 from tests.conftest import env_for_subprocess
 from tests.fixtures.parts import synthetic_parts
-from tests.helpers import EVERY_SHARD, assert_same_cache, record_tiny
+from tests.helpers import EVERY_SHARD, assert_same_cache, record_tiny, start_until_shard
 
 LONG = ["--tokens", "49152", "--seq-len", "32", "--shard-tokens", "1024", "--batch-tokens", "64",
         "--samples", "40", "--topk", "4", "--device", "cpu", "--quiet"]
@@ -29,15 +28,7 @@ def _record_cmd(model_dir, data, out, *extra):
 
 def _start_and_stop(cmd, out, sig, after_shards=3):
     """Start a recording, wait for some checkpoints, send `sig`; -> the process's exit code."""
-    proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        progress = read_progress(out) or {}
-        if progress.get("shard", 0) > after_shards:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"recording ended before it could be interrupted: {proc.stderr.read()}")
-        time.sleep(0.01)
+    proc = start_until_shard(cmd, out, after_shards + 1)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     return proc
@@ -141,14 +132,7 @@ def test_stop_after_shard_checkpoints_it_and_the_resume_equals_uninterrupted(mod
                    capture_output=True)
     never = EVERY_SHARD.replace("CHECKPOINT_RATIO = 0.0", "CHECKPOINT_RATIO = 1e12")
     assert never != EVERY_SHARD
-    proc = subprocess.Popen([sys.executable, "-c", never, *_record_cmd(model_dir, text_file, out)[3:]],
-                            env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while (read_progress(out) or {}).get("shard", 0) < 3:
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the recording never reached its third shard: {proc.communicate()[1][-800:]}")
-        time.sleep(0.01)
+    proc = start_until_shard([sys.executable, "-c", never, *_record_cmd(model_dir, text_file, out)[3:]], out, 3)
     asked = subprocess.run([sys.executable, "-m", "ffnscope", "jobs", "--stop-after-shard", str(out)],
                            env=env_for_subprocess(), capture_output=True, text=True, timeout=60)
     assert asked.returncode == 0 and "stop after its current shard" in asked.stdout, asked.stderr

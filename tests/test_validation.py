@@ -18,11 +18,10 @@ from ffnscope.app.cli import main
 from ffnscope.cache.store import read_state
 from ffnscope.engine.jobs import launcher as jobs
 from ffnscope.engine.analysis.job import analyze
-from ffnscope.engine.jobs.progress import read_progress
 from ffnscope.engine.record.config import RecordConfig
 from ffnscope.engine.record.job import record
 from tests.conftest import env_for_subprocess
-from tests.helpers import EVERY_SHARD, FAST, record_tiny
+from tests.helpers import EVERY_SHARD, FAST, record_tiny, start_until_shard
 
 REC = ["record", "--model", "{M}", "--data", "{D}", "--out", "{O}", "--device", "cpu", "--quiet",
        "--tokens", "256", "--seq-len", "32", "--samples", "8"]
@@ -246,13 +245,7 @@ def test_stopped_small_recording_keeps_its_checkpoint(tmp_path, model_dirs, text
     cmd = [sys.executable, "-c", EVERY_SHARD, "record", "--model", str(model_dirs["llama"]),
            "--data", str(text_file), "--out", str(out), "--tokens", "32768", "--seq-len", "32",
            "--batch-tokens", "64", "--samples", "40", "--topk", "4", "--device", "cpu", "--quiet"]
-    proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while (read_progress(out) or {}).get("shard", 0) < 2:
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the recording never reached its second shard: {proc.communicate()[1][-800:]}")
-        time.sleep(0.01)
+    proc = start_until_shard(cmd, out, 2, timeout=180)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
