@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ffnscope.cache.store import read_state
 from ffnscope.engine.jobs.progress import read_progress
@@ -36,6 +35,8 @@ runpy.run_module("ffnscope", run_name="__main__")
 def start_until_shard(cmd: list, out: Path, shard: int, timeout: float = 120) -> subprocess.Popen:
     """Start a recording command; -> its process once its progress file says it records shard `shard`
     (1-based). Fails the test if it ends or times out first."""
+    import pytest  # here: bench/scale_sim.py imports this module without pytest at hand
+
     from tests.conftest import env_for_subprocess
 
     proc = subprocess.Popen(cmd, env=env_for_subprocess(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
