@@ -142,9 +142,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from ffnscope.app.console import console as make_console
     from ffnscope.app.safe_text import plain, printable
     from ffnscope.engine.jobs.launcher import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job, stop_after_shard
     from ffnscope.engine.jobs.progress import COMPLETE, FAILED, INTERRUPTED, RUNNING, STOPPED
@@ -193,7 +193,7 @@ def cmd_jobs(args) -> int:
             dismiss(job)
         print(printable(f"dismissed {len(gone)} complete or failed job{'' if len(gone) == 1 else 's'}"))
         return 0
-    console = Console()
+    console = make_console()
     width = console.width  # the terminal's; 80 when piped, unless COLUMNS says otherwise
     # a progress file is untrusted (anyone can write one): every string from it goes through plain()
     if not jobs:

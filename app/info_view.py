@@ -6,6 +6,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ffnscope.app.console import console as make_console
 from ffnscope.app.safe_text import plain
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.provenance import ModelInfo, RecordingInfo
@@ -128,7 +129,7 @@ def _ranges(layers: list[int]) -> str:
 
 
 def print_info(path: Path, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     with CacheReader(path, "reading it") as reader:
         console.print(provenance(reader))
         console.print(layer_table(reader))

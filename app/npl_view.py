@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ffnscope.app.arg_types import byte_size, count, non_negative_float, open_fraction, positive_int
+from ffnscope.app.console import console as make_console
 
 ACTIONS = ("fit", "substitute", "functional", "show")
 
@@ -107,7 +108,7 @@ def _progress(args, console: Console) -> tuple[Progress, callable]:
 def _job(args, run_job, config):
     from ffnscope.engine.jobs.stop import Stopped
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     progress, on_progress = _progress(args, console)
     try:
         with progress:
@@ -167,7 +168,7 @@ def _show(args) -> int:
 
     with CacheReader(args.file, "showing its NPL results") as reader:
         o = overview(args.file, reader.meta)
-    console = Console()
+    console = make_console()
     console.print(fit_text(o))
     shown = [args.method] if args.method else ["exact"] if "exact" in o.pairs else list(o.pairs)[:1]
     for method in shown:

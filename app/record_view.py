@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ffnscope.app.console import console as make_console
 from ffnscope.app.safe_text import printable
 
 
@@ -39,7 +39,7 @@ def _kept(out) -> str:
 
 
 def run_record(args, after=None) -> int:
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     from ffnscope.engine.jobs.stop import Stopped
     from ffnscope.engine.record.config import check_output
     from ffnscope.engine.record.job import record

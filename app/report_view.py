@@ -11,6 +11,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from ffnscope.app.charts import line_chart, position_chart
+from ffnscope.app.console import console as make_console
 from ffnscope.app.safe_text import plain, printable
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.reader import CacheReader
@@ -100,7 +101,7 @@ def _position_plots(reader: CacheReader, pos: dict, count: int, width: int) -> l
 
 
 def print_report(paths: list[Path], console: Console | None = None, position_plots: int = 3) -> None:
-    console = console or Console()
+    console = console or make_console()
     width = console.width
     readers = [CacheReader(p, "reporting on it") for p in paths]
     try:

@@ -94,11 +94,17 @@ async def test_form_refuses_bad_values_in_place(user_cache):
 
 
 async def test_quit_asks_while_a_job_started_here_runs(user_cache, model_dirs, text_file):
+    """The job is frozen (SIGSTOP) once it runs, so whether it is still running when the app quits and
+    when it is cancelled does not depend on how fast this machine records."""
     app = FFNScopeApp(dirs=None)
     async with app.run_test(size=SIZE) as pilot:
         await wait_screen(pilot, RecordingsScreen)
         job = jobs.start_record(user_cache / "long.h5", model=str(model_dirs["opt"]), data=[str(text_file)],
                                 tokens=30000, extra=FAST.split())
+        await wait_for(pilot, lambda: jobs.read_job(job.output).phase not in ("", "starting"), 120,
+                       "the job's own progress file")
+        os.kill(job.pid, signal.SIGSTOP)
+        assert jobs.read_job(job.output).status == jobs.RUNNING
         app.started_jobs.add(job.output)
         await pilot.press("q")
         await wait_screen(pilot, ConfirmScreen)
@@ -113,6 +119,7 @@ async def test_quit_asks_while_a_job_started_here_runs(user_cache, model_dirs, t
     assert jobs.read_job(job.output).status == jobs.RUNNING  # the job outlives the app
     assert jobs.process_alive(job.pid)
     assert jobs.cancel(jobs.read_job(job.output))
+    os.kill(job.pid, signal.SIGCONT)  # the SIGINT is delivered now
     assert jobs.wait(job, timeout=60).status == jobs.STOPPED
 
 

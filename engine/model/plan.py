@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ffnscope.cache.errors import UserError
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.runner import param_bytes
 from ffnscope.engine.units import human
 
@@ -213,7 +214,7 @@ def plan(w: WeightSizes, r: RecordSizes, device_kind: str, device_memory: int | 
 
 # --- measured on a loaded model ------------------------------------------------------------------
 def _free_bytes(device: torch.device) -> int | None:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return accelerator.free_bytes(device)
 
 
 def plan_device(budget: int | None, lm, device: torch.device, batch_tokens: int) -> int:
@@ -248,12 +249,12 @@ def plan_memory(device_budget: int | None, host_budget: int | None, lm, meta: di
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if accelerator.runtime.available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not accelerator.runtime.available():
         raise UserError(f"device '{name}' asked for but this torch sees no CUDA GPU; use --device cpu")
     return device
 

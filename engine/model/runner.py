@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ffnscope.cache.errors import UserError
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.sites import Adapter
 
 
@@ -120,7 +121,7 @@ class LayerRunner:
         self._files = adapter.weights  # None: every weight is in memory already
         self._pool: ThreadPoolExecutor | None = None  # the prefetch thread, started on first use
         self._pending: tuple[int, Future] | None = None  # (layer, its prefetch)
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copy_stream = accelerator.runtime.stream(device) if device.type == "cuda" else None
         with _layers_swapped(adapter, []):  # move the non-layer parts only
             adapter.base.to(device)
         for index, layer in enumerate(self.layers[: self.resident]):
@@ -168,8 +169,8 @@ class LayerRunner:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffnscope-prefetch")
         previous_done = None  # on a GPU: the compute queued so far, up to the previous layer, whose weights went
         if self.device.type == "cuda":
-            previous_done = torch.cuda.Event()
-            previous_done.record(torch.cuda.current_stream(self.device))
+            previous_done = accelerator.runtime.event()
+            previous_done.record(accelerator.runtime.current_stream(self.device))
         self._pending = (index, self._pool.submit(self._fetch, index, previous_done))
 
     def _wait(self, future: Future, stop) -> dict:
@@ -221,9 +222,10 @@ class LayerRunner:
             return host
         if previous_done is not None:
             previous_done.synchronize()
-        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+        runtime = accelerator.runtime
+        with runtime.use_device(self.device), runtime.use_stream(self._copy_stream):
             weights = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
-            event = torch.cuda.Event()
+            event = runtime.event()
             event.record(self._copy_stream)
         event.synchronize()  # this thread waits, not the GPU: then the pinned host copy may go
         return weights, event
@@ -234,10 +236,10 @@ class LayerRunner:
         if fetched is None or self.device.type != "cuda":
             return fetched
         weights, event = fetched
-        compute = torch.cuda.current_stream(self.device)
+        compute = accelerator.runtime.current_stream(self.device)
         compute.wait_event(event)
         for tensor in weights.values():
-            tensor.record_stream(compute)
+            accelerator.runtime.record_stream(tensor, compute)
         return weights
 
     @torch.inference_mode()
@@ -261,7 +263,7 @@ class HiddenStates:
         self.buffer, self.device, self.batches = buffer, device, batches
         self.bytes_moved = 0  # host <-> device bytes (0 when the buffer is where the layers run)
         self._moves = buffer.device.type != device.type
-        self._copy = torch.cuda.Stream(device) if device.type == "cuda" and self._moves else None
+        self._copy = accelerator.runtime.stream(device) if device.type == "cuda" and self._moves else None
         self._ahead: tuple | None = None  # (batch, its device copy, the copy's event)
 
     def get(self, b: int) -> torch.Tensor:
@@ -274,9 +276,10 @@ class HiddenStates:
         x, event = ahead[1:] if ahead is not None and ahead[0] == b else self._upload(b)
         if b + 1 < len(self.batches):
             self._ahead = (b + 1, *self._upload(b + 1))
-        compute = torch.cuda.current_stream(self.device)
+        compute = accelerator.runtime.current_stream(self.device)
         compute.wait_event(event)
-        x.record_stream(compute)  # allocated on the copy stream: not reused before the compute is through
+        # allocated on the copy stream: not reused before the compute is through
+        accelerator.runtime.record_stream(x, compute)
         return x
 
     def put(self, b: int, out: torch.Tensor) -> None:
@@ -288,17 +291,17 @@ class HiddenStates:
             return
         # on the copy stream, after what the compute stream queued so far (out among it); an upload of a
         # later layer reads these rows after this copy, being on the same stream
-        self._copy.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._copy):
+        self._copy.wait_stream(accelerator.runtime.current_stream(self.device))
+        with accelerator.runtime.use_stream(self._copy):
             self.buffer[lo:hi].copy_(out, non_blocking=True)
-        out.record_stream(self._copy)
+        accelerator.runtime.record_stream(out, self._copy)
         self.bytes_moved += out.nbytes
 
     def _upload(self, b: int):
         lo, hi = self.batches[b]
-        with torch.cuda.stream(self._copy):
+        with accelerator.runtime.use_stream(self._copy):
             x = self.buffer[lo:hi].to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
+            event = accelerator.runtime.event()
             event.record(self._copy)
         self.bytes_moved += x.nbytes
         return x, event

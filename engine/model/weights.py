@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ffnscope.engine.model import accelerator
+
 
 class Unmappable(Exception):
     """A skeleton weight has no tensor in the files under any name we try: load the model eagerly."""
@@ -54,7 +56,7 @@ def read_tensors(names: dict[str, str], files: dict[str, Path], dtypes: dict[str
                 # the file leaves no mapped page behind and nothing written to a weight reaches the map
                 src = handle.get_tensor(names[key])
                 if pin:
-                    out[key] = torch.empty(src.shape, dtype=dtypes[key], pin_memory=True).copy_(src)
+                    out[key] = accelerator.runtime.pinned_empty(src.shape, dtypes[key]).copy_(src)
                 else:
                     out[key] = src.to(device=device, dtype=dtypes[key], copy=True)
     return out

@@ -42,6 +42,7 @@ import torch
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import MapRecord
 from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.plan import release_freed_memory
 from ffnscope.engine.npl.capture import GCapture, PassProgress, as_ids, make_runner, run_layers, token_nll
@@ -232,8 +233,7 @@ class _Clock:
         self.seconds: dict[str, float] = {}
 
     def add(self, name: str, since: float) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        accelerator.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - since
         return now

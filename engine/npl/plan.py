@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ffnscope.cache.errors import UserError
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.npl.capture import forward_minimum, forward_workspace
 from ffnscope.engine.units import human
 
@@ -78,7 +79,7 @@ def memory_budget(lm, device: torch.device, option: int | None, batch_tokens: in
     if host is not None:
         return host
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        free, _total = accelerator.runtime.mem_get_info(device)
         return (int(free * DEVICE_SHARE) - forward_minimum(lm, batch_tokens),
                 f"what {device} has free beside the model")
     return int(_mem_available() * 0.9) - forward_workspace(lm, batch_tokens), "the available host memory"
@@ -168,7 +169,7 @@ def runner_resident(lm, device: torch.device, batch_tokens: int, seq_len: int, r
     w, r = _sizes(lm, seq_len, batch_tokens)
     device_memory, free, host = limits.device, None, limits.host
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = accelerator.runtime.mem_get_info(device)[0]
         if device_memory is None:
             device_memory = int(free * DEVICE_SHARE) - device_workspace(r.batch_tokens, r.d_model, r.d_ffn) - reserve
         elif device_memory + reserve > free:

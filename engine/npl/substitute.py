@@ -42,6 +42,7 @@ import torch
 
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.jobs.stop import StopToken
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.npl.capture import (GCapture, PassProgress, as_ids, make_runner, output_difference, run_layers,
                                           token_nll)
@@ -366,8 +367,7 @@ class _Replacer:
 
 
 def _sync(device: torch.device, since: float) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    accelerator.synchronize(device)
     return time.perf_counter() - since
 
 

@@ -22,6 +22,7 @@ import torch
 from ffnscope.cache import schema
 from ffnscope.cache.state import NGRAM_ORDERS, DataState, RecordingState, Samples, ngram_drop_limit
 from ffnscope.cache.store import remove_segments, write_segment, write_state
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.hooks import FFNProbe
 from ffnscope.engine.model.runner import HiddenStates, LayerRunner
@@ -144,7 +145,7 @@ class Recorder:
         if cuda and self.hidden_on_device and shape[0] <= max(1, self.meta["recording"]["shard_tokens"] // self.seq_len):
             return torch.empty(shape, dtype=dtype, device=self.device)
         if nbytes <= self.hidden_budget:
-            return torch.empty(shape, dtype=dtype, pin_memory=cuda)
+            return accelerator.runtime.pinned_empty(shape, dtype) if cuda else torch.empty(shape, dtype=dtype)
         # over budget: hidden states live in a file the OS pages in and out
         path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
         self._mapped = path

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
@@ -22,6 +21,7 @@ from ffnscope.engine.data.packing import pack, special_ids
 from ffnscope.engine.data.sources import open_sources
 from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile
 from ffnscope.engine.jobs.stop import Stopped, stop_on_signals
+from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.load import LoadedModel, load_model
 from ffnscope.engine.model.plan import plan_memory, release_freed_memory, resolve_device
 from ffnscope.engine.record.config import RecordConfig, auto_device, check_output, default_shard_tokens
@@ -76,10 +76,10 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         progress.update(force=True, phase="loading model", cwd=os.getcwd())
         lm = load_model(config.model, config.dtype, config.trust_remote_code, config.allow_pickle)
         # auto under torchrun: this rank's GPU (LOCAL_RANK), made current so no rank opens a context on GPU 0
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = accelerator.runtime.device_count()
         device = resolve_device(auto_device(os.environ, count) if config.device == "auto" else config.device)
         if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)
+            accelerator.runtime.set_device(device)
         longest = model_max_len(lm)
         declared = any(getattr(lm.config, k, None) for k in ("max_position_embeddings", "n_positions", "n_ctx"))
         if declared and config.seq_len is not None and config.seq_len > longest:
