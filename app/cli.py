@@ -211,7 +211,7 @@ def cmd_jobs(args) -> int:
         rows.append((job, state, tokens, rate, _eta(job) if job.active else "", str(job.pid or "") if job.active else ""))
         if job.message and not job.active:
             during = f" during {job.phase}" if job.phase and job.status != COMPLETE else ""
-            notes.append(f"{job.output.name}: {job.kind} {job.status}{during}: {job.message}")
+            notes.append((job.output.name, f"{job.kind} {job.status}{during}: {job.message}"))
     headers = ("job", "state", "tokens", "tok/s", "ETA", "pid")
     fixed = [max([len(headers[c])] + [len(r[c]) for r in rows]) for c in range(1, 6)]
     name_width = max(12, width - sum(fixed) - 2 * 5)  # two spaces between columns
@@ -228,8 +228,8 @@ def cmd_jobs(args) -> int:
             table.add_row(plain(_middle(printable(job.output.name), name_width)),
                           plain(state, colours.get(job.status, "white")), tokens, rate, eta, pid)
         console.print(table, width=width)
-    for note in notes:
-        console.print(plain(note), highlight=False, style="dim", width=width)
+    for name, note in notes:  # one line each: the name is cut in the middle to fit, the message never wrapped
+        console.print(plain(f"{_middle(name, max(12, width - len(note) - 2))}: {note}"), highlight=False, style="dim")
     return 0
 
 
@@ -379,21 +379,26 @@ def _locks(args):
 
 
 def _remove_stale_temporaries(args) -> None:
-    """Temporary files that killed writers left beside the file this command writes go, with one line."""
-    output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None)
-    if output is None or str(output) == "-":
+    """Temporary files that killed writers left go, with one line a place: beside the file this command
+    writes and beside the recordings it reads (a recording killed while its hidden states were spilled to
+    disk leaves a shard-sized one). Checkpoint segments only beside the output, which this command locked."""
+    if args.command not in ("record", "analyze", "merge", "npl", "export"):
         return
+    output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None)
+    places = [output, getattr(args, "file", None), *(getattr(args, "files", None) or [])]
     from ffnscope.cache.atomic import remove_stale_temporaries
     from ffnscope.cache.store import remove_stale_segments, segments_dir
+    from ffnscope.engine.paths import unique_paths
     from ffnscope.engine.safe_text import printable
 
-    removed = remove_stale_temporaries(Path(output))
-    if remove_stale_segments(Path(output)):  # a finished recording's checkpoint segments
-        removed.append(segments_dir(Path(output)))
-    if removed:
-        names = ", ".join(p.name for p in removed)
-        print(printable(f"ffnscope: removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} that "
-                        f"killed writers left beside {output}: {names}"), file=sys.stderr)
+    for place in unique_paths(Path(p) for p in places if p is not None and str(p) != "-"):
+        removed = remove_stale_temporaries(place)
+        if output is not None and place == Path(output) and remove_stale_segments(place):
+            removed.append(segments_dir(place))  # a finished recording's checkpoint segments
+        if removed:
+            names = ", ".join(p.name for p in removed)
+            print(printable(f"ffnscope: removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} "
+                            f"that killed writers left beside {place}: {names}"), file=sys.stderr)
 
 
 def _stop_after_shard_on_sigusr1() -> None:

@@ -65,11 +65,9 @@ def test_an_error_in_the_prefetch_read_is_the_jobs_error(model_dirs, text_file, 
         if index == 2:
             raise OSError("planted read failure")
     spy_reads(monkeypatch, planted)
-    started = time.monotonic()
-    with pytest.raises(OSError, match="planted read failure"):
+    with pytest.raises(OSError, match="planted read failure"):  # raised, not waited on forever (no_hang)
         record_tiny(tmp_path / "c.h5", model_dirs["llama"], [text_file],
                     device_memory=one_layer_budget(model_dirs["llama"]))
-    assert time.monotonic() - started < 90  # the error ends the job at once (no_hang: 120 s)
 
 
 def test_a_stop_during_a_prefetch_stops_cleanly_and_resumes(model_dirs, text_file, tmp_path, monkeypatch, no_hang):
