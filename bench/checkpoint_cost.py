@@ -1,12 +1,17 @@
-"""What checkpoints cost against the compute, shard by shard and amortized (issue 11).
+"""What checkpoints cost against the compute, shard by shard and amortized (issues 11 and 18).
 
-    python bench/checkpoint_cost.py [--layers 8] [--d-model 512] [--d-ffn 4096] [--shards 16] [--checkpoint-ratio R]
+    python bench/checkpoint_cost.py [--layers 8] [--d-model 512] [--d-ffn 4096] [--seq-len 128]
+        [--shard-tokens 1024] [--shards 16] [--checkpoint-ratio R] [--whole]
 
 A random Llama built in code (tests.tiny_models' tokenizer) is recorded on CPU with many small shards;
 per shard it prints the seconds of compute, of what followed it before the next shard (the shard's
 segment, and the checkpoint of the fixed-size statistics where one was written: Recorder.shard_seconds,
 Recorder.checkpointed), their ratio, and the amortized ratio (all checkpoint time over all compute).
-Goal: <= 0.05 and flat.
+Goal: <= 0.05 and flat. --whole: checkpoints write pos_fire whole, as before issue 18 (a comparison).
+Issue 18's shape, fixed arrays over 1 GB (pos_fire alone 4 x 2048 x 32768 x 4 bytes), one sequence a shard:
+
+    python bench/checkpoint_cost.py --layers 4 --d-model 256 --d-ffn 32768 --seq-len 2048 \
+        --shard-tokens 16384 --batch-tokens 4096 --shards 8 --samples 64
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
+from ffnscope.cache import schema  # noqa: E402
 from ffnscope.engine.record import executor  # noqa: E402
 from ffnscope.engine.record.config import RecordConfig  # noqa: E402
 from ffnscope.engine.record.job import record  # noqa: E402
@@ -55,11 +61,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--shard-tokens", type=int, default=1024)
     parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--batch-tokens", type=int, help="default: a shard's tokens")
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--checkpoint-ratio", type=float, default=executor.Recorder.CHECKPOINT_RATIO,
                         help="Recorder.CHECKPOINT_RATIO; 0: a checkpoint after every shard (the old cadence)")
+    parser.add_argument("--whole", action="store_true", help="checkpoints write pos_fire whole (before issue 18)")
     args = parser.parse_args()
     executor.Recorder.CHECKPOINT_RATIO = args.checkpoint_ratio
+    if args.whole:
+        write_state = executor.write_state
+        executor.write_state = lambda *a, increments=None, **k: write_state(*a, **k)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -68,8 +79,8 @@ def main() -> None:
         data = text_file(tmp / "text.txt", tokens)  # about 4 bytes a word: more than enough tokens
         out = tmp / "cache.h5"
         config = RecordConfig(out=out, model=str(model), data=[str(data)], tokens=tokens, seq_len=args.seq_len,
-                              shard_tokens=args.shard_tokens, batch_tokens=args.shard_tokens, samples=args.samples,
-                              device="cpu", calib_tokens=args.shard_tokens)
+                              shard_tokens=args.shard_tokens, batch_tokens=args.batch_tokens or args.shard_tokens,
+                              samples=args.samples, device="cpu", calib_tokens=args.shard_tokens)
         recorders = []
         original_init = executor.Recorder.__init__
 
@@ -78,14 +89,16 @@ def main() -> None:
             recorders.append(self)
         executor.Recorder.__init__ = init
         t0 = time.perf_counter()
-        record(config, log=lambda *_: None)
+        state = record(config, log=lambda *_: None)
         total = time.perf_counter() - t0
         log = recorders[0].shard_seconds
         written = set(getattr(recorders[0], "checkpointed", range(1, len(log) + 1)))  # older: every shard
         size = out.stat().st_size
+    fixed = sum(getattr(layer, name).nbytes for layer in state.layers.values() for name in schema.LAYER_ARRAYS)
     print(f"{args.layers} layers x {args.d_ffn} neurons, d_model {args.d_model}, seq_len {args.seq_len}, "
           f"{len(log)} shards of {args.shard_tokens} tokens, {args.samples} samples, "
-          f"checkpoint ratio {args.checkpoint_ratio:g}")
+          f"checkpoint ratio {args.checkpoint_ratio:g}, fixed-size arrays {fixed / 2**30:.2f} GiB, "
+          f"pos_fire {'whole' if args.whole else 'as its increment'} in checkpoints")
     print("shard  compute_s  checkpoint_s  ratio  full")
     ratios = []
     for shard, (compute, checkpoint) in enumerate(log, 1):
@@ -94,7 +107,7 @@ def main() -> None:
         print(f"{shard:5d}  {compute:9.3f}  {checkpoint:12.3f}  {ratios[-1]:5.3f}  {full}")
     amortized = sum(c for _, c in log) / sum(c for c, _ in log)
     print(f"ratio first {ratios[0]:.3f}, last {ratios[-1]:.3f}, max {max(ratios):.3f}, amortized {amortized:.3f}; "
-          f"{len(written)} full checkpoints; whole job {total:.1f} s; final cache {size / 2**20:.1f} MiB")
+          f"{len(written)} checkpoints; whole job {total:.1f} s; final cache {size / 2**20:.1f} MiB")
 
 if __name__ == "__main__":
     main()

@@ -62,7 +62,7 @@ def main() -> None:
     T, L, k = args.seq_len, args.layers, 16
     seqs, samples = 64, 256
     # bytes per neuron and layer: pos_fire, fire counts, sums, top-k and start slot, ~12 n-gram pairs
-    per_neuron = 4 * T + 8 * len(TAUS) + 20 + 16 * k + 16 + 1 + 12 * 28 + 2 * samples
+    per_neuron = 4 * T + 8 * len(TAUS) + 20 + 16 * k + 16 + 1 + 12 * 28 + 4 * samples  # samples are float32
     d_ffn = max(64, int(args.part_mb * 1e6 / (L * per_neuron)))
     directory = args.dir or Path(tempfile.mkdtemp(prefix="merge_memory."))
     print(f"parts of {L} layers x {d_ffn} neurons, seq_len {T}, {seqs} sequences, {samples} samples "

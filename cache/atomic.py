@@ -2,16 +2,22 @@
 flushed to disk, renamed over it. A kill at any moment leaves the old file or the new one, never a
 torn one; a failure removes the temporary and says, in one line, why and how much space is there.
 
-A temporary is named `.NAME.PID[.TAG].tmp`, so the temporaries a killed writer leaves are known by
-their dead PID (`stale_temporaries`). Whether a PID is still a live process, and still the one we
-started, is decided here too (`process_alive`): stale temporaries, lock holders and jobs use it.
+A temporary is named `.NAME.PID.RANDOM[.TAG].tmp`: the random part makes each write's name its own
+(two threads of one process writing one file never share a temporary) and one nobody can plant in
+advance; it is created exclusively, never through a symlink. A recording's hidden states spilled to
+disk go to `.NAME.PID[.RANDOM].hidden`. Both are known by the PID of their writer, so what a killed
+writer leaves is found and removed (`stale_temporaries`). Whether a PID is still a live process, and
+still the one we started, is decided here too (`process_alive`): stale temporaries, lock holders and
+jobs use it.
 
 Light on purpose (no numpy, no h5py): the progress file and `ffnscope jobs` use it.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,16 +67,36 @@ def _cmdline(pid: int) -> list[str] | None:
 
 
 # --- temporaries ----------------------------------------------------------------------------------
-def temp_path(path: Path, tag: str = "") -> Path:
-    """The temporary that replaces `path`: hidden, beside it, named by this process (see the module)."""
+SIDE_SUFFIXES = (".tmp", ".hidden")  # the files named by their writer's PID (see the module)
+
+
+def _side_path(path: Path, suffix: str, tag: str = "") -> Path:
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{tag}{suffix}")
+
+
+def temp_path(path: Path, tag: str = "") -> Path:
+    """A new temporary name to replace `path` with: hidden, beside it, this process's, this write's own."""
+    return _side_path(path, ".tmp", tag)
+
+
+def new_spill_file(path: Path) -> Path:
+    """A new, empty file beside `path` for a recording of it to map its hidden states to (created
+    exclusively, so never a file or symlink someone else put there, and readable by this user only: it
+    holds what the model made of the data; the caller removes it)."""
+    spill = _side_path(path, ".hidden")
+    _create_new(spill, 0o600)
+    return spill
+
+
+def _create_new(path: Path, mode: int = 0o666) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode))
 
 
 def stale_temporaries(path: Path) -> list[Path]:
-    """Temporaries beside `path` and its progress file whose writer is dead (kill -9, a crash, a full
-    disk before this check existed). Those of live processes (this one included) stay, and so do
-    names we never write."""
+    """Temporaries and spilled hidden states beside `path` and its progress file whose writer is dead
+    (kill -9, a crash, a full disk before this check existed): regular files of this user only, never a
+    symlink. Those of live processes (this one included) stay, and so do names we never write."""
     path = Path(path)
     progress = path.name + PROGRESS_SUFFIX
     # `.NAME.` and `.NAME.progress.json.` (temp_path); `NAME.progress.json.` from older versions
@@ -81,15 +107,24 @@ def stale_temporaries(path: Path) -> list[Path]:
         return []
     found = []
     for name in names:
-        if not name.endswith(".tmp"):
+        if not name.endswith(SIDE_SUFFIXES):
             continue
         for prefix in prefixes:
             digits = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
             if digits.isdigit() and int(digits) < 1 << 31:  # a bigger number is no pid we wrote
-                if not process_alive(int(digits)):
+                if not process_alive(int(digits)) and _ours(path.with_name(name)):
                     found.append(path.with_name(name))
                 break
     return sorted(found)
+
+
+def _ours(path: Path) -> bool:
+    """A regular file of this user (lstat: a symlink is never ours)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
@@ -144,33 +179,66 @@ def _reason(exc: BaseException) -> str:
     return (reason.splitlines() or [exc.__class__.__name__])[0][:200]
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a rename or link in `directory` to disk; best effort (a system that cannot open or sync a
+    directory keeps the rename as its file system does)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _temporary(path: Path, tag: str = "", failure: str | None = None, need: int | None = None):
+    """A new temporary for `path` (temp_path), created empty and exclusively (so it is no file or symlink
+    someone else put there) and removed when the block ends. An OSError or RuntimeError becomes
+    storage_error's one line (`failure` its head)."""
+    tmp = temp_path(path, tag)
+    try:
+        _create_new(tmp)
+    except OSError as exc:
+        raise storage_error(path, need, _reason(exc), failure) from None
+    try:
+        yield tmp
+    except (OSError, RuntimeError) as exc:
+        raise storage_error(path, need, _reason(exc), failure) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def replacing(path: Path, tag: str = "", copy: bool = False, failure: str | None = None, needs: int = 0):
-    """The temporary path (temp_path) the block writes; when the block ends it is flushed to disk and
-    renamed over `path`. copy=True starts it as a copy of `path`. `needs`: bytes the block writes; with
-    less room than that (plus the copy) the write is refused before it starts (HDF5 does not survive
-    a full disk). An OSError or RuntimeError becomes storage_error's one line (`failure` its head);
-    the temporary is removed on any failure."""
+    """The temporary path (temp_path, created empty) the block writes; when the block ends it is flushed
+    to disk and renamed over `path`, and the rename flushed too. copy=True starts it as a copy of `path`.
+    `needs`: bytes the block writes; with less room than that (plus the copy) the write is refused before
+    it starts (HDF5 does not survive a full disk). An OSError or RuntimeError becomes storage_error's one
+    line (`failure` its head); the temporary is removed on any failure."""
     path = Path(path)
-    tmp = temp_path(path, tag)
     need = int(((path.stat().st_size if copy and path.exists() else 0) + needs) * 1.05) + (64 << 10)
     free = _free(path.parent)
     if needs and free is not None and free < need:
         raise storage_error(path, need, "not enough free space", failure)
-    try:
+    with _temporary(path, tag, failure, need if needs else None) as tmp:
         if copy:
             shutil.copyfile(path, tmp)
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        raise storage_error(path, need if needs else None, _reason(exc), failure) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
 
 
 @contextmanager
@@ -184,3 +252,24 @@ def write_text(path: Path, text: str, failure: str | None = None) -> None:
     """Replace `path` with `text` (UTF-8), whole."""
     with replaced_file(path, "w", failure=failure, encoding="utf-8") as f:
         f.write(text)
+
+
+def create_text(path: Path, text: str, failure: str | None = None) -> bool:
+    """Write `path` whole with `text` (UTF-8) only where no file is yet: one there (another writer's) is
+    left as it is, since the temporary is linked into place, and a link never replaces. -> whether written."""
+    path = Path(path)
+    with _temporary(path, failure=failure) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        _fsync(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system (FAT, some network mounts): create it in place
+            try:
+                with open(path, "x", encoding="utf-8") as f:
+                    f.write(text)
+            except FileExistsError:
+                return False
+        _fsync_dir(path.parent)
+    return True

@@ -28,6 +28,25 @@ _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_f
 # recording; a resumed run takes them from the cache it continues, so they are compared for merges only
 _DERIVED = ("layer_taus", "ngram_bound")
 _BLOCK_BYTES = 32 << 20  # rows copied at a time: bounded memory whatever the size of a part
+# model fingerprints that cover every weight start with this (engine.model.fingerprint); earlier ones
+# covered the config and 8 embedding rows, so two models differing in an FFN weight had one fingerprint
+FINGERPRINT_PREFIX = "w2-"
+
+
+def recorded_before(fingerprint: str) -> bool:
+    """A model fingerprint by an ffnscope before FINGERPRINT_PREFIX: it cannot be compared with a current one."""
+    return not str(fingerprint).startswith(FINGERPRINT_PREFIX)
+
+
+def check_fingerprint(recorded: str, loaded: str, what: str, mismatch: str, otherwise: str = "") -> None:
+    """Refuse a model whose fingerprint is not the one `what` (a cache, maps) was made with: `mismatch` says
+    so, except for a fingerprint by an older ffnscope, which cannot be compared and is said to be that."""
+    if loaded == recorded:
+        return
+    if recorded_before(recorded):
+        raise UserError(f"{what} was made by an older ffnscope whose model fingerprint cannot be checked against "
+                        f"this model; record it again with this version{otherwise}")
+    raise UserError(mismatch + otherwise)
 
 
 def check_same_recording(old: dict, new: dict, path: Path, for_resume: bool) -> None:
@@ -45,6 +64,15 @@ def check_same_recording(old: dict, new: dict, path: Path, for_resume: bool) -> 
         if a != b:
             fix = ("give the same options as the original run, or --force to start over" if for_resume
                    else "merge only parts of one recording")
+            if what == "model" and for_resume and recorded_before(a):
+                raise UserError(f"{path} has a model fingerprint of an older ffnscope ({a}), which cannot tell "
+                                "whether this is the same model; finish it with that version, or --force to "
+                                "record it again")
+            if what == "model" and (recorded_before(a) or recorded_before(b)):
+                raise UserError(f"{path} has a model fingerprint of another ffnscope version than the first part "
+                                f"({a} vs {b}); an older one cannot tell whether the models are the same: record "
+                                "the older parts again with this version, or merge with the version that "
+                                "recorded them")
             raise UserError(f"{path} was recorded with another {what} ({a} vs {b}); {fix}")
 
 
@@ -251,7 +279,9 @@ def _write_samples(group: h5py.Group, parts: list[_Part]) -> None:
     n = sum(len(p.sample_index) for p in parts)
     shape = (like.shape[0], n, like.shape[2])
     # write_state's layout: chunks of one layer x up to 256 samples, uncompressed
-    target = group.create_dataset("acts", shape=shape, dtype=like.dtype,
+    # the widest of the parts' dtypes: an older float16 part must not turn a float32 part's large values into inf
+    dtype = np.result_type(*(p.file["samples/acts"].dtype for p in parts))
+    target = group.create_dataset("acts", shape=shape, dtype=dtype,
                                   chunks=(1, max(1, min(n, 256)), shape[2]) if n and shape[0] and shape[2] else None)
     for layer in range(shape[0]):
         for part, rows in zip(parts, dest):

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from ffnscope.cache.errors import UserError
+from ffnscope.cache.merge import check_fingerprint
 from ffnscope.cache.store import put_array as _put
 from ffnscope.cache.store import nbytes, replaced
 
@@ -239,10 +240,10 @@ class NplReader:
     def check_model(self, fingerprint: str, name: str = "the loaded model") -> None:
         """Refuse applying maps to a model they were not fit on."""
         expected = self.meta["model"]["fingerprint"]
-        if fingerprint != expected:
-            raise UserError(f"the NPL maps in {self.path} were fit on model {self.meta['model']['name']} "
-                            f"(fingerprint {expected}), not on {name} (fingerprint {fingerprint}); use the "
-                            "recording's model, or fit maps for this model on its own cache")
+        check_fingerprint(expected, fingerprint, f"the NPL sidecar {self.path}",
+                          f"the NPL maps in {self.path} were fit on model {self.meta['model']['name']} "
+                          f"(fingerprint {expected}), not on {name} (fingerprint {fingerprint}); use the "
+                          "recording's model, or fit maps for this model on its own cache")
 
     # --- data --------------------------------------------------------------------------------------
     def fit_hashes(self) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from ffnscope.cache import schema
 from ffnscope.cache.provenance import Provenance
 from ffnscope.cache.state import GramCounts, Sparse
-from ffnscope.cache.store import open_file, read_sparse, read_strings
+from ffnscope.cache.store import open_file, read_array, read_sparse, read_strings
 
 
 class CacheReader:
@@ -56,7 +56,7 @@ class CacheReader:
 
     def array(self, layer: int, name: str, rows=slice(None)) -> np.ndarray:
         """One array of one layer (see cache.schema.LAYER_ARRAYS), or a slice of its rows."""
-        return self._file[schema.layer_group(layer)][name][rows]
+        return read_array(self._file[schema.layer_group(layer)], name, rows)
 
     def primary_fire_count(self, layer: int) -> np.ndarray:
         return self.array(layer, "fire_count", self.provenance.recording.primary_index)

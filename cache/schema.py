@@ -15,6 +15,8 @@ ANALYSES = ("dead", "ngrams", "positional", "suppression")  # stored beside the 
 LAYER_ARRAYS = ("fire_count", "g_sum", "g_sumsq", "g_max", "pos_fire", "topk_value", "topk_index", "topk_g",
                 "start_value", "start_index", "start_g")
 NGRAM_COLUMNS = ("gram", "neuron", "count", "g_sum")  # g_sum only where an order carries it (G_ORDERS)
+# a checkpoint's pos_fire counted since its base, which `pos_fire` names: the two add up (cache.store.read_array)
+POS_FIRE_DELTA = "pos_fire_delta"
 
 
 def layer_group(index: int) -> str:

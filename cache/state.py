@@ -160,37 +160,174 @@ def ngram_drop_limit(rec: dict) -> int | None:
 
 
 @dataclass
+class PosIncrements:
+    """pos_fire counted since a checkpoint's base, per layer: what a recording's checkpoints write instead of
+    pos_fire whole (cache.store.write_state). A count is at most the sequences added since the base (one fire
+    a sequence per position), so they are held, and written, in the narrowest unsigned type for that many:
+    a quarter of pos_fire's int32 up to 255 sequences, half up to 65,535. `base`: the segment file holding
+    pos_fire as it was at the base (cache.store.write_base); None: zeros, nothing was recorded before it."""
+    base: str | None = None
+    seqs: int = 0
+    layers: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @staticmethod
+    def dtype(seqs: int) -> np.dtype:
+        return np.min_scalar_type(seqs)
+
+    def full_after(self, seqs: int) -> bool:
+        """Whether `seqs` more sequences would make the increments as wide as pos_fire itself: a new base
+        then costs what writing them would, and narrows them again."""
+        return self.dtype(self.seqs + seqs).itemsize >= np.dtype(np.int32).itemsize
+
+    def start(self, seqs: int) -> None:
+        """Before `seqs` more sequences are added: the layers' increments widened to hold them."""
+        self.seqs += seqs
+        dtype = self.dtype(self.seqs)
+        self.layers = {i: held.astype(dtype, copy=False) for i, held in self.layers.items()}
+
+    def add(self, index: int, pos_fire: np.ndarray) -> None:
+        held = self.layers.get(index)
+        if held is None:
+            held = self.layers[index] = np.zeros(pos_fire.shape, self.dtype(self.seqs))
+        np.add(held, pos_fire, out=held, casting="unsafe")  # fits: start() widened it for these sequences
+
+    def rebase(self, base: str) -> None:
+        """pos_fire as it is now was written as `base`: nothing is counted since."""
+        self.base, self.seqs, self.layers = base, 0, {}
+
+
+class Growing:
+    """An array that grows along `axis` by appending, each append costing what it appends: the buffer
+    holds what `reserve` asked for, or doubles when full, so the rows already there are copied about once
+    in all rather than once per append. `array` is a view of the rows held; the array it starts from is
+    never written to."""
+
+    def __init__(self, array: np.ndarray, axis: int = 0):
+        self.axis, self._buffer, self._rows = axis, array, array.shape[axis]
+
+    def _span(self, lo: int, hi: int) -> tuple:
+        return (slice(None),) * self.axis + (slice(lo, hi),)
+
+    @property
+    def array(self) -> np.ndarray:
+        return self._buffer[self._span(0, self._rows)]
+
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` rows in all (a recording knows how many it will hold: no doubling then)."""
+        if rows > self._buffer.shape[self.axis]:
+            shape = list(self._buffer.shape)
+            shape[self.axis] = rows
+            buffer = np.empty(shape, self._buffer.dtype)
+            buffer[self._span(0, self._rows)] = self.array
+            self._buffer = buffer
+
+    def append(self, rows: np.ndarray) -> None:
+        end = self._rows + rows.shape[self.axis]
+        if end > self._buffer.shape[self.axis]:
+            self.reserve(max(end, 2 * self._buffer.shape[self.axis]))
+        self._buffer[self._span(self._rows, end)] = rows
+        self._rows = end
+
+
+def merge_sorted_counts(a: GramCounts, b: GramCounts) -> GramCounts:
+    """GramCounts.reduce([a, b]) for two sorted, unique GramCounts (a recording's so far and a shard's),
+    without sorting: b's keys are found in a by binary search, its new ones inserted in one pass."""
+    at = np.searchsorted(a.gram, b.gram)
+    found = at < len(a.gram)
+    found[found] = a.gram[at[found]] == b.gram[found]
+    count = a.count.astype(np.int64)  # a copy: the caller's arrays stay as they were
+    count[at[found]] += b.count[found]  # b's keys are unique: no index repeats
+    new = ~found
+    return GramCounts(np.insert(a.gram, at[new], b.gram[new]), np.insert(count, at[new], b.count[new]))
+
+
 class DataState:
-    tokens: np.ndarray          # (n_seqs, seq_len) int32, in global sequence order
-    seq_index: np.ndarray       # (n_seqs,) int64 global sequence numbers
-    domains: np.ndarray         # (n_seqs, seq_len) uint8 index into the recording's domain names
-    unigram: np.ndarray         # (vocab,) int64 token counts, start token excluded
-    grams: dict[int, GramCounts]  # n = 2, 3: occurrence counts, start token excluded
+    """The recorded data: token streams in global sequence order, and the data's n-gram counts. A
+    recording's shards come in data order and are appended (Growing): adding one costs its own size, not
+    the recording's (a copy of everything per shard was ~10 TB over 1e9 tokens in 3,800 shards)."""
+
+    def __init__(self, tokens: np.ndarray, seq_index: np.ndarray, domains: np.ndarray, unigram: np.ndarray,
+                 grams: dict[int, GramCounts]):
+        self._tokens = Growing(tokens)        # (n_seqs, seq_len) int32
+        self._seq_index = Growing(seq_index)  # (n_seqs,) int64 global sequence numbers
+        self._domains = Growing(domains)      # (n_seqs, seq_len) uint8 index into the recording's domain names
+        self.unigram = unigram                # (vocab,) int64 token counts, start token excluded
+        self.grams = grams                    # n = 2, 3: occurrence counts, start token excluded
+
+    tokens = property(lambda self: self._tokens.array)
+    seq_index = property(lambda self: self._seq_index.array)
+    domains = property(lambda self: self._domains.array)
+
+    @property
+    def arrays(self) -> dict:
+        """Everything held, by name (cache.store.nbytes)."""
+        return dict(tokens=self.tokens, seq_index=self.seq_index, domains=self.domains, unigram=self.unigram,
+                    grams=self.grams)
+
+    def reserve(self, n_seqs: int) -> None:
+        """Room for `n_seqs` sequences in all, so appending never moves what is held."""
+        for rows in (self._tokens, self._seq_index, self._domains):
+            rows.reserve(n_seqs)
 
     def add(self, other: "DataState") -> None:
-        order = np.argsort(np.concatenate([self.seq_index, other.seq_index]), kind="stable")
-        self.tokens = np.concatenate([self.tokens, other.tokens])[order]
-        self.domains = np.concatenate([self.domains, other.domains])[order]
-        self.seq_index = np.concatenate([self.seq_index, other.seq_index])[order]
+        """Fold in disjoint data: appended when it comes after what is held, else sorted into place."""
+        if self._follows(other):
+            for rows, more in ((self._tokens, other.tokens), (self._seq_index, other.seq_index),
+                               (self._domains, other.domains)):
+                rows.append(more)
+        else:
+            order = np.argsort(np.concatenate([self.seq_index, other.seq_index]), kind="stable")
+            self._tokens, self._seq_index, self._domains = (
+                Growing(np.concatenate([mine, more])[order]) for mine, more in
+                ((self.tokens, other.tokens), (self.seq_index, other.seq_index), (self.domains, other.domains)))
         self.unigram = self.unigram + other.unigram
-        self.grams = {n: GramCounts.reduce([self.grams[n], other.grams[n]]) for n in self.grams}
+        self.grams = {n: merge_sorted_counts(self.grams[n], other.grams[n]) for n in self.grams}
+
+    def _follows(self, other: "DataState") -> bool:
+        """Whether `other`'s sequences, in order, all come after these (appending keeps the order)."""
+        index = other.seq_index
+        ordered = bool(np.all(index[1:] >= index[:-1]))
+        return ordered and (not len(self.seq_index) or not len(index) or index[0] > self.seq_index[-1])
 
 
-@dataclass
 class Samples:
-    """Full activation vectors of every recorded layer at a fixed random sample of token positions."""
-    index: np.ndarray           # (n,) int64 global token index, ascending
-    acts: np.ndarray            # (n_layers_recorded, n, d_ffn) float16
+    """Full activation vectors of every recorded layer at a fixed random sample of token positions.
+
+    float32 (DTYPE): any finite g is kept, and exactly, whatever the model's dtype (float16,
+    bfloat16 and float32 values all are float32 values), so NPL fits see the model's own numbers; float16
+    turned g > 65504 into inf. bfloat16 would keep float16's size but round a float32 model's g to 8
+    bits and need storing as uint16 bits (h5py has no bfloat16) for every reader to decode. The cost:
+    2048 samples (the default) of SmolLM2's shape (30 layers x 1536) take 377 MB, not 189 MB.
+    Older caches' float16 samples are cast on construction, so every reader computes in float32.
+    A recording's shards come in data order and are appended (Growing), as DataState's streams."""
+    DTYPE = np.float32
+
+    def __init__(self, index: np.ndarray, acts: np.ndarray):
+        self._index = Growing(np.asarray(index, np.int64))             # (n,) int64 global token index, ascending
+        self._acts = Growing(np.asarray(acts, self.DTYPE), axis=1)     # (n_layers_recorded, n, d_ffn) float32
+
+    index = property(lambda self: self._index.array)
+    acts = property(lambda self: self._acts.array)
+
+    @property
+    def arrays(self) -> dict:
+        """Everything held, by name (cache.store.nbytes)."""
+        return dict(index=self.index, acts=self.acts)
+
+    def reserve(self, n: int) -> None:
+        """Room for `n` samples in all (a recording draws about samples x its share of the data's tokens)."""
+        self._index.reserve(n)
+        self._acts.reserve(n)
 
     def add(self, other: "Samples") -> None:
         if not len(self.index) or not len(other.index) or other.index[0] > self.index[-1]:
             # shards arrive in data order: appending keeps the order, without permuting every vector
-            self.index = np.concatenate([self.index, other.index])
-            self.acts = np.concatenate([self.acts, other.acts], axis=1)
+            self._index.append(other.index)
+            self._acts.append(other.acts)
             return
         order = np.argsort(np.concatenate([self.index, other.index]), kind="stable")
-        self.index = np.concatenate([self.index, other.index])[order]
-        self.acts = np.concatenate([self.acts, other.acts], axis=1)[:, order]
+        self._index = Growing(np.concatenate([self.index, other.index])[order])
+        self._acts = Growing(np.concatenate([self.acts, other.acts], axis=1)[:, order], axis=1)
 
 
 @dataclass

@@ -10,6 +10,12 @@ the same way) in the directory `.NAME.segments` beside it, and the checkpoint's 
 `data/seq_index`, `data/domains`, `samples/index` and `samples/acts` are HDF5 virtual datasets over the
 segments it names, so every reader sees the usual layout. A segment also holds the shard's n-gram pairs
 as sorted runs, which the checkpoint's `layers/LLL/ngramN` name and readers sum on read (cache.runs).
+Every MAP_FANOUT segments are folded into a map segment standing for them, so a checkpoint names a few
+files whatever the number of shards (fold_segments).
+Of the statistics of a fixed size a checkpoint writes pos_fire, the largest by far (seq_len x d_ffn a
+layer), only as its increment since a base (PosIncrements, narrow integers), naming the base: a segment
+file holding pos_fire whole, written when the increments would grow as wide as pos_fire (and at a resume);
+a reader adds the two (read_array).
 A checkpoint is written after its segments and only ever names segments on disk; a segment it does not
 name is left over from a kill and goes at the next start (remove_segments). The complete cache holds
 everything itself, compressed, the pairs merged from the runs once, and the directory goes once it is
@@ -20,7 +26,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import json
+import os
+import stat
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -31,8 +40,8 @@ from ffnscope.cache.atomic import replacing
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.runs import (RUNS_ATTR, columns, merged_chunks, put_runs, put_virtual_pairs, run_key,
                                  spill_merged, sum_runs)
-from ffnscope.cache.state import (G_ORDERS, NGRAM_ORDERS, DataState, GramCounts, LayerState, RecordingState, Samples,
-                                  Sparse)
+from ffnscope.cache.state import (G_ORDERS, NGRAM_ORDERS, DataState, GramCounts, LayerState, PosIncrements,
+                                  RecordingState, Samples, Sparse)
 
 _GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
 
@@ -50,11 +59,14 @@ def empty_array(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Datas
     return group.create_dataset(name, shape=shape, dtype=dtype, **(_GZIP if size >= 4096 else {}))
 
 
-def write_layer(group: h5py.Group, layer: LayerState, compress: bool = True, pairs=None) -> None:
+def write_layer(group: h5py.Group, layer: LayerState, compress: bool = True, pairs=None, pos_fire=None) -> None:
     """One `layers/NNN` group. `pairs(group)`, if given, writes the n-gram pairs instead of layer.ngrams
-    (write_state: from the segments' runs)."""
+    (write_state: from the segments' runs); `pos_fire(group)` pos_fire (a checkpoint: its base and increment)."""
     for name in schema.LAYER_ARRAYS:
-        put_array(group, name, getattr(layer, name), compress)
+        if name == "pos_fire" and pos_fire is not None:
+            pos_fire(group)
+        else:
+            put_array(group, name, getattr(layer, name), compress)
     if layer.ngram_counted is not None:
         put_array(group, "ngram_counted", layer.ngram_counted, compress)
         if pairs is not None:
@@ -66,9 +78,18 @@ def write_layer(group: h5py.Group, layer: LayerState, compress: bool = True, pai
                     put_array(group, f"ngram{n}/{column}", getattr(sparse, column), compress)
 
 
+def read_array(group: h5py.Group, name: str, rows=slice(None)) -> np.ndarray:
+    """One array of a `layers/NNN` group, or a slice of its rows: a checkpoint's pos_fire is its base plus
+    the increment since (schema.POS_FIRE_DELTA)."""
+    array = group[name][rows]
+    if name == "pos_fire" and schema.POS_FIRE_DELTA in group:
+        array += group[schema.POS_FIRE_DELTA][rows]
+    return array
+
+
 def read_layer(group: h5py.Group, pairs: bool = True) -> LayerState:
     """One `layers/NNN` group; pairs=False: without its n-gram pairs (what grows with the data)."""
-    arrays = {k: group[k][:] for k in schema.LAYER_ARRAYS}
+    arrays = {k: read_array(group, k) for k in schema.LAYER_ARRAYS}
     counted = group["ngram_counted"][:] if "ngram_counted" in group else None
     ngrams = {int(k[5:]): read_sparse(group[k]) for k in group
               if pairs and k.startswith("ngram") and k != "ngram_counted"}
@@ -113,6 +134,23 @@ def segments_dir(path: Path) -> Path:
     return path.with_name(f".{path.name}.segments")
 
 
+def _real_dir(directory: Path) -> bool:
+    """A directory itself, not a symlink to one (lstat): we never write or delete through a link."""
+    try:
+        return stat.S_ISDIR(os.lstat(directory).st_mode)
+    except OSError:
+        return False
+
+
+def _made_segments_dir(path: Path) -> Path:
+    directory = segments_dir(path)
+    directory.mkdir(exist_ok=True)
+    if not _real_dir(directory):
+        raise UserError(f"{directory} is not a directory of ours (a symlink or a file); remove it, then run the "
+                        "command again")
+    return directory
+
+
 def _streams(data: DataState, samples: Samples) -> dict[str, np.ndarray]:
     return dict(zip(STREAMS, (data.tokens, data.seq_index, data.domains, samples.index, samples.acts)))
 
@@ -132,8 +170,7 @@ def write_segment(path: Path, name: str, data: DataState, samples: Samples,
     once, read back only by a resume, the final merge or a reader of the checkpoint. `counted` (layer ->
     ngram_counted), for a resume: each such layer's run is the sum of the checkpoint at `path`'s pairs,
     merged from its runs as the final write merges them (memory bounded, never the pairs whole)."""
-    directory = segments_dir(path)
-    directory.mkdir(exist_ok=True)
+    directory = _made_segments_dir(path)
     streams = _streams(data, samples)
     needs = nbytes(streams) + nbytes(pairs or {}) + (_pair_bytes(path) if counted else 0)
     with replaced(directory / f"{name}.h5", failure=f"could not write a checkpoint of {path}", needs=needs) as f:
@@ -177,15 +214,49 @@ def _pair_bytes(path: Path) -> int:
                    for dataset in group.values())
 
 
-def remove_segments(path: Path, keep: list[Segment] = ()) -> None:
-    """Remove the segment files of cache `path` but those in `keep` (a kill leaves ones no checkpoint
-    names, and a complete cache needs none), and the directory once it is empty."""
-    directory, names = segments_dir(path), {s.name for s in keep}
-    if not directory.is_dir():
+def write_base(path: Path, state: RecordingState) -> str:
+    """Every layer's pos_fire, whole, as the base segment that checkpoints name with their increments since
+    (PosIncrements) -> its file name in segments_dir."""
+    name = f"base{state.shards_done:06d}.h5"
+    needs = sum(nbytes(layer.pos_fire) for layer in state.layers.values())
+    with replaced(_made_segments_dir(path) / name, failure=f"could not write a checkpoint of {path}",
+                  needs=needs) as f:
+        for index, layer in state.layers.items():
+            put_array(f, f"{schema.layer_group(index)}/pos_fire", layer.pos_fire, compress=False)
+    return name
+
+
+def _put_pos_fire(group: h5py.Group, index: int, layer: LayerState, path: Path, increments: PosIncrements) -> None:
+    """A checkpoint's pos_fire of one layer: the base it names (a virtual dataset over the base segment, or
+    with none an unwritten dataset, which reads as zeros and takes no space) and the increments since."""
+    shape, dtype = layer.pos_fire.shape, layer.pos_fire.dtype
+    if increments.base is None:
+        group.create_dataset("pos_fire", shape=shape, dtype=dtype)
+    else:
+        layout = h5py.VirtualLayout(shape, dtype)
+        layout[...] = h5py.VirtualSource(f"{segments_dir(path).name}/{increments.base}",
+                                         f"{schema.layer_group(index)}/pos_fire", shape)
+        group.create_virtual_dataset("pos_fire", layout)
+    if index in increments.layers:
+        group.create_dataset(schema.POS_FIRE_DELTA, data=increments.layers[index])
+
+
+def remove_segment(path: Path, name: str) -> None:
+    """One segment file of cache `path` that no checkpoint names any more (a replaced base)."""
+    (segments_dir(path) / name).unlink(missing_ok=True)
+
+
+def remove_segments(path: Path, keep=()) -> None:
+    """Remove the segment files of cache `path` but those named in `keep` (a kill leaves ones no checkpoint
+    names, and a complete cache needs none), and the directory once it is empty. Regular files only, in the
+    directory itself: a symlink, there or in its place, is never followed nor removed."""
+    directory, names = segments_dir(path), set(keep)
+    if not _real_dir(directory):
         return
-    for entry in directory.iterdir():
-        if entry.name not in names:
-            entry.unlink(missing_ok=True)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name not in names and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
     if not names:
         try:
             directory.rmdir()
@@ -197,7 +268,7 @@ def remove_stale_segments(path: Path) -> bool:
     """A segments folder beside a complete cache (a kill between the final write and its removal) goes;
     -> whether one did. A partial cache's are its checkpoint's: they stay."""
     path = Path(path)
-    if not segments_dir(path).is_dir():
+    if not _real_dir(segments_dir(path)):
         return False
     try:
         with h5py.File(path, "r") as f:
@@ -209,38 +280,84 @@ def remove_stale_segments(path: Path) -> bool:
     return True
 
 
-def _put_virtual(f: h5py.File, key: str, array: np.ndarray, path: Path, segments: list[Segment]) -> None:
-    """Stream `key` as the concatenation of the segments' (the in-memory `array` only gives its shape)."""
-    axis = _SAMPLE_AXIS.get(key, 0)
-    if not array.shape[axis]:  # HDF5 maps nothing into an empty dataset
-        f.create_dataset(key, data=array)
+def _put_concatenation(f: h5py.File, name: str, shape: tuple, dtype, parts: list, folder: str = "",
+                       axis: int = 0) -> None:
+    """Dataset `name` of `f`, of `shape`, as the concatenation along `axis` of `parts`, (segment, shape of its
+    part): each segment file's own dataset `name`, named `folder` + its file name relative to f's folder, so
+    the files are found wherever they move together. An empty one is stored as such (HDF5 maps nothing)."""
+    if not shape[axis]:
+        f.create_dataset(name, shape=shape, dtype=dtype)
         return
-    layout = h5py.VirtualLayout(array.shape, array.dtype)
-    offset, where = 0, [slice(None)] * array.ndim
-    for segment in segments:
-        shape = segment.shapes[key]
-        if shape[axis]:
-            where[axis] = slice(offset, offset + shape[axis])
-            # a relative name: found beside the cache, wherever the directory is moved with it
-            layout[tuple(where)] = h5py.VirtualSource(f"{segments_dir(path).name}/{segment.name}", key, shape)
-        offset += shape[axis]
-    if offset != array.shape[axis]:
-        raise ValueError(f"the segments hold {offset} rows of {key}, the recording {array.shape[axis]}")
-    f.create_virtual_dataset(key, layout)
+    layout = h5py.VirtualLayout(shape, dtype)
+    offset, where = 0, [slice(None)] * len(shape)
+    for segment, part in parts:
+        if part[axis]:
+            where[axis] = slice(offset, offset + part[axis])
+            layout[tuple(where)] = h5py.VirtualSource(f"{folder}{segment.name}", name, part)
+        offset += part[axis]
+    if offset != shape[axis]:
+        raise ValueError(f"the segments hold {offset} rows of {name}, the recording {shape[axis]}")
+    f.create_virtual_dataset(name, layout)
+
+
+MAP_FANOUT = 64  # segments a map stands for (fold_segments)
+
+
+def fold_segments(path: Path, named: list[Segment], shards_done: int) -> list[Segment]:
+    """What a checkpoint names (`named`, in data order) with every MAP_FANOUT consecutive segments of one
+    level folded into a map of the next (write_map), level by level: a checkpoint then maps at most
+    MAP_FANOUT a level into each dataset, not a source a shard (~45 us each, for every stream and run: with
+    thousands of shards each checkpoint took seconds, growing). `shards_done` names the maps made now."""
+    named = list(named)
+    while len(named) >= MAP_FANOUT and len({_map_level(s) for s in named[-MAP_FANOUT:]}) == 1:
+        level = _map_level(named[-1]) + 1
+        named[-MAP_FANOUT:] = [write_map(path, f"map{level}-{shards_done:06d}.h5", named[-MAP_FANOUT:])]
+    return named
+
+
+def _map_level(segment: Segment) -> int:
+    """0 for a segment of streams (a shard's, or everything before a resume), n for a map of level n-1 ones."""
+    return int(segment.name[3:segment.name.index("-")]) if segment.name.startswith("map") else 0
+
+
+def write_map(path: Path, name: str, members: list[Segment]) -> Segment:
+    """A segment file standing for `members` (consecutive, in data order): each of their datasets, streams and
+    pair runs, the concatenation of theirs, as virtual datasets over them (names relative to the folder)."""
+    directory = _made_segments_dir(path)
+    shapes = {key: _concatenated_shape([m.shapes[key] for m in members], _SAMPLE_AXIS.get(key, 0))
+              for key in members[0].shapes}
+    dtypes = {}  # every dataset a member holds (all hold the same), by path
+    with h5py.File(directory / members[0].name, "r") as first:
+        first.visititems(lambda key, item: dtypes.update({key: item.dtype}) if isinstance(item, h5py.Dataset)
+                         else None)
+    with replaced(directory / name, failure=f"could not write a checkpoint of {path}") as f:
+        for dataset, dtype in dtypes.items():
+            key = dataset if dataset in shapes else dataset.rpartition("/")[0]  # a run's column: the run's rows
+            axis = _SAMPLE_AXIS.get(key, 0)
+            _put_concatenation(f, dataset, shapes[key], dtype, [(m, m.shapes[key]) for m in members], axis=axis)
+    return Segment(name, shapes)
+
+
+def _concatenated_shape(shapes: list[tuple], axis: int) -> tuple:
+    return (*shapes[0][:axis], sum(shape[axis] for shape in shapes), *shapes[0][axis + 1:])
 
 
 def write_state(path: Path, state: RecordingState, status: str, needs: int | None = None,
                 compress: bool = True, segments: list[Segment] | None = None,
-                runs: list[Segment] | None = None) -> None:
+                runs: list[Segment] | None = None, increments: PosIncrements | None = None) -> None:
     """`state.layers` is read once, in order, through .items(): a mapping that makes each layer when asked
     (tests/synthetic_cache.py) is written without the whole recording in memory; it then gives `needs`,
     the bytes the write takes (default: nbytes(state)). compress=False: no gzip (checkpoints).
     `segments`: a checkpoint's, holding the streams (STREAMS) and the n-gram pairs' runs, which this
-    write then names instead of writing them. `runs`: segments whose runs the n-gram layers' pairs are
+    write then names instead of writing them; `increments` (a checkpoint's too): pos_fire is written as
+    them and the base they name (_put_pos_fire). `runs`: segments whose runs the n-gram layers' pairs are
     merged from, streamed (the final write of a recording); the streams come from `state` then."""
     streams = _streams(state.data, state.samples)
     if needs is None:
         needs = nbytes(state) - (nbytes(streams) if segments is not None else 0)
+        if increments is not None:
+            needs += sum(nbytes(held) for held in increments.layers.values()) - \
+                sum(nbytes(layer.pos_fire) for layer in state.layers.values())
         # the merged pairs, at most the runs' rows: in the scratch files and in the cache
         needs += 2 * sum(shape[0] * 28 for s in runs or () for key, shape in s.shapes.items()
                          if key.startswith("pairs/"))
@@ -257,12 +374,15 @@ def write_state(path: Path, state: RecordingState, status: str, needs: int | Non
             put_array(data, f"gram{n}/count", grams.count, compress)
         for index, layer in state.layers.items():
             write_layer(f.create_group(schema.layer_group(index)), layer, compress,
-                        _pair_writer(path, index, layer, compress, segments, runs))
+                        _pair_writer(path, index, layer, compress, segments, runs),
+                        None if increments is None else partial(_put_pos_fire, index=index, layer=layer, path=path,
+                                                                increments=increments))
         _put_strings(f, "tokenizer/vocab", state.vocab)
         _put_strings(f, "tokenizer/pieces", state.pieces)
         for key, array in streams.items():
             if segments is not None:
-                _put_virtual(f, key, array, path, segments)
+                _put_concatenation(f, key, array.shape, array.dtype, [(s, s.shapes[key]) for s in segments],
+                                   f"{segments_dir(path).name}/", _SAMPLE_AXIS.get(key, 0))
             elif key == "samples/acts":
                 chunks = (1, max(1, min(array.shape[1], 256)), array.shape[2]) if array.size else None
                 f.create_dataset(key, data=array, chunks=chunks)
@@ -318,12 +438,26 @@ _BLOCK_ROWS = 1 << 22  # rows of a merged column copied into the final file at a
 
 
 def missing_segments(f: h5py.File) -> list[str]:
-    """Segment files a checkpoint names that are not beside it (copied or moved without them)."""
-    if f.attrs.get("status") == schema.COMPLETE or "data/tokens" not in f or not f["data/tokens"].is_virtual:
+    """Segment files a checkpoint names that are not beside it (copied or moved without them): its streams'
+    (which hold the pairs' runs too), through the maps it names, and its pos_fire base."""
+    if f.attrs.get("status") == schema.COMPLETE:
         return []
-    directory = Path(f.filename).parent
-    return sorted({s.file_name for key in STREAMS if f[key].is_virtual for s in f[key].virtual_sources()
-                   if not (directory / s.file_name).is_file()})
+    return sorted(_missing(f, [*STREAMS, *(f"layers/{name}/pos_fire" for name in f.get("layers", {}))]))
+
+
+def _missing(f: h5py.File, keys: list[str]) -> set[str]:
+    """The files that the virtual datasets `keys` of `f`, and the maps among them, name and are not there
+    (names relative to f's folder)."""
+    names = {s.file_name for key in keys if key in f and f[key].is_virtual for s in f[key].virtual_sources()}
+    missing = set()
+    for name in names:
+        file = Path(f.filename).parent / name
+        if not file.is_file():
+            missing.add(name)
+        elif file.name.startswith("map"):
+            with h5py.File(file, "r") as members:
+                missing |= {str(Path(name).parent / inner) for inner in _missing(members, list(STREAMS))}
+    return missing
 
 
 def open_file(path: Path, purpose: str) -> h5py.File:

@@ -31,7 +31,7 @@ What is synthetic, and where it is not what a real recording would hold:
 - Fire counts at the other thresholds, g moments, g_max and top-k: see tests/fixtures/synthetic_layers.py.
 - suppression's `trigger_g` is drawn positive (ReLU) and `suppresses` is `trigger_logit_z < 0`.
 - No activation samples by default (`--samples N` keeps N): a default recording keeps 2048, which at
-  this size is 9.7 GB of float16.
+  this size is 19.3 GB of float32.
 Layers are made one at a time as write_state asks for them (MadeInTurn), so memory holds one layer
 (pos_fire alone is 300 MB at the default size), never the whole recording (19 GB).
 """
@@ -257,7 +257,7 @@ def _samples(rng, meta: dict, maker: LayerMaker, samples: int) -> Samples:
     n_layers, d, N, T = len(meta["recording"]["layers"]), maker.d, maker.N, maker.T
     candidates = np.flatnonzero(np.arange(N) % T != 0)
     index = np.sort(rng.choice(candidates, min(samples, len(candidates)), replace=False)).astype(np.int64)
-    acts = np.zeros((n_layers, len(index), d), np.float16)
+    acts = np.zeros((n_layers, len(index), d), np.float32)
     for layer in range(n_layers if len(index) else 0):
         freq = 10 ** rng.uniform(-4, -0.6, d)
         fires = rng.random((len(index), d)) < freq

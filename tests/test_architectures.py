@@ -1,9 +1,13 @@
 """The architecture sweep (tests/arch_sweep.py): every causal-LM architecture of the installed
-transformers that the locator accepts records exactly what a plain forward with hooks gives."""
+transformers that the locator accepts records, in memory and streamed from its safetensors files,
+exactly what a reference that finds the FFN without the locator gives (tests/reference.py).
+tests/test_arch_checks.py plants bugs the sweep's checks must catch."""
+import warnings
+
 import pytest
 import transformers
 
-from tests.arch_sweep import REQUIRED, causal_lm_types, check, documented_passing
+from tests.arch_sweep import REQUIRED, causal_lm_types, check, compare_with_doc, documented
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +28,18 @@ def test_refusals_say_why(outcomes):
     refused = [o for o in outcomes.values() if o.status == "refused"]
     assert refused and all(len(o.reason) > 20 for o in refused)
     assert "mixture of experts" in outcomes["mixtral"].reason
+    assert "transforms the neurons before the output projection" in outcomes["bitnet"].reason  # ffn_sub_norm
 
 
 def test_the_documented_list_is_the_sweeps(outcomes):
-    version, documented = documented_passing()
-    if version != transformers.__version__:
-        pytest.skip(f"docs/architectures.md was generated with transformers {version}, this is "
-                    f"{transformers.__version__}; regenerate with `python -m tests.arch_sweep --write`")
-    assert documented == {t for t, o in outcomes.items() if o.status == "passes"}
+    """Against the installed transformers, whichever it is: an architecture both docs/architectures.md and
+    the sweep know has the same outcome in both; one only either side knows is reported, not failed."""
+    version, doc = documented()
+    changed, new, gone = compare_with_doc(doc, {t: o.status for t, o in outcomes.items()})
+    if new or gone:
+        warnings.warn(f"docs/architectures.md (transformers {version}) and the installed transformers "
+                      f"{transformers.__version__} know different architectures: new here {new}, only in the "
+                      f"document {gone}; regenerate it with `python -m tests.arch_sweep --write`", stacklevel=1)
+    assert not changed, (f"outcomes differ from docs/architectures.md (transformers {version}; installed "
+                         f"{transformers.__version__}), as (documented, now): {changed}; regenerate it with "
+                         "`python -m tests.arch_sweep --write` if the change is intended")

@@ -11,7 +11,6 @@ import torch
 
 import ffnscope.engine.npl.capture as capture_module
 import ffnscope.engine.npl.job as job_module
-from ffnscope.cache.atomic import temp_path
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import NplReader, NplWriter, StoredMaps, sidecar_path
 from ffnscope.engine.jobs.stop import Stopped, StopToken
@@ -209,13 +208,13 @@ def test_a_fit_stopped_between_groups_leaves_the_old_sidecar_whole(setup, monkey
     def on_progress(fields):
         if fields.get("group") == 3 and not stop.requested:
             written.extend(p for _g, _m, p, *_r in _Spy.log)
-            assert temp_path(out).exists()                           # groups 1 and 2 are in the temporary
+            assert list(out.parent.glob(f".{out.name}.*.tmp"))      # groups 1 and 2 are in the temporary
             stop.request()
 
     with pytest.raises(Stopped):
         fit_job(NplFitConfig(cache, pairs=PAIRS, tokens=3200, device="cpu", force=True), on_progress=on_progress,
                 stop=stop, **QUIET)
     assert written == [(0, 1), (1, 1)]
-    assert out.read_bytes() == before and not temp_path(out).exists()
+    assert out.read_bytes() == before and not list(out.parent.glob(f".{out.name}.*.tmp"))
     with NplReader(out) as reader:
         assert reader.pairs() == [(1, 2)]

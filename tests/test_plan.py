@@ -3,29 +3,45 @@ given sizes, the device kind and its free bytes): OPT-66b on an H200, as measure
 import pytest
 
 from ffnscope.cache.errors import UserError
-from ffnscope.engine.model.plan import (RecordSizes, WeightSizes, device_weight_bytes, device_workspace,
-                                        host_other_bytes, host_weight_bytes, plan)
+from ffnscope.engine.model.plan import (SAMPLE_BYTES, RecordSizes, WeightSizes, device_weight_bytes,
+                                        device_workspace, host_other_bytes, host_weight_bytes, pinned_blocks, plan)
 
 GiB = 1 << 30
 H200_FREE = 139 * GiB
 
 
-def weights(n_layers, d, f, vocab, per_layer_params, base_params, head_params, from_files):
-    per_layer, base, head = per_layer_params * 2, base_params * 2, head_params * 2  # fp16
+def weights(n_layers, d, vocab, layer_tensors, base_params, head_params, from_files):
+    """16-bit weights; layer_tensors: the elements of each tensor of a decoder layer (its pinned reads)."""
+    per_layer, base, head = sum(layer_tensors) * 2, base_params * 2, head_params * 2
     fixed = base + (head or vocab * d * 2)  # a tied head: state_dict names the embeddings twice
     return WeightSizes(n_layers=n_layers, per_layer=per_layer, base=base, fixed=fixed, head=head,
-                       total=fixed + n_layers * per_layer, from_files=from_files)
+                       total=fixed + n_layers * per_layer, from_files=from_files,
+                       pinned_layer=pinned_blocks([[n * 2 for n in layer_tensors]]))
+
+
+def opt_layer(d=9216, f=36864):
+    """q, k, v, out (weight, bias), fc1, fc2 (weight, bias), two layer norms (weight, bias)."""
+    return [d * d, d] * 4 + [f * d, f, d * f, d] + [d] * 4
+
+
+def llama_layer(d, f, kv):
+    """q, k, v, o, gate, up, down, two RMS norms; kv: the width of k and v (grouped-query attention)."""
+    return [d * d, kv * d, kv * d, d * d, f * d, f * d, d * f, d, d]
 
 
 def opt_66b(from_files=False):
-    d, f, vocab = 9216, 36864, 50272
-    layer = 4 * (d * d + d) + d * f + f + f * d + d + 4 * d
-    return weights(64, d, f, vocab, layer, vocab * d + 2050 * d + 2 * d, 0, from_files)  # tied head
+    d, vocab = 9216, 50272
+    return weights(64, d, vocab, opt_layer(), vocab * d + 2050 * d + 2 * d, 0, from_files)  # tied head
 
 
 def llama_7b(from_files=True):
     d, f, vocab = 4096, 11008, 32000
-    return weights(32, d, f, vocab, 4 * d * d + 3 * d * f + 2 * d, vocab * d + d, vocab * d, from_files)
+    return weights(32, d, vocab, llama_layer(d, f, d), vocab * d + d, vocab * d, from_files)
+
+
+def llama_70b(from_files=True):
+    d, f, vocab = 8192, 28672, 128256
+    return weights(80, d, vocab, llama_layer(d, f, 1024), vocab * d + d, vocab * d, from_files)
 
 
 def run(d_model, d_ffn, heads, layers, batch_tokens=8192, shard_tokens=262144):
@@ -38,8 +54,12 @@ OPT_RUN = run(9216, 36864, 72, 64, batch_tokens=16384, shard_tokens=1_000_000)
 
 
 def test_the_measured_opt_66b_figure_is_the_cpu_arithmetic():
-    """Charging every weight and the CPU's attention workspace to the host gave 9.7 GB for an 18.4 GB shard."""
-    cpu = plan(opt_66b(), OPT_RUN, "cpu", 1 << 50, 200 * GiB)
+    """Charging every weight and the CPU's attention workspace to the host gave 9.7 GB for an 18.4 GB shard,
+    with float16 samples and pos_fire rewritten whole: float32 samples (cache.state.Samples) charge 2 bytes
+    more per value, held and copied, and pos_fire's increments (cache.state.PosIncrements) 2 bytes a count."""
+    wider = 2 * OPT_RUN.samples * 64 * 36864 * (SAMPLE_BYTES - 2)
+    increments = (64 + 1) * OPT_RUN.seq_len * 36864 * 2
+    cpu = plan(opt_66b(), OPT_RUN, "cpu", 1 << 50, 200 * GiB + wider + increments)
     assert round(OPT_RUN.shard_hidden_bytes / 1e9, 1) == 18.4
     assert round(cpu.hidden_bytes / 1e9, 1) == 9.7
 
@@ -51,9 +71,10 @@ def test_on_a_gpu_the_opt_66b_shard_fits_the_host(from_files):
     assert 0 < gpu.resident < 64
     assert gpu.hidden_bytes >= OPT_RUN.shard_hidden_bytes  # no spill to disk
     assert gpu.device_weight_bytes <= H200_FREE
-    # the host holds no weight that is on the GPU, and no attention workspace
+    # the host holds no weight that is on the GPU, and no attention workspace; read per layer, one layer's
+    # pinned copies (tests/test_pinned_plan.py: as the allocator rounds them)
     streamed = 64 - gpu.resident
-    held = w.per_layer * (1 if from_files else streamed)
+    held = w.pinned_layer if from_files else w.per_layer * streamed
     assert host_weight_bytes(w, "cuda", gpu.resident) == held
     assert gpu.host_bytes == held + host_other_bytes(OPT_RUN, "cuda")
     assert host_other_bytes(OPT_RUN, "cpu") - host_other_bytes(OPT_RUN, "cuda") > 30e9  # the CPU's score matrices

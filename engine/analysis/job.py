@@ -10,6 +10,7 @@ import numpy as np
 from ffnscope.cache.schema import ANALYSES
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.errors import UserError
+from ffnscope.cache.merge import check_fingerprint
 from ffnscope.cache.reader import CacheReader
 from ffnscope.engine.analysis.dead import firing_by_layer
 from ffnscope.engine.analysis.ngrams import NgramParams, coverage_histogram, ensemble, ngram_layer, unigram_counts
@@ -165,10 +166,10 @@ class Analyzer:
         except UserError as exc:
             raise UserError(f"suppression needs the recorded model '{model.spec}': {exc}; "
                             "or skip it with --only dead ngrams positional") from None
-        if lm.fingerprint != model.fingerprint:
-            raise UserError(f"'{model.spec}' is not the model this cache was recorded with "
-                            f"(fingerprint {lm.fingerprint} vs {model.fingerprint}); "
-                            "give the original model or skip suppression with --only dead ngrams positional")
+        check_fingerprint(model.fingerprint, lm.fingerprint, f"the cache {self.reader.path}",
+                          f"'{model.spec}' is not the model this cache was recorded with (fingerprint "
+                          f"{lm.fingerprint} vs {model.fingerprint}); give the original model",
+                          ", or skip suppression with --only dead ngrams positional")
         return lm
 
 

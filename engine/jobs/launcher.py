@@ -189,22 +189,28 @@ def _launch(output: Path, args: list[str], env: dict | None = None, cwd: str | N
         log_file = open(log, "ab")
     except OSError as exc:
         raise UserError(f"cannot write the job log {log} ({exc.strerror or exc}); choose a writable place") from None
+    path = progress_path(output)
     with log_file:
+        # the job writes its own progress file as soon as it can, and the launcher's never replaces it: the
+        # previous job's (not running: the callers checked) goes before the job starts, then this one is
+        # created where the job's is not yet
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot replace the progress file {path} ({exc.strerror or exc}); choose a "
+                            "writable place") from None
         log_file.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} ffnscope {' '.join(args)}\n".encode())
         log_file.flush()
         proc = subprocess.Popen([sys.executable, "-m", "ffnscope", *args], stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                 close_fds=True, env=env, cwd=cwd)
     _children[proc.pid] = proc
-    # the job's own progress file replaces this one within a second or two (it has to import torch
-    # first); until then, and if it fails before writing one, this one says what was started
+    # until the job's own (it imports torch first), and if it fails before writing one, this one says what
+    # was started
     now = time.time()
     first = {"pid": proc.pid, "status": RUNNING, "output": str(output), "command": ["ffnscope", *args],
              "started": now, "updated": now, "phase": "starting", "cwd": cwd or os.getcwd()}
-    path = progress_path(output)
-    current = read_progress(output)
-    if not (isinstance(current, dict) and current.get("pid") == proc.pid):
-        atomic.write_text(path, json.dumps(first), f"cannot write the progress file {path}")
+    atomic.create_text(path, json.dumps(first), f"cannot write the progress file {path}")
     return read_job(output) or job_from_progress(first, path)
 
 

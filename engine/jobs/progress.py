@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, write_text
 from ffnscope.cache.errors import UserError
+from ffnscope.engine.jobs.stop import forget_after_shard
 
 RUNNING, STOPPED, FAILED, COMPLETE = "running", "stopped", "failed", "complete"  # what a job writes
 INTERRUPTED = "interrupted"  # what a reader says of a running job whose process is gone (SIGKILL, reboot)
@@ -76,7 +77,8 @@ class ProgressFile:
     def outcome(self, stopped, stop_types: tuple = ()):
         """Mark the job stopped (ctrl-c, SIGTERM or one of `stop_types`) or failed, with a one-line
         reason, when the block raises, and re-raise. `stopped`: how to go on, or a function saying it.
-        Completing is the caller's: only it knows the message."""
+        Completing is the caller's: only it knows the message. However the block ends, the job is over:
+        a stop-after-shard request (SIGUSR1) that came during it is forgotten."""
         try:
             yield
         except (KeyboardInterrupt, *stop_types):
@@ -88,6 +90,8 @@ class ProgressFile:
         except BaseException as exc:
             self.finish(FAILED, one_line(f"{exc.__class__.__name__}: {exc}"))
             raise
+        finally:
+            forget_after_shard()
 
 
 def one_line(text: str) -> str:

@@ -4,7 +4,9 @@ consistent checkpoint.
 
 A recording can also be asked to stop after its current shard (SIGUSR1: `ffnscope jobs --stop-after-shard`):
 it then writes a checkpoint of that shard and stops, so a resume records nothing again, where a stop at the
-next batch keeps only the last checkpoint the cadence wrote. Other jobs take no notice of it."""
+next batch keeps only the last checkpoint the cadence wrote. Other jobs take no notice of it. The request
+is for the job under way when it came (or the one the process is starting): a job's end forgets it
+(engine.jobs.progress), so a process that records again (the Python API) does not stop its next recording."""
 from __future__ import annotations
 
 import signal
@@ -24,6 +26,11 @@ _after_shard = [False]
 def request_after_shard(*_signal) -> None:
     """The SIGUSR1 handler: stop after the current shard (a signal handler: sets a flag, nothing else)."""
     _after_shard[0] = True
+
+
+def forget_after_shard() -> None:
+    """A job ended: a stop-after-shard request that came during it was for it, not for the next one."""
+    _after_shard[0] = False
 
 
 class StopToken:

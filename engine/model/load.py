@@ -6,7 +6,6 @@ Face directory, or a hub id resolved from the local Hugging Face cache only.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from ffnscope.cache.errors import UserError  # noqa: E402
 from ffnscope.engine.model.sites import Adapter, FFNLayout, locate  # noqa: E402
-from ffnscope.engine.model.weights import LayerWeights, Unmappable  # noqa: E402
+from ffnscope.engine.model.fingerprint import model_fingerprint  # noqa: E402
+from ffnscope.engine.model.weights import LayerWeights, Unmappable, weight_files  # noqa: E402
 from ffnscope.engine.paths import user_cache_dir  # noqa: E402
 
 DEFAULT_MODEL = "default"
@@ -266,15 +266,17 @@ def _resolve(spec: str) -> tuple[str, str]:
 
 
 def _fingerprint(model) -> str:
-    """Identity of a model for merge/resume checks: its config plus a few weight bytes."""
-    h = hashlib.sha256()
-    config = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
-        config.pop(volatile, None)
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    emb = model.get_input_embeddings().weight
-    h.update(emb[: min(8, emb.shape[0])].float().detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Identity of a model for resume, merge, suppression and NPL checks (engine.model.fingerprint): from
+    the safetensors files of the directory it was read from (its config's path), whether its layers stay
+    there or were all loaded; a model dequantized whole from a .gguf has none, and is hashed in memory."""
+    source = getattr(model.config, "_name_or_path", "") or ""
+    quantization = getattr(model.config, "quantization_config", None)
+    gguf = getattr(quantization, "quant_method", None) == "gguf"
+    directory = Path(source)
+    files = None
+    if source and not gguf and directory.is_dir() and any(directory.glob("*.safetensors")):
+        files = list(weight_files(directory).values())
+    return model_fingerprint(model, files)
 
 
 def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False,

@@ -19,6 +19,7 @@ from torch import nn
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.sites import Adapter
+from ffnscope.engine.model.weights import unfiled_buffers
 
 
 class _AllLayersSeen(Exception):
@@ -83,8 +84,9 @@ def record_layer_calls(adapter: Adapter, input_ids: torch.Tensor, returns_tuple:
         shapes = {tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None for _a, _k, hidden in sink}
         if len(sink) == len(adapter.layers) and len(shapes) == 1:
             return sink, convention
+    why = f": {str(failure).splitlines()[0]}" if failure else ""
     raise UserError(f"cannot record {adapter.name}: its decoder layers cannot be run one at a time (its forward "
-                    f"does not pass one hidden state from layer to layer{': ' + str(failure).splitlines()[0] if failure else ''})")
+                    f"does not pass one hidden state from layer to layer{why})")
 
 
 @dataclass
@@ -216,10 +218,10 @@ class LayerRunner:
             host = self._files.read(index, "cpu", pin=True) if cuda else self._files.read(index, self.device)
         else:
             host = self.layers[index].state_dict()
-            if not cuda:
-                return {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        # with the buffers neither brings (unfiled_buffers): a few small tensors, moved with the weights
+        host.update(unfiled_buffers(self.layers[index], host))
         if not cuda:
-            return host
+            return {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         if previous_done is not None:
             previous_done.synchronize()
         runtime = accelerator.runtime

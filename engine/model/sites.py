@@ -155,6 +155,14 @@ def _find_ffn(block: nn.Module, model_type: str) -> dict:
     elif not first(UP_NAMES, d_ffn) and not first(GATE_NAMES, d_ffn):
         raise refuse(model_type, f"no FFN input projection of width {d_ffn} beside '{down}'")
     acts = [name for name, module in children.items() if _is_activation(module)]
+    # a per-neuron scale or norm beside the roles (BitNet's ffn_sub_norm) acts between the neurons and the
+    # output projection: g would not be act(gate) x up, so the neurons read would not be the ones projected
+    roles = {gate, up, down.split(".")[-1], *acts}
+    between = [name for name, module in children.items() if name not in roles and list(module.parameters())
+               and all(tuple(p.shape) == (d_ffn,) for p in module.parameters())]
+    if between:
+        raise refuse(model_type, f"its FFN transforms the neurons before the output projection ('{between[0]}' "
+                                 f"of width {d_ffn}), so the input of '{down}' is not act(gate) x up")
     if gate is not None and not acts:
         raise refuse(model_type, "its gated FFN applies the activation as a function, not a module, so act(gate) "
                                  "cannot be read")

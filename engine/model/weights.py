@@ -86,6 +86,13 @@ def _renamed(model: nn.Module, names) -> dict[str, str]:
     return out
 
 
+def unfiled_buffers(layer: nn.Module, keys) -> dict[str, torch.Tensor]:
+    """The layer's buffers not among `keys` (what a read from the files or a state_dict brings): those computed
+    from the config and kept out of the state_dict (persistent=False), as GPT-Neo's and GPT-1's causal masks.
+    The skeleton holds them on the CPU; a layer run elsewhere needs them where it runs."""
+    return {name: buffer for name, buffer in layer.named_buffers() if name not in keys and not buffer.is_meta}
+
+
 def _assign(root: nn.Module, key: str, tensor: torch.Tensor) -> None:
     path, _, attr = key.rpartition(".")
     module = root.get_submodule(path)
@@ -162,10 +169,11 @@ class LayerWeights:
                             {k: self.dtypes[head + k] for k in self.layer_names[index]}, device, pin)
 
     def load(self, index: int, device: torch.device | str = "cpu") -> None:
-        """Read layer `index` into its module (it stays until release)."""
+        """Read layer `index` into its module (it stays until release), its buffers that no file holds moved
+        to `device` too (they are computed from the config: GPT-Neo's causal mask, non-persistent)."""
         layer = self.layers[index]
-        for key, tensor in self.read(index, device).items():
-            _assign(layer, key, tensor)
+        for key, tensor in {**unfiled_buffers(layer, self.layer_names[index]), **self.read(index, device)}.items():
+            _assign(layer, key, tensor.to(device))
 
     def release(self, index: int) -> None:
         """Put layer `index`'s file-backed weights back on the meta device."""

@@ -22,11 +22,19 @@ from ffnscope.engine.model.sites import Adapter
 Replace = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
 
+def _w_out(adapter: Adapter, k: int, g: torch.Tensor) -> torch.Tensor:
+    """Layer k's output rows in g's dtype, as the layer holds them: a streamed layer's weights are in place only
+    during its call (at its g site, engine.model.hooks); a read from the files instead would be on the host."""
+    if adapter.down_module(adapter.layers[k]).weight.is_meta:
+        raise RuntimeError(f"layer {k}'s weights are not in place: compute its FFN output inside its call")
+    return adapter.w_out(k).to(g.dtype)
+
+
 def contribution(adapter: Adapter, k: int, g: torch.Tensor) -> torch.Tensor:
-    """What layer k's FFN adds to the residual stream for activation g (bias included)."""
+    """What layer k's FFN adds to the residual stream for activation g (bias included), inside its call."""
     layer = adapter.layers[k]
     down = adapter.down_module(layer)
-    out = g @ adapter.w_out(k).to(g.dtype)
+    out = g @ _w_out(adapter, k, g)
     if getattr(down, "bias", None) is not None:
         out = out + down.bias.to(g.dtype)
     post = getattr(layer, "post_feedforward_layernorm", None)  # Gemma-2 normalizes the FFN output
@@ -34,9 +42,9 @@ def contribution(adapter: Adapter, k: int, g: torch.Tensor) -> torch.Tensor:
 
 
 def output_difference(adapter: Adapter, k: int, g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """FFN_k(g) - FFN_k(other): what the residual stream gains with g instead of other."""
+    """FFN_k(g) - FFN_k(other): what the residual stream gains with g instead of other, inside layer k's call."""
     if getattr(adapter.layers[k], "post_feedforward_layernorm", None) is None:  # linear: the bias cancels
-        return (g - other) @ adapter.w_out(k).to(g.dtype)
+        return (g - other) @ _w_out(adapter, k, g)
     return contribution(adapter, k, g) - contribution(adapter, k, other)
 
 

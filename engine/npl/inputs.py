@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ffnscope.cache.errors import UserError
+from ffnscope.cache.merge import check_fingerprint
 from ffnscope.cache.npl_store import NplReader, sequence_hashes
 from ffnscope.cache.reader import CacheReader
 
@@ -37,9 +38,9 @@ def load_model_of(meta: dict, options, cache: Path):
     lm = load_model(options.model or meta["model"]["spec"], options.dtype or meta["model"].get("dtype", "float32"),
                     options.trust_remote_code, options.allow_pickle)
     expected = meta["model"]["fingerprint"]
-    if lm.fingerprint != expected:
-        raise UserError(f"model {lm.name} (fingerprint {lm.fingerprint}) is not the model recorded in {cache} "
-                        f"({meta['model']['name']}, fingerprint {expected}); give the recording's model with --model")
+    check_fingerprint(expected, lm.fingerprint, f"the cache {cache}",
+                      f"model {lm.name} (fingerprint {lm.fingerprint}) is not the model recorded in {cache} "
+                      f"({meta['model']['name']}, fingerprint {expected}); give the recording's model with --model")
     return lm
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ffnscope.cache.errors import UserError
+from ffnscope.cache.merge import check_fingerprint
 from ffnscope.engine.jobs.stop import StopToken
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
@@ -90,10 +91,10 @@ class Maps:
                    load=lambda j: reader.load_map(j - 1, j, method))
 
     def check_model(self, lm) -> None:
-        if lm.fingerprint != self.fingerprint:
-            raise UserError(f"these NPL maps were fit on another model (fingerprint {self.fingerprint}) than "
-                            f"{lm.name} (fingerprint {lm.fingerprint}); use the model they were fit on, or fit "
-                            "maps on a cache of this model")
+        check_fingerprint(self.fingerprint, lm.fingerprint, "these NPL maps",
+                          f"these NPL maps were fit on another model (fingerprint {self.fingerprint}) than "
+                          f"{lm.name} (fingerprint {lm.fingerprint}); use the model they were fit on, or fit "
+                          "maps on a cache of this model")
 
     def require(self, layers) -> None:
         missing = [j for j in layers if j not in self.layers]
@@ -297,20 +298,24 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
                 spent = [0.0]  # explicit-only work done inside the unmodified pass
                 n_tok = (hi - lo) * seq_len
                 step = lambda _k=None, _out=None: progress.step(n_tok, "substituting")  # noqa: E731
+
+                def explicit_only(k, gk):
+                    """At layer k's g site, inside its call: a streamed layer's weights, which FFN_k needs, are
+                    on the device only then. Adds each setting's FFN_k(replacement) - FFN_k(g_k); keeps g_k."""
+                    te = time.perf_counter()
+                    for n in members:
+                        if k in settings[n].layers:
+                            d = output_difference(adapter, k, settings[n].mapping(k, capture.g[k - 1], gk).to(gk.dtype),
+                                                  gk)
+                            deltas[n] = d if n not in deltas else deltas[n] + d
+                    spent[0] += _sync(device, te)
+
+                capture.replace = explicit_only if explicit else None
                 with capture.attached():
                     capture.reset()
 
                     def keep(k, out):
                         step()
-                        if explicit:
-                            te = time.perf_counter()
-                            for n in members:
-                                if k in settings[n].layers:
-                                    gk = capture.g[k]
-                                    d = output_difference(adapter, k,
-                                                          settings[n].mapping(k, capture.g[k - 1], gk).to(gk.dtype), gk)
-                                    deltas[n] = d if n not in deltas else deltas[n] + d
-                            spent[0] += _sync(device, te)
                         if k + 1 == start:
                             saved["h"], saved["g"] = out, capture.g[k]
                         capture.g.pop(k - 1, None)

@@ -5,14 +5,15 @@ the last recorded one gets its weights onto the device once, every batch of the 
 through it while its statistics accumulate, and the shard's hidden states (host memory, or a
 memory-mapped file when over the host budget) move on to the next layer. No logits are computed.
 After each shard its tokens, samples and n-gram pairs go to a segment file of their own (cache.store,
-cache.runs); the statistics of a fixed size are checkpointed atomically, uncompressed, beside them when
-the compute since the last checkpoint is Recorder.CHECKPOINT_RATIO times what that one cost, so a
-killed job resumes from the last checkpoint and checkpoints stay a small, flat share of the time.
+cache.runs); the statistics of a fixed size are checkpointed atomically, uncompressed, beside them
+(pos_fire, the largest, as its increment since a base: cache.state.PosIncrements) when the compute
+since the last checkpoint is Recorder.CHECKPOINT_RATIO times what that one cost, so a killed job
+resumes from the last checkpoint and checkpoints stay a small, flat share of the time.
 """
 from __future__ import annotations
 
-import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,13 +21,15 @@ import numpy as np
 import torch
 
 from ffnscope.cache import schema
-from ffnscope.cache.state import NGRAM_ORDERS, DataState, RecordingState, Samples, ngram_drop_limit
-from ffnscope.cache.store import remove_segments, write_segment, write_state
+from ffnscope.cache.atomic import new_spill_file
+from ffnscope.cache.state import NGRAM_ORDERS, DataState, PosIncrements, RecordingState, Samples, ngram_drop_limit
+from ffnscope.cache.store import (fold_segments, remove_segment, remove_segments, write_base, write_segment,
+                                  write_state)
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.hooks import FFNProbe
 from ffnscope.engine.model.runner import HiddenStates, LayerRunner
-from ffnscope.engine.model.plan import release_freed_memory
+from ffnscope.engine.model.plan import calibration_seqs, hidden_placement, hidden_seqs, release_freed_memory
 from ffnscope.engine.model.load import LoadedModel
 from ffnscope.engine.jobs.progress import ProgressFile
 from ffnscope.engine.jobs.stop import Stopped, StopToken
@@ -48,6 +51,8 @@ class Recorder:
         self.hidden_bytes_moved = 0         # hidden-state bytes between host and device (bench/gpu_scale)
         self.spilled = False                # hidden states went to a memory-mapped file at least once
         self._mapped: Path | None = None
+        self._hidden: torch.Tensor | None = None  # the one hidden-state buffer, made at the first block
+        self._hidden_seqs = hidden_seqs(meta)     # its sequences: the largest block (plan.hidden_seqs)
         self.lm = lm
         self.meta = meta
         rec = meta["recording"]
@@ -138,21 +143,33 @@ class Recorder:
         return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
 
     def _host_buffer(self, shape, dtype) -> torch.Tensor:
-        """The shard's hidden states: on the GPU when the plan found room, else host memory (pinned for
-        a GPU's asynchronous copies), or a memory-mapped file over the host budget."""
-        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-        cuda = self.device.type == "cuda"
-        if cuda and self.hidden_on_device and shape[0] <= max(1, self.meta["recording"]["shard_tokens"] // self.seq_len):
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        if nbytes <= self.hidden_budget:
-            return accelerator.runtime.pinned_empty(shape, dtype) if cuda else torch.empty(shape, dtype=dtype)
-        # over budget: hidden states live in a file the OS pages in and out
-        path = Path(self.config.out).with_name(f".{Path(self.config.out).name}.{os.getpid()}.hidden")
-        self._mapped = path
-        self.spilled = True
-        return torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=dtype).view(shape)
+        """A block's hidden states (`shape`: its sequences, seq_len, d_model): the leading rows of one buffer,
+        made at the first block for the largest the recorder runs (plan.hidden_seqs) and reused by every shard,
+        the last and the calibration's included: torch's pinned allocator caches, locked, every block it made,
+        so a second size would lock a second block. Where the plan puts it (plan.hidden_placement): on the GPU,
+        pinned host memory for a GPU's asynchronous copies, pageable memory, or a memory-mapped file."""
+        buffer = self._hidden
+        if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or len(buffer) < shape[0]:
+            self.release_buffers()  # never, as planned; a block past the plan gets a buffer of its own
+            rows = (max(self._hidden_seqs, shape[0]), *shape[1:])
+            nbytes = int(np.prod(rows)) * torch.empty(0, dtype=dtype).element_size()
+            where = hidden_placement(nbytes, self.hidden_budget, self.device.type, self.hidden_on_device)
+            if where == "device":
+                buffer = torch.empty(rows, dtype=dtype, device=self.device)
+            elif where == "pinned":
+                buffer = accelerator.runtime.pinned_empty(rows, dtype)
+            elif where == "memory":
+                buffer = torch.empty(rows, dtype=dtype)
+            else:  # over budget: hidden states live in a file the OS pages in and out
+                path = new_spill_file(Path(self.config.out))  # a new name, never a file someone put there
+                self._mapped = path
+                self.spilled = True
+                buffer = torch.from_file(str(path), shared=True, size=int(np.prod(rows)), dtype=dtype).view(rows)
+            self._hidden = buffer
+        return buffer[: shape[0]]
 
     def release_buffers(self) -> None:
+        self._hidden = None  # a pinned block goes back to torch's cache, still locked, for the process's life
         if self._mapped is not None:
             self._mapped.unlink(missing_ok=True)
             self._mapped = None
@@ -169,7 +186,7 @@ class Recorder:
     def calibration_rows(self, n_seqs: int) -> np.ndarray:
         """Sequences of the calibration sample: spread evenly over the whole packed data (not this part's
         slice), so every part of a recording decides the same."""
-        n = max(1, min(n_seqs, self.config.calib_tokens // self.seq_len))
+        n = calibration_seqs(n_seqs, self.config.calib_tokens, self.seq_len)
         return np.unique(np.linspace(0, n_seqs - 1, n).round().astype(np.int64))
 
     def _calibration_pass(self, tokens: np.ndarray, rows: np.ndarray, layers: list[int], stats_for, layer_done,
@@ -275,92 +292,80 @@ class Recorder:
         """The segments the shards' checkpoints build on, named by a first checkpoint (timed: the cost the
         cadence weighs compute against): none on a fresh start; on a resume (`state` read from the
         checkpoint at config.out, without its n-gram pairs) one holding everything recorded so far: the
-        streams read whole, the pairs merged from the checkpoint's runs in bounded memory; it is written
-        before the segments the previous run left (and any a kill left unnamed) go. From here the layers
-        hold no n-gram pairs: each shard's go to its own segment as sorted runs (cache.runs)."""
+        streams read whole, the pairs merged from the checkpoint's runs in bounded memory, and pos_fire so
+        far as the base of this run's increments; they are written before the segments the previous run
+        left (and any a kill left unnamed) go. From here the layers hold no n-gram pairs: each shard's go to
+        its own segment as sorted runs (cache.runs)."""
         out = self.config.out
         counted = {i: layer.ngram_counted for i, layer in state.layers.items() if layer.ngram_counted is not None}
         for layer in state.layers.values():
             layer.ngrams = {}
+        self.increments = PosIncrements()
         base = []
         if state.shards_done:
             base = [write_segment(out, f"upto{state.shards_done:06d}", state.data, state.samples, counted=counted)]
         t0 = time.perf_counter()
-        write_state(out, state, schema.PARTIAL, compress=False, segments=base)
+        self._checkpoint(state, base, rebase=state.shards_done > 0)
         self.checkpoint_cost = time.perf_counter() - t0
-        remove_segments(out, keep=base)
+        remove_segments(out, keep=[s.name for s in base] + ([self.increments.base] if self.increments.base else []))
         return base
 
-    # a checkpoint (the fixed-size statistics rewritten whole) once the compute since the last one is this
-    # many times what the last one cost: checkpoints stay <= 1/RATIO of the compute, whatever their size
+    def _checkpoint(self, state: RecordingState, segments: list, rebase: bool) -> None:
+        """A checkpoint naming `segments` (streams and pair runs) and, for pos_fire, a base and the increments
+        since (cache.state.PosIncrements): the statistics of a fixed size but pos_fire are written whole,
+        pos_fire's change only. `rebase`: pos_fire as it is now becomes the base first (write_base), and the
+        base it replaces goes once the checkpoint no longer names it."""
+        out, replaced = self.config.out, self.increments.base
+        if rebase:
+            self.increments.rebase(write_base(out, state))
+        write_state(out, state, schema.PARTIAL, compress=False, segments=segments, increments=self.increments)
+        if rebase and replaced not in (None, self.increments.base):
+            remove_segment(out, replaced)
+
+    # a checkpoint once the compute since the last one is this many times what the last one cost:
+    # checkpoints stay <= 1/RATIO of the compute, whatever their size (with pos_fire written as its increment
+    # they cost little, and usually come after every shard)
     CHECKPOINT_RATIO = 25.0  # 1/25 = 0.04: room under the 0.05 goal for the segments and for noise
 
+    def _checkpoint_due(self, since: float, stopping: bool, rebase: bool) -> bool:
+        """Whether the shard just recorded gets a checkpoint (never the last: the final write follows): when
+        the compute `since` the last is worth its cost (a kill loses at most that much: the resume redoes
+        those shards), when asked to stop after it (engine.jobs.stop), or when pos_fire needs a new base."""
+        return stopping or rebase or since >= self.CHECKPOINT_RATIO * self.checkpoint_cost
+
     def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
+        """Record the part's shards after state.shards_done into `state`: each shard's streams, samples and
+        pair runs go to a segment of their own at once, the checkpoint naming them on the cadence."""
         rec = self.meta["recording"]
         per_shard = max(1, rec["shard_tokens"] // self.seq_len)
         n_shards = rec["n_shards"]
-        started, done_at_start = time.time(), state.shards_done
+        report = self._shard_report(n_shards, state.shards_done)
         self.segments = segments = self._first_segments(state)  # the final write merges their runs (job)
+        named = list(segments)  # what checkpoints name: the segments, folded into maps (fold_segments)
         self.checkpointed: list[int] = []  # shards after which a checkpoint was written
+        state.data.reserve(len(tokens))  # appending a shard's streams then never moves the others
+        expected = self.sample_rate * tokens.size  # samples are drawn per position: room for 5 sigma more
+        state.samples.reserve(len(state.samples.index) + int(expected + 5 * expected ** 0.5) + 16)
         since = 0.0  # compute since the last checkpoint
         shard_start = time.perf_counter()
         for shard in range(state.shards_done, n_shards):
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(tokens))
-            block, seq_index = tokens[lo:hi], np.arange(seq_lo + lo, seq_lo + hi)
-
-            def report(layer, last, batch, n_batches, shard=shard):
-                frac_shard = (layer + batch / n_batches) / (last + 1)
-                done = (shard + frac_shard) / n_shards
-                elapsed = time.time() - started
-                fresh = done - done_at_start / n_shards
-                total = self.meta["recording"]["part_tokens"]
-                rate = fresh * total / elapsed if elapsed > 0 else 0.0
-                eta = (1 - done) * total / rate if rate > 0 else None
-                fields = dict(phase="recording", shard=shard + 1, n_shards=n_shards, layer=layer,
-                              n_layers=last + 1, tokens_done=int(done * total), tokens_total=total,
-                              percent=100.0 * done, tokens_per_s=rate, eta_s=eta)
-                if self.progress:
-                    self.progress.update(**fields)
-                if self.on_progress:
-                    self.on_progress(fields)
-
-            def stats_for(index):
-                counted = state.layers[index].ngram_counted if index in self.ngram_layers else None
-                return LayerStats(self.d_ffn, self.seq_len, self.layer_taus(index), self.primary, rec["topk"],
-                                  self.device, counted)
-
-            samples: dict[int, np.ndarray] = {}
-            pairs: dict[int, dict] = {}
-
-            def layer_done(index, stats):
-                samples[index] = stats.take_samples()
-                host, layer = stats.to_host(), state.layers[index]
-                layer.add(host)  # the fixed-size statistics; the layer holds no pairs (_first_segments)
-                layer.drop_ngrams_over(ngram_drop_limit(self.meta["recording"]), self.primary)
-                if layer.ngram_counted is not None:  # the shard's run: only what is still counted
-                    pairs[index] = {n: p.drop_neurons(layer.ngram_counted) for n, p in host.ngrams.items()}
-
-            sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
-            acts = np.stack([samples[i] for i in self.layers])
-            unigram, grams = data_counts(block, self.vocab, self.first_pos)
-            data = DataState(block, seq_index, self.domains[seq_index], unigram, grams)
-            shard_samples = Samples(sample_index.astype(np.int64), acts)
+            data, shard_samples, pairs = self._record_shard(state, tokens[lo:hi], np.arange(seq_lo + lo, seq_lo + hi),
+                                                            partial(report, shard))
             state.data.add(data)
             state.samples.add(shard_samples)
             state.shards_done = shard + 1
             t0 = time.perf_counter()
             since += t0 - shard_start
-            # the shard's delta (streams, samples, pair runs) always; the checkpoint naming it only when
-            # the compute since the last is worth its cost (a kill loses at most that much: the resume
-            # redoes those shards), and never after the last shard (the final write follows)
             segments.append(write_segment(self.config.out, f"{shard:06d}", data, shard_samples, pairs))
-            # asked to stop after this shard (engine.jobs.stop): its checkpoint first, whatever the cadence
+            named = fold_segments(self.config.out, named + segments[-1:], state.shards_done)
             last, stopping = shard + 1 == n_shards, self.stop.after_shard
-            if not last and (stopping or since >= self.CHECKPOINT_RATIO * self.checkpoint_cost):
+            rebase = self.increments.full_after(per_shard)  # another shard would make them as wide as pos_fire
+            if not last and self._checkpoint_due(since, stopping, rebase):
                 if self.progress:
                     self.progress.update(force=True, phase="checkpoint")
                 t = time.perf_counter()
-                write_state(self.config.out, state, schema.PARTIAL, compress=False, segments=segments)
+                self._checkpoint(state, named, rebase)
                 self.checkpoint_cost, since = time.perf_counter() - t, 0.0
                 self.checkpointed.append(shard + 1)
             t1 = time.perf_counter()
@@ -372,3 +377,53 @@ class Recorder:
             # once a shard, not per layer: trimming returns the batch buffers to the OS, and each
             # layer faulting them back in cost ~8 % of the recording's time
             release_freed_memory()
+
+    def _record_shard(self, state: RecordingState, block: np.ndarray, seq_index: np.ndarray, report):
+        """One shard through the layers, its fixed-size statistics added to `state.layers` (and pos_fire's to
+        the increments) as each layer is done -> (its DataState, its Samples, its pair runs: layer -> order ->
+        Sparse, only what is still counted)."""
+        rec = self.meta["recording"]
+        samples: dict[int, np.ndarray] = {}
+        pairs: dict[int, dict] = {}
+
+        def stats_for(index):
+            counted = state.layers[index].ngram_counted if index in self.ngram_layers else None
+            return LayerStats(self.d_ffn, self.seq_len, self.layer_taus(index), self.primary, rec["topk"],
+                              self.device, counted)
+
+        def layer_done(index, stats):
+            samples[index] = stats.take_samples()
+            host, layer = stats.to_host(), state.layers[index]
+            layer.add(host)  # the fixed-size statistics; the layer holds no pairs (_first_segments)
+            self.increments.add(index, host.pos_fire)
+            layer.drop_ngrams_over(ngram_drop_limit(rec), self.primary)
+            if layer.ngram_counted is not None:  # the shard's run: only what is still counted
+                pairs[index] = {n: p.drop_neurons(layer.ngram_counted) for n, p in host.ngrams.items()}
+
+        self.increments.start(len(block))
+        sample_index = self.run_block(block, seq_index, self.layers, stats_for, layer_done, report)
+        unigram, grams = data_counts(block, self.vocab, self.first_pos)
+        data = DataState(block, seq_index, self.domains[seq_index], unigram, grams)
+        return data, Samples(sample_index.astype(np.int64), np.stack([samples[i] for i in self.layers])), pairs
+
+    def _shard_report(self, n_shards: int, done_at_start: int):
+        """A run_block report for the shards: `report(shard, layer, last, batch, n_batches)` puts the
+        recording's progress (percent, tokens/s over this run's shards, ETA) in the progress file."""
+        started = time.time()
+
+        def report(shard, layer, last, batch, n_batches):
+            frac_shard = (layer + batch / n_batches) / (last + 1)
+            done = (shard + frac_shard) / n_shards
+            elapsed = time.time() - started
+            fresh = done - done_at_start / n_shards
+            total = self.meta["recording"]["part_tokens"]
+            rate = fresh * total / elapsed if elapsed > 0 else 0.0
+            eta = (1 - done) * total / rate if rate > 0 else None
+            fields = dict(phase="recording", shard=shard + 1, n_shards=n_shards, layer=layer,
+                          n_layers=last + 1, tokens_done=int(done * total), tokens_total=total,
+                          percent=100.0 * done, tokens_per_s=rate, eta_s=eta)
+            if self.progress:
+                self.progress.update(**fields)
+            if self.on_progress:
+                self.on_progress(fields)
+        return report

@@ -48,7 +48,7 @@ def empty_state(meta: dict, counted: dict[int, np.ndarray]) -> RecordingState:
     data = DataState(np.zeros((0, seq_len), np.int32), np.zeros(0, np.int64), np.zeros((0, seq_len), np.uint8),
                      np.zeros(vocab, np.int64),
                      {n: GramCounts(np.zeros(0, np.int64), np.zeros(0, np.int64)) for n in (2, 3)})
-    samples = Samples(np.zeros(0, np.int64), np.zeros((len(rec["layers"]), 0, d_ffn), np.float16))
+    samples = Samples(np.zeros(0, np.int64), np.zeros((len(rec["layers"]), 0, d_ffn), Samples.DTYPE))
     return RecordingState(meta, layers, data, samples)
 
 
@@ -108,7 +108,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
             check_same_recording(previous.meta, meta, config.out, for_resume=True)
             meta = previous.meta
         elif meta["recording"]["ngram_layers"]:
-            meta["recording"]["ngram_bound"] = ngram_bound(packed.tokens, meta)
+            meta["recording"]["ngram_bound"], meta["recording"]["distinct_grams"] = ngram_bound(packed.tokens, meta)
         lo, hi = part_range(len(packed.tokens), config.part)
         if hi <= lo:
             raise UserError(f"part {config.part[0]}/{config.part[1]} gets no sequence of the "
@@ -170,10 +170,11 @@ def write_complete(out: Path, state: RecordingState, recorder: Recorder) -> None
     state.status = schema.COMPLETE
 
 
-def ngram_bound(tokens: np.ndarray, meta: dict, chunk_seqs: int = 4096) -> dict:
+def ngram_bound(tokens: np.ndarray, meta: dict, chunk_seqs: int = 4096) -> tuple[dict, int]:
     """The most fires a detector can have over the whole packed data (every part's), from the data's
     n-gram occurrence counts (engine.analysis.ngrams.detector_fire_bound, the default analysis
-    parameters). Counted in chunks of sequences, so no tokens x 3 key array is ever held."""
+    parameters), and the data's distinct 2- and 3-grams (the memory plan charges their tables). Counted in
+    chunks of sequences, so no tokens x 3 key array is ever held."""
     vocab = meta["model"]["vocab_size"]
     first_pos = 0 if meta["tokenizer"]["start_id"] is None else 1
     unigram, grams = np.zeros(vocab, np.int64), None
@@ -182,7 +183,8 @@ def ngram_bound(tokens: np.ndarray, meta: dict, chunk_seqs: int = 4096) -> dict:
         unigram += u
         grams = g if grams is None else {n: GramCounts.reduce([grams[n], g[n]]) for n in g}
     counts = {1: unigram, **{n: grams[n].count for n in grams}}
-    return detector_fire_bound(counts, len(tokens), tokens.shape[1], first_pos, NgramParams())
+    distinct = sum(len(grams[n].gram) for n in grams)
+    return detector_fire_bound(counts, len(tokens), tokens.shape[1], first_pos, NgramParams()), distinct
 
 
 def skip_notes(state: RecordingState) -> list[str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ffnscope.cache.state import G_ORDERS, NGRAM_ORDERS, LayerState, Sparse
+from ffnscope.cache.state import G_ORDERS, NGRAM_ORDERS, LayerState, Samples, Sparse
 
 try:
     from ffnscope.engine.record import kernels as cpu_kernels
@@ -67,8 +67,8 @@ class LayerStats:
     @torch.inference_mode()
     def update(self, g: torch.Tensor, act: torch.Tensor, ctx: BatchContext) -> None:
         """g, act: (tokens, d_ffn) in the model's dtype; act is what the firing rule thresholds."""
-        if len(ctx.sample_rows):  # kept where g is: no host sync per batch on a GPU (take_samples moves them)
-            self.samples.append(g[ctx.sample_rows].to(torch.float16))
+        if len(ctx.sample_rows):  # kept where g is, in its dtype: no host sync per batch on a GPU (take_samples)
+            self.samples.append(g[ctx.sample_rows])
         if self.fused:
             g32, a32, seq_max, seq_arg, seq_g = self._update_fused(g, act, ctx)
         else:
@@ -168,9 +168,11 @@ class LayerStats:
         return state
 
     def take_samples(self) -> np.ndarray:
+        """The sampled rows of g, float32 (cache.state.Samples: any finite g, exactly)."""
         if not self.samples:
-            return np.zeros((0, self.d_ffn), np.float16)
-        return torch.cat(self.samples).cpu().numpy()  # one move to the host per layer and shard
+            return np.zeros((0, self.d_ffn), Samples.DTYPE)
+        # one move to the host per layer and shard, in g's dtype (half the bytes of a 16-bit model's)
+        return torch.cat(self.samples).cpu().float().numpy()
 
 
 def _merge_topk(kept: tuple, offered: tuple, k: int) -> tuple:
