@@ -206,7 +206,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path, good_cache):
         path.write_bytes(b"x" * 100)
     r = run_cli("export", good_cache, "--table", "layers", "--out", out)
     assert r.returncode == 2 or r.returncode == 0, r.stderr  # (no analyses: a one-line error is fine)
-    lines = [line for line in r.stderr.splitlines() if "temporary" in line]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ffnscope: removed")]
     assert len(lines) == 1 and "removed 4 temporary files" in lines[0], r.stderr
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in live)  # a live writer's (this process), another file's, not ours

@@ -59,8 +59,8 @@ class Row:
     def message(self) -> str:
         """The line under the table: why a row failed, where a job logs."""
         s, job = self.summary, self.job
-        if s is not None and s.error:
-            return s.error
+        if s is not None and s.error:  # the row names the file: its full path would push the reason off screen
+            return s.error.replace(str(self.path), self.path.name)
         if job is not None and job.message and job.status != jobs.RUNNING:
             return f"{job.kind} {job.status}: {job.message}"
         if job is not None and job.status == jobs.RUNNING:
