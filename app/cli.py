@@ -118,11 +118,15 @@ def cmd_analyze(args) -> int:
         raise UserError(f"another ffnscope job (pid {pid}) is working on {args.file}; wait for it or stop it")
     from ffnscope.engine.analysis.job import parse_settings
 
-    parse_settings(args.settings)  # a bad --set gets its one-line error before any file is written
+    settings = parse_settings(args.settings)  # a bad --set gets its one-line error before any file is written
     with CacheReader(args.file, "analyzing it") as reader:  # and so do a bad path and a partial cache
         if reader.status != schema.COMPLETE:
             raise UserError(f"{args.file} is a partial recording; finish it with `ffnscope record ... --resume` "
                             "first")
+        top, vocab = settings["suppression"].get("top"), reader.provenance.model.vocab_size
+        if top is not None and top > vocab:
+            raise UserError(f"--set suppression.top={top} is above the model's vocabulary of {vocab:,} tokens; "
+                            f"give {vocab} or less")
     start = time.perf_counter()
     try:
         progress = ProgressFile(args.file, args.argv)
@@ -146,7 +150,8 @@ def cmd_jobs(args) -> int:
 
     from ffnscope.app.console import console as make_console
     from ffnscope.app.safe_text import plain, printable
-    from ffnscope.engine.jobs.launcher import CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, read_job, stop_after_shard
+    from ffnscope.engine.jobs.launcher import (CLEANED, PROGRESS_SUFFIX, dismiss, list_jobs, next_step, read_job,
+                                               stop_after_shard)
     from ffnscope.engine.jobs.progress import COMPLETE, FAILED, INTERRUPTED, RUNNING, STOPPED
     from ffnscope.engine.paths import user_cache_dir
 
@@ -208,10 +213,11 @@ def cmd_jobs(args) -> int:
         rate = f"{job.tokens_per_s:,.0f}" if job.tokens_per_s and job.active else ""
         state = printable(job.activity if job.active else job.status)
         state = state if len(state) <= 24 else state[:23] + "…"
-        rows.append((job, state, tokens, rate, _eta(job) if job.active else "", str(job.pid or "") if job.active else ""))
+        live = (_eta(job), str(job.pid or "")) if job.active else ("", "")
+        rows.append((job, state, tokens, rate, *live))
         if job.message and not job.active:
             during = f" during {job.phase}" if job.phase and job.status != COMPLETE else ""
-            notes.append((job.output.name, f"{job.kind} {job.status}{during}: {job.message}"))
+            notes.append((job.output.name, f"{job.kind} {job.status}{during}: {job.message}", next_step(job)))
     headers = ("job", "state", "tokens", "tok/s", "ETA", "pid")
     fixed = [max([len(headers[c])] + [len(r[c]) for r in rows]) for c in range(1, 6)]
     name_width = max(12, width - sum(fixed) - 2 * 5)  # two spaces between columns
@@ -228,8 +234,10 @@ def cmd_jobs(args) -> int:
             table.add_row(plain(_middle(printable(job.output.name), name_width)),
                           plain(state, colours.get(job.status, "white")), tokens, rate, eta, pid)
         console.print(table, width=width)
-    for name, note in notes:  # one line each: the name is cut in the middle to fit, the message never wrapped
+    for name, note, step in notes:  # one line each: the name is cut in the middle to fit, the message never wrapped
         console.print(plain(f"{_middle(name, max(12, width - len(note) - 2))}: {note}"), highlight=False, style="dim")
+        if step:  # a command to copy: one line, however long
+            console.print(plain(f"  {step}"), highlight=False, soft_wrap=True)
     return 0
 
 

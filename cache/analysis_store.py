@@ -49,6 +49,8 @@ def stored(reader: CacheReader, name: str) -> dict | None:
 
 
 def is_current(reader: CacheReader, name: str, params: dict, inputs: dict | None = None) -> bool:
+    if reader.analysis_damage(name):  # damaged (cache.validate): computed again
+        return False
     info = stored(reader, name)
     return (info is not None and info.get("params") == params and info.get("recording") == recording_key(reader)
             and info.get("inputs", {}) == (inputs or {}))

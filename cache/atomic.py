@@ -95,8 +95,9 @@ def _create_new(path: Path, mode: int = 0o666) -> None:
 
 def stale_temporaries(path: Path) -> list[Path]:
     """Temporaries and spilled hidden states beside `path` and its progress file whose writer is dead
-    (kill -9, a crash, a full disk before this check existed): regular files of this user only, never a
-    symlink. Those of live processes (this one included) stay, and so do names we never write."""
+    (kill -9, a crash, a full disk before this check existed): files that are ours (`ours`: never a symlink,
+    a hard link or a directory planted at such a name). Those of live processes (this one included) stay, and
+    so do names we never write."""
     path = Path(path)
     progress = path.name + PROGRESS_SUFFIX
     # `.NAME.` and `.NAME.progress.json.` (temp_path); `NAME.progress.json.` from older versions
@@ -112,31 +113,73 @@ def stale_temporaries(path: Path) -> list[Path]:
         for prefix in prefixes:
             digits = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
             if digits.isdigit() and int(digits) < 1 << 31:  # a bigger number is no pid we wrote
-                if not process_alive(int(digits)) and _ours(path.with_name(name)):
+                if not process_alive(int(digits)) and ours(path.with_name(name)):
                     found.append(path.with_name(name))
                 break
     return sorted(found)
 
 
-def _ours(path: Path) -> bool:
-    """A regular file of this user (lstat: a symlink is never ours)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
-
-
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the stale temporaries beside `path` (stale_temporaries); -> those removed."""
-    removed = []
-    for tmp in stale_temporaries(path):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except OSError:
-            continue
-    return removed
+    return [tmp for tmp in stale_temporaries(path) if remove_ours(tmp)]
+
+
+# --- what is ours to delete -----------------------------------------------------------------------
+# A shared directory is hostile: what stands at one of our names may be a symlink, a hard link of someone's
+# file or their directory. Such entries are never opened for writing, followed, nor deleted; a side file
+# is deleted only when it is provably one we wrote (the caller checks its name is one we write).
+def _uid_is_ours(st: os.stat_result) -> bool:
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
+
+
+def sole_file(st: os.stat_result) -> bool:
+    """A regular file with no other name: truncating or deleting it touches nobody else's data (a symlink
+    is never one, given lstat or an O_NOFOLLOW open's fstat; a hard link of someone's file has two names)."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def ours(name: str | os.PathLike, dir_fd: int | None = None) -> bool:
+    """A file we may delete: this user's sole_file (lstat, relative to `dir_fd` if given)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return sole_file(st) and _uid_is_ours(st)
+
+
+def remove_ours(name: str | os.PathLike, dir_fd: int | None = None) -> bool:
+    """Delete `name` if it is ours (ours); -> whether it went."""
+    if not ours(name, dir_fd):
+        return False
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return True
+
+
+def open_our_dir(directory: Path) -> int | None:
+    """A descriptor of `directory` if it is a real directory of this user (opened without following a link,
+    so what is checked is what is then used: with dir_fd, a swap for a symlink meanwhile changes nothing);
+    None otherwise. The caller closes it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode) and _uid_is_ours(st):
+        return fd
+    os.close(fd)
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links followed: a symlink or a hard link to it counts)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -172,10 +215,13 @@ def storage_error(path: Path, needs: int | None = None, reason: str = "", failur
 
 
 def _reason(exc: BaseException) -> str:
-    """One short line of why a write failed (h5py puts errno 28 in the text of a RuntimeError)."""
+    """One short line of why a write failed (h5py puts errno 28 in the text of a RuntimeError; numpy's tofile
+    says only "N requested and M written")."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
     if "No space left" in reason or "errno = 28" in reason:
         reason = "no space left on the device"
+    elif " requested and " in reason and reason.endswith(" written"):
+        reason = "a write was cut short: no space left on the device?"
     return (reason.splitlines() or [exc.__class__.__name__])[0][:200]
 
 
@@ -200,6 +246,74 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class QuietFile:
+    """A temporary as a library writes it through a file object (h5py's fileobj driver), whose failures the
+    library never sees: the first is kept in `error`, later writes are dropped, and a read past what is on
+    disk gives zeros (as HDF5's own driver reads past the end). HDF5 does not survive a failed write: its
+    metadata cache stays half flushed, the file never closes, and the library's exit handler then crashes
+    the process. The writer raises `error` once the library has closed the file (cache.store.replaced)."""
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))  # the temporary made, never a link put there
+        self._file = open(fd, "r+b", buffering=0)
+        self.error: OSError | None = None
+
+    def __enter__(self) -> "QuietFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _keep(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def read(self, size: int) -> bytes:
+        data = bytearray()
+        try:
+            while len(data) < size:
+                chunk = self._file.read(size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            self._keep(exc)
+        return bytes(data.ljust(size, b"\0"))
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                while view:  # an unbuffered write may take part of it
+                    view = view[self._file.write(view):]
+            except OSError as exc:
+                self._keep(exc)
+        return len(data)
+
+    def truncate(self, size: int) -> int:
+        if self.error is None:
+            try:
+                self._file.truncate(size)
+            except OSError as exc:
+                self._keep(exc)
+        return size
+
+    def flush(self) -> None:
+        """Nothing buffered here (the writer fsyncs the file once it is closed)."""
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:  # a network file system may report a failed write only now
+            self._keep(exc)
 
 
 @contextmanager

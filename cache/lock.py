@@ -18,7 +18,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from ffnscope.cache.atomic import process_alive
+from ffnscope.cache.atomic import process_alive, sole_file
 from ffnscope.cache.errors import UserError
 
 LEAVING_S = 2.0  # how long a reader waits out a lock held exclusive with no writer's pid in it (see above)
@@ -54,6 +54,10 @@ def locked(path: Path, shared: bool = False):
                                 "again") from None
             yield
             return
+        if not sole_file(os.fstat(fd)):  # a hard link of someone's file (a writer truncates it), a fifo
+            os.close(fd)
+            raise UserError(f"{lock} is not ffnscope's lock file (another name of a file, or not a file); "
+                            "remove it, then run this again")
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,15 +77,19 @@ def locked(path: Path, shared: bool = False):
         os.close(fd)
     try:
         if not shared:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+            except OSError:  # a full disk: the lock holds without the pid (others' line then names none)
+                pass
         yield
     finally:
         try:
             if shared:  # the last reader out: exclusive while it removes the file (fails while others read)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            lock.unlink(missing_ok=True)  # ours alone: one who opened it meanwhile finds it gone and retries
-        except BlockingIOError:
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:  # never what replaced it
+                lock.unlink()  # ours alone: one who opened it meanwhile finds it gone and retries
+        except (BlockingIOError, FileNotFoundError):
             pass
         finally:
             os.close(fd)

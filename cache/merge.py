@@ -16,10 +16,12 @@ import h5py
 import numpy as np
 
 from ffnscope.cache import schema
+from ffnscope.cache.atomic import same_file
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.state import GramCounts, LayerState, ngram_drop_limit
 from ffnscope.cache.store import (empty_array, open_file, put_array, read_layer, read_state, remove_segments, replaced,
                                   segments_dir, write_layer, write_merged_pairs)
+from ffnscope.cache.validate import FIX
 
 # recording settings that change what is counted: caches differing in one of them never add up
 _SAME_RECORDING = ("taus", "primary_tau", "layers", "ngram_layers", "ngram_max_freq", "calib_tokens",
@@ -114,7 +116,7 @@ def merge(inputs: list[Path], out: Path, force: bool = False) -> Merged:
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists; choose another --out or add --force")
-    if any(Path(p).resolve() == out.resolve() for p in inputs):
+    if any(Path(p).resolve() == out.resolve() or same_file(Path(p), out) for p in inputs):  # a link to one too
         raise UserError(f"--out {out} is one of the inputs; write the merge to a new file")
     with ExitStack() as stack:
         parts = []
@@ -267,6 +269,9 @@ def _merged_pairs(group, parts: list[_Part], name: str, counted, out: Path) -> N
         return [part.file["layers"][name][f"ngram{n}"] for part in parts]
     try:
         write_merged_pairs(group, sources, counted, segments_dir(out), compress=True)
+    except IndexError:  # a neuron past d_ffn: damaged counts (opening checks shapes, not these values)
+        raise UserError(f"the n-gram counts of layer {name} in {' or '.join(str(p.path) for p in parts)} hold a "
+                        f"neuron out of range; {FIX}") from None
     finally:
         remove_segments(out)  # the scratch (a kill leaves it: remove_stale_segments)
 

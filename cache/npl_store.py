@@ -128,7 +128,7 @@ class NplWriter:
             group.attrs["source"], group.attrs["target"] = int(rec.source), int(rec.target)
             for name, value in rec.scalars.items():
                 group.attrs[name] = float(value)
-            group.create_dataset("W", data=np.ascontiguousarray(rec.W, dtype=np.float32))
+            _put(group, "W", np.asarray(rec.W, dtype=np.float32), compress=False)  # in blocks: d_ffn^2 floats
             _put(group, "b", np.asarray(rec.b, np.float64), compress=False)
             for name in METRIC_NAMES:
                 _put(group, name, np.asarray(rec.metrics[name], np.float64), compress=False)

@@ -27,7 +27,7 @@ import dataclasses
 from dataclasses import dataclass
 import json
 import os
-import stat
+import re
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -36,25 +36,37 @@ import h5py
 import numpy as np
 
 from ffnscope.cache import schema
-from ffnscope.cache.atomic import replacing
+from ffnscope.cache.atomic import QuietFile, open_our_dir, remove_ours, replacing, storage_error
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.runs import (RUNS_ATTR, columns, merged_chunks, put_runs, put_virtual_pairs, run_key,
                                  spill_merged, sum_runs)
 from ffnscope.cache.state import (G_ORDERS, NGRAM_ORDERS, DataState, GramCounts, LayerState, PosIncrements,
                                   RecordingState, Samples, Sparse)
+from ffnscope.cache.validate import check_recording
 
 _GZIP = dict(compression="gzip", compression_opts=1, shuffle=True)
 
 
+_BLOCK_BYTES = 64 << 20  # an uncompressed array goes to the file in blocks of this size (h5py copies each)
+
+
 def put_array(group: h5py.Group, name: str, array: np.ndarray, compress: bool = True) -> None:
     """A dataset with the store's options: gzip level 1 with shuffle, for arrays worth compressing."""
+    _stop_if_failed(group)
     array = np.ascontiguousarray(array)
     options = _GZIP if compress and array.size >= 4096 else {}
-    group.create_dataset(name, data=array, **options)
+    if options or array.ndim == 0 or array.nbytes <= _BLOCK_BYTES:
+        group.create_dataset(name, data=array, **options)
+        return
+    target = group.create_dataset(name, shape=array.shape, dtype=array.dtype)
+    rows = max(1, _BLOCK_BYTES // max(1, array[0].nbytes))
+    for lo in range(0, len(array), rows):
+        target[lo:lo + rows] = array[lo:lo + rows]
 
 
 def empty_array(group: h5py.Group, name: str, shape: tuple, dtype) -> h5py.Dataset:
     """An empty dataset with the options put_array would give the whole array (filled in blocks later)."""
+    _stop_if_failed(group)
     size = int(np.prod(shape, dtype=np.int64))
     return group.create_dataset(name, shape=shape, dtype=dtype, **(_GZIP if size >= 4096 else {}))
 
@@ -114,14 +126,38 @@ def nbytes(value) -> int:
     return 8
 
 
+_WRITING: dict[int, QuietFile] = {}  # the HDF5 files `replaced` writes (by file number) -> their QuietFile
+
+
 @contextmanager
 def replaced(path: Path, tag: str = "", copy: bool = False, failure: str | None = None, needs: int = 0):
     """An open HDF5 file that replaces `path` whole when the block ends, through the one writer of our
     files (cache.atomic.replacing: its temporary, space check, fsync, rename and one-line errors).
-    `needs`: bytes of the data the block writes (nbytes)."""
-    with replacing(path, tag, copy, failure, needs) as tmp, h5py.File(tmp, "a" if copy else "w") as f:
-        yield f
-        f.flush()  # the buffered writes now, so a full disk fails inside the write: one line, temporary gone
+    `needs`: bytes of the data the block writes (nbytes). HDF5 writes the temporary through a QuietFile,
+    so a full disk never fails a write inside HDF5 (it would not survive it): the disk's error is raised
+    once HDF5 has closed the file, in place of whatever the block raised meanwhile."""
+    with replacing(path, tag, copy, failure, needs) as tmp, QuietFile(tmp) as sink:
+        with h5py.File(sink, "a" if copy else "w") as f:
+            number = f.id.fileno
+            _WRITING[number] = sink
+            try:
+                yield f
+                f.flush()  # HDF5's buffered writes while the block's errors are still the block's
+            except Exception:
+                if sink.error is None:
+                    raise
+            finally:
+                del _WRITING[number]
+        sink.close()
+        if sink.error is not None:
+            raise sink.error
+
+
+def _stop_if_failed(group: h5py.Group) -> None:
+    """Raise the disk's failure in a file `replaced` writes, whose writes since go nowhere (QuietFile)."""
+    sink = _WRITING.get(group.file.id.fileno)
+    if sink is not None and sink.error is not None:
+        raise sink.error
 
 
 # --- segments of a partial cache (see the module) -------------------------------------------------
@@ -134,21 +170,37 @@ def segments_dir(path: Path) -> Path:
     return path.with_name(f".{path.name}.segments")
 
 
-def _real_dir(directory: Path) -> bool:
-    """A directory itself, not a symlink to one (lstat): we never write or delete through a link."""
+# what we write in a segments folder, and so all we ever delete there: segments, maps, bases, their
+# temporaries (cache.atomic.temp_path) and the merge's scratch (cache.runs.spill_merged)
+_SEGMENT = r"(?:\d{6,}|upto\d{6,}|base\d{6,}|map\d+-\d{6,})\.h5"
+_SCRATCH = re.compile(r"merge\.\w+\.raw")
+_WRITTEN = re.compile(rf"{_SEGMENT}|\.{_SEGMENT}\.\d+\.[0-9a-f]+(?:\.[\w.-]+)?\.tmp|{_SCRATCH.pattern}")
+
+
+def _our_dir(directory: Path) -> bool:
+    fd = open_our_dir(directory)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
+def _made_dir(directory: Path) -> Path:
+    """`directory`, made if missing; refused unless it is a real directory of ours (cache.atomic.open_our_dir):
+    never written or deleted in through a link, nor in someone else's directory."""
     try:
-        return stat.S_ISDIR(os.lstat(directory).st_mode)
-    except OSError:
-        return False
+        directory.mkdir(exist_ok=True)
+    except FileExistsError:
+        pass  # a file or a dangling link in its place: refused below
+    except OSError as exc:  # read-only, a full disk: the one line of a failed write
+        raise storage_error(directory, reason=exc.strerror or str(exc)) from None
+    if not _our_dir(directory):
+        raise UserError(f"{directory} is not a directory of ours (a symlink, a file or another user's); "
+                        "remove it, then run the command again")
+    return directory
 
 
 def _made_segments_dir(path: Path) -> Path:
-    directory = segments_dir(path)
-    directory.mkdir(exist_ok=True)
-    if not _real_dir(directory):
-        raise UserError(f"{directory} is not a directory of ours (a symlink or a file); remove it, then run the "
-                        "command again")
-    return directory
+    return _made_dir(segments_dir(path))
 
 
 def _streams(data: DataState, samples: Samples) -> dict[str, np.ndarray]:
@@ -243,20 +295,14 @@ def _put_pos_fire(group: h5py.Group, index: int, layer: LayerState, path: Path, 
 
 def remove_segment(path: Path, name: str) -> None:
     """One segment file of cache `path` that no checkpoint names any more (a replaced base)."""
-    (segments_dir(path) / name).unlink(missing_ok=True)
+    _remove_written(segments_dir(path), lambda entry: entry == name)
 
 
 def remove_segments(path: Path, keep=()) -> None:
     """Remove the segment files of cache `path` but those named in `keep` (a kill leaves ones no checkpoint
-    names, and a complete cache needs none), and the directory once it is empty. Regular files only, in the
-    directory itself: a symlink, there or in its place, is never followed nor removed."""
+    names, and a complete cache needs none), and the directory once it is empty."""
     directory, names = segments_dir(path), set(keep)
-    if not _real_dir(directory):
-        return
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name not in names and entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink(missing_ok=True)
+    _remove_written(directory, lambda entry: entry not in names)
     if not names:
         try:
             directory.rmdir()
@@ -264,11 +310,26 @@ def remove_segments(path: Path, keep=()) -> None:
             pass
 
 
+def _remove_written(directory: Path, wanted) -> None:
+    """Delete the entries of `directory` that we write there (_WRITTEN) and `wanted(name)` picks, when they are
+    ours (cache.atomic.ours: never a symlink, a hard link of someone's file or a directory), and only in a real
+    directory of ours: anything else there, or a symlink in its place, stays as it is."""
+    fd = open_our_dir(directory)
+    if fd is None:
+        return
+    try:
+        for name in os.listdir(fd):
+            if _WRITTEN.fullmatch(name) and wanted(name):
+                remove_ours(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def remove_stale_segments(path: Path) -> bool:
     """A segments folder beside a complete cache (a kill between the final write and its removal) goes;
-    -> whether one did. A partial cache's are its checkpoint's: they stay."""
+    -> whether one did (what is not ours there keeps it). A partial cache's are its checkpoint's: they stay."""
     path = Path(path)
-    if not _real_dir(segments_dir(path)):
+    if not _our_dir(segments_dir(path)):
         return False
     try:
         with h5py.File(path, "r") as f:
@@ -277,7 +338,7 @@ def remove_stale_segments(path: Path) -> bool:
     except OSError:  # no cache (a kill before the first checkpoint) or not one: nothing names them
         pass
     remove_segments(path)
-    return True
+    return not os.path.lexists(segments_dir(path))
 
 
 def _put_concatenation(f: h5py.File, name: str, shape: tuple, dtype, parts: list, folder: str = "",
@@ -419,6 +480,11 @@ def write_merged_pairs(group: h5py.Group, sources, counted: np.ndarray, scratch:
     leaves there goes with the segments), then are copied in blocks into datasets laid out as put_array
     lays them out (their length known only after the merge)."""
     like = Sparse.empty(True)
+    _made_dir(scratch)
+    for name in os.listdir(scratch):  # a kill's are ours to replace; spill_merged must not write through another's
+        if _SCRATCH.fullmatch(name) and not remove_ours(scratch / name):
+            raise UserError(f"{scratch / name} is not a file of ffnscope's (a link or another user's); remove it, "
+                            "then run the command again")
     for n in NGRAM_ORDERS:
         with ExitStack() as stack:
             rows, files = spill_merged(merged_chunks(sources(n, stack), counted, n in G_ORDERS), scratch, n in G_ORDERS)
@@ -476,7 +542,8 @@ def open_file(path: Path, purpose: str) -> h5py.File:
         f.close()
         raise UserError(f"{path} is an HDF5 file but not an ffnscope recording; give a cache written "
                         "by `ffnscope record`")
-    version = int(f.attrs.get("schema_version", -1))
+    version = f.attrs.get("schema_version", -1)
+    version = int(version) if isinstance(version, (int, np.integer)) else -1  # "two": not a version we know
     if version != schema.SCHEMA_VERSION:
         f.close()
         fix = ("record it again (older caches rank contexts by g and lack the g sums suppression needs)"
@@ -488,6 +555,11 @@ def open_file(path: Path, purpose: str) -> h5py.File:
         raise UserError(f"{path} is a partial recording whose segment files are missing ({missing[0]}"
                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); copy the directory "
                         f"{segments_dir(path).name} beside it, or record again")
+    try:
+        check_recording(f, path)  # meta, layout and shapes, before any reader uses them
+    except UserError:
+        f.close()
+        raise
     return f
 
 

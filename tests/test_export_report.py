@@ -45,7 +45,7 @@ def test_csv_cells_are_guarded(hostile_cache, tmp_path):
 def test_export_filters(hostile_cache, tmp_path):
     def rows(*options):
         out = tmp_path / "f.jsonl"
-        result = run_cli("export", hostile_cache, "--format", "jsonl", "--out", out, *options)
+        result = run_cli("export", hostile_cache, "--format", "jsonl", "--out", out, "--force", *options)  # one file
         assert result.returncode == 0, result.stderr
         return read_back(out, "jsonl", NEURON_KINDS)
 

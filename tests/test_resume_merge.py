@@ -289,7 +289,7 @@ def test_segments_left_beside_a_complete_cache_are_removed(tmp_path, model_dirs,
     record_tiny(out, model_dirs["gpt2"], [text_file])
     leftover = segments_dir(out)
     leftover.mkdir()
-    (leftover / "0.h5").write_bytes(b"x")
+    (leftover / "000000.h5").write_bytes(b"x")  # a shard's segment (only names we write are removed)
     assert main(["analyze", str(out), "--only", "dead"]) == 0
     assert not leftover.exists() and leftover.name in capsys.readouterr().err
     partial = tmp_path / "p.h5"

@@ -60,7 +60,7 @@ class DetailScreen(FramedScreen):
         index = self.rec.index
         layer, neuron = int(index.cols["layer"][self.row]), int(index.cols["neuron"][self.row])
         self.set_header(self.rec.title(), self.rec.status,
-                        f"Recordings > {self.rec.path.name} > Layer {layer} > Neuron {neuron} "
+                        f"Recordings > {self.rec.name} > Layer {layer} > Neuron {neuron} "
                         f"({self.position + 1:,} of {len(self.rows):,})")
         self._load(self.row)
 

@@ -84,7 +84,7 @@ class LayersScreen(FramedScreen):
         note = f" · not analyzed yet ({', '.join(missing)}): A runs the analyses" if missing else ""
         if self.rec.index.pos_note:  # "too few sequences per position (N) to call positional neurons"
             note += f" · {self.rec.index.pos_note.split(':')[0]}"
-        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.path.name} > Layers{note}")
+        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.name} > Layers{note}")
         table = self.query_one(VirtualTable)
         table.show(len(self.figures["layer"]), self._cell, cursor=table.cursor)
         table.focus()
@@ -163,5 +163,5 @@ class LayersScreen(FramedScreen):
             if choice is not None:
                 export_table(self.app, lambda: layer_table(reader, index), *choice)
         self.app.push_screen(ExportScreen("layer table", len(self.figures["layer"]),
-                                          self.app.export_path(self.rec, "-layers")), done)
+                                          self.app.export_path(self.rec, "-layers"), self.rec.path), done)
 

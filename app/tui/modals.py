@@ -2,6 +2,7 @@
 the export dialog. All close on esc and work without a mouse."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rich.text import Text
@@ -12,7 +13,9 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ffnscope.engine.table.export import FORMATS
+from ffnscope.app.safe_text import plain, printable
+from ffnscope.cache.errors import UserError
+from ffnscope.engine.table.export import FORMATS, check_out
 
 MODAL_CSS = """
 ModalScreen { align: center middle; }
@@ -140,9 +143,18 @@ class ExportScreen(ModalScreen[tuple[str, Path] | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "cancel")]
     DEFAULT_CSS = MODAL_CSS + "ExportScreen OptionList { height: 6; }"
 
-    def __init__(self, what: str, rows: int, default_path: Path):
+    def __init__(self, what: str, rows: int, default_path: Path, source: Path | None = None):
         super().__init__()
         self.what, self.rows, self.default_path = what, rows, default_path
+        self.sources = [source] if source is not None else []  # the recording: never written over
+        self.confirmed: Path | None = None  # an existing file the user asked to replace (enter twice)
+
+    def _path(self, value: str) -> Path:
+        """The path typed; the input shows the default escaped (app.safe_text), and that text stands for it."""
+        for extension in EXTENSIONS.values():
+            if value == printable(str(self.default_path.with_suffix(extension))):
+                return self.default_path.with_suffix(extension)
+        return Path(value).expanduser()
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -150,7 +162,7 @@ class ExportScreen(ModalScreen[tuple[str, Path] | None]):
             yield KeyList(*(Option(fmt.upper() if fmt != "markdown" else "Markdown", id=fmt) for fmt in FORMATS),
                           id="format")
             yield Label("to file (enter writes it):")
-            yield Input(str(self.default_path.with_suffix(".csv")), id="path")
+            yield Input(printable(str(self.default_path.with_suffix(".csv"))), id="path")
             yield Static("", classes="error")
 
     def on_mount(self) -> None:
@@ -165,15 +177,24 @@ class ExportScreen(ModalScreen[tuple[str, Path] | None]):
         self.query_one("#path", Input).focus()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        path = Path(event.value).expanduser()
+        path = self._path(event.value)
         error = self.query_one(".error", Static)
         if not event.value.strip():
             error.update("give a file path")
         elif not path.parent.is_dir():
-            error.update(Text(f"directory {path.parent} does not exist"))
+            error.update(plain(f"directory {path.parent} does not exist"))
         elif path.is_dir():
-            error.update(Text(f"{path} is a directory"))
+            error.update(plain(f"{path} is a directory"))
         else:
+            try:
+                check_out(path, force=True, sources=self.sources)  # never a recording
+            except UserError as exc:
+                error.update(plain(exc))
+                return
+            if os.path.lexists(path) and path != self.confirmed:  # as `export` without --force: ask first
+                self.confirmed = path
+                error.update(plain(f"{path} exists; enter again to replace it, or esc"))
+                return
             options = self.query_one("#format", OptionList)
             fmt = options.get_option_at_index(options.highlighted or 0).id
             self.dismiss((fmt, path))

@@ -144,7 +144,7 @@ class NeuronsScreen(FramedScreen):
     def _header(self) -> None:
         scope = "all layers" if self.filter.layers is None else f"layer {self.filter.layers[0]}"
         total = self.index.n if self.filter.layers is None else self.index.d_ffn
-        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.path.name} > Layers > "
+        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.name} > Layers > "
                         f"Neurons ({scope})")
         order = SORT_LABELS.get(self.sort, self.sort) + (" ↓" if self.descending else "")
         missing = [name for name, ok in self.index.analyses.items() if not ok]
@@ -296,5 +296,5 @@ class NeuronsScreen(FramedScreen):
         def done(choice):
             if choice is not None:
                 export_neurons(self.app, self.index, self.rows.copy(), *choice)
-        self.app.push_screen(ExportScreen("neuron table", len(self.rows), self.app.export_path(self.rec, suffix)),
-                             done)
+        self.app.push_screen(ExportScreen("neuron table", len(self.rows), self.app.export_path(self.rec, suffix),
+                                          self.rec.path), done)

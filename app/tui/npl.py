@@ -104,7 +104,7 @@ class NplScreen(FramedScreen):
         yield from self.frame_bottom()
 
     def on_mount(self) -> None:
-        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.path.name} > NPL")
+        self.set_header(self.rec.title(), self.rec.status, f"Recordings > {self.rec.name} > NPL")
         self.query_one(VerticalScroll).focus()
         self.load()
         self.follow()
@@ -134,7 +134,7 @@ class NplScreen(FramedScreen):
             rate = f", {job.tokens_per_s:,.0f} tok/s" if job.tokens_per_s else ""
             done = f" {100 * job.fraction:.0f}%" if job.fraction is not None else ""
             eta = f", ETA {duration(job.eta_s)}" if job.eta_s is not None else ""
-            line.append(f" {self._job_name(job)}: {job.activity}{done}{rate}{eta} (x cancels)")
+            line.append(printable(f" {self._job_name(job)}: {job.activity}{done}{rate}{eta} (x cancels)"))
         elif job is not None:
             line.append(printable(f" last job {self._job_name(job)}: {job.status}"
                                   f"{': ' + job.message if job.message else ''}"))

@@ -52,6 +52,11 @@ class OpenRecording:
         return all(self.index.analyses.values())
 
     @property
+    def name(self) -> str:
+        """The file's name as shown (escaped: a name can hold terminal escapes)."""
+        return printable(self.path.name)
+
+    @property
     def model_name(self) -> str:
         return printable(self.prov.model.name)
 

@@ -136,7 +136,7 @@ class RecordingsScreen(FramedScreen):
         if key == "date":
             return (s.created or "")[:10] if s else time.strftime("%Y-%m-%d", time.localtime(row.job.started or 0))
         if key == "status":
-            return row.status()
+            return printable(row.status())  # a job's phase is read from its progress file
         return ""
 
     def _message(self) -> None:

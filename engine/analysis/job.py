@@ -46,6 +46,8 @@ def parse_settings(pairs: list[str]) -> dict[str, dict]:
         # every parameter is a count (at least 1) or a share/threshold between 0 and 1
         if kind is int and number < 1:
             raise UserError(f"--set {key}: {value} must be at least 1")
+        if kind is int and number >= 2**31:  # a count of tokens, n-grams or positions: never that many
+            raise UserError(f"--set {key}: {value} is above {2**31 - 1:,}, the most any of these counts takes")
         if kind is not int and not 0 <= number <= 1:  # also refuses nan and inf
             raise UserError(f"--set {key}: {value} must lie between 0 and 1")
     return out

@@ -46,7 +46,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-KINDS = ("oscillatory", "both_extremes", "one_extreme", "other")
+from ffnscope.cache.schema import POSITIONAL_KINDS
+
+KINDS = POSITIONAL_KINDS  # the neuron types, in the order their codes are stored
 _CHUNK = 2048  # neurons per slice of the (seq_len, d_ffn) float arrays: bounds memory at ~100 MB
 
 

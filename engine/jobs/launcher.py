@@ -31,6 +31,7 @@ from ffnscope.engine.jobs.progress import (
     STATUSES,
     STOPPED,
     one_line,
+    own_progress,
     progress_path,
     read_progress,
 )
@@ -185,10 +186,15 @@ def _launch(output: Path, args: list[str], env: dict | None = None, cwd: str | N
     env.setdefault("PYTHONUNBUFFERED", "1")
     cwd = cwd if cwd and Path(cwd).is_dir() else None
     log = log_path(output)
-    try:
-        log_file = open(log, "ab")
+    try:  # never through a symlink, nor into a hard link of someone's file
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        log_file = open(os.open(log, flags, 0o666), "ab")
     except OSError as exc:
         raise UserError(f"cannot write the job log {log} ({exc.strerror or exc}); choose a writable place") from None
+    if not atomic.sole_file(os.fstat(log_file.fileno())):
+        log_file.close()
+        raise UserError(f"{log} is not ffnscope's job log (another name of a file, or not a file); remove it, then "
+                        "start the job again")
     path = progress_path(output)
     with log_file:
         # the job writes its own progress file as soon as it can, and the launcher's never replaces it: the
@@ -338,28 +344,61 @@ def resume(job: Job, env: dict | None = None) -> Job:
         raise UserError(f"the job on {job.output} is still running (pid {job.pid})")
     if job.status == COMPLETE:
         raise UserError(f"the job on {job.output} is complete; nothing to resume")
-    args = list(job.command[1:])
-    if job.kind == "npl":  # all-or-nothing jobs: run again
-        return _launch(job.output, args, env, job.cwd)
-    if job.kind == "analyze":
-        if not args:
-            args = ["analyze", str(job.output)]
-        return _launch(job.output, args, env, job.cwd)
+    how, args = continuation(job)
+    if how == "analyze" and job.kind == "record":
+        return start_analyze(job.output, env=env)
+    if how == "complete":
+        raise UserError(f"{job.output} is already complete; nothing to resume")
     if not args:
         raise UserError(f"the progress file of {job.output} does not say which command to resume")
+    return _launch(job.output, args, env, job.cwd)
+
+
+def continuation(job: Job) -> tuple[str, list[str]]:
+    """How an ended job goes on, as (how, its arguments after the program): an npl job runs again ("again");
+    an analyze job too ("analyze": it redoes only what is missing); a recording continues from its checkpoint
+    ("resume", --resume: a partial cache), runs its analyses when complete ("analyze", if it had --analyze;
+    else "complete", nothing to do), or starts again ("again"; --force over a broken leftover). A recording
+    killed before its first checkpoint (loading, packing, calibrating) has nothing to resume."""
+    args = list(job.command[1:])
+    if job.kind == "npl":  # all-or-nothing jobs
+        return "again", args
+    if job.kind == "analyze":
+        return "analyze", args or ["analyze", str(job.output)]
+    if not args:
+        return "again", args
     from ffnscope.cache import schema
 
     status = cache_status(job.output)
     if status == schema.COMPLETE:
-        if "--analyze" in args:
-            return start_analyze(job.output, env=env)
-        raise UserError(f"{job.output} is already complete; nothing to resume")
+        return ("analyze", ["analyze", str(job.output)]) if "--analyze" in args else ("complete", [])
     args = [a for a in args if a not in ("--force", "--resume")]
     if status == schema.PARTIAL:
-        args.append("--resume")
-    elif job.output.exists():
-        args.append("--force")  # a broken leftover (no checkpoint can be read): record it again
-    return _launch(job.output, args, env, job.cwd)
+        return "resume", args + ["--resume"]
+    return "again", args + (["--force"] if job.output.exists() else [])  # a leftover no checkpoint reads
+
+
+def next_step(job: Job) -> str:
+    """What to run for a stopped or interrupted job, in words with the command ('' for the others):
+    `ffnscope jobs` shows it under the job."""
+    if job.status not in (STOPPED, INTERRUPTED):
+        return ""
+    import shlex
+
+    how, args = continuation(job)
+    command = shlex.join(["ffnscope", *args])
+    if job.cwd and os.path.realpath(job.cwd) != os.path.realpath(os.getcwd()):  # its paths may be relative to it
+        command = f"cd {shlex.quote(job.cwd)} && {command}"
+    if how == "resume":
+        return f"resume it from its last checkpoint: {command}"
+    if how == "analyze":
+        return f"{'the recording is complete; ' if job.kind == 'record' else ''}analyze it: {command}"
+    if how == "complete":
+        return ""
+    if not args:
+        return "its progress file does not say which command started it"
+    first = "no checkpoint was written, so nothing can be resumed; " if job.kind == "record" else ""
+    return f"{first}start it again: {command}"
 
 
 # --- dismissing ------------------------------------------------------------------------------------
@@ -417,7 +456,7 @@ def fail_if_own(output: Path, message: str, status: str = FAILED) -> None:
     """Inside a job: mark its progress file failed (or stopped, for a signal) when the job ends before
     its own code got to it (a refused --out, a bad option), so it does not show as running or interrupted."""
     progress = read_progress(output)
-    if not isinstance(progress, dict) or progress.get("pid") != os.getpid() or progress.get("status") != RUNNING:
+    if not own_progress(progress):
         return
     progress.update(status=status, message=one_line(message), updated=time.time())
     try:
@@ -428,4 +467,4 @@ def fail_if_own(output: Path, message: str, status: str = FAILED) -> None:
 
 __all__ = ["Job", "INTERRUPTED", "STATUSES", "RUNNING", "STOPPED", "FAILED", "COMPLETE",
            "log_path", "list_jobs", "read_job", "start_record", "start_analyze", "cancel", "resume", "wait",
-           "process_alive", "fail_if_own"]
+           "process_alive", "fail_if_own", "continuation", "next_step"]

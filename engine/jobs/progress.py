@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, write_text
+from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, sole_file, write_text
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.jobs.stop import forget_after_shard
 
@@ -23,11 +24,31 @@ def progress_path(output: Path) -> Path:
     return output.with_name(output.name + PROGRESS_SUFFIX)
 
 
+MAX_PROGRESS_BYTES = 1 << 20  # a progress file is a few KB: a larger one is not ours, and is not read whole
+
+
 def read_progress(output: Path) -> dict | None:
+    """The progress file's JSON, or None: never through a symlink, never a FIFO or device (no wait on one),
+    never more than MAX_PROGRESS_BYTES (anyone may plant a file beside a shared cache)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        return json.loads(progress_path(output).read_text())
-    except (OSError, ValueError):
+        fd = os.open(progress_path(output), flags)
+    except OSError:
         return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            data = f.read(MAX_PROGRESS_BYTES + 1)
+        return json.loads(data) if len(data) <= MAX_PROGRESS_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def own_progress(progress) -> bool:
+    """Whether a progress file is this process's while it runs: what a launcher wrote for the job it started
+    (its pid is the job's) or what the job wrote itself."""
+    return isinstance(progress, dict) and progress.get("pid") == os.getpid() and progress.get("status") == RUNNING
 
 
 def running_job(output: Path) -> int | None:
@@ -43,16 +64,32 @@ def running_job(output: Path) -> int | None:
 
 
 class ProgressFile:
-    def __init__(self, output: Path, command: list[str], interval: float = 0.5):
-        self.path = progress_path(output)
+    """`defer`: nothing is written until start(), which a job calls once every up-front check passed, so a
+    refused command leaves no file and leaves another job's (an interrupted one it was to resume) as it was.
+    A file a launcher wrote for this very process (its pid, running) is the job's own: written from the moment
+    it is there, so the launcher's UI follows every phase and a refusal is told there."""
+
+    def __init__(self, output: Path, command: list[str], interval: float = 0.5, defer: bool = False):
+        self.output, self.path = Path(output), progress_path(output)
         self.interval = interval
         self.state = {"pid": os.getpid(), "status": RUNNING, "output": str(output), "command": command,
                       "started": time.time(), "phase": "starting"}
         self._last = 0.0
+        self.started = not defer
         self.update(force=True)
+
+    def start(self) -> None:
+        """Write the file from now on (a no-op unless deferred)."""
+        if not self.started:
+            self.started = True
+            self.update(force=True)
 
     def update(self, force: bool = False, **fields) -> None:
         self.state.update(fields)
+        if not self.started:  # the launcher may write its file after this job began: it is ours from then
+            self.started = own_progress(read_progress(self.output))
+            if not self.started:
+                return
         now = time.time()
         if not force and now - self._last < self.interval:
             return
@@ -63,10 +100,12 @@ class ProgressFile:
             write_text(self.path, text)
         except UserError:  # a full disk: the job goes on (or fails with its own one line), never a traceback
             if self.state.get("status") != RUNNING:  # its outcome must be read: overwrite in place
-                try:
-                    with open(self.path, "r+" if self.path.exists() else "w") as f:
-                        f.write(text)
-                        f.truncate()
+                try:  # never through a symlink
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+                    with os.fdopen(fd, "w") as f:
+                        if sole_file(os.fstat(fd)):  # nor into a hard link of someone's file
+                            f.write(text)
+                            f.truncate()
                 except OSError:
                     pass
 

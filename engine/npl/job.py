@@ -47,7 +47,7 @@ class _Job:
         pid = running_job(out)
         if pid is not None:
             raise UserError(f"another ffnscope job (pid {pid}) is writing {out}; wait for it or stop it")
-        self.progress = ProgressFile(out, command or [])
+        self.progress = ProgressFile(out, command or [], defer=True)  # written from start(): a refusal writes none
         self.on_progress = on_progress
         self.given_stop = stop
 
@@ -167,6 +167,7 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
         specs = config.data or recorded_sources(meta)
         packed, sources = pack_text(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log,
                                 job.report)
+        job.progress.start()  # every up-front check passed
         hashes = sequence_hashes(packed.tokens)
         held = split_sequences(hashes, config.holdout, config.seed)
         fit_tokens, heldout_tokens = packed.tokens[~held], packed.tokens[held]
@@ -254,6 +255,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
                    stop: StopToken | None = None, log=print) -> SubstituteReport:
     """Table 1 (and optionally the Fig. 4 grid) for a cache with fitted maps; results go into the sidecar."""
     from ffnscope.engine.npl.layout import chunks, parse_chunks, substituted
+    from ffnscope.engine.npl.plan import host_room
     from ffnscope.engine.npl.report import format_finegrained, format_table1
     from ffnscope.engine.npl.substitute import (Maps, finegrained_rows, finegrained_settings, run_settings, table1_rows,
                                        table1_settings)
@@ -287,6 +289,8 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             if maps is not None:
                 maps.check_model(lm)
             device = _device(config.device)
+            host_room(lm, device, limits, tokens.shape[1], config.batch_tokens)  # before start: refused, no file
+            job.progress.start()  # every up-front check passed
             job.phase("preparing settings")
             settings = table1_settings(n_layers, maps, chunk_numbers, config.mappings, config.seeds,
                                        config.random_scale)
@@ -342,6 +346,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
     """Functional neurons' predictability and background neurons on the fit run's held-out tokens."""
     from ffnscope.engine.npl.columns import layer_scores
     from ffnscope.engine.npl.functional import FunctionalParams, functional_neurons
+    from ffnscope.engine.npl.plan import host_room
 
     cache = Path(config.cache)
     limits = config.limits()
@@ -363,6 +368,8 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as stop:
             lm = job.load_model(meta, config, cache, reader)
+            host_room(lm, _device(config.device), limits, tokens.shape[1], config.batch_tokens)
+            job.progress.start()  # every up-front check passed
             result = functional_neurons(lm, tokens, nll, scores, params, _device(config.device), config.batch_tokens,
                                         job.report, stop, limits)
             layers = result.layers

@@ -58,15 +58,9 @@ def substituted(chunk: list[int]) -> list[int]:
 
 def parse_chunks(text: str | None, n_chunks: int = 4) -> list[int]:
     """'1-4' / '2,4' -> chunk numbers 1..n."""
+    from ffnscope.engine.record.meta import check_ranges, parse_ranges  # the one range parser: no set of 1-10^20
+
     if text is None:
         return list(range(1, n_chunks + 1))
-    out: set[int] = set()
-    try:
-        for piece in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = piece.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UserError(f"--chunks '{text}' is not a chunk list; write it like 1-4 or 2,4") from None
-    if not out or min(out) < 1 or max(out) > n_chunks:
-        raise UserError(f"--chunks '{text}' names chunks outside 1-{n_chunks}")
-    return sorted(out)
+    ranges = parse_ranges(text, "--chunks", "a chunk list", "1-4 or 2,4")
+    return check_ranges(ranges, 1, n_chunks, "--chunks", text, "chunk", "the chunks")

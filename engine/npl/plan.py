@@ -46,14 +46,9 @@ def group_bytes(group, d: int, methods, stats_dtype: str, batch_tokens: int) -> 
 
 
 def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    from ffnscope.engine.record.config import available_memory  # the one reading of it
+
+    return available_memory()
 
 
 def memory_budget(lm, device: torch.device, option: int | None, batch_tokens: int, limits: MemoryLimits | None = None,
@@ -68,12 +63,9 @@ def memory_budget(lm, device: torch.device, option: int | None, batch_tokens: in
     if option is None and os.environ.get(MEMORY_ENV):
         option = parse_bytes(os.environ[MEMORY_ENV], MEMORY_ENV)
     host = None
-    if device.type == "cpu" and limits is not None and limits.host is not None:
-        floor = host_floor(lm, seq_len or batch_tokens, batch_tokens)
-        if limits.host <= floor:
-            raise UserError(f"--host-memory {human(limits.host)} does not hold the model's smallest plan "
-                            f"({human(floor)}: the weights outside the layers, a layer, a batch); raise it")
-        host = limits.host - floor, f"--host-memory {human(limits.host)} less the model's smallest plan"
+    room = host_room(lm, device, limits, seq_len or batch_tokens, batch_tokens)
+    if room is not None:
+        host = room, f"--host-memory {human(limits.host)} less the model's smallest plan"
     if option is not None:
         return (int(option), "the NPL memory budget") if host is None or option <= host[0] else host
     if host is not None:
@@ -83,6 +75,18 @@ def memory_budget(lm, device: torch.device, option: int | None, batch_tokens: in
         return (int(free * DEVICE_SHARE) - forward_minimum(lm, batch_tokens),
                 f"what {device} has free beside the model")
     return int(_mem_available() * 0.9) - forward_workspace(lm, batch_tokens), "the available host memory"
+
+
+def host_room(lm, device: torch.device, limits: MemoryLimits | None, seq_len: int, batch_tokens: int) -> int | None:
+    """On a CPU with --host-memory: what it leaves beside the model's smallest plan (host_floor), refused when
+    nothing; None otherwise. A job checks it before it starts, so a budget that cannot run writes nothing."""
+    if device.type != "cpu" or limits is None or limits.host is None:
+        return None
+    floor = host_floor(lm, seq_len, batch_tokens)
+    if limits.host <= floor:
+        raise UserError(f"--host-memory {human(limits.host)} does not hold the model's smallest plan "
+                        f"({human(floor)}: the weights outside the layers, a layer, a batch); raise it")
+    return limits.host - floor
 
 
 def held_maps(n_pairs: int, d: int, methods) -> int:

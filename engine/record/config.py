@@ -3,6 +3,7 @@ path, and what the model's config.json alone can refuse (remote code, positions,
 launcher's environment decides (torchrun, Slurm arrays): --part auto, {part} in --out, --device auto."""
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.jobs.progress import running_job
-from ffnscope.engine.record.meta import parse_layers, parse_tau_rule
+from ffnscope.engine.record.meta import parse_layers, parse_ranges, parse_tau_rule
 
 
 @dataclass
@@ -26,7 +27,7 @@ class RecordConfig:
     dtype: str = "float32"
     device: str = "auto"
     tau: float | None = None            # default: 0 for ReLU models, 1.0 for smooth activations
-    tau_rule: str = "absolute"          # or per layer: "quantile:Q", "median-max:F" (engine.record.meta.parse_tau_rule)
+    tau_rule: str = "absolute"          # or per layer: "quantile:Q", "median-max:F" (meta.parse_tau_rule)
     layers: str | None = None           # like "0-11,15"; default: all
     ngram_layers: str | None = None     # default: the recorded layers in the first half
     ngram_max_freq: float | None = None  # None ("auto"): count every neuron that can be a detector;
@@ -80,8 +81,10 @@ def check_output(config: RecordConfig) -> None:
         raise UserError("--tau sets an absolute threshold; leave it out with a relative --tau-rule "
                         "(fire counts at 0, 0.5, 1 and 2 are recorded beside the relative rule anyway)")
     for option, text in (("--layers", config.layers), ("--ngram-layers", config.ngram_layers)):
-        parse_layers(text, 1 << 30, option)  # the syntax here; the range once the model's config is read
+        if text is not None:
+            parse_ranges(text, option)  # the syntax here; the range once the model's config is read
     check_model_config(config)
+    check_token_memory(config.tokens)
 
 
 def _check_numbers(config: RecordConfig) -> None:
@@ -97,6 +100,82 @@ def _check_numbers(config: RecordConfig) -> None:
             raise UserError(f"{option} {value} is not allowed; give a whole number of at least {low}")
     if config.tau is not None and not (isinstance(config.tau, (int, float)) and math.isfinite(config.tau)):
         raise UserError(f"--tau {config.tau} is not a finite number")
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes (or its container's limit, when lower); 0 when unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    try:  # cgroup v2: "max" or a number
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit() and (not total or int(limit) < total):
+            total = int(limit)
+    except OSError:
+        pass
+    return total
+
+
+def available_memory() -> int:
+    """Host memory available now without swapping (MemAvailable), in bytes; 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_token_memory(tokens: int) -> None:
+    """--tokens against this machine's memory, before any data is read: a recording holds every token it
+    packs twice (the packed data and the recorded streams, engine.model.plan.TOKEN_BYTES a token)."""
+    from ffnscope.engine.model.plan import TOKEN_BYTES  # torch: the recording imports it next anyway
+    from ffnscope.engine.units import human
+
+    have, per_token = physical_memory(), 2 * TOKEN_BYTES
+    if have and tokens * per_token > have:
+        raise UserError(f"--tokens {tokens:,} would hold {human(tokens * per_token)} of token streams in memory, "
+                        f"more than this machine's {human(have)}; record at most {have // per_token:,} tokens")
+
+
+def check_host_memory(lm, meta: dict, memory, device_kind: str) -> None:
+    """What a recording is about to allocate on the host (statistics, samples, token streams, a shard's hidden
+    states when they stay in memory: engine.model.plan's arithmetic, less the runtime already running) against
+    the memory available now, before any of it is allocated: one line naming the setting that asks for most."""
+    from dataclasses import replace
+
+    from ffnscope.engine.model.plan import RUNTIME_BYTES, host_other_bytes, record_sizes
+    from ffnscope.engine.units import human
+
+    have = available_memory()
+    r = record_sizes(lm, meta)
+    r = replace(r, samples=min(r.samples, r.tokens))  # at most one a token is drawn
+    need = lambda sizes: host_other_bytes(sizes, device_kind) - RUNTIME_BYTES  # noqa: E731
+    base = need(r)
+    total = base + memory.hidden_host_bytes
+    if not have or total <= have:
+        return
+    rec = meta["recording"]
+    least = {  # each setting at its least; the one whose cut saves most is named
+        (f"--topk {rec['topk']}", "lower --topk"): replace(r, topk=1),
+        (f"--samples {rec['samples']}", "lower --samples"): replace(r, samples=0),
+        (f"--layers ({len(rec['layers'])} layers)", "record fewer --layers"): replace(r, recorded_layers=1),
+        (f"--batch-tokens {rec['batch_tokens']}", "lower --batch-tokens"): replace(r, batch_tokens=r.seq_len),
+        (f"--tokens {rec['part_tokens']:,}", "lower --tokens"): replace(r, tokens=0, total_tokens=0, distinct_grams=0),
+    }
+    saved = {key: base - need(sizes) for key, sizes in least.items()}
+    shard = (f"--shard-tokens {rec['shard_tokens']:,}",
+             "lower --shard-tokens, or give --host-memory (hidden states beyond it go to a file)")
+    saved[shard] = memory.hidden_host_bytes
+    what, fix = max(saved, key=saved.get)
+    raise UserError(f"{what} makes this recording allocate about {human(total)} of host memory (d_ffn "
+                    f"{meta['model']['d_ffn']:,}), but {human(have)} is available; {fix}, or free memory")
 
 
 def model_config_file(spec: str) -> Path | None:

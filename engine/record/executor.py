@@ -12,6 +12,7 @@ resumes from the last checkpoint and checkpoints stay a small, flat share of the
 """
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch
 from ffnscope.cache import schema
 from ffnscope.cache.atomic import new_spill_file
 from ffnscope.cache.state import NGRAM_ORDERS, DataState, PosIncrements, RecordingState, Samples, ngram_drop_limit
-from ffnscope.cache.store import (fold_segments, remove_segment, remove_segments, write_base, write_segment,
-                                  write_state)
+from ffnscope.cache.store import (fold_segments, remove_segment, remove_segments, segments_dir, write_base,
+                                  write_segment, write_state)
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.model.hooks import FFNProbe
@@ -321,6 +322,7 @@ class Recorder:
         write_state(out, state, schema.PARTIAL, compress=False, segments=segments, increments=self.increments)
         if rebase and replaced not in (None, self.increments.base):
             remove_segment(out, replaced)
+        self.checkpointed_files = self._segment_files()
 
     # a checkpoint once the compute since the last one is this many times what the last one cost:
     # checkpoints stay <= 1/RATIO of the compute, whatever their size (with pos_fire written as its increment
@@ -333,9 +335,28 @@ class Recorder:
         those shards), when asked to stop after it (engine.jobs.stop), or when pos_fire needs a new base."""
         return stopping or rebase or since >= self.CHECKPOINT_RATIO * self.checkpoint_cost
 
+    def _segment_files(self) -> set[str]:
+        try:
+            return set(os.listdir(segments_dir(self.config.out)))
+        except OSError:
+            return set()
+
+    def drop_unnamed(self) -> None:
+        """After a failure (a full disk): the segments, maps and bases written since the last checkpoint go. It
+        names none of them and a resume redoes their shards; the disk needs the room."""
+        remove_segments(self.config.out, keep=self.checkpointed_files)
+
     def record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
         """Record the part's shards after state.shards_done into `state`: each shard's streams, samples and
         pair runs go to a segment of their own at once, the checkpoint naming them on the cadence."""
+        self.checkpointed_files = self._segment_files()  # what the checkpoint on disk may name (drop_unnamed)
+        try:
+            self._record_shards(state, tokens, seq_lo)
+        except Exception:  # a failure, a stop; what a kill leaves goes at the next start
+            self.drop_unnamed()
+            raise
+
+    def _record_shards(self, state: RecordingState, tokens: np.ndarray, seq_lo: int) -> None:
         rec = self.meta["recording"]
         per_shard = max(1, rec["shard_tokens"] // self.seq_len)
         n_shards = rec["n_shards"]

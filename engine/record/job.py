@@ -19,12 +19,14 @@ from ffnscope.cache.store import read_state, remove_segments, write_state
 from ffnscope.engine.analysis.ngrams import NgramParams, detector_fire_bound, skip_status
 from ffnscope.engine.data.packing import pack, special_ids
 from ffnscope.engine.data.sources import open_sources
+from ffnscope.engine.jobs.launcher import cache_status
 from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile
 from ffnscope.engine.jobs.stop import Stopped, stop_on_signals
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.load import LoadedModel, load_model
 from ffnscope.engine.model.plan import plan_memory, release_freed_memory, resolve_device
-from ffnscope.engine.record.config import RecordConfig, auto_device, check_output, default_shard_tokens
+from ffnscope.engine.record.config import (RecordConfig, auto_device, check_host_memory, check_output,
+                                           default_shard_tokens)
 from ffnscope.engine.record.executor import Recorder
 from ffnscope.engine.record.grams import data_counts
 from ffnscope.engine.record.meta import build_meta, part_range
@@ -65,12 +67,17 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
     if previous is not None and previous.status == schema.COMPLETE:
         raise UserError(f"{config.out} is already complete; nothing to resume (use --force to record it again)")
     sources = open_sources(config.data, field=config.field, seed=config.seed)
-    progress = ProgressFile(config.out, command or [])
+    # written once every check below passed (start()): a refused command leaves no progress file behind
+    progress = ProgressFile(config.out, command or [], defer=True)
     recorded = False
 
     def stopped() -> str:
-        return (f"stopped by signal after the recording was complete; run `ffnscope analyze {config.out}` for "
-                "the analyses" if recorded else "stopped by signal; resume with --resume")
+        if recorded:
+            return (f"stopped by signal after the recording was complete; run `ffnscope analyze {config.out}` "
+                    "for the analyses")
+        if cache_status(config.out) == schema.PARTIAL:  # the first is written as the recording starts
+            return "stopped by signal; resume with --resume"
+        return "stopped by signal before the first checkpoint; nothing to resume, start it again"
 
     with progress.outcome(stopped, (Stopped,)):
         progress.update(force=True, phase="loading model", cwd=os.getcwd())
@@ -92,14 +99,6 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         progress.update(force=True, phase="packing data")
         start_id, sep_id = special_ids(lm.tokenizer)
         packed = pack(sources.documents(), lm.tokenizer, seq_len, config.tokens // seq_len, start_id, sep_id)
-        for note in sources.notes:
-            log(f"note: {note}")
-        if packed.short:
-            log(f"note: --tokens {config.tokens:,} asked, but the data holds only {packed.tokens.size:,} tokens in "
-                f"full sequences of {seq_len}; recording those")
-        elif config.tokens % seq_len:
-            log(f"note: recording {packed.tokens.size:,} tokens: --tokens {config.tokens:,} rounded down to whole "
-                f"sequences of {seq_len}")
         if config.shard_tokens is None:  # a resumed run keeps the shards it was cut into
             config = replace(config, shard_tokens=previous.meta["recording"]["shard_tokens"] if previous is not None
                              else default_shard_tokens(int(packed.tokens.size), seq_len))
@@ -114,6 +113,16 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
             raise UserError(f"part {config.part[0]}/{config.part[1]} gets no sequence of the "
                             f"{len(packed.tokens)}; use fewer parts or more --tokens")
         memory = plan_memory(config.device_memory, config.host_memory, lm, meta, device, config.batch_tokens)
+        check_host_memory(lm, meta, memory, device.type)
+        progress.start()  # every up-front check passed
+        for note in sources.notes:
+            log(f"note: {note}")
+        if packed.short:
+            log(f"note: --tokens {config.tokens:,} asked, but the data holds only {packed.tokens.size:,} tokens in "
+                f"full sequences of {seq_len}; recording those")
+        elif config.tokens % seq_len:
+            log(f"note: recording {packed.tokens.size:,} tokens: --tokens {config.tokens:,} rounded down to whole "
+                f"sequences of {seq_len}")
         recorder = Recorder(config, lm, meta, device, memory.resident, packed.domains, memory.hidden_bytes, progress,
                             on_progress, hidden_on_device=memory.hidden_on_device)
         with stop_on_signals() as stop:
@@ -162,7 +171,11 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
 def write_complete(out: Path, state: RecordingState, recorder: Recorder) -> None:
     """The recording's final write: compressed, every stream in the file itself, the n-gram pairs merged
     from the segments' runs; then the segments go, and `state` reads its pairs from the file when asked."""
-    write_state(out, state, schema.COMPLETE, runs=recorder.segments)
+    try:
+        write_state(out, state, schema.COMPLETE, runs=recorder.segments)
+    except Exception:
+        recorder.drop_unnamed()  # the last checkpoint stands, and only its segments
+        raise
     remove_segments(out)  # the checkpoint's segments (cache.store), named by no cache now
     for index, layer in state.layers.items():
         if layer.ngram_counted is not None:

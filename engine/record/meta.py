@@ -1,7 +1,9 @@
 """Provenance of a recording, and the checks that two caches describe the same recording."""
 from __future__ import annotations
 
+import math
 import time
+
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.schema import SCHEMA_VERSION
 from ffnscope import __version__
@@ -15,31 +17,52 @@ def part_range(n_seqs: int, part: tuple[int, int]) -> tuple[int, int]:
     return (i - 1) * n_seqs // n, i * n_seqs // n
 
 
+def parse_ranges(text: str, option: str, what: str = "a layer list", example: str = "0-5,8") -> list[tuple[int, int]]:
+    """'0-5,8' -> [(0, 5), (8, 8)]: the syntax only, kept as intervals so that '0-99999999999999999999'
+    costs nothing (never a set of its members); check_ranges bounds them once the range is known."""
+    ranges = []
+    try:
+        pieces = [p.strip() for p in str(text).split(",")]
+        if not all(pieces):
+            raise ValueError
+        for piece in pieces:
+            lo, _, hi = piece.partition("-")
+            lo, hi = int(lo), int(hi or lo)  # int() refuses signs inside ('1--2') and over 4300 digits
+            if lo < 0 or hi < lo:
+                raise ValueError
+            ranges.append((lo, hi))
+    except ValueError:
+        raise UserError(f"{option} '{text}' is not {what}; write it like {example}") from None
+    return ranges
+
+
+def check_ranges(ranges: list[tuple[int, int]], first: int, last: int, option: str, text: str,
+                 item: str = "layer", whose: str = "the model's layers") -> list[int]:
+    """The members of `ranges` (sorted, unique), all within first..last; else one line naming the range."""
+    low, high = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+    if low < first or high > last:
+        bad = high if high > last else low
+        raise UserError(f"{option} '{text}' names {item} {bad}, outside {first}-{last} ({whose}); give {item}s "
+                        f"within {first}-{last}, like {first}-{last}")
+    return sorted({i for lo, hi in ranges for i in range(lo, hi + 1)})  # at most last - first + 1 of them
+
+
 def parse_layers(text: str | None, n_layers: int, option: str) -> list[int] | None:
-    """'0-5,8,10-11' -> sorted unique layer indices, checked against the model."""
+    """'0-5,8,10-11' -> sorted unique layer indices, checked against the model's n_layers."""
     if text is None:
         return None
-    layers: set[int] = set()
-    try:
-        for piece in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = piece.partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UserError(f"{option} '{text}' is not a layer list; write it like 0-5,8") from None
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise UserError(f"{option} '{text}' names layers outside 0-{n_layers - 1}")
-    return sorted(layers)
+    return check_ranges(parse_ranges(text, option), 0, n_layers - 1, option, text)
 
 
 TAU_RULES = ("absolute", "quantile:Q", "median-max:F")
+MAX_MEDIAN_MAX = 1000.0  # F x the median neuron's largest act: far beyond it no neuron of a layer fires
 
 
 def parse_tau_rule(text: str | None) -> tuple[str, float | None]:
     """'absolute' -> ("absolute", None); 'quantile:0.99' -> ("quantile", 0.99) (tau_l = that quantile of
     act over the layer's neurons and the calibration tokens, 0 < Q < 1); 'median-max:0.25' ->
     ("median-max", 0.25) (tau_l = F x the median over the layer's neurons of each one's largest act on
-    the calibration tokens, F > 0)."""
+    the calibration tokens, 0 < F <= MAX_MEDIAN_MAX)."""
     text = (text or "absolute").strip()
     if text == "absolute":
         return "absolute", None
@@ -47,13 +70,13 @@ def parse_tau_rule(text: str | None) -> tuple[str, float | None]:
     try:
         number = float(value)
     except ValueError:
-        number = None
-    if kind == "quantile" and number is not None and 0 < number < 1:
+        number = math.nan  # refused below: every comparison with nan is false
+    if kind == "quantile" and 0 < number < 1:
         return kind, number
-    if kind == "median-max" and number is not None and number > 0:
+    if kind == "median-max" and 0 < number <= MAX_MEDIAN_MAX:  # finite: inf would make every neuron dead
         return kind, number
     raise UserError(f"--tau-rule '{text}' is not one of absolute, quantile:Q (0 < Q < 1, like quantile:0.99) "
-                    "or median-max:F (F > 0, like median-max:0.25)")
+                    f"or median-max:F (0 < F <= {MAX_MEDIAN_MAX:g}, like median-max:0.25)")
 
 
 def relative_rule_text(adapter, rule: str) -> str:

@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ffnscope.cache.atomic import replaced_file
+from ffnscope.cache.atomic import replaced_file, same_file
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.safe_text import printable
 from ffnscope.engine.table.table import _NUMERIC, FORMATS, KINDS, Table
@@ -146,9 +146,33 @@ def _check_fmt(fmt: str) -> str:
     return fmt
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 of every file h5py writes (a recording, an NPL sidecar)
+
+
+def check_out(path: str | os.PathLike, force: bool = False, sources=()) -> None:
+    """Where an export may go: never over a recording, whatever `force`: not one of `sources` (the recording
+    exported from, by its name, a symlink or a hard link) nor any HDF5 file (another recording, a sidecar);
+    over another existing file only with `force`. UserError (one line) otherwise."""
+    path = Path(path)
+    if any(same_file(path, source) for source in sources):
+        raise UserError(f"{path} is the recording being exported (or a link to it); choose another file for the "
+                        "table")
+    try:
+        with open(path, "rb") as f:
+            hdf5 = f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        hdf5 = False
+    if hdf5:
+        raise UserError(f"{path} is an HDF5 file (a recording or its NPL maps), never replaced by an export; "
+                        "choose another file for the table")
+    if not force and os.path.lexists(path):
+        raise UserError(f"{path} exists; add --force to replace it, or choose another file")
+
+
 def export(table: Table, path: str | os.PathLike, fmt: str) -> None:
     """Write `table` to `path` as csv, jsonl, parquet or markdown, whole (cache.atomic: a temporary file
     beside the target, renamed over it), so readers never see half a file. Errors raise UserError (one line).
+    It replaces a file at `path` (check_out first to ask), never a recording.
     A CSV header holds the bare column names: keep `table.kinds` to read it back with `read_back`."""
     fmt = _check_fmt(fmt)
     if fmt == "parquet":
@@ -159,6 +183,7 @@ def export(table: Table, path: str | os.PathLike, fmt: str) -> None:
         raise UserError(f"cannot write {path}: directory {parent} does not exist; create it first")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; give a file name")
+    check_out(path, force=True)
     # the one writer of our files; a random tag keeps two exports of one file in one process apart
     binary = fmt == "parquet"
     open_args = {} if binary else {"encoding": "utf-8", "newline": "" if fmt == "csv" else "\n"}
