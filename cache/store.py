@@ -487,7 +487,8 @@ def write_merged_pairs(group: h5py.Group, sources, counted: np.ndarray, scratch:
                             "then run the command again")
     for n in NGRAM_ORDERS:
         with ExitStack() as stack:
-            rows, files = spill_merged(merged_chunks(sources(n, stack), counted, n in G_ORDERS), scratch, n in G_ORDERS)
+            chunks = merged_chunks(sources(n, stack), counted, n in G_ORDERS)
+            rows, files = spill_merged(chunks, scratch, n in G_ORDERS)
         for column in columns(n):
             dtype = getattr(like, column).dtype
             target = group.create_dataset(f"ngram{n}/{column}", shape=(rows,), dtype=dtype,

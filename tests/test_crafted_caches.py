@@ -62,7 +62,7 @@ def captured(argv):
         f.close()
     return rc, texts, crash
 
-for name, commands in json.loads(sys.argv[1]):
+for name, commands in json.loads(open(sys.argv[1]).read()):  # a file: the jobs are longer than one argument may be
     for argv in commands:
         report.write(json.dumps({"start": name, "argv": argv}) + "\n"); report.flush()
         if argv[0] == "@sha256":
@@ -354,13 +354,14 @@ def _commands(cache: Path, other: Path, work: Path) -> list[list[str]]:
              ["report", cache]]]  # the report again: after analyze repaired what it could
 
 
-def _drive(jobs: list) -> dict[str, list[dict]]:
+def _drive(jobs: list, work: Path) -> dict[str, list[dict]]:
     """Run the driver over jobs [(variant, commands)]; -> variant -> its lines. A command past HANG_S or a
     driver that dies fails its variant (a "crash" line) and a fresh driver goes on with the rest."""
     lines: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     pending = list(jobs)
     while pending:
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(pending)], stdout=subprocess.PIPE,
+        (work / "jobs.json").write_text(json.dumps(pending))
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(work / "jobs.json")], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=env_for_subprocess())
         selector = selectors.DefaultSelector()
         selector.register(proc.stdout, selectors.EVENT_READ)
@@ -402,7 +403,7 @@ def outcomes(parts, tmp_path_factory):
     for i, name in enumerate(VARIANTS):
         caches[name] = cache = _made(parts[0], name, base / f"v{i:03d}")
         jobs.append((name, _commands(cache, parts[1], cache.parent)))
-    lines = _drive(jobs)
+    lines = _drive(jobs, base)
     return {name: (caches[name], lines[name]) for name in VARIANTS}
 
 

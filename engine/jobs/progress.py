@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, sole_file, write_text
+from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, remove_ours, sole_file, write_text
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.jobs.stop import forget_after_shard
 
@@ -64,10 +64,12 @@ def running_job(output: Path) -> int | None:
 
 
 class ProgressFile:
-    """`defer`: nothing is written until start(), which a job calls once every up-front check passed, so a
-    refused command leaves no file and leaves another job's (an interrupted one it was to resume) as it was.
-    A file a launcher wrote for this very process (its pid, running) is the job's own: written from the moment
-    it is there, so the launcher's UI follows every phase and a refusal is told there."""
+    """`defer`: the job calls start() once every up-front check passed, and a refusal before it leaves nothing
+    behind. Where no progress file is there yet, one is written at once all the same (so `jobs` shows a job
+    whose model takes minutes to load), as a provisional one that a refusal removes (`outcome`); another
+    job's file (an interrupted one this was to resume) is left as it was until start(). A file a launcher
+    wrote for this very process (its pid, running) is the job's own: written from the moment it is there,
+    so the launcher's UI follows every phase and a refusal is told there."""
 
     def __init__(self, output: Path, command: list[str], interval: float = 0.5, defer: bool = False):
         self.output, self.path = Path(output), progress_path(output)
@@ -76,17 +78,28 @@ class ProgressFile:
                       "started": time.time(), "phase": "starting"}
         self._last = 0.0
         self.started = not defer
+        self.provisional = defer and not os.path.lexists(self.path)
         self.update(force=True)
 
     def start(self) -> None:
         """Write the file from now on (a no-op unless deferred)."""
+        self.provisional = False
         if not self.started:
             self.started = True
             self.update(force=True)
 
+    def withdraw(self) -> bool:
+        """Remove the provisional file (a refusal before start()), if it is still the one this job wrote;
+        -> whether it went."""
+        progress = read_progress(self.output)
+        if not (self.provisional and not self.started and own_progress(progress)
+                and progress.get("started") == self.state["started"]):
+            return False
+        return remove_ours(self.path)
+
     def update(self, force: bool = False, **fields) -> None:
         self.state.update(fields)
-        if not self.started:  # the launcher may write its file after this job began: it is ours from then
+        if not self.started and not self.provisional:  # the launcher may write its file after this job began
             self.started = own_progress(read_progress(self.output))
             if not self.started:
                 return
@@ -121,10 +134,12 @@ class ProgressFile:
         try:
             yield
         except (KeyboardInterrupt, *stop_types):
-            self.finish(STOPPED, stopped() if callable(stopped) else stopped)
+            if not self.withdraw():  # stopped before it started: nothing to resume, nothing to list
+                self.finish(STOPPED, stopped() if callable(stopped) else stopped)
             raise
         except UserError as exc:
-            self.finish(FAILED, one_line(str(exc)))
+            if not self.withdraw():  # a refusal writes nothing
+                self.finish(FAILED, one_line(str(exc)))
             raise
         except BaseException as exc:
             self.finish(FAILED, one_line(f"{exc.__class__.__name__}: {exc}"))
