@@ -285,7 +285,7 @@ def test_views_say_too_few(tmp_path, planted_model, text_file, capsys):
         show(console)
         assert note in console.export_text(), show
     args = SimpleNamespace(file=cache, layers=None, table="neurons", dead=None, detector=None, positional="any",
-                           where=None, out=tmp_path / "x.csv", format="csv")
+                           where=None, out=tmp_path / "x.csv", format="csv", force=False)
     run_export(args)
     assert note in capsys.readouterr().out
     with CacheReader(cache) as reader:

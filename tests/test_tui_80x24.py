@@ -171,7 +171,7 @@ async def test_units_labels_and_layer_export(hostile_cache, tmp_path):
         await pilot.press("escape")
     cli = tmp_path / "cli-layers.csv"
     run_export(SimpleNamespace(file=cache, layers=None, table="layers", dead=None, detector=None, positional=None,
-                               where=None, out=cli, format="csv"))
+                               where=None, out=cli, format="csv", force=False))
     app_rows, cli_rows = read_back(path, "csv", LAYER_KINDS), read_back(cli, "csv", LAYER_KINDS)
     assert app_rows == cli_rows
     assert {"rel_depth", "detected_tokens", "dead_frac", "alive_freq"} <= set(app_rows[0])

@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, remove_ours, sole_file, write_text
+from ffnscope.cache.atomic import PROGRESS_SUFFIX, process_alive, remove_ours, replaced_file, sole_file, write_text
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.jobs.stop import forget_after_shard
 
@@ -27,8 +27,8 @@ def progress_path(output: Path) -> Path:
 MAX_PROGRESS_BYTES = 1 << 20  # a progress file is a few KB: a larger one is not ours, and is not read whole
 
 
-def read_progress(output: Path) -> dict | None:
-    """The progress file's JSON, or None: never through a symlink, never a FIFO or device (no wait on one),
+def _progress_bytes(output: Path) -> bytes | None:
+    """The progress file's bytes, or None: never through a symlink, never a FIFO or device (no wait on one),
     never more than MAX_PROGRESS_BYTES (anyone may plant a file beside a shared cache)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -40,8 +40,17 @@ def read_progress(output: Path) -> dict | None:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return None
             data = f.read(MAX_PROGRESS_BYTES + 1)
-        return json.loads(data) if len(data) <= MAX_PROGRESS_BYTES else None
-    except (OSError, ValueError, RecursionError):
+        return data if len(data) <= MAX_PROGRESS_BYTES else None
+    except OSError:
+        return None
+
+
+def read_progress(output: Path) -> dict | None:
+    """The progress file's JSON (_progress_bytes), or None."""
+    data = _progress_bytes(output)
+    try:
+        return None if data is None else json.loads(data)
+    except (ValueError, RecursionError):
         return None
 
 
@@ -64,12 +73,12 @@ def running_job(output: Path) -> int | None:
 
 
 class ProgressFile:
-    """`defer`: the job calls start() once every up-front check passed, and a refusal before it leaves nothing
-    behind. Where no progress file is there yet, one is written at once all the same (so `jobs` shows a job
-    whose model takes minutes to load), as a provisional one that a refusal removes (`outcome`); another
-    job's file (an interrupted one this was to resume) is left as it was until start(). A file a launcher
-    wrote for this very process (its pid, running) is the job's own: written from the moment it is there,
-    so the launcher's UI follows every phase and a refusal is told there."""
+    """`defer`: the job calls start() once every up-front check passed, and a refusal before it leaves the
+    progress file as it was (`outcome`). The file is written from the start all the same (so `jobs` shows a
+    job whose model takes minutes to load), as a provisional one: a refusal removes it, or puts back the one
+    that was there (an interrupted job's, which this was to resume, byte for byte). A file a launcher wrote
+    for this very process (its pid, running) is the job's own: kept up from the start, so the launcher's UI
+    follows every phase and a refusal is told there."""
 
     def __init__(self, output: Path, command: list[str], interval: float = 0.5, defer: bool = False):
         self.output, self.path = Path(output), progress_path(output)
@@ -77,32 +86,31 @@ class ProgressFile:
         self.state = {"pid": os.getpid(), "status": RUNNING, "output": str(output), "command": command,
                       "started": time.time(), "phase": "starting"}
         self._last = 0.0
-        self.started = not defer
-        self.provisional = defer and not os.path.lexists(self.path)
+        self._previous = _progress_bytes(output) if defer else None
+        self.provisional = defer and not own_progress(read_progress(output))
         self.update(force=True)
 
     def start(self) -> None:
-        """Write the file from now on (a no-op unless deferred)."""
+        """Every up-front check passed: the file is the job's for good."""
         self.provisional = False
-        if not self.started:
-            self.started = True
-            self.update(force=True)
 
     def withdraw(self) -> bool:
-        """Remove the provisional file (a refusal before start()), if it is still the one this job wrote;
-        -> whether it went."""
+        """A refusal before start(): the provisional file goes, or the one it replaced comes back, if the file is
+        still the one this job wrote; -> whether it did."""
         progress = read_progress(self.output)
-        if not (self.provisional and not self.started and own_progress(progress)
-                and progress.get("started") == self.state["started"]):
+        if not (self.provisional and own_progress(progress) and progress.get("started") == self.state["started"]):
             return False
-        return remove_ours(self.path)
+        if self._previous is None:
+            return remove_ours(self.path)
+        try:
+            with replaced_file(self.path, "wb") as f:
+                f.write(self._previous)
+        except UserError:  # a full disk: the refusal's own line says what went wrong
+            return False
+        return True
 
     def update(self, force: bool = False, **fields) -> None:
         self.state.update(fields)
-        if not self.started and not self.provisional:  # the launcher may write its file after this job began
-            self.started = own_progress(read_progress(self.output))
-            if not self.started:
-                return
         now = time.time()
         if not force and now - self._last < self.interval:
             return
