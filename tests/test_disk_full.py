@@ -19,7 +19,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from tests.conftest import env_for_subprocess  # light: FILL_HOOK imports this module into the command's process
+from tests.conftest import env_for_subprocess
+from tests.disk import fill, tmpfs
 
 SHAPE = ("--tokens", "512", "--seq-len", "32", "--shard-tokens", "128", "--samples", "8", "--device", "cpu",
          "--quiet")  # 4 shards of 4 sequences
@@ -35,17 +36,8 @@ def segment(name: str) -> str:
 @pytest.fixture
 def disk(tmp_path):
     """A tmpfs of FS_SIZE, unmounted after the test."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE}", "tmpfs", str(mount)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+    with tmpfs(tmp_path / "fs", FS_SIZE) as mount:
+        yield mount
 
 
 def in_process(*args) -> None:
@@ -86,7 +78,7 @@ def record_args(model: Path, text: Path, out: Path) -> tuple:
 FILL_HOOK = """import re, sys
 from pathlib import Path
 import ffnscope.cache.atomic as atomic
-from tests.test_disk_full import fill
+from tests.disk import fill
 pattern, nth, leave, disk = re.compile(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 del sys.argv[1:5]
 opened, seen = atomic.QuietFile.__init__, []
@@ -114,16 +106,6 @@ def run(*args, fill_at: tuple | None = None, every_shard: bool = False) -> subpr
         code = ["-m", "ffnscope"]
     return subprocess.run([sys.executable, "-X", "faulthandler", *code, *map(str, args)], capture_output=True,
                           text=True, env=env_for_subprocess(), timeout=300)
-
-
-def fill(disk: Path, leave: int, name: str = "filler") -> None:
-    """Fill the disk up to `leave` free bytes (tmpfs counts in pages: up to 4 KiB less)."""
-    free = shutil.disk_usage(disk).free
-    with open(disk / name, "ab") as f:
-        try:
-            f.write(b"\1" * max(0, free - leave))
-        except OSError:  # full: what we wanted
-            pass
 
 
 class Racing:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import env_for_subprocess
+from tests.disk import fill, tmpfs
 from tests.test_errors import SMALL, assert_one_line_error, good_cache, run_cli  # noqa: F401
 
 
@@ -270,27 +271,8 @@ def test_lock_names_only_a_live_holder(tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 3 MiB tmpfs (root only): a disk that fills up."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
-
-
-def _fill(directory: Path, leave: int, name: str = "filler") -> None:
-    """Fill a filesystem up to `leave` free bytes."""
-    free = shutil.disk_usage(directory).free
-    with open(directory / name, "wb") as f:
-        try:
-            f.write(b"\1" * max(0, free - leave))
-        except OSError:  # full: what we wanted
-            pass
+    with tmpfs(tmp_path / "fs", "3m") as mount:
+        yield mount
 
 
 def _assert_storage_failure(r, path: Path, before: bytes | None, progress: bool = True):
@@ -341,7 +323,7 @@ def test_disk_full_analyze_merge_export(small_fs, tmp_path, model_dirs, text_fil
     record_tiny(tmp_path / "c.h5", model_dirs["opt"], [text_file], tokens=8192, samples=2000)
     shutil.copyfile(tmp_path / "c.h5", cache)
     before = cache.read_bytes()
-    _fill(small_fs, 200_000)
+    fill(small_fs, 200_000)
     r = run_cli("analyze", cache)  # needs a copy of the cache: refused before HDF5 writes a byte
     _assert_storage_failure(r, cache, before)
     parts = [tmp_path / "p1.h5", tmp_path / "p2.h5"]
@@ -350,7 +332,7 @@ def test_disk_full_analyze_merge_export(small_fs, tmp_path, model_dirs, text_fil
     r = run_cli("merge", *parts, "--out", small_fs / "m.h5")
     _assert_storage_failure(r, small_fs / "m.h5", None, progress=False)
     assert not (small_fs / "m.h5").exists()
-    _fill(small_fs, 0, "filler2")
+    fill(small_fs, 0, "filler2")
     r = run_cli("export", hostile_cache, "--out", small_fs / "x.csv")
     _assert_storage_failure(r, small_fs / "x.csv", None, progress=False)
 
@@ -384,7 +366,7 @@ def test_disk_full_npl_fit(small_fs, tmp_path, model_dirs, text_file):
     cache = small_fs / "c.h5"
     record_tiny(tmp_path / "c.h5", model_dirs["opt"], [text_file], tokens=2048, samples=200)
     shutil.copyfile(tmp_path / "c.h5", cache)
-    _fill(small_fs, 24_000)
+    fill(small_fs, 24_000)
     r = run_cli("npl", "fit", cache, "--device", "cpu", "--tokens", "4096", "--quiet", "--pairs", "grid")
     _assert_storage_failure(r, sidecar_path(cache), None)
     assert not sidecar_path(cache).exists()
