@@ -47,7 +47,8 @@ class _Job:
         pid = running_job(out)
         if pid is not None:
             raise UserError(f"another ffnscope job (pid {pid}) is writing {out}; wait for it or stop it")
-        self.progress = ProgressFile(out, command or [], defer=True)  # written from start(): a refusal writes none
+        # provisional until start(): a refusal leaves none behind
+        self.progress = ProgressFile(out, command or [], defer=True)
         self.on_progress = on_progress
         self.given_stop = stop
 
