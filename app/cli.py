@@ -119,6 +119,12 @@ def cmd_analyze(args) -> int:
     from ffnscope.engine.analysis.job import parse_settings
 
     settings = parse_settings(args.settings)  # a bad --set gets its one-line error before any file is written
+    if args.min_occurrences is not None:  # --min-occurrences N is --set ngrams.min_occurrences=N
+        given = settings["ngrams"].get("min_occurrences")
+        if given is not None and given != args.min_occurrences:
+            raise UserError(f"--min-occurrences {args.min_occurrences} and --set ngrams.min_occurrences={given} "
+                            "disagree; give one of them")
+        args.settings = [*args.settings, f"ngrams.min_occurrences={args.min_occurrences}"]
     with CacheReader(args.file, "analyzing it") as reader:  # and so do a bad path and a partial cache
         if reader.status != schema.COMPLETE:
             raise UserError(f"{args.file} is a partial recording; finish it with `ffnscope record ... --resume` "
@@ -299,9 +305,15 @@ def cmd_tui(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from ffnscope.app.reproduce_view import run_reproduce
+
+    return run_reproduce(args)
+
+
 COMMANDS = {"record": cmd_record, "info": cmd_info, "analyze": cmd_analyze, "export": cmd_export,
             "report": cmd_report, "merge": cmd_merge, "jobs": cmd_jobs, "tui": cmd_tui,
-            "npl": cmd_npl}
+            "npl": cmd_npl, "reproduce": cmd_reproduce}
 
 
 def _job_output(args) -> Path | None:
@@ -379,6 +391,8 @@ def _locks(args):
         from ffnscope.cache.npl_store import sidecar_path
 
         exclusive, shared = [sidecar_path(args.file)], [args.file]
+    elif args.command == "reproduce":  # reads both halves; writes into their merge, as analyze does
+        exclusive, shared = [args.into] if args.into else [], list(args.files)
     else:
         return nullcontext()
     from ffnscope.cache.lock import locked_all
@@ -390,9 +404,10 @@ def _remove_stale_temporaries(args) -> None:
     """Temporary files that killed writers left go, with one line a place: beside the file this command
     writes and beside the recordings it reads (a recording killed while its hidden states were spilled to
     disk leaves a shard-sized one). Checkpoint segments only beside the output, which this command locked."""
-    if args.command not in ("record", "analyze", "merge", "npl", "export"):
+    if args.command not in ("record", "analyze", "merge", "npl", "export", "reproduce"):
         return
-    output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None)
+    output = _job_output(args) or (getattr(args, "out", None) if args.command in ("merge", "export") else None) \
+        or (args.into if args.command == "reproduce" else None)
     places = [output, getattr(args, "file", None), *(getattr(args, "files", None) or [])]
     from ffnscope.cache.atomic import remove_stale_temporaries
     from ffnscope.cache.store import remove_stale_segments, segments_dir

@@ -41,9 +41,13 @@ def layer_table(reader: CacheReader) -> Table:
     for row in firing_by_layer(reader):
         cells = [str(row.layer)] + ([f"{row.tau:.4g}"] if relative else []) + [f"{100 * row.dead_primary:.1f}"]
         cells += [] if paper else [f"{100 * row.dead_tau0:.1f}"]
-        cells += [f"{100 * row.alive_freq:.3f}"] + ([] if paper else [f"{100 * row.dead_sq_share:.2f}"])
+        cells += [_pct(row.alive_freq, 3)] + ([] if paper else [_pct(row.dead_sq_share, 2)])
         table.add_row(*cells, *(f"{100 * row.dead(t):.1f}" for t in others))
     return table
+
+
+def _pct(share: float, digits: int) -> str:
+    return "-" if share != share else f"{100 * share:.{digits}f}"  # NaN: nothing to measure it on
 
 
 def _thresholds(rec: RecordingInfo) -> str:
@@ -82,7 +86,7 @@ def provenance(reader: CacheReader) -> Table:
     sources = _listed([s.get("path") or s.get("kind", "?") for s in data.sources], "sources")
     lines = [
         ("file", str(reader.path)), ("status", status),
-        ("model", f"{model.name} ({model.family}, {model.n_layers} layers, d_model {model.d_model}, "
+        ("model", f"{model.label} ({model.family}, {model.n_layers} layers, d_model {model.d_model}, "
                   f"d_ffn {model.d_ffn}, {model.activation}, {model.dtype})"),
         ("model spec", f"{_spec(model)}  fingerprint {model.fingerprint}"),
         ("tokens", f"{reader.n_tokens:,} in sequences of {data.seq_len}"

@@ -8,7 +8,7 @@ from rich.text import Text
 
 from ffnscope.app.safe_text import printable
 from ffnscope.engine.npl.overview import NplOverview
-from ffnscope.engine.npl.report import format_finegrained, format_functional, format_table1
+from ffnscope.engine.npl.report import format_finegrained, format_functional, format_table1, heldout_line
 
 SHADES = " ░▒▓█"
 # how to get what is missing, in the words of the CLI (the TUI passes its keys)
@@ -30,7 +30,8 @@ def fit_text(o: NplOverview, hints: dict = CLI_HINTS) -> Text:
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in fit.get("seconds", {}).items())
     out.append("maps ", style="bold")
     out.append(f"{sum(len(p) for p in o.pairs.values())} ({', '.join(o.pairs)}) on {fit.get('fit_tokens', 0):,} fit "
-               f"tokens, metrics on {fit.get('heldout_tokens', 0):,} held-out tokens; {seconds}\n")
+               f"tokens{'; ' + seconds if seconds else ''}\n")
+    out.append(printable(heldout_line(fit.get("heldout"), fit.get("heldout_tokens"))) + "\n")
     for method, by_key in o.summary.items():
         for key in ("token_l2", "mean_pearson"):
             groups = by_key.get(key, {})
@@ -82,9 +83,9 @@ def results_text(o: NplOverview, hints: dict = CLI_HINTS) -> Text:
     subst = o.results.get("substitution")
     if subst:
         params = subst["params"]
-        out.append(f"substitution perplexity (Table 1) on {params.get('heldout_tokens', 0):,} held-out tokens "
-                   f"({printable(str(params.get('heldout_source', '')))}); layer 0 "
-                   f"{printable(str(params.get('layer0', '')))}\n", style="bold")
+        out.append(f"substitution perplexity (Table 1); layer 0 {printable(str(params.get('layer0', '')))}\n",
+                   style="bold")
+        out.append(printable(heldout_line(params.get("heldout"), params.get("heldout_tokens"))) + "\n")
         out.append(format_table1(subst["rows"], params.get("original_ppl", float("nan"))) + "\n")
         rates = params.get("tokens_per_s", {})
         if rates:
@@ -101,6 +102,8 @@ def results_text(o: NplOverview, hints: dict = CLI_HINTS) -> Text:
         out.append("\nfunctional neurons: mean predictability S by property (all, random), bg %\n",
                    style="bold")
         out.append(format_functional(functional["rows"]) + "\n")
+        params = functional.get("params", {})
+        out.append(printable(heldout_line(params.get("heldout"), params.get("heldout_tokens"))) + "\n")
     else:
         out.append(f"\nno functional / background neurons yet: {hints['functional']}\n")
     return out

@@ -3,6 +3,7 @@ The first three are jobs (engine.npl.job: progress file beside the sidecar, ctrl
 `show` prints what the sidecar holds without loading a model."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,11 +11,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ffnscope.app.arg_types import (MAX_BATCH_TOKENS, MAX_RIDGE, MAX_SEEDS, bounded_float, byte_size, chunk_list,
-                                    device, open_fraction, seed, tokens, whole)
+                                    device, seed, tokens, whole)
 from ffnscope.app.console import console as make_console
 from ffnscope.app.safe_text import plain, printable
 
 ACTIONS = ("fit", "substitute", "functional", "show")
+DEFAULT_HELDOUT_SEQS = 16   # engine.npl.inputs (not imported here: --help stays light)
+MAX_HELDOUT_SEQS = 1 << 20  # each a sequence the fit scores
 
 
 def add_parser(sub) -> None:
@@ -42,7 +45,11 @@ def add_parser(sub) -> None:
                            help="accept pickle weights (pytorch_model.bin) where the model has no safetensors")
             p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    fit = actions.add_parser("fit", help="fit maps M_i->j on fresh text, metrics on held-out sequences")
+    fit = actions.add_parser("fit", help="fit maps M_i->j; metrics on sequences the recording and fit did not use",
+                             description="Fits on the first --tokens of the recording's sources (or --data), packed "
+                                         "as the recording packed them; the held-out metrics come from the next "
+                                         "--heldout-seqs sequences past both the recording's and the fit's (or from "
+                                         "--heldout-data), none equal to a recorded or fit sequence.")
     common(fit)
     fit.add_argument("--pairs", default="adjacent",
                      help="adjacent (j-1 -> j, what substitution needs), grid (every 2nd layer, all pairs: "
@@ -50,9 +57,14 @@ def add_parser(sub) -> None:
     fit.add_argument("--method", choices=("exact", "adagrad", "both"), default="exact",
                      help="exact: ridge solve of streamed X^T X, X^T Y in float64; adagrad: the paper's recipe "
                           "(lr 0.01, 10^4-token batches, one epoch); both: compare them (default: %(default)s)")
-    fit.add_argument("--data", nargs="+", metavar="SRC", help="default: the recording's own sources")
-    fit.add_argument("--tokens", type=tokens, default=131072, help="fit plus held-out tokens (default: %(default)s)")
-    fit.add_argument("--holdout", type=open_fraction, default=0.1, help="fraction of sequences held out (default: %(default)s)")
+    fit.add_argument("--data", nargs="+", metavar="SRC", help="fit data (default: the recording's own sources)")
+    fit.add_argument("--tokens", type=tokens, default=131072, help="tokens to fit on (default: %(default)s)")
+    fit.add_argument("--heldout-seqs", type=whole(1, MAX_HELDOUT_SEQS), default=DEFAULT_HELDOUT_SEQS, metavar="N",
+                     help="sequences held out for the metrics, past the recording's and the fit's "
+                          "(default: %(default)s)")
+    heldout_data(fit)
+    removed(fit, "--holdout", "held-out sequences are no longer a fraction of the fit data: they come after the "
+                              "recording's and the fit's; use --heldout-seqs N")
     fit.add_argument("--ridge", type=bounded_float(0, MAX_RIDGE), default=1e-6,
                      help="ridge, relative to the mean variance")
     fit.add_argument("--stats-dtype", choices=("float64", "float32"), default="float64",
@@ -61,15 +73,16 @@ def add_parser(sub) -> None:
     fit.add_argument("--memory", type=byte_size("--memory"),
                      help="bytes the fit's matrices may take, like 40GiB (default: what the device has free); "
                           "pairs that do not fit together go in several passes over the data")
-    fit.add_argument("--seed", type=seed, default=0)
+    fit.add_argument("--seed", type=seed, help="document order (default: the recording's, so that the held-out "
+                                                "sequences come after the recorded ones)")
     fit.add_argument("--force", action="store_true", help="replace existing maps (and their results)")
 
     subst = actions.add_parser("substitute", help="perplexity with chunks of layers substituted (Table 1)")
     common(subst)
-    subst.add_argument("--data", nargs="+", metavar="HELDOUT",
-                       help="held-out text (must share no sequence with the fit data; default: the fit's "
-                            "held-out split)")
-    subst.add_argument("--tokens", type=tokens, help="at most this many held-out tokens")
+    heldout_data(subst)
+    removed(subst, "--data", "held-out text is given with --heldout-data FILE...", nargs="+")
+    subst.add_argument("--tokens", type=tokens, help="at most this many held-out tokens (default: the fit's "
+                                                     "held-out sequences, or 16 sequences of --heldout-data)")
     subst.add_argument("--chunks", type=chunk_list, help="which of the 4 chunks, like 1-4 or 2 (default: all)")
     subst.add_argument("--mappings", nargs="+", choices=("random", "zero", "identical", "npl"),
                        default=["random", "zero", "identical", "npl"])
@@ -82,11 +95,24 @@ def add_parser(sub) -> None:
 
     func = actions.add_parser("functional", help="functional and background neurons (NPL Sec. 5)")
     common(func)
-    func.add_argument("--tokens", type=tokens, help="at most this many of the fit's held-out tokens")
+    func.add_argument("--tokens", type=tokens, help="at most this many of the fit's held-out tokens (whole sequences)")
 
     show = actions.add_parser("show", help="print fitted maps, the layer-pair grid and results (no model needed)")
     common(show, model=False)
     show.add_argument("--method", default=None, help="which maps to draw (default: the first fitted)")
+
+
+def heldout_data(p) -> None:
+    p.add_argument("--heldout-data", nargs="+", metavar="FILE",
+                   help="held-out text from other files, packed as the recording's data; refused if a sequence of "
+                        "it equals one the recording or the fit used (default: the sources past both)")
+
+
+def removed(p, option: str, why: str, nargs=None) -> None:
+    """An option that no longer exists: refused in one line saying what replaced it (hidden from --help)."""
+    def refuse(_text: str):
+        raise argparse.ArgumentTypeError(f"{option} is gone: {why}")
+    p.add_argument(option, type=refuse, nargs=nargs, help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
@@ -134,7 +160,8 @@ def _fit(args) -> int:
 
     report = _job(args, fit_job, NplFitConfig(
         args.file, pairs=args.pairs, method=args.method, data=args.data, tokens=args.tokens, seed=args.seed,
-        holdout=args.holdout, ridge=args.ridge, stats_dtype=args.stats_dtype, memory=args.memory, force=args.force,
+        heldout_seqs=args.heldout_seqs, heldout_data=args.heldout_data, ridge=args.ridge,
+        stats_dtype=args.stats_dtype, memory=args.memory, force=args.force,
         **_model_options(args)))
     print(printable(f"wrote {report.path}"))  # a path (and what the lines name) can hold terminal escapes
     for line in report.lines:
@@ -144,25 +171,30 @@ def _fit(args) -> int:
 
 def _substitute(args) -> int:
     from ffnscope.engine.npl.job import NplSubstituteConfig, substitute_job
+    from ffnscope.engine.npl.report import heldout_line
 
     report = _job(args, substitute_job, NplSubstituteConfig(
-        args.file, data=args.data, tokens=args.tokens, chunks=args.chunks, mappings=tuple(args.mappings),
+        args.file, heldout_data=args.heldout_data, tokens=args.tokens, chunks=args.chunks,
+        mappings=tuple(args.mappings),
         seeds=args.seeds, explicit=args.explicit, finegrained=args.finegrained, **_model_options(args)))
     print(report.table)
     if report.fine_table:
         print()
         print(report.fine_table)
     rates = report.tokens_per_s
-    print(f"{report.tokens:,} held-out tokens; tokens/s: plain forward {rates['plain']:,.0f}, "
+    print(printable(heldout_line(report.heldout)))
+    print(f"{report.tokens:,} predicted tokens; tokens/s: plain forward {rates['plain']:,.0f}, "
           f"with substitution {rates['substitution']:,.0f} ({rates['substitution'] / max(rates['plain'], 1e-9):.2f}x)")
     return 0
 
 
 def _functional(args) -> int:
     from ffnscope.engine.npl.job import NplFunctionalConfig, functional_job
+    from ffnscope.engine.npl.report import heldout_line
 
     report = _job(args, functional_job, NplFunctionalConfig(args.file, tokens=args.tokens, **_model_options(args)))
     print(report.table)
+    print(printable(heldout_line(report.heldout)))
     return 0
 
 

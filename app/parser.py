@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dead, ngrams, positional, suppression")
     ana.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                      help="analysis parameters, like ngrams.min_occurrences=3 or mi_threshold=0.1")
+    ana.add_argument("--min-occurrences", type=whole(1, 2**31 - 1, "a count of n-gram occurrences"), metavar="N",
+                     help="detectors' support rule: an n-gram must occur at least N times to count as a "
+                          "neuron's trigger (default 5; 1 is the paper's literal rule); the same parameter "
+                          "as --set ngrams.min_occurrences=N")
     ana.add_argument("--allow-pickle", action="store_true",
                      help="suppression loads the recorded model: accept its pickle weights (pytorch_model.bin)")
 
@@ -148,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("files", type=Path, nargs="+")
     merge.add_argument("--out", type=out_path, required=True)
     merge.add_argument("--force", action="store_true")
+
+    rep2 = sub.add_parser("reproduce", help="compare the findings of two recordings of disjoint data (split halves)",
+                          description="Compare two analysed recordings of disjoint data from one model and "
+                                      "settings (like --part 1/2 and --part 2/2) finding by finding: dead, "
+                                      "detectors, suppression, positional neurons; the share found again.")
+    rep2.add_argument("files", type=Path, nargs=2, metavar="FILE", help="the two recordings, A and B")
+    rep2.add_argument("--format", choices=("table", "json"), default="table",
+                      help="a table in the terminal, or JSON for scripts (default: %(default)s)")
+    rep2.add_argument("--into", type=out_path, metavar="MERGED",
+                      help="also store per neuron whether its findings reproduce (column `reproduced`) in the "
+                           "merge of the two (`ffnscope merge A B --out MERGED`, analysed)")
     return parser
 
 

@@ -16,14 +16,25 @@ from ffnscope.app.safe_text import plain, printable
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.reader import CacheReader
 from ffnscope.engine.analysis.dead import PAPER_DEAD, dead_label, primary_is_tau0, rule_short
-from ffnscope.engine.analysis.ngrams import COVERAGE_BUCKETS
+from ffnscope.engine.analysis.ngrams import COVERAGE_BUCKETS, support_rule
 from ffnscope.engine.explore.tables import layer_table
 from ffnscope.engine.analysis.positional import KINDS, stored_note
 
 
 def _label(reader: CacheReader) -> str:
-    model = reader.provenance.model
-    return printable(f"{model.name} ({model.family}, {model.n_layers}L)")
+    model = reader.provenance.model  # label: the name, and a dequantized GGUF's quantization
+    return printable(f"{model.label} ({model.family}, {model.n_layers}L)")
+
+
+def _shown(value, scale: float = 1, digits: int = 0) -> str:
+    """A layer table cell; None (nothing measured it, e.g. too few sequences per position) as "-"."""
+    return "-" if value is None else f"{scale * value:.{digits}f}"
+
+
+def _points(x: list, y: list, scale: float = 1) -> tuple[list, list]:
+    """A chart series without the layers where the figure is not known (None): no point, never 0."""
+    known = [(a, scale * b) for a, b in zip(x, y) if b is not None]
+    return [a for a, _ in known], [b for _, b in known]
 
 
 def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
@@ -37,29 +48,43 @@ def _bucket_table(reader: CacheReader, ngrams: dict) -> RichTable:
     return table
 
 
+# the two readings of "suppresses its triggers" (engine.analysis.suppression), named under the summary
+SUPPRESS_CAPTION = Text("supp % logit: token detectors whose update gives their triggers a negative mean logit "
+                        "(the paper's reading, Sec. 4.4)\nsupp % z: token detectors whose update pushes their "
+                        "triggers below the vocabulary's mean (z-score < 0)")
+
+
 def _summary_table(reader: CacheReader, rows) -> RichTable:
     rec = reader.provenance.recording
     paper, relative = primary_is_tau0(rec), rec.is_relative
+    caption = ([] if paper else [plain(f"dead: {dead_label(rec)}; dead τ=0: {PAPER_DEAD}")]) + [SUPPRESS_CAPTION]
+    caption.insert(0, Text(support_rule(_rule(rows))))  # the rule behind tok det, 2g det, 3g det
     table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec.firing_rule)}"),
-                      caption=None if paper else plain(f"dead: {dead_label(rec)}; dead τ=0: {PAPER_DEAD}"))
+                      caption=Text("\n").join(caption))
     dead_headers = ["dead %"] if paper else [f"dead % {'τ_l' if relative else rule_short(rec)}", "dead % τ=0"]
     for header in ("layer", *(["τ_l"] if relative else []), *dead_headers, "alive %", "tok det", "2g det", "3g det",
-                   "suppress", "positional"):
+                   "supp % logit", "supp % z", "positional"):
         table.add_column(plain(header), justify="right")
     for row in rows.rows():
         ngram = row["ngram_layer"]
         dead = [f"{100 * row['dead_frac']:.1f}"] + ([] if paper else [f"{100 * row['dead_tau0_frac']:.1f}"])
         table.add_row(str(row["layer"]), *([f"{row['tau']:.4g}"] if relative else []), *dead,
-                      f"{100 * row['alive_freq']:.3f}",
+                      _shown(row["alive_freq"], 100, 3),
                       *(str(row[k]) if ngram else "-" for k in ("token_detectors", "bigram_detectors",
                                                                 "trigram_detectors")),
-                      f"{100 * row['suppress_frac']:.0f} %" if row["suppress_frac"] is not None else "-",
-                      str(row["positional"]))
+                      *(_shown(row[k], 100) for k in ("suppress_frac_logit", "suppress_frac_z")),
+                      _shown(row["positional"]))
     return table
 
 
+def _rule(rows) -> int | None:
+    """The support rule (ngrams.min_occurrences) of a recording's detector counts: one per analysis."""
+    return next((v for v in rows["min_occurrences"].tolist() if v is not None), None)
+
+
 def _ensemble_table(reader: CacheReader, rows) -> RichTable:
-    table = RichTable(title=Text(f"{_label(reader)}: detected tokens per layer (Fig. 3b, 4)"))
+    table = RichTable(title=Text(f"{_label(reader)}: detected tokens per layer (Fig. 3b, 4) · "
+                                 f"{support_rule(_rule(rows))}"))
     for header in ("layer", "detected", "new overall", "new vs previous", "cumulative"):
         table.add_column(header, justify="right")
     for row in rows.rows():
@@ -76,8 +101,8 @@ def _positional_table(reader: CacheReader, rows, pos: dict) -> RichTable:
     for header in ("layer", "positional", *KINDS, "strong"):
         table.add_column(header, justify="right")
     for row in rows.rows():
-        table.add_row(str(row["layer"]), str(row["positional"]), *(str(row[f"pos_{k}"]) for k in KINDS),
-                      str(row["pos_strong"]))
+        table.add_row(str(row["layer"]), _shown(row["positional"]), *(_shown(row[f"pos_{k}"]) for k in KINDS),
+                      _shown(row["pos_strong"]))
     return table
 
 
@@ -105,6 +130,7 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
     width = console.width
     readers = [CacheReader(p, "reporting on it") for p in paths]
     try:
+        rules: set[int | None] = set()  # the detector counts' support rules (ngrams.min_occurrences)
         series: dict[str, dict] = {k: {} for k in ("dead", "dead0", "freq", "det", "tokens", "cum", "supp", "pos")}
         for reader in readers:
             rows = layer_table(reader)  # UserError unless every analysis is stored and current
@@ -118,14 +144,15 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
             series["dead"][f"{label} {printable(rule_short(reader.provenance.recording))}"] = (depth,
                                                                                (100 * rows["dead_frac"]).tolist())
             series["dead0"][label] = (depth, (100 * rows["dead_tau0_frac"]).tolist())
-            series["freq"][label] = (depth, (100 * rows["alive_freq"]).tolist())
-            series["pos"][label] = (depth, rows["positional"].tolist())
+            series["freq"][label] = _points(depth, rows["alive_freq"].tolist(), 100)
+            series["pos"][label] = _points(depth, rows["positional"].tolist())
             d = rows["rel_depth"][ngram].tolist()
             series["det"][label] = (d, rows["token_detectors"][ngram].tolist())
+            rules.add(_rule(rows))
             series["tokens"][label] = (d, rows["detected_tokens"][ngram].tolist())
             series["cum"][label] = (d, rows["cumulative_tokens"][ngram].tolist())
-            supp = [(x, 100 * v) for x, v in zip(d, rows["suppress_frac"][ngram].tolist()) if v is not None]
-            series["supp"][label] = ([x for x, _ in supp], [v for _, v in supp])  # layers with no detector: no point
+            # the paper's reading; layers with no detector: no point
+            series["supp"][label] = _points(d, rows["suppress_frac_logit"][ngram].tolist(), 100)
         paper = all(primary_is_tau0(r.provenance.recording) for r in readers)
         charts = [("dead neurons (Fig. 1a): never activated, τ=0 (the paper's dead)" if paper else
                    "dead neurons (Fig. 1a) at each recording's firing rule: never above its τ", "dead", "%"),
@@ -134,10 +161,12 @@ def print_report(paths: list[Path], console: Console | None = None, position_plo
                   ("token-detecting neurons (Fig. 3a)", "det", "neurons"),
                   ("detected tokens per layer (Fig. 3b, solid)", "tokens", "tokens"),
                   ("detected tokens, cumulative (Fig. 3b, dashed)", "cum", "tokens"),
-                  ("detectors suppressing their triggers (Sec. 4.4)", "supp", "%"),
+                  ("detectors suppressing their triggers by raw logit (the paper's, Sec. 4.4)", "supp", "%"),
                   ("positional neurons (Fig. 8)", "pos", "neurons")]
         for title, key, unit in charts:
             console.print(line_chart(title, series[key], min(width, 100), 16, "layer (relative depth)", unit))
+            if key == "det":  # the support rule behind the counts (a chart title that long is not drawn)
+                console.print(Text("; ".join(support_rule(r) for r in sorted(rules, key=str))))
         for reader in readers:
             pos = store.read_group(reader, "positional")
             if stored_note(pos):

@@ -4,8 +4,8 @@ substitution perplexity table (paper Table 1), and substitution throughput, in o
     python bench/npl_fit.py [--fit-tokens 100000] [--seq-len 512] [--sub-tokens 4096] [--seeds 3]
                             [--pairs adjacent] [--device cpu] [--json out.json]
 
-Data: the built-in corpus packed at --seq-len; a seeded 10 % of the sequences is held out, the rest
-(at least --fit-tokens tokens) fits M_{j-1->j} for every layer (or --pairs), with the exact fit and
+Data: the built-in corpus packed at --seq-len; the first --fit-tokens fit M_{j-1->j} for every layer
+(or --pairs), the next --heldout-seqs sequences (none equal to a fit one) are held out, with the exact fit and
 the Adagrad recipe in the same pass. Prints for each method the time its updates and solve took
 (the shared forward pass timed apart) and the held-out metrics averaged over pairs, then the
 perplexity table on --sub-tokens held-out tokens, then tokens/s of a whole forward pass (every layer
@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ffnscope.cache.npl_store import sequence_hashes  # noqa: E402
 from ffnscope.engine.data.sources import open_sources
 from ffnscope.engine.data.packing import pack  # noqa: E402
 from ffnscope.engine.model.load import load_model  # noqa: E402
 from ffnscope.engine.npl.fit import FitOptions, fit_maps  # noqa: E402
-from ffnscope.engine.npl.job import split_sequences  # noqa: E402
+from ffnscope.engine.npl.inputs import FitPlan, Recording, split_fit_data  # noqa: E402
 from ffnscope.engine.npl.layout import chunks, parse_pairs, substituted  # noqa: E402
 from ffnscope.engine.npl.report import format_table1  # noqa: E402
 from ffnscope.engine.npl.substitute import (Maps, Setting, forward_throughput, mapping_fn, run_settings,  # noqa: E402
@@ -43,7 +42,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--fit-tokens", type=int, default=100_000)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--heldout-seqs", type=int, default=16)
     ap.add_argument("--pairs", default="adjacent")
     ap.add_argument("--method", default="both")
     ap.add_argument("--sub-tokens", type=int, default=4096)
@@ -59,14 +58,13 @@ def main() -> None:
     print(f"model {lm.name}: {n_layers} layers, d_ffn {lm.adapter.d_ffn}; torch threads {torch.get_num_threads()}; "
           f"loaded in {time.perf_counter() - t0:.1f} s")
 
-    n_seqs = math.ceil(args.fit_tokens / (1 - args.holdout) / args.seq_len * 1.03)
+    n_fit = math.ceil(args.fit_tokens / args.seq_len)
+    plan = FitPlan(n_fit, n_fit, n_fit + 2 * args.heldout_seqs, 0)  # no recording: held out past the fit
     start_id, sep_id = special_ids(lm.tokenizer)
-    packed = pack(open_sources(["builtin"], seed=0).documents(), lm.tokenizer, args.seq_len, n_seqs, start_id, sep_id)
-    held = split_sequences(sequence_hashes(packed.tokens), args.holdout, 0)
-    fit_tokens, heldout = packed.tokens[~held], packed.tokens[held]
-    if fit_tokens.size < args.fit_tokens:  # the random split fell short: move held-out sequences over
-        need = math.ceil((args.fit_tokens - fit_tokens.size) / args.seq_len)
-        fit_tokens, heldout = np.concatenate([fit_tokens, heldout[:need]]), heldout[need:]
+    packed = pack(open_sources(["builtin"], seed=0).documents(), lm.tokenizer, args.seq_len, plan.n_pack, start_id,
+                  sep_id)
+    fit_tokens, heldout, _info = split_fit_data(packed.tokens, plan, Recording({}, np.zeros(0, np.uint64)),
+                                                ["builtin"], args.heldout_seqs, print)
     print(f"data: {fit_tokens.size} fit tokens, {heldout.size} held-out tokens (seq_len {args.seq_len})")
     out["data"] = {"fit_tokens": int(fit_tokens.size), "heldout_tokens": int(heldout.size), "seq_len": args.seq_len}
 

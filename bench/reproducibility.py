@@ -13,18 +13,21 @@ a string of `record` arguments (see `ffnscope record --help`: `--tau T`, `--tau-
 `--tau-rule median-max:F`, ...); each criterion a string of `analyze --set` assignments (the empty
 string: the defaults), for choosing the positional criterion. Both halves of every rule are
 recorded into --out-dir (a cache whose name encodes its settings is reused, so a second run only
-re-analyses; a partial one is resumed), analysed with each criterion, and read back through the
-stable interface, `ffnscope export --table neurons --format jsonl` (dead fractions per recorded
-threshold come from the cache's fire counts).
+re-analyses; a partial one is resumed), analysed with each criterion, and compared by the engine's
+split-half comparison (engine.explore.reproduce, what `ffnscope reproduce A B` prints: the neuron
+table that exports read; dead fractions per recorded threshold come from the cache's fire counts).
 
 Per rule and criterion it prints, per layer group (all recorded layers; those in the model's first
-half; its second half) and per analysis: the count in A, in B, found again (the same layer and
-neuron flagged in both), reproducibility |A&B|/|A|, the Jaccard index |A&B|/|A or B|, and for token
-detectors whether the triggers are the same, for positional neurons whether the type is, for
-suppression whether the verdict agrees on the detectors of both halves; then dead neurons per
-recorded threshold in both halves (fractions, and how many dead in A are dead in B). A summary
+half; its second half) and per category of `ffnscope reproduce` (dead at the rule and at tau 0,
+token / bigram / trigram detectors, suppression in both readings, positional neurons): the count in
+A, in B, found again (the same layer and neuron; a detector with the same triggers), reproducibility
+|A&B|/|A|, the Jaccard index |A&B|/|A or B|, and how many detectors have other triggers, how many
+positional neurons found again have the same type, on how many detectors of both halves the
+suppression verdict agrees; then dead neurons per recorded threshold in both halves (fractions,
+and how many dead in A are dead in B). A summary
 table has one row per rule. The last line is the recommendation: the rule whose findings reproduce
-best, pooled over the three analyses and so weighted by their counts (sum |A&B| / sum (|A|+|B|)/2,
+best, pooled over token detectors, positional neurons and suppressing detectors (the raw-logit
+reading) and so weighted by their counts (sum |A&B| / sum (|A|+|B|)/2,
 under the first criterion), and with several criteria the positional criterion whose positional
 neurons reproduce best under that rule; or that the counts (< --min-count) are too small to decide.
 The caches keep the analyses of the last criterion.
@@ -49,12 +52,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ffnscope.cache.errors import UserError  # noqa: E402
 from ffnscope.cache.schema import COMPLETE  # noqa: E402
+from ffnscope.engine.explore.reproduce import Category, reproduce  # noqa: E402  (no torch)
 from ffnscope.engine.jobs import launcher as jobs  # noqa: E402  (light: no torch)
 
 CLI = [sys.executable, "-m", "ffnscope"]
-# the findings compared; "suppressing detectors" are token detectors whose update suppresses their triggers
-MAIN = ("token detectors", "positional neurons", "suppressing detectors")
+# the findings pooled for the recommendation (engine.explore.reproduce.CATEGORIES): token detectors,
+# positional neurons and token detectors whose update suppresses their triggers (the paper's reading)
+MAIN = ("token_detector", "positional", "suppresses_logit")
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -192,8 +198,8 @@ def ensure_recorded(args, rule: str) -> list[Half]:
     return halves
 
 
-def analyze_and_read(half: Half, criterion: str) -> dict | None:
-    """Analyse one half with the criterion's settings and read its neuron table; None on failure."""
+def analyze(half: Half, criterion: str) -> bool:
+    """Analyse one half with the criterion's settings; False on failure (half.error says why)."""
     log = half.path.with_suffix(".log")
     sets = shlex.split(criterion)
     cmd = [*CLI, "analyze", str(half.path)] + (["--set", *sets] if sets else [])
@@ -201,213 +207,119 @@ def analyze_and_read(half: Half, criterion: str) -> dict | None:
     half.analyze_s = secs
     if rc != 0:
         half.error = f"analyze failed (exit {rc}); log {log}:\n" + tail(log)
-        return None
-    out = half.path.with_suffix(".neurons.jsonl")
-    out.unlink(missing_ok=True)
-    rc, secs = run_cli([*CLI, "export", str(half.path), "--table", "neurons", "--format", "jsonl", "--out", str(out)],
-                       log)
-    half.analyze_s += secs
-    if rc != 0:
-        half.error = f"export failed (exit {rc}); log {log}:\n" + tail(log)
-        return None
-    return read_neurons(out, half.path)
+        return False
+    return True
 
 
-# --- reading ------------------------------------------------------------------------------------
+# --- comparing: engine.explore.reproduce, as `ffnscope reproduce A B` -------------------------------
 @dataclass
-class Findings:
-    n_layers: int                                   # the model's
-    layers: list[int]                               # recorded
-    sets: dict[str, set] = field(default_factory=dict)          # analysis -> {(layer, neuron)}
-    unknown: dict[str, set] = field(default_factory=dict)       # analysis -> neurons with no verdict
-    triggers: dict[tuple, frozenset] = field(default_factory=dict)
-    pos_type: dict[tuple, str] = field(default_factory=dict)
-    suppresses: dict[tuple, bool | None] = field(default_factory=dict)   # per token detector
-    dead: dict[str, set] = field(default_factory=dict)         # threshold label -> dead neurons
-    n_neurons: int = 0
-    positional_note: str = ""
+class Halves:
+    """The engine's comparison of two halves, and what this script adds: dead per recorded threshold."""
+    outcome: object                                  # engine.explore.reproduce.Outcome
+    n_layers: int                                    # the model's
+    dead: dict[str, tuple[set, set]] = field(default_factory=dict)   # threshold label -> (dead in A, in B)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.outcome.comparison.layer.tolist()))
 
 
-def suppress_column(row: dict) -> str | None:
-    """The suppression verdict's column: suppresses_triggers, or whatever it is renamed to."""
-    if "suppresses_triggers" in row:
-        return "suppresses_triggers"
-    names = [k for k in row if k.startswith("suppress")]
-    return names[0] if names else None
-
-
-def read_neurons(jsonl: Path, cache: Path) -> Findings:
+def compare_halves(halves: list[Half]) -> Halves:
+    """Checks the pair and compares it finding by finding (UserError for a pair the engine refuses)."""
     from ffnscope.cache.reader import CacheReader
-    with CacheReader(cache) as reader:
-        meta = reader.meta
-        layers = list(reader.layers)
-        dead = dead_sets(reader)
-        note = ""
-        try:
-            from ffnscope.cache import analysis_store as store
-            from ffnscope.engine.analysis.positional import stored_note
-            note = stored_note(store.read_group(reader, "positional"))
-        except Exception:  # noqa: BLE001 - a note only
-            pass
-    found = Findings(meta["model"]["n_layers"], layers, positional_note=note)
-    names = {"token detectors": "token_detector", "bigram detectors": "bigram_detector",
-             "trigram detectors": "trigram_detector", "positional neurons": "positional",
-             "strong positional": None, "suppressing detectors": None}
-    for name in names:
-        found.sets[name], found.unknown[name] = set(), set()
-    supp_col = None
-    rule_dead, tau0_dead = set(), set()
-    with open(jsonl) as f:
-        for line in f:
-            row = json.loads(line)
-            key = (row["layer"], row["neuron"])
-            found.n_neurons += 1
-            if supp_col is None:
-                supp_col = suppress_column(row) or ""
-            for name, col in names.items():
-                if col is None:
-                    continue
-                value = row.get(col)
-                if value is None:
-                    found.unknown[name].add(key)
-                elif value:
-                    found.sets[name].add(key)
-            if row.get("token_detector"):
-                found.triggers[key] = frozenset(row.get("trigger_tokens") or ())
-                verdict = row.get(supp_col) if supp_col else None
-                found.suppresses[key] = verdict
-                if verdict:
-                    found.sets["suppressing detectors"].add(key)
-                elif verdict is None:
-                    found.unknown["suppressing detectors"].add(key)
-            if row.get("positional"):
-                found.pos_type[key] = row.get("pos_type") or "?"
-                if row.get("pos_strong"):
-                    found.sets["strong positional"].add(key)
-            if row.get("dead"):
-                rule_dead.add(key)
-            if row.get("dead_tau0"):
-                tau0_dead.add(key)
-    found.dead = dead or {"tau 0 (never activated)": tau0_dead, "the rule": rule_dead}
-    return found
+
+    outcome = reproduce(halves[0].path, halves[1].path)
+    dead = {}
+    with CacheReader(halves[0].path) as a, CacheReader(halves[1].path) as b:
+        n_layers = a.provenance.model.n_layers
+        da, db = dead_sets(a), dead_sets(b)
+    for label in da:
+        dead[label] = (da[label], db.get(label, set()))
+    return Halves(outcome, n_layers, dead)
 
 
 def dead_sets(reader) -> dict[str, set]:
-    """Neurons that never fired, per recorded threshold, from the cache's fire counts; {} if unreadable."""
+    """Neurons that never fired, per recorded threshold (the engine compares the firing rule's and
+    tau 0's; the others show which rule's dead neurons reproduce), from the cache's fire counts."""
     import numpy as np
-    try:
-        rec = reader.meta["recording"]
-        taus = rec["taus"]
-        out: dict[str, set] = {}
-        for layer in reader.layers:
-            counts = reader.array(layer, "fire_count")
-            for i, tau in enumerate(taus):
-                label = f"tau {tau:g}" + (" (never activated)" if tau == 0 else "")
-                out.setdefault(label, set()).update((layer, int(n)) for n in np.flatnonzero(counts[i] == 0))
-            if rec.get("tau_rule", "absolute") != "absolute":
-                primary = reader.primary_fire_count(layer)
-                out.setdefault(f"the rule ({rec['tau_rule']})", set()).update(
-                    (layer, int(n)) for n in np.flatnonzero(primary == 0))
-        return out
-    except Exception:  # noqa: BLE001 - schema in flux: fall back to the exported dead columns
-        return {}
+    rec = reader.meta["recording"]
+    out: dict[str, set] = {}
+    for layer in reader.layers:
+        counts = reader.array(layer, "fire_count")
+        for i, tau in enumerate(rec["taus"]):
+            label = f"tau {tau:g}" + (" (never activated)" if tau == 0 else "")
+            out.setdefault(label, set()).update((layer, int(n)) for n in np.flatnonzero(counts[i] == 0))
+    return out
 
 
-# --- comparing ----------------------------------------------------------------------------------
-@dataclass
-class Compare:
-    a: int
-    b: int
-    both: int
-    b_unknown: int = 0      # of A, with no verdict in B
-
-    @property
-    def repro(self) -> float:
-        return self.both / self.a if self.a else math.nan
-
-    @property
-    def jaccard(self) -> float:
-        union = self.a + self.b - self.both
-        return self.both / union if union else math.nan
-
-
-def compare(a: set, b: set, b_unknown: set = frozenset()) -> Compare:
-    return Compare(len(a), len(b), len(a & b), len(a & b_unknown))
-
-
-def layer_groups(found: Findings) -> list[tuple[str, set]]:
-    half = found.n_layers // 2
-    groups = [("all", set(found.layers))]
-    early = [layer for layer in found.layers if layer < half]
-    late = [layer for layer in found.layers if layer >= half]
+def layer_groups(n_layers: int, layers: list[int]) -> list[tuple[str, list[int]]]:
+    half = n_layers // 2
+    groups = [("all", layers)]
+    early = [layer for layer in layers if layer < half]
+    late = [layer for layer in layers if layer >= half]
     if early and late:
-        groups += [(f"{early[0]}-{early[-1]}", set(early)), (f"{late[0]}-{late[-1]}", set(late))]
+        groups += [(f"{early[0]}-{early[-1]}", early), (f"{late[0]}-{late[-1]}", late)]
     return groups
 
 
-def within(keys: set, layers: set) -> set:
-    return {k for k in keys if k[0] in layers}
+def pct(x: float | None) -> str:
+    return "   -" if x is None or math.isnan(x) else f"{100 * x:4.0f}%"
 
 
-def pct(x: float) -> str:
-    return "   -" if math.isnan(x) else f"{100 * x:4.0f}%"
+def note(c: Category) -> str:
+    """The engine's extra counts of one category (engine.explore.reproduce.Category)."""
+    parts = []
+    if c.other is not None and c.a and c.b:
+        same = c.both
+        parts.append(f"same triggers {same}/{same + c.other}")
+    if c.same_type is not None and c.both:
+        parts.append(f"same type {c.same_type}/{c.both} ({pct(c.same_type / c.both).strip()})")
+    if c.compared:
+        parts.append(f"verdict agrees on {c.agree}/{c.compared} detectors of both "
+                     f"({pct(c.agree / c.compared).strip()})")
+    if c.left_out:
+        parts.append(f"{c.left_out} found in one half, undecided in the other")
+    if not c.analysed:
+        parts.append("not analysed")
+    return "; ".join(parts)
 
 
-def extra(name: str, shared: set, a: Findings, b: Findings) -> str:
-    if not shared:
-        return ""
-    n = len(shared)
-    if name == "token detectors":
-        same = sum(a.triggers.get(k) == b.triggers.get(k) for k in shared)
-        common = sum(bool((a.triggers.get(k) or set()) & (b.triggers.get(k) or set())) for k in shared)
-        return f"same triggers {same}/{n} ({pct(same / n).strip()}), any common {common}/{n}"
-    if name == "positional neurons":
-        same = sum(a.pos_type.get(k) == b.pos_type.get(k) for k in shared)
-        return f"same type {same}/{n} ({pct(same / n).strip()})"
-    return ""
+def report(rule: str, criterion: str, halves: list[Half], found: Halves) -> dict:
+    """Print one rule's tables; return the all-layer categories (engine.explore.reproduce.Category) by name."""
+    import numpy as np
 
-
-def report(rule: str, criterion: str, halves: list[Half], a: Findings, b: Findings) -> dict[str, Compare]:
-    """Print one rule's tables; return the all-layer comparisons of the main analyses."""
     head = f"rule {rule!r}" + (f", criterion {criterion!r}" if criterion else "")
     times = "; ".join(f"part {h.part}/2 " + ("reused" if h.record_s is None else f"recorded in {h.record_s:.1f} s")
-                      + f", analysed+exported in {h.analyze_s:.1f} s" for h in halves)
+                      + f", analysed in {h.analyze_s:.1f} s" for h in halves)
+    comparison = found.outcome.comparison
+    layers = found.layers
     print(f"\n=== {head}\n    {times}")
-    print(f"    A = part 1/2, B = part 2/2; {a.n_neurons} neurons in layers {a.layers[0]}-{a.layers[-1]}")
-    for note in {a.positional_note, b.positional_note} - {""}:
-        print(f"    note: {note}")
+    print(f"    A = part 1/2, B = part 2/2; {len(comparison.layer)} neurons in layers {layers[0]}-{layers[-1]}")
+    for text in found.outcome.notes:
+        print(f"    note: {text}")
     print(f"    {'analysis':<24} {'layers':>7} {'A':>6} {'B':>6} {'A&B':>6} {'repro':>6} {'Jacc.':>6}  same")
     result = {}
-    for name in a.sets:
-        for label, layers in layer_groups(a):
-            sa, sb = within(a.sets[name], layers), within(b.sets[name], layers)
-            if not sa and not sb and label != "all":
+    groups = layer_groups(found.n_layers, layers)
+    by_group = {label: comparison.summary(np.isin(comparison.layer, group)) for label, group in groups}
+    for i, name in enumerate(comparison.codes):
+        for label, _ in groups:
+            c = by_group[label][i]
+            if not c.a and not c.b and label != "all":
                 continue
-            c = compare(sa, sb, within(b.unknown[name], layers))
-            note = extra(name, sa & sb, a, b)
-            if name == "suppressing detectors":
-                both = within(set(a.suppresses) & set(b.suppresses), layers)
-                known = [k for k in both if a.suppresses[k] is not None and b.suppresses[k] is not None]
-                agree = sum(a.suppresses[k] == b.suppresses[k] for k in known)
-                if known:
-                    note = f"verdict agrees on {agree}/{len(known)} detectors of both ({pct(agree / len(known)).strip()})"
-            if c.b_unknown:
-                note = (note + "; " if note else "") + f"{c.b_unknown} of A have no verdict in B"
-            print(f"    {name if label == 'all' else '':<24} {label:>7} {c.a:>6} {c.b:>6} {c.both:>6} "
-                  f"{pct(c.repro):>6} {pct(c.jaccard):>6}  {note}")
+            print(f"    {c.label if label == 'all' else '':<24} {label:>7} {c.a:>6} {c.b:>6} {c.both:>6} "
+                  f"{pct(c.a_share):>6} {pct(c.jaccard):>6}  {note(c)}")
             if label == "all":
                 result[name] = c
     print(f"    {'dead (never fired)':<24} {'layers':>7} {'A %':>6} {'B %':>6} {'A&B':>6} {'repro':>6} {'Jacc.':>6}")
-    n = max(a.n_neurons, 1)
-    for label in a.dead:
-        da, db = a.dead[label], b.dead.get(label, set())
-        c = compare(da, db)
-        print(f"    {label:<24} {'all':>7} {100 * len(da) / n:6.2f} {100 * len(db) / n:6.2f} {c.both:>6} "
-              f"{pct(c.repro):>6} {pct(c.jaccard):>6}")
+    n = max(len(comparison.layer), 1)
+    for label, (da, db) in found.dead.items():
+        both, union = len(da & db), len(da | db)
+        print(f"    {label:<24} {'all':>7} {100 * len(da) / n:6.2f} {100 * len(db) / n:6.2f} {both:>6} "
+              f"{pct(both / len(da) if da else None):>6} {pct(both / union if union else None):>6}")
     return result
 
 
-def pooled(comps: dict[str, Compare]) -> tuple[float, float, float]:
+def pooled(comps: dict[str, Category]) -> tuple[float, float, float]:
     """(pooled symmetric reproducibility, findings (mean of A and B), its standard error)."""
     both = sum(comps[k].both for k in MAIN if k in comps)
     count = sum((comps[k].a + comps[k].b) / 2 for k in MAIN if k in comps)
@@ -437,7 +349,7 @@ def pick(rows: list[tuple[tuple[float, float, float], object]], min_count: int, 
     return line, best
 
 
-def recommend(scores: dict[tuple[str, str], dict[str, Compare]], criteria: list[str], min_count: int) -> str:
+def recommend(scores: dict[tuple[str, str], dict[str, Category]], criteria: list[str], min_count: int) -> str:
     """The rule by pooled reproducibility (under the first criterion); with several criteria, the
     positional criterion by positional neurons' reproducibility under that rule."""
     first = {rule: comps for (rule, crit), comps in scores.items() if crit == criteria[0]}
@@ -447,14 +359,14 @@ def recommend(scores: dict[tuple[str, str], dict[str, Compare]], criteria: list[
     line = "recommendation: firing rule " + text
     if len(criteria) > 1:
         rule = rule if rule is not None else next(iter(first))
-        rows = [(pooled({"positional neurons": c["positional neurons"]}), crit)
-                for (r, crit), c in scores.items() if r == rule and "positional neurons" in c]
+        rows = [(pooled({"positional": c["positional"]}), crit)
+                for (r, crit), c in scores.items() if r == rule and "positional" in c]
         text, _ = pick(rows, min_count, lambda c: repr(c or "defaults"))
         line += f" | positional criterion (under {rule!r}) " + text
     return line
 
 
-def summary(scores: dict[tuple[str, str], dict[str, Compare]], times: dict[str, list[float | None]],
+def summary(scores: dict[tuple[str, str], dict[str, Category]], times: dict[str, list[float | None]],
             n_criteria: int) -> None:
     """One row per rule (and criterion): A / B / found again and reproducibility per analysis, pooled."""
     print("summary (all recorded layers; per analysis: A/B/A&B repro; pooled = sum A&B / sum (A+B)/2)")
@@ -466,7 +378,7 @@ def summary(scores: dict[tuple[str, str], dict[str, Compare]], times: dict[str, 
         cells = []
         for k in MAIN:
             c = comps.get(k)
-            cells.append(f"{c.a}/{c.b}/{c.both} {pct(c.repro).strip()}" if c else "-")
+            cells.append(f"{c.a}/{c.b}/{c.both} {pct(c.a_share).strip()}" if c else "-")
         p, cnt, _ = pooled(comps)
         secs = ", ".join("reused" if t is None else f"{t:.0f}" for t in times.get(rule, []))
         print(f"  {label:<{width}}  " + "  ".join(f"{c:<22}" for c in cells) +
@@ -479,7 +391,7 @@ def main() -> None:
     start = time.perf_counter()
     print(f"split-half reproducibility: model {args.model}, data {' '.join(args.data)}, {args.tokens} tokens "
           f"({args.tokens // 2} per half), layers {args.layers or 'all'}, caches in {args.out_dir}", flush=True)
-    scores: dict[tuple[str, str], dict[str, Compare]] = {}
+    scores: dict[tuple[str, str], dict[str, Category]] = {}
     times: dict[str, list[float | None]] = {}
     failures = []
     for rule in args.rules:
@@ -490,8 +402,12 @@ def main() -> None:
             failures.append(f"{rule!r}: " + "; ".join(h.error.splitlines()[0] for h in halves if h.error))
             continue
         for criterion in args.criteria:
-            found = [analyze_and_read(h, criterion) for h in halves]
-            if any(f is None for f in found):
+            ok = all([analyze(h, criterion) for h in halves])
+            try:
+                found = compare_halves(halves) if ok else None
+            except UserError as exc:  # a pair the engine refuses (it says why in one line)
+                halves[0].error, found = f"reproduce refused: {exc}", None
+            if found is None:
                 for h in halves:
                     if h.error:
                         print(h.error)
@@ -500,7 +416,7 @@ def main() -> None:
                 for h in halves:
                     h.error = ""
                 continue
-            scores[(rule, criterion)] = report(rule, criterion, halves, *found)
+            scores[(rule, criterion)] = report(rule, criterion, halves, found)
             sys.stdout.flush()
     print()
     if failures:

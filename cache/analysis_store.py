@@ -121,6 +121,10 @@ def write_results(path: Path, results: list[Result], recording: str) -> None:
                             "nothing was written; run analyze again")
         for result in results:
             key = f"{ROOT}/{result.name}"
-            if key in f:
-                del f[key]
+            try:
+                if key in f:
+                    del f[key]
+            except (KeyError, OSError, RuntimeError):  # a damaged header: HDF5 cannot unlink the group
+                raise UserError(f"{path}: its stored {result.name} analysis is damaged and cannot be replaced; "
+                                "nothing was written; record the cache again") from None
             put_result(f, result, recording)

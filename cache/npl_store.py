@@ -5,7 +5,7 @@ Layout (format "ffnscope-npl", schema v1):
 
     attrs: format, schema_version, meta (JSON: "cache" tie, "model", "fit" parameters and timings)
     data/fit_hashes        (n_fit,) uint64, sorted: fingerprints of the fit sequences
-    data/heldout_hashes    (n_heldout,) uint64: the fit run's own held-out sequences
+    data/heldout_hashes    (n_heldout,) uint64: the fit run's held-out sequences (none recorded or fit on)
     data/heldout_tokens    (n_heldout, seq_len) int32: those sequences, reused as default held-out text
     data/heldout_nll       (n_heldout, seq_len - 1) float32: the unmodified model's per-token loss
     maps/<method>/<i>_<j>/ W (d_ffn, d_ffn) float32 and b (d_ffn,) float64: g_j ~ g_i @ W + b
@@ -14,8 +14,8 @@ Layout (format "ffnscope-npl", schema v1):
     results/<name>/        attrs params (JSON), rows (JSON list of dicts); datasets of the result
 
 A sequence fingerprint is the first 8 bytes of sha256 over the sequence's token ids (int32 little
-endian), read as a big-endian uint64. Held-out text that shares a fingerprint with the fit data
-is refused.
+endian), read as a big-endian uint64. Held-out text that shares a fingerprint with the recording's
+or the fit's sequences is refused (engine.npl.inputs).
 
 The sidecar is tied to its cache by the cache's model fingerprint, data fingerprint and creation
 time (meta["cache"]); a sidecar whose cache was recorded again is refused as stale. It is only

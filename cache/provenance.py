@@ -26,6 +26,29 @@ class ModelInfo:
     gated: bool
     dtype: str
     config: dict = field(default_factory=dict, compare=False)
+    # where the weights came from when they were not read as stored: a .gguf's {"format": "gguf", "file",
+    # "quantization" (e.g. Q4_1), "dequantized_to"}; None for safetensors and for caches recorded before
+    weights_from: dict | None = field(default=None, compare=False)
+
+    @property
+    def weights_note(self) -> str:
+        return weights_note(self.weights_from)
+
+    @property
+    def label(self) -> str:
+        """The name as every view shows it: with a dequantized GGUF's quantization, when known."""
+        note = self.weights_note
+        return f"{self.name}, {note}" if note else self.name
+
+
+def weights_note(weights_from, short: bool = False) -> str:
+    """"Q4_1 GGUF, dequantized to float32" ("Q4_1 GGUF" short) from meta model.weights_from; "" when there is
+    none (or not one a recording writes: a crafted file's meta is only checked for what the readers need)."""
+    if not isinstance(weights_from, dict) or weights_from.get("format") != "gguf":
+        return ""
+    quant, dtype = weights_from.get("quantization"), weights_from.get("dequantized_to")
+    note = f"{quant} GGUF" if isinstance(quant, str) and quant else "GGUF"
+    return note + (f", dequantized to {dtype}" if isinstance(dtype, str) and dtype and not short else "")
 
 
 @dataclass(frozen=True)
@@ -109,7 +132,8 @@ class Provenance:
             spec=m["spec"], spec_given=m.get("spec_given") or m["spec"], name=m["name"], family=m["family"],
             model_type=m.get("model_type", ""), fingerprint=m["fingerprint"], n_layers=int(m["n_layers"]),
             d_model=int(m["d_model"]), d_ffn=int(m["d_ffn"]), vocab_size=int(m["vocab_size"]),
-            activation=m["activation"], gated=bool(m.get("gated")), dtype=m["dtype"], config=dict(m.get("config", {})))
+            activation=m["activation"], gated=bool(m.get("gated")), dtype=m["dtype"], config=dict(m.get("config", {})),
+            weights_from=m.get("weights_from"))
         tokenizer = TokenizerInfo(name=t.get("name", ""), size=t.get("size", 0), start_id=t.get("start_id"),
                                   sep_id=t.get("sep_id"))
         data = DataInfo(

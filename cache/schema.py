@@ -11,6 +11,8 @@ FORMAT = "ffnscope-recording"
 SCHEMA_VERSION = 2  # v2: top-k ranked by act with g beside it, a start-token slot, unigram g sums
 PARTIAL, COMPLETE = "partial", "complete"
 ANALYSES = ("dead", "ngrams", "positional", "suppression")  # stored beside the recording, in dependency order
+# written by `ffnscope reproduce --into` into the merge of two halves, never by analyze (engine.explore.reproduce)
+REPRODUCE = "reproduce"
 # the positional analysis's neuron types, stored as 1 + their index (0: not positional)
 POSITIONAL_KINDS = ("oscillatory", "both_extremes", "one_extreme", "other")
 

@@ -198,6 +198,7 @@ def check_meta(meta: dict) -> None:
         model.need(key, _integer(1, 1 << 40))
     model.may("gated", _nullable(_boolean))
     model.may("config", _object)
+    model.may("weights_from", _nullable(_object))  # a dequantized .gguf's; views read it defensively
     tok.may("name", _nullable(_text))
     tok.may("size", _integer())
     for key in ("start_id", "sep_id"):
@@ -418,7 +419,7 @@ def check_analyses(f: h5py.File, meta: dict) -> dict[str, str]:
     if root is None or not isinstance(root, h5py.Group):
         return {}
     damaged = {}
-    for name in schema.ANALYSES:
+    for name in (*schema.ANALYSES, schema.REPRODUCE):
         if name not in root:
             continue
         try:
@@ -431,6 +432,9 @@ def check_analyses(f: h5py.File, meta: dict) -> dict[str, str]:
 
 
 def damaged_analysis(path: Path, name: str, problem: str) -> UserError:
+    if name == schema.REPRODUCE:  # analyze never writes it: the comparison that did is the fix
+        return UserError(f"{path}: its stored split-half comparison is damaged ({problem}); run `ffnscope "
+                         f"reproduce A.h5 B.h5 --into {path}` again")
     return UserError(f"{path}: its {name} analysis is damaged ({problem}); run `ffnscope analyze {path}` to "
                      "compute it again")
 
@@ -487,8 +491,11 @@ def _analysis(group, name: str, meta: dict) -> None:
             same((f"{sub}/detector",), BOOL, (n, d))
             tree.dataset(f"{sub}/coverage_hist", INTEGER, (n, None))
             tree.dataset(f"{sub}/ensemble", INTEGER, (n, 4))
+            evidence = f"{sub}/trigger_occurrences" in tree  # results stored before the evidence have none
+            if evidence:
+                same((f"{sub}/trigger_occurrences", f"{sub}/trigger_fires"), INTEGER, (n, d))
             tree.columns(sub, {"covered_layer": INTEGER, "covered_neuron": INTEGER, "covered_gram": INTEGER,
-                               "covered_count": INTEGER})
+                               "covered_count": INTEGER, **({"covered_occurrences": INTEGER} if evidence else {})})
             values(f"{sub}/covered_layer", 0, 1 << 40, "one of its layers", analysed)
             values(f"{sub}/covered_neuron", 0, d, f"a neuron below d_ffn {d}")
             values(f"{sub}/covered_gram", 0, 1 << 62, "an n-gram key >= 0")
@@ -512,10 +519,17 @@ def _analysis(group, name: str, meta: dict) -> None:
         m = layers("layer", ngram_layers)
         tree.dataset("neuron", INTEGER, (m,))
         values("neuron", 0, d, f"a neuron below d_ffn {d}")
-        same(("trigger_g", "trigger_logit_z", "trigger_rank"), FLOAT, (m,))
-        same(("suppresses",), BOOL, (m,))
+        if "suppresses" in tree and "suppresses_z" not in tree:  # one reading only: stale, analyze recomputes it
+            raise Damage("it predates the raw-logit reading (trigger_logit, suppresses_logit)")
+        same(("trigger_g", "trigger_logit", "trigger_logit_z", "trigger_rank"), FLOAT, (m,))
+        same(("suppresses_logit", "suppresses_z"), BOOL, (m,))
         top = tree.dataset("promoted", INTEGER, (m, None))[1]
         for key in ("promoted", "suppressed"):
             tree.dataset(key, INTEGER, (m, top))
             values(key, 0, vocab, f"a token id below {vocab}")
         same(("promoted_score", "suppressed_score"), FLOAT, (m, top))
+    elif name == schema.REPRODUCE:  # engine.explore.reproduce.result: one row per recorded layer
+        n = layers("layers", recorded)
+        tree.dataset("reproduced", INTEGER, (n, d))
+        categories = json.loads(group.attrs["params"]).get("categories")
+        tree.dataset("codes", INTEGER, (len(categories) if isinstance(categories, list) else None, n, d))

@@ -29,7 +29,8 @@ What is synthetic, and where it is not what a real recording would hold:
 - The n-gram counts of counted neurons that are not detectors are a random sample of 2-40 of their
   fires: their `fires` in analysis/ngrams is below fire_count and their coverage numbers are small.
 - Fire counts at the other thresholds, g moments, g_max and top-k: see tests/fixtures/synthetic_layers.py.
-- suppression's `trigger_g` is drawn positive (ReLU) and `suppresses` is `trigger_logit_z < 0`.
+- suppression's `trigger_g` is drawn positive (ReLU); `suppresses_z` is `trigger_logit_z < 0` and
+  `suppresses_logit` is `trigger_logit < 0`, trigger_logit following the z-score shifted down a little.
 - No activation samples by default (`--samples N` keeps N): a default recording keeps 2048, which at
   this size is 19.3 GB of float32.
 Layers are made one at a time as write_state asks for them (MadeInTurn), so memory holds one layer
@@ -133,7 +134,8 @@ def generate(path, layers: int = 64, d_ffn: int = 36864, seq_len: int = 2048, vo
     _compare_detectors(planted, plans, ngram_layers, analyzer.fresh["ngrams"].arrays)
     supp = results[-1].arrays
     planted.update(
-        ranges=len(positional.ranges), suppression_rows=len(supp["neuron"]), suppresses=int(supp["suppresses"].sum()),
+        ranges=len(positional.ranges), suppression_rows=len(supp["neuron"]),
+        suppresses_logit=int(supp["suppresses_logit"].sum()), suppresses_z=int(supp["suppresses_z"].sum()),
         hostile_tokens={int(t): s for t, s in zip(data.hostile_ids.tolist(), HOSTILE)},
         hostile_triggers={k: v for k, v in zip(("token", "bigram", "trigram"), maker.hostile_triggers.values())},
         seconds=time.perf_counter() - started, bytes=path.stat().st_size)
@@ -223,9 +225,13 @@ def _suppression_rows(rng, layer: int, x: float, detectors: np.ndarray, triggers
     score = np.where(suppresses, -rng.uniform(1.5, 6.0, m), rng.uniform(0.2, 3.0, m)).astype(np.float32)
     g_at = rng.uniform(0.5, 3.0, m).astype(np.float32)  # ReLU: g is positive at every firing
     rank = np.where(suppresses, rng.uniform(0.0, 0.05, m), rng.uniform(0.3, 1.0, m)).astype(np.float32)
+    # the raw reading: the vocabulary's contributions (std 0.05) lowered a little as a whole (mean -0.02), so a
+    # detector with a small positive z has a negative raw logit, as in real models (the readings disagree)
+    raw = (0.05 * score - 0.02).astype(np.float32)
     return {"neuron": detectors.astype(np.int32), "promoted": promoted, "promoted_score": promoted_score,
             "suppressed": suppressed, "suppressed_score": suppressed_score, "trigger_g": g_at,
-            "trigger_logit_z": score, "trigger_rank": rank, "suppresses": score < 0,
+            "trigger_logit": raw, "trigger_logit_z": score, "trigger_rank": rank, "suppresses_logit": raw < 0,
+            "suppresses_z": score < 0,
             "layer": np.full(m, layer, np.int64)}
 
 

@@ -84,12 +84,12 @@ def test_dead_neuron(layer0):
 
 def test_detector_suppresses_its_triggers(layer0):
     row = layer0[DETECTOR]
-    assert row["suppresses_triggers"] is True
+    assert row["suppresses_z"] is True and row["suppresses_logit"] is True
     assert chr(PROMOTED) in row["top_promoted"][:3]
     assert set(tokens(*DETECTED)) <= set(row["top_suppressed"][:5])
     assert row["trigger_logit_z"] < -3  # the triggers sit far below the vocabulary's mean
     assert row["trigger_g"] > 0  # ReLU: g is positive wherever the neuron fires
-    assert layer0[MANY]["suppresses_triggers"] is None  # not a detector: no verdict
+    assert layer0[MANY]["suppresses_z"] is None and layer0[MANY]["suppresses_logit"] is None  # not a detector
 
 
 def test_positional_neurons_classified(layer0, planted_cache):
@@ -134,8 +134,9 @@ def test_layer_table_and_ensemble(planted_cache):
     assert 0 < first["dead_frac"] < 1
     assert [r["ngram_layer"] for r in rows] == [True, True, False, False]
     # a layer without token detectors has no suppression share (not 0 %), as the app's per-layer figures say
-    assert [r["suppress_frac"] is None for r in rows] == [r["token_detectors"] in (0, None) for r in rows]
-    assert rows[0]["suppress_frac"] is not None and any(r["suppress_frac"] is None for r in rows)
+    for key in ("suppress_frac_logit", "suppress_frac_z"):
+        assert [r[key] is None for r in rows] == [r["token_detectors"] in (0, None) for r in rows]
+        assert rows[0][key] is not None and any(r[key] is None for r in rows)
 
 
 def test_analyze_recomputes_only_what_is_stale(planted_cache):

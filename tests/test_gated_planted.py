@@ -126,11 +126,13 @@ def test_update_sign_from_g_at_trigger_firings(planted):
     _, rows = planted
     neg, null = rows[NEG], rows[NULL]
     assert neg["trigger_g"] == pytest.approx(-4.966, abs=1e-2)
-    assert neg["suppresses_triggers"] is True and neg["trigger_logit_z"] < -3
+    assert neg["suppresses_z"] is True and neg["trigger_logit_z"] < -3
+    assert neg["suppresses_logit"] is True and neg["trigger_logit"] < 0
     assert chr(PROMOTED_AB) in neg["top_promoted"][:3]
     assert set("ab") <= set(neg["top_suppressed"][:5])
     assert null["trigger_g"] == pytest.approx(-4.966, abs=1e-2)
-    assert null["suppresses_triggers"] is False and null["trigger_logit_z"] > 3
+    assert null["suppresses_z"] is False and null["trigger_logit_z"] > 3
+    assert null["suppresses_logit"] is False and null["trigger_logit"] > 0
     assert set("ch") <= set(null["top_promoted"][:5])
 
 
@@ -138,8 +140,9 @@ def test_flag_is_the_sign_of_the_stored_score(planted):
     _, rows = planted
     scored = [row for row in rows.values() if row["trigger_logit_z"] is not None]
     assert len(scored) >= 2
-    for row in scored:
-        assert row["suppresses_triggers"] is (row["trigger_logit_z"] < 0)
+    for row in scored:  # in both readings
+        assert row["suppresses_z"] is (row["trigger_logit_z"] < 0)
+        assert row["suppresses_logit"] is (row["trigger_logit"] < 0)
 
 
 def test_trigger_g_sums_are_recorded(planted):

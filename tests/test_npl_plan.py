@@ -148,7 +148,7 @@ def test_fit_and_substitute_report_phases_and_a_monotone_percent(cache, monkeypa
 
     seen.clear()
     substitute_job(NplSubstituteConfig(cache, device="cpu", seeds=1, mappings=("zero", "npl")), **QUIET)
-    assert _phases(seen) == ["starting", "loading model", "reading held-out data", "reading maps",
+    assert _phases(seen) == ["starting", "loading model", "reading maps",
                              "preparing settings", "placing model", "substituting", "writing", "done"]
     subst = _fractions(seen, {"substituting"})
     assert _monotone(subst) and subst[-1] == 1.0 and len(set(subst)) > 10

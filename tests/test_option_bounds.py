@@ -67,6 +67,7 @@ def _cases():
     add(analyze, "--set", ("min_occurrences=0", "min_occurrences=-1", f"min_occurrences={HUGE}", "min_run=nan",
                            "coverage=inf", "coverage=nan", "coverage=2", f"top={HUGE}", "top=1000000",
                            f"{TITLE}=1", f"top={TITLE}"))
+    add(analyze, "--min-occurrences", COMMON_BAD)
     export = ["export", "{C}", "--out", "{O}"]
     add(export, "--layers", (f"0-{HUGE}", HUGE, "9", RED))
     add(["export", "{C}"], "--out", ("",))

@@ -58,12 +58,13 @@ def test_layer_table_is_the_layers_screen_figures(hostile_cache):
         np.testing.assert_array_equal(np.asarray(got, float), figures[name].astype(float), err_msg=name)
     # outside the n-gram layers nothing is known about suppression: NaN / None, never 0
     outside = ~figures["ngram_layer"]
-    assert outside.any() and np.isnan(figures["suppress_frac"][outside]).all()
-    assert all(v is None for v, o in zip(table["suppress_frac"].tolist(), outside) if o)
+    for key in ("suppress_frac_logit", "suppress_frac_z"):
+        assert outside.any() and np.isnan(figures[key][outside]).all()
+        assert all(v is None for v, o in zip(table[key].tolist(), outside) if o)
 
 
 def test_suppression_not_analysed_is_unknown_not_zero(hostile_cache, tmp_path):
-    """Detectors without a suppression verdict give no suppress_frac: the screen showed 0 % before."""
+    """Detectors without a suppression verdict give no suppress_frac_*: the screen showed 0 % before."""
     path = tmp_path / "no-suppression.h5"
     shutil.copy(hostile_cache, path)
     with h5py.File(path, "a") as f:
@@ -71,5 +72,5 @@ def test_suppression_not_analysed_is_unknown_not_zero(hostile_cache, tmp_path):
     with CacheReader(path) as reader:
         index = NeuronIndex(reader)
         figures = index.per_layer()
-    assert not index.analyses["suppression"] and figures["token_detectors"].sum() > 0
-    assert np.isnan(figures["suppress_frac"]).all()
+    assert not index.analyses["suppression"] and np.nansum(figures["token_detectors"]) > 0  # NaN: no n-gram layer
+    assert np.isnan(figures["suppress_frac_logit"]).all() and np.isnan(figures["suppress_frac_z"]).all()

@@ -150,8 +150,8 @@ async def test_units_labels_and_layer_export(hostile_cache, tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         layers = await wait_screen(pilot, LayersScreen)
         header = lines(app)[2]
-        assert "dead %" in header and "alive freq %" in header and "supp %" in header
-        for key in ("dead_frac", "dead_tau0_frac", "alive_freq", "suppress_frac"):
+        assert "dead %" in header and "alive freq %" in header and "supp% logit" in header
+        for key in ("dead_frac", "dead_tau0_frac", "alive_freq", "suppress_frac_logit", "suppress_frac_z"):
             values = layers.figures[key]
             assert ((values >= 0) & (values <= 1) | (values != values)).all(), key
         await pilot.press("e")

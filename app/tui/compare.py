@@ -23,6 +23,18 @@ FIGURES = (("dead neurons, % (Fig. 1a): never above each recording's τ", "dead_
            ("token detectors (Fig. 3a)", "token_detectors", 1.0), ("positional neurons (Fig. 8)", "positional", 1.0))
 
 
+def _total(counts: np.ndarray) -> str:
+    """A count over the layers that know it; "-" where none does (e.g. too few sequences to call positional)."""
+    known = counts[~np.isnan(counts)]
+    return str(int(known.sum())) if known.size else "-"
+
+
+def _rule_mark(rec: OpenRecording) -> str:
+    """" ≥N" after a detector count: its triggers were seen at least N times (ngrams.min_occurrences)."""
+    rule = rec.index.min_occurrences
+    return "" if rule is None else f" ≥{rule}"
+
+
 class CompareScreen(FramedScreen):
     HELP_TITLE = "Compare recordings against relative depth"
     BINDINGS = FramedScreen.BINDINGS + [Binding("j,down", "scroll(2)", "scroll down", show=False),
@@ -68,15 +80,18 @@ class CompareScreen(FramedScreen):
             summary.add_row(str(number), rule_short(rec.prov.recording), str(len(rec.index.layers)),
                             f"{rec.index.d_ffn:,}", f"{rec.n_tokens:,}", f"{100 * float(np.mean(f['dead_frac'])):.1f}",
                             f"{100 * float(np.mean(f['dead_tau0_frac'])):.1f}",
-                            str(int(f["token_detectors"].sum())), str(int(f["positional"].sum())))
-        self.query_one("#summary", Static).update(Group(legend, summary))
+                            _total(f["token_detectors"]) + _rule_mark(rec), _total(f["positional"]))
+        # the support rule behind each count (engine.analysis.ngrams.support_rule)
+        rules = Text("1g det ≥N: triggers seen >= N times (paper: >= 1)", style="dim")
+        self.query_one("#summary", Static).update(Group(legend, summary, rules))
         width = max(self.app.size.width - 4, 30)
         for title, key, scale in FIGURES:
             series = {}
             for rec, f in figures:
                 n_layers = rec.prov.model.n_layers
-                depth = (f["layer"] / max(n_layers - 1, 1)).tolist()
-                series[self._label(rec)] = (depth, (np.nan_to_num(f[key].astype(float)) * scale).tolist())
+                depth = f["layer"] / max(n_layers - 1, 1)
+                known = ~np.isnan(f[key].astype(float))  # NaN: not known there (no point), never 0
+                series[self._label(rec)] = (depth[known].tolist(), (f[key][known] * scale).tolist())
             self.query_one(f"#{key}", Static).update(line_chart(title, series, width, 12, "relative depth"))
 
     def action_scroll(self, lines: int) -> None:

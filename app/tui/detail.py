@@ -17,6 +17,7 @@ from ffnscope.app.tui.base import HELP_KEY, FramedScreen
 from ffnscope.app.tui.cells import num, pct, token, tokens, unknown, yes_no
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.cache.npl_store import sidecar_path
+from ffnscope.engine.analysis.ngrams import support_rule
 from ffnscope.engine.explore.detail import NeuronDetail, neuron_detail
 
 NGRAM_NAMES = {1: "tokens", 2: "bigrams", 3: "trigrams"}
@@ -148,15 +149,17 @@ def summary_text(detail: NeuronDetail, npl_reason: str = NO_FIT) -> Text:
                f" std {num(s['g_std'], 3)} max {num(s['g_max'], 3)}\n")
     coverage = s.get("unigram_coverage")
     out.append(f"coverage number {unknown(_ngram_reason(s)) if coverage is None else coverage}\n")
-    suppresses = s.get("suppresses_triggers")
+    suppresses = s.get("suppresses_logit")
     if suppresses is None:
         reason = _ngram_reason(s) if not s.get("ngram_counted") else \
             "not a token detector" if not s.get("token_detector") else "not analyzed"
         out.append(f"suppresses its triggers: {unknown(reason)}")
     else:
-        out.append(f"suppresses its triggers: {yes_no(suppresses)}"
-                   f" (trigger logit z {_known(s.get('trigger_logit_z'), 'not computed', 2)}"
-                   f", g at triggers {_known(s.get('trigger_g'), 'not computed', 2)})")
+        # both readings (engine.analysis.suppression), each named: the paper's first
+        out.append(f"suppresses its triggers: {yes_no(suppresses)} by raw logit, the paper's reading (trigger logit "
+                   f"{_known(s.get('trigger_logit'), 'not computed', 3)}) · {yes_no(s.get('suppresses_z'))} vs the "
+                   f"vocabulary (z {_known(s.get('trigger_logit_z'), 'not computed', 2)})"
+                   f" · g at triggers {_known(s.get('trigger_g'), 'not computed', 2)}")
     if s.get("ngram_counted") is None:
         out.append("\nn-grams: not counted in this layer")
     elif s.get("ngram_counted") is False:
@@ -182,18 +185,37 @@ def triggers_text(detail: NeuronDetail) -> Text:
     for n in (1, 2, 3):
         items = detail.triggers[n]
         if items:
-            out.append(f"trigger {NGRAM_NAMES[n]} (share of firings): ", style="bold")
-            out.append(", ".join(f"{token(text)} {100 * share:.0f}%" for text, share in items[:20]))
+            out.append(evidence_line(detail, n) + "\n")
+            counts = detail.trigger_counts.get(n)
+            if counts:  # fires on the trigger / its occurrences: 1/1 is one context, not a detector's pattern
+                out.append(f"trigger {NGRAM_NAMES[n]} (fires/occurrences): ", style="bold")
+                out.append(", ".join(f"{token(text)} {fires:,}/{seen:,}" for (text, _), (fires, seen)
+                                     in zip(items[:20], counts)))
+            else:
+                out.append(f"trigger {NGRAM_NAMES[n]} (share of firings): ", style="bold")
+                out.append(", ".join(f"{token(text)} {100 * share:.0f}%" for text, share in items[:20]))
             out.append("\n")
     if not any(detail.triggers.values()):
         out.append("triggers: none found", style="bold")
         out.append("\n")
+    else:  # the support rule behind these verdicts
+        out.append(support_rule(detail.stats.get("min_occurrences")) + "\n", style="dim")
     out.append("top promoted:   ", style="bold")
     reason = "not a token detector" if not detail.stats.get("token_detector") else "none stored"
     out.append(tokens(detail.promoted, 10) or unknown(reason))
     out.append("\ntop suppressed: ", style="bold")
     out.append(tokens(detail.suppressed, 10) or unknown(reason))
     return out
+
+
+def evidence_line(detail: NeuronDetail, n: int) -> str:
+    """What an n-gram detector verdict rests on."""
+    s, kind = detail.stats, NGRAM_NAMES[n][:-1]
+    fires, seen = s.get(f"{kind}_trigger_fires"), s.get(f"{kind}_trigger_occurrences")
+    if fires is None or seen is None:
+        return f"{kind} detector: evidence not stored (analyzed before it; A analyzes again)"
+    return (f"{kind} detector: {fires:,} {'fire' if fires == 1 else 'fires'} on triggers seen {seen:,} "
+            f"{'time' if seen == 1 else 'times'}, {pct(s.get(f'{kind}_trigger_share'), 0)} % of its fires")
 
 
 def contexts_text(detail: NeuronDetail) -> Text:

@@ -1,6 +1,8 @@
 """Layers: one row per layer (dead %, alive frequency, detectors, positional neurons by type,
 suppression) and one-line bar charts of the same figures, which are the layer table's
-(engine.explore.tables.layer_figures). Enter opens the layer's neurons."""
+(engine.explore.tables.layer_figures). Enter opens the layer's neurons. Suppression is shown in one
+of its two readings at a time, named in the column's title: the paper's (raw logit) first, s
+switches to the z-score one (engine.analysis.suppression)."""
 from __future__ import annotations
 
 from rich.text import Text
@@ -16,12 +18,13 @@ from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.cache.provenance import RecordingInfo
 from ffnscope.app.tui.table import Column, VirtualTable
 from ffnscope.engine.analysis.dead import primary_is_tau0, rule_short
+from ffnscope.engine.analysis.ngrams import support_rule
 from ffnscope.engine.explore.tables import layer_table
 
 # shares are fractions in the figures and exports, shown here as %; every such title says "%"
 COLUMNS = [Column("layer", "layer", 5), Column("dead", "dead %", 6), Column("alive", "alive freq %", 12),
            Column("tok", "1g det", 6), Column("big", "2g det", 6), Column("tri", "3g det", 6),
-           Column("supp", "supp %", 6), Column("pos", "positional (by type)", 0, "left", min=10)]
+           Column("supp", "supp% logit", 11), Column("pos", "positional (by type)", 0, "left", min=10)]
 POS_SHORT = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "oth"}
 CHARTS = (("dead %", "dead_frac"), ("alive freq %", "alive_freq"), ("token det", "token_detectors"),
           ("positional", "positional"))
@@ -44,6 +47,11 @@ def charts_for(rec: RecordingInfo) -> tuple:
     return ((f"dead {'τ_l' if rec.is_relative else rule_short(rec)} %", "dead_frac"), *CHARTS[1:])
 
 
+def _count(value) -> str:
+    """A layer figure's count; "-" where nothing measured it (NaN)."""
+    return "-" if value != value else str(int(value))
+
+
 class LayersScreen(FramedScreen):
     HELP_TITLE = "Layers: per-layer figures of one recording"
     BINDINGS = FramedScreen.BINDINGS + [
@@ -51,7 +59,10 @@ class LayersScreen(FramedScreen):
         Binding("a", "all", "all neurons", tooltip="the neurons of every layer"),
         Binding("e", "export", "export", tooltip="export the layer table (as `ffnscope export --table layers`)"),
         Binding("n", "npl", "NPL", tooltip="Neuron Predictability Lens: maps, substitution, background neurons"),
-        Binding("A", "analyze", "analyze", tooltip="run the analyses (a job)"), HELP_KEY,
+        Binding("A", "analyze", "analyze", tooltip="run the analyses (a job)"),
+        Binding("s", "reading", "supp reading", show=False,
+                tooltip="suppression's reading: raw logit < 0 (the paper's) or z-score < 0 (vs the vocabulary)"),
+        HELP_KEY,
     ]
     EXTRA_HELP = [("j k ↑ ↓", "move"), ("← → h l", "scroll the columns sideways")]
     DEFAULT_CSS = FramedScreen.DEFAULT_CSS + "LayersScreen #charts { height: auto; max-height: 5; }"
@@ -60,6 +71,7 @@ class LayersScreen(FramedScreen):
         super().__init__()
         self.rec = rec
         self.figures = rec.index.per_layer()
+        self.reading = "logit"  # suppression's reading shown: "logit" (the paper's) or "z"
 
     def compose(self) -> ComposeResult:
         yield from self.frame_top()
@@ -71,7 +83,8 @@ class LayersScreen(FramedScreen):
         """columns_for the recording, the positional breakdown as wide as its longest cell (the
         table scrolls sideways when the terminal is narrower)."""
         longest = max([len(self._cell(i, "pos")) for i in range(len(self.figures["layer"]))] + [10])
-        return [Column(c.key, c.title, c.width, c.align, min=longest) if c.key == "pos" else c
+        return [Column(c.key, c.title, c.width, c.align, min=longest) if c.key == "pos" else
+                Column(c.key, f"supp% {self.reading}", c.width, c.align) if c.key == "supp" else c
                 for c in columns_for(self.rec.prov.recording)]
 
     def rebind(self, rec: OpenRecording) -> None:
@@ -96,6 +109,8 @@ class LayersScreen(FramedScreen):
     def _charts(self) -> None:
         width = max(self.app.size.width - 16, 10)
         text = Text()
+        if self.rec.index.analyses["ngrams"]:  # the support rule behind the 1g/2g/3g det counts above
+            text.append(f" {support_rule(self.rec.index.min_occurrences)}\n", style="dim")
         charts = charts_for(self.rec.prov.recording)
         for i, (label, key) in enumerate(charts):
             text.append(f" {label:>13} ", style="bold")
@@ -116,21 +131,26 @@ class LayersScreen(FramedScreen):
         if key == "tau":
             return f"{f['tau'][i]:.3g}"
         if key == "alive":
-            return pct(float(f["alive_freq"][i]), 2)
+            return pct(float(f["alive_freq"][i]), 2) or "-"  # NaN: no alive neuron
         if key in ("tok", "big", "tri"):
             name = {"tok": "token_detectors", "big": "bigram_detectors", "tri": "trigram_detectors"}[key]
-            return str(f[name][i]) if ngram and self.rec.index.analyses["ngrams"] else "-"
+            return _count(f[name][i]) if ngram and self.rec.index.analyses["ngrams"] else "-"
         if key == "pos":
             if not self.rec.index.analyses["positional"]:
                 return "-"
             if self.rec.index.pos_note:
                 return "- (too few seqs)"
-            kinds = [f"{f[f'pos_{k}'][i]} {s}" for k, s in POS_SHORT.items() if f[f"pos_{k}"][i]]
-            return f"{f['positional'][i]}" + (f" ({' '.join(kinds)})" if kinds else "")
+            kinds = [f"{_count(f[f'pos_{k}'][i])} {s}" for k, s in POS_SHORT.items() if f[f"pos_{k}"][i] > 0]
+            return _count(f["positional"][i]) + (f" ({' '.join(kinds)})" if kinds else "")
         if key == "supp":
-            value = float(f["suppress_frac"][i])
+            value = float(f[f"suppress_frac_{self.reading}"][i])
             return "-" if value != value else pct(value, 0)
         return ""
+
+    def action_reading(self) -> None:
+        self.reading = "z" if self.reading == "logit" else "logit"
+        self.query_one(VirtualTable).set_columns(self._columns())
+        self.on_mount()
 
     def action_open(self) -> None:
         from ffnscope.app.tui.neurons import NeuronsScreen

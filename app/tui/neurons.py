@@ -19,7 +19,7 @@ from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ExportScreen
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.app.tui.table import Column, VirtualTable
 from ffnscope.engine.analysis.dead import primary_is_tau0
-from ffnscope.engine.explore.index import SORT_KEYS, NeuronFilter
+from ffnscope.engine.explore.index import SORT_KEYS, UNKNOWN, NeuronFilter
 from ffnscope.engine.analysis.positional import KINDS
 
 SHORT_KIND = {"oscillatory": "osc", "both_extremes": "both", "one_extreme": "one", "other": "other"}
@@ -30,7 +30,8 @@ SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firin
                "unigram_coverage": "coverage number", "token_detector": "token detectors first",
                "bigram_detector": "bigram detectors first", "trigram_detector": "trigram detectors first",
                "pos_type": "positional type", "background": "background neurons first", "pos_mi": "positional MI",
-               "trigger_logit_z": "trigger logit z (< 0: suppresses)",
+               "trigger_logit": "trigger logit (< 0: suppresses, the paper's reading)",
+               "trigger_logit_z": "trigger logit z (< 0: suppresses vs the vocabulary)",
                "trigger_g": "g at trigger firings", "g_mean": "mean activation",
                "g_std": "activation std", "g_max": "max activation", "npl_pearson": "NPL Pearson r",
                "npl_l2": "NPL L2 error (predictability score)"}
@@ -38,8 +39,8 @@ SORT_LABELS = {"layer": "layer, neuron", "neuron": "neuron", "fire_freq": "firin
 SORT_COLUMN = {"layer": "layer", "neuron": "neuron", "fire_freq": "freq", "unigram_coverage": "cover",
                "token_detector": "det", "bigram_detector": "det", "trigram_detector": "det", "pos_mi": "mi",
                "pos_type": "type"}
-SORT_TITLES = {"trigger_logit_z": "logit z", "trigger_g": "g trig", "g_mean": "g mean", "g_std": "g std",
-               "g_max": "g max", "npl_pearson": "NPL r", "npl_l2": "NPL L2", "background": "bg"}
+SORT_TITLES = {"trigger_logit": "logit", "trigger_logit_z": "logit z", "trigger_g": "g trig", "g_mean": "g mean",
+               "g_std": "g std", "g_max": "g max", "npl_pearson": "NPL r", "npl_l2": "NPL L2", "background": "bg"}
 
 
 def columns_for(sort: str) -> list[Column]:
@@ -84,7 +85,7 @@ class NeuronsScreen(FramedScreen):
         Binding("p", "positional", "pos", tooltip="positional filter, by type"),
         Binding("f", "freq", "freq", tooltip="firing frequency range, in % of tokens"),
         Binding("m", "mi", "MI", tooltip="positional MI range"),
-        Binding("b", "background", "bg", tooltip="NPL background neurons only (on/off)"),
+        Binding("b", "background", "bg", tooltip="NPL background or split-half reproduced neurons (a choice)"),
         Binding("s", "sort", "sort", tooltip="sort by a column (one the table lacks gets a column)"),
         Binding("r", "reverse", "rev", tooltip="reverse the sort order"),
         Binding("slash", "search", "find", key_display="/", tooltip="search trigger n-grams (case-insensitive)"),
@@ -177,14 +178,16 @@ class NeuronsScreen(FramedScreen):
         if key == "triggers":
             return tokens(index.first_triggers(row))
         if key == "supp":
-            return yes_no(index.known("suppresses_triggers", row))
+            return yes_no(index.known("suppresses_logit", row))  # the paper's reading, as the layers screen
         if key == "mi":
             return num(index.known("pos_mi", row), 3)
         if key == "type":
             kind = index.pos_type(row)
-            if not kind or not cols["positional"][row]:
+            if cols["positional"][row] == UNKNOWN:
+                return "-"  # no verdict: too few sequences per position, or not analyzed (the status line says which)
+            if not kind or cols["positional"][row] != 1:
                 return ""
-            return f"{SHORT_KIND[kind]} {'strong' if cols['pos_strong'][row] else 'weak'}"
+            return f"{SHORT_KIND[kind]} {'strong' if cols['pos_strong'][row] == 1 else 'weak'}"
         return ""
 
     # --- actions ----------------------------------------------------------------------------------
@@ -199,11 +202,30 @@ class NeuronsScreen(FramedScreen):
         self.refilter()
 
     def action_background(self) -> None:
-        if not (self.index.cols["background"] != -1).any():
-            self.app.notify("no background neurons known: run the NPL fit and functional jobs (NPL screen, n)",
-                            severity="warning")
-        self.filter.background = not self.filter.background
-        self.refilter()
+        """NPL background neurons, or the split-half comparison's reproduced / not reproduced neurons: the
+        per-neuron flags other jobs add (one key: the footer has no room for another at 80 columns)."""
+        f = self.filter
+        choices = [("off", "any neuron"), ("background", "NPL background neurons"),
+                   ("reproduced", "findings reproduced in a split-half comparison"),
+                   ("not_reproduced", "findings not reproduced (found in one half only)")]
+        current = "background" if f.background else {True: "reproduced", False: "not_reproduced"}.get(f.reproduced,
+                                                                                                        "off")
+
+        def done(value):
+            if value is None:
+                return
+            if value == "background" and not (self.index.cols["background"] != -1).any():
+                self.app.notify("no background neurons known: run the NPL fit and functional jobs (NPL screen, n)",
+                                severity="warning")
+            if value.endswith("reproduced") and not (self.index.cols["reproduced"] != -1).any():
+                self.app.notify(self.index.reproduce_note or "no split-half comparison stored here: run "
+                                "`ffnscope reproduce A.h5 B.h5 --into` this recording (the merge of A and B)",
+                                severity="warning")
+            f.background = value == "background"
+            f.reproduced = {"reproduced": True, "not_reproduced": False}.get(value)
+            self.refilter()
+        self.app.push_screen(ChooseScreen("Show neurons flagged by NPL or a split-half comparison", choices, current),
+                             done)
 
     def action_detector(self) -> None:
         choices = [("off", "any neuron"), ("any", "any detector"), ("token", "token detectors"),

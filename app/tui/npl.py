@@ -24,6 +24,7 @@ from ffnscope.cache.npl_store import sidecar_path
 from ffnscope.engine.explore import estimate
 from ffnscope.engine.jobs import launcher as jobs
 from ffnscope.engine.npl.overview import NplOverview, overview
+from ffnscope.engine.npl.report import heldout_line
 
 HINTS = {"fit": "f fits them (a job)", "substitute": "s runs it (a job)", "functional": "u finds them (a job)"}
 FITS = [("adjacent|exact", "adjacent pairs j-1 -> j, exact fit (what substitution needs)"),
@@ -187,7 +188,8 @@ class NplScreen(FramedScreen):
                                                        yes="Replace", no="Keep"), confirmed)
                 else:
                     self._start("fit", options)
-            self.app.push_screen(TokensScreen("Tokens of fresh text (the recording's sources) to fit on, 10% held out",
+            self.app.push_screen(TokensScreen("Tokens of the recording's sources to fit on; metrics on the next 16 "
+                                              "sequences past the recording's and the fit's",
                                               "131072", _tokens_error, estimate.recording_speed(self.rec.path),
                                               estimate.FIT_WORK), sized)
         self.app.push_screen(ChooseScreen("Fit NPL maps", FITS), chosen)
@@ -206,7 +208,10 @@ class NplScreen(FramedScreen):
             if value is not None:
                 self._start("substitute", [value] if value else [])
         guess = self._estimate(estimate.SUBSTITUTE_WORK)
-        self.app.push_screen(ChooseScreen("Substitution perplexity on the fit's held-out sequences"
+        held = heldout_line(self.view.meta.get("fit", {}).get("heldout"), self.view.meta.get("fit", {}).get(
+            "heldout_tokens"))
+        self.app.push_screen(ChooseScreen("Substitution perplexity on the fit's held-out sequences\n"
+                                          + escape(printable(held))
                                           + (f"\nTable 1: {escape(guess)}" if guess else ""), choices), chosen)
 
     def action_functional(self) -> None:

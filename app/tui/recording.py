@@ -58,7 +58,7 @@ class OpenRecording:
 
     @property
     def model_name(self) -> str:
-        return printable(self.prov.model.name)
+        return printable(self.prov.model.label)  # with a dequantized GGUF's quantization
 
     def title(self) -> str:
         """The one-line header: what is open."""

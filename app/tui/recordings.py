@@ -130,7 +130,7 @@ class RecordingsScreen(FramedScreen):
         if key == "name":
             return printable(row.path.name)
         if key == "model":
-            return printable(s.model or "") if s else ""
+            return printable(", ".join(filter(None, (s.model, s.weights)))) if s else ""  # e.g. "…, Q4_1 GGUF"
         if key == "tokens":
             return f"{s.n_tokens:,}" if s and s.n_tokens is not None else ""
         if key == "date":

@@ -60,8 +60,9 @@ class LayerFiring:
     dead_fraction: dict[float, float]   # per recorded absolute tau: neurons that never fired above it
     dead_primary: float                 # never fired at the primary rule (tau, or the layer's tau_l)
     dead_tau0: float                    # never activated at all (the paper's dead)
-    alive_freq: float                   # mean firing frequency of alive neurons, primary rule
+    alive_freq: float                   # mean firing frequency of alive neurons, primary rule (NaN: none alive)
     dead_sq_share: float                # share of the layer's sum of g^2 carried by its primary-dead neurons
+                                        # (NaN where g is 0 everywhere)
 
     def dead(self, tau: float) -> float:
         return self.dead_fraction[tau]
@@ -77,10 +78,10 @@ def firing_by_layer(reader: CacheReader) -> list[LayerFiring]:
         dead = {tau: float(np.mean(counts[i] == 0)) for i, tau in enumerate(taus)}
         never = counts[primary] == 0
         alive = counts[primary][~never]
-        freq = float(alive.mean() / n_tokens) if alive.size else 0.0
+        freq = float(alive.mean() / n_tokens) if alive.size else float("nan")  # no alive neuron: not known
         sumsq = reader.array(layer, "g_sumsq")
         total = float(sumsq.sum())
-        share = float(sumsq[never].sum() / total) if total > 0 else 0.0
+        share = float(sumsq[never].sum() / total) if total > 0 else float("nan")  # g is 0 everywhere: 0 / 0
         rows.append(LayerFiring(layer, counts.shape[1], rec.layer_tau(layer), dead, float(never.mean()),
                                 float(np.mean(counts[zero] == 0)), freq, share))
     return rows

@@ -18,10 +18,11 @@ from ffnscope.engine.analysis.positional import KINDS, CallLimit, PositionalPara
 from ffnscope.engine.analysis.suppression import SuppressionParams, suppression_layer, trigger_g
 
 DEAD_COLUMNS = 2  # version of the dead analysis' stored columns
+NGRAM_COLUMNS = 2  # version of the ngrams analysis' stored arrays (2: every detector verdict's evidence)
 PARAMS = {"ngrams": NgramParams, "positional": PositionalParams, "suppression": SuppressionParams}
 # one row per token detector (engine.analysis.suppression.SuppressionResult), plus "layer"
 SUPPRESSION_KEYS = ("neuron", "promoted", "promoted_score", "suppressed", "suppressed_score", "trigger_g",
-                    "trigger_logit_z", "trigger_rank", "suppresses")
+                    "trigger_logit", "trigger_logit_z", "trigger_rank", "suppresses_logit", "suppresses_z")
 
 
 def parse_settings(pairs: list[str]) -> dict[str, dict]:
@@ -74,6 +75,8 @@ class Analyzer:
     def params_of(self, name: str) -> dict:
         if name == "dead":
             return {"columns": DEAD_COLUMNS}  # results of older versions (fewer columns) are stale
+        if name == "ngrams":  # results stored before the detectors' evidence are stale
+            return {**self.params[name].as_dict(), "columns": NGRAM_COLUMNS}
         return self.params[name].as_dict() if name in self.params else {}
 
     def run(self, only: list[str] | None) -> dict[str, str]:
@@ -105,7 +108,7 @@ class Analyzer:
 
     def _ngrams(self) -> store.Result:
         params = self.params["ngrams"]
-        result = store.Result("ngrams", params.as_dict())
+        result = store.Result("ngrams", self.params_of("ngrams"))
         result.put("layers", np.array(self.ngram_layers, np.int64))
         data = self.reader.gram_counts()
         data[1] = unigram_counts(self.reader.unigram())
@@ -196,13 +199,13 @@ def put_positional(result: store.Result, layers: list[int], columns: dict[str, l
 
 def put_ngram_order(result: store.Result, n: int, layers: list[int], per_layer: list, d_ffn: int) -> None:
     """Store one n-gram order's per-layer results (engine.analysis.ngrams.ngram_layer) under n{n}/."""
-    for key in ("fires", "coverage", "detector"):
+    for key in ("fires", "coverage", "detector", "trigger_occurrences", "trigger_fires"):
         result.put(f"n{n}/{key}", np.stack([getattr(r, key) for r in per_layer]) if per_layer
                    else np.zeros((0, d_ffn)))
     covered_layer = np.concatenate([np.full(len(r.covered_neuron), layer) for layer, r
                                     in zip(layers, per_layer)]) if per_layer else []
     result.put(f"n{n}/covered_layer", np.asarray(covered_layer, np.int64))
-    for key in ("covered_neuron", "covered_gram", "covered_count"):
+    for key in ("covered_neuron", "covered_gram", "covered_count", "covered_occurrences"):
         result.put(f"n{n}/{key}", np.concatenate([getattr(r, key) for r in per_layer]) if per_layer
                    else np.zeros(0, np.int64))
     result.put(f"n{n}/coverage_hist", [coverage_histogram(r.coverage) for r in per_layer])

@@ -2,10 +2,14 @@
 
 A neuron's coverage number for n-grams is the smallest number of n-grams, most frequent triggers
 first, that account for >= `coverage` (95 %) of its fires. An n-gram is covered by the neuron when
-the neuron fires on >= `covered` (95 %) of the n-gram's occurrences (and the n-gram occurs at least
-`min_occurrences` times, so a token seen once does not count). A neuron is a detector when its
+the neuron fires on >= `covered` (95 %) of the n-gram's occurrences. A neuron is a detector when its
 coverage number is at most `max_coverage` and its covered n-grams account for >= `coverage` of its
 fires. Fires whose n-gram would include the start token are not counted (the paper excludes BOS).
+
+The support rule is ours, not the paper's: a covered n-gram must occur at least `min_occurrences`
+times (default 5). The paper sets no minimum (`min_occurrences` 1), so a token seen once on which
+the neuron fired is "covered" and can make a one-fire detector. Every verdict therefore carries its
+evidence: the occurrences of the neuron's covered triggers, its fires on them and, per trigger, both.
 """
 from __future__ import annotations
 
@@ -45,7 +49,12 @@ class NgramResult:
     detector: np.ndarray       # (d_ffn,) bool
     covered_neuron: np.ndarray  # (c,) int32 } the covered n-grams of detectors, one row per
     covered_gram: np.ndarray    # (c,) int64 } (detector, n-gram), most fires first per detector
-    covered_count: np.ndarray   # (c,) int64 }
+    covered_count: np.ndarray   # (c,) int64 } the neuron's fires on the n-gram
+    covered_occurrences: np.ndarray  # (c,) int64 } the n-gram's occurrences in the data
+    # the evidence of every neuron's covered n-grams (detector or not): their occurrences summed and
+    # the neuron's fires on them (the detector rule: trigger_fires >= coverage * fires)
+    trigger_occurrences: np.ndarray  # (d_ffn,) int64
+    trigger_fires: np.ndarray        # (d_ffn,) int64
 
 
 def coverage_numbers(sparse: Sparse, d_ffn: int, share: float) -> tuple[np.ndarray, np.ndarray]:
@@ -68,14 +77,18 @@ def ngram_layer(sparse: Sparse, grams: GramCounts, counted: np.ndarray, n: int,
     fires, coverage = coverage_numbers(sparse, d_ffn, params.coverage)
     occurrences = grams.count[np.searchsorted(grams.gram, sparse.gram)] if len(sparse) else np.zeros(0, np.int64)
     is_covered = (occurrences >= params.min_occurrences) & (sparse.count >= params.covered * occurrences)
-    covered_fires = np.bincount(sparse.neuron[is_covered], weights=sparse.count[is_covered], minlength=d_ffn)
+    covered_fires = np.bincount(sparse.neuron[is_covered], weights=sparse.count[is_covered],
+                                minlength=d_ffn).astype(np.int64)
+    covered_occurrences = np.bincount(sparse.neuron[is_covered], weights=occurrences[is_covered],
+                                      minlength=d_ffn).astype(np.int64)
     detector = ((coverage >= 1) & (coverage <= params.max_coverage(n))
                 & (covered_fires >= params.coverage * fires) & counted)
     coverage[~counted] = NOT_COUNTED
     keep = is_covered & detector[sparse.neuron]
     order = np.lexsort((-sparse.count[keep], sparse.neuron[keep]))
     return NgramResult(n, fires, coverage, detector, sparse.neuron[keep][order], sparse.gram[keep][order],
-                       sparse.count[keep][order])
+                       sparse.count[keep][order], occurrences[keep][order].astype(np.int64),
+                       covered_occurrences, covered_fires)
 
 
 def detector_fire_bound(counts: dict[int, np.ndarray], n_seqs: int, seq_len: int, first_pos: int,
@@ -139,3 +152,12 @@ def ensemble(detected: list[set[int]]) -> list[dict]:
         seen |= layer_set
         previous = layer_set
     return rows
+
+
+def support_rule(min_occurrences: int | None) -> str:
+    """The support rule a detector count used, as every view states it beside the count."""
+    if min_occurrences is None:
+        return "detector rule unknown (not analyzed)"
+    if min_occurrences <= 1:
+        return "detectors: triggers seen >= 1 time (the paper's rule)"
+    return f"detectors: triggers seen >= {min_occurrences} times (paper: >= 1)"

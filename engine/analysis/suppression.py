@@ -10,10 +10,19 @@ token detector's update is sign(G) x W_out[i], with G the sum of g over the firi
 tokens (recorded per (token, neuron) pair). The sign of g's mean over all tokens would be wrong:
 most tokens are not firings, and their g can outweigh those that are.
 
-The one score and verdict. `trigger_logit_z`: the mean logit contribution of the update on the
-trigger tokens, as a z-score against the contributions on the whole vocabulary (mean and standard
-deviation over all tokens). A detector suppresses its triggers iff trigger_logit_z < 0: its update
-pushes its triggers below the vocabulary's average. The flag is exactly the sign of the stored score.
+Two readings, each with its score and verdict. Both use the same logit contributions of the update
+(one row of `project`), so they differ only in what the triggers are compared with:
+- `trigger_logit` (the paper's reading): the mean logit contribution of the update on the trigger
+  tokens; `suppresses_logit` iff it is < 0. Voita et al. Sec. 4.4 count a detector whose update
+  "points in the negative direction from the triggering tokens" (">80 %" of token detectors).
+- `trigger_logit_z`: the same mean as a z-score against the contributions on the whole vocabulary
+  (their mean and standard deviation); `suppresses_z` iff it is < 0: the update pushes its triggers
+  below the vocabulary's average.
+Both are kept because they disagree where the update moves the whole vocabulary one way: a row that
+lowers every token lowers the triggers too (negative raw logit) yet may lower them less than the rest
+(positive z), and the reverse. The raw reading is the paper's; the z-score says whether the triggers
+are singled out (the output softmax ignores a shift of every logit alike). Each flag is exactly the
+sign of its stored score.
 """
 from __future__ import annotations
 
@@ -41,9 +50,11 @@ class SuppressionResult:
     suppressed: np.ndarray       # (m, top) int64, most suppressed first
     suppressed_score: np.ndarray
     trigger_g: np.ndarray        # (m,) float32 mean g at the firings on the triggers: its sign is the update's
-    trigger_logit_z: np.ndarray  # (m,) float32 z-score of the triggers' mean logit contribution vs the vocabulary
+    trigger_logit: np.ndarray    # (m,) float32 the triggers' mean logit contribution (the paper's reading)
+    trigger_logit_z: np.ndarray  # (m,) float32 the same as a z-score against the whole vocabulary
     trigger_rank: np.ndarray     # (m,) float32 mean rank percentile of triggers (0 = most suppressed)
-    suppresses: np.ndarray       # (m,) bool: trigger_logit_z < 0
+    suppresses_logit: np.ndarray  # (m,) bool: trigger_logit < 0
+    suppresses_z: np.ndarray      # (m,) bool: trigger_logit_z < 0
 
 
 def project(rows: np.ndarray, norm_scale: np.ndarray | None, unembedding: np.ndarray) -> np.ndarray:
@@ -90,7 +101,7 @@ def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.
     suppressed = np.zeros((m, top), np.int64)
     promoted_score = np.zeros((m, top), np.float32)
     suppressed_score = np.zeros((m, top), np.float32)
-    score, rank = np.zeros(m, np.float32), np.zeros(m, np.float32)
+    raw, score, rank = np.zeros(m, np.float32), np.zeros(m, np.float32), np.zeros(m, np.float32)
     for lo in range(0, m, chunk):
         hi = min(lo + chunk, m)
         logits = project(rows[lo:hi] * signs[lo:hi, None], norm_scale, unembedding).astype(np.float32)
@@ -100,7 +111,8 @@ def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.
         suppressed_score[lo:hi] = np.take_along_axis(logits, suppressed[lo:hi], 1)
         for row, values in enumerate(logits, start=lo):
             trig = values[triggers[row]]
-            score[row] = (trig.mean() - values.mean()) / (values.std() + 1e-12)
+            raw[row] = trig.mean()
+            score[row] = (raw[row] - values.mean()) / (values.std() + 1e-12)
             rank[row] = np.mean([(values < v).sum() for v in trig]) / max(len(values) - 1, 1)
     return SuppressionResult(neurons.astype(np.int32), promoted, promoted_score, suppressed, suppressed_score,
-                             np.asarray(g_at_triggers, np.float32), score, rank, score < 0)
+                             np.asarray(g_at_triggers, np.float32), raw, score, rank, raw < 0, score < 0)

@@ -12,6 +12,7 @@ from ffnscope.cache import analysis_store
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.reader import CacheReader
 from ffnscope.cache.npl_store import SUFFIX as NPL_SUFFIX
+from ffnscope.cache.provenance import weights_note
 from ffnscope.cache.schema import ANALYSES, COMPLETE, PARTIAL
 from ffnscope.engine.jobs.progress import one_line
 from ffnscope.engine.paths import recordings_dir, unique_paths
@@ -24,6 +25,7 @@ class RecordingSummary:
     path: Path
     name: str                        # the file name
     model: str | None = None         # short model name, like "SmolLM2-135M-Instruct" or "opt-125m"
+    weights: str = ""                # a dequantized GGUF's quantization, like "Q4_1 GGUF" (provenance.weights_note)
     n_tokens: int | None = None      # tokens recorded so far (all of them when complete)
     created: str | None = None       # when the recording began, ISO 8601 UTC, from its metadata
     status: str = ERROR              # "complete", "partial" or "error"
@@ -89,6 +91,7 @@ def _fill(row: RecordingSummary, reader: CacheReader) -> None:
     meta = reader.meta
     model, data, rec = meta.get("model", {}), meta.get("data", {}), meta.get("recording", {})
     row.model = _short(str(model.get("name") or model.get("spec") or "")) or None
+    row.weights = weights_note(model.get("weights_from"), short=True)
     row.family = model.get("family")
     row.model_layers = model.get("n_layers")
     row.d_ffn = model.get("d_ffn")

@@ -8,12 +8,12 @@ recording keeps the k best sequences over positions >= 1 and one slot for positi
 token, the same context in every sequence); they merge here, so at most one start-token context shows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ffnscope.cache.reader import CacheReader
-from ffnscope.engine.explore.index import NeuronIndex
+from ffnscope.engine.explore.index import EVIDENCE_COLUMNS, NeuronIndex
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4
 
@@ -42,12 +42,15 @@ class NeuronDetail:
     pos_freq: np.ndarray   # (seq_len,) firing frequency at each position
     contexts: list[Context]
     gated: bool = False    # g = act(gate) * up: contexts' act and g differ
+    # n -> (the neuron's fires on the trigger, the trigger's occurrences in the data), in the order of
+    # `triggers`; empty for results stored before the detectors' evidence
+    trigger_counts: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 STAT_COLUMNS = ("fire_count", "fire_freq", "tau", "dead", "dead_tau0", "unigram_coverage", "token_detector",
-                "bigram_detector", "trigram_detector", "suppresses_triggers", "trigger_logit_z", "trigger_g", "pos_mi",
-                "positional", "pos_strong", "g_mean", "g_std", "g_max", "ngram_counted", "npl_pearson", "npl_l2",
-                "background")
+                "bigram_detector", "trigram_detector", "trigger_logit", "suppresses_logit", "trigger_logit_z",
+                "suppresses_z", "trigger_g", "pos_mi", "positional", "pos_strong", "g_mean", "g_std", "g_max",
+                "ngram_counted", "npl_pearson", "npl_l2", "background")
 
 
 def neuron_detail(reader: CacheReader, index: NeuronIndex, row: int) -> NeuronDetail:
@@ -59,11 +62,15 @@ def neuron_detail(reader: CacheReader, index: NeuronIndex, row: int) -> NeuronDe
     stats.update(activation_stats(reader, layer, neuron, index.n_tokens))
     stats["ngram_bound"] = (prov.recording.ngram_bound or {}).get("fires")
     stats["pos_note"] = index.pos_note  # "too few sequences per position ..." or ""
+    stats.update({name: index.known(name, row) for name in EVIDENCE_COLUMNS})
+    stats["min_occurrences"] = index.min_occurrences  # the support rule behind the detector verdicts
     triggers = {n: list(zip(index.triggers[n].get(row), index.triggers[n].get_values(row))) for n in (1, 2, 3)}
+    counts = {n: [tuple(pair) for pair in index.trigger_counts[n].get_values(row)] for n in (1, 2, 3)}
     pos_freq = reader.array(layer, "pos_fire", (slice(None), neuron)) / n_seqs
     return NeuronDetail(layer, neuron, stats, index.pos_type(row), index.pos_ranges.get(row, []), triggers,
                         index.promoted.get(row), index.suppressed.get(row), pos_freq,
-                        top_contexts(reader, index.vocab, layer, neuron), prov.model.gated)
+                        top_contexts(reader, index.vocab, layer, neuron), prov.model.gated,
+                        counts)
 
 
 def activation_stats(reader: CacheReader, layer: int, neuron: int, n_tokens: int) -> dict:

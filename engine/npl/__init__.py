@@ -11,7 +11,7 @@ Modules (light ones import no torch, so tables and the TUI can read results with
                          stay resident under --device-memory / --host-memory (the rest stream)
 - engine.npl.substitute  substitution perplexity (Table 1) and finer-grained substitution (Fig. 4)
 - engine.npl.functional  functional neurons (variance reduction) and background neurons
-- engine.npl.inputs      what a job reads: the recording's meta and model, packed data, the held-out split
+- engine.npl.inputs      what a job reads: the recording's meta, model and sequences, fit data, held-out sequences
 - engine.npl.job         the jobs: fit, substitute, functional, on a recording cache and its sidecar
 The sidecar format is cache.npl_store.
 """

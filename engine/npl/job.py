@@ -14,11 +14,12 @@ cache.npl_store.NplWriter, which replaces the sidecar only when the fit is done)
 layers resident as --device-memory / --host-memory allow (ModelOptions; engine.npl.plan) and streams the
 others from the model's files.
 
-Fit data: by default the recording's own sources and seed, packed at the recording's seq_len; the
-sequences are split at random (seeded) into fit and held-out sequences, and the fingerprints of
-both sets are stored. Substitution runs on the stored held-out sequences by default, or on
-`data`, which must not share a sequence with the fit data (compared as packed sequences: the same
-text packed at another offset is not recognized).
+Fit data: by default the recording's own sources, field and seed, packed at the recording's seq_len; the
+fit takes the first `tokens` of them (which may be the recording's own sequences). Every evaluation (the
+fit's held-out metrics, substitution, functional neurons) runs on held-out sequences neither the
+recording nor the fit used (engine.npl.inputs): by default the next `heldout_seqs` of the same packing
+after both, else `heldout_data`; their fingerprints and size are stored in the sidecar and printed with
+every figure.
 
 Importing this module does not import torch (the CLI's --help stays light); the jobs do.
 """
@@ -36,8 +37,10 @@ from ffnscope.cache.npl_store import (NplReader, NplWriter, cache_tie, map_bytes
                                       sidecar_path, write_result)
 from ffnscope.engine.jobs.progress import COMPLETE, ProgressFile, running_job
 from ffnscope.engine.jobs.stop import Stopped, StopToken, stop_on_signals
-from ffnscope.engine.npl.inputs import (DEFAULT_FIT_TOKENS, cache_meta, load_model_of, pack_text, heldout_for,
-                                        recorded_sources, split_sequences)
+from ffnscope.engine.npl.report import heldout_line
+from ffnscope.engine.npl.inputs import (DEFAULT_FIT_TOKENS, DEFAULT_HELDOUT_SEQS, given_heldout, heldout_for,
+                                        load_model_of, open_data, pack_text, plan_fit_data, recorded_sources,
+                                        recording, split_fit_data, stored_heldout)
 
 
 class _Job:
@@ -115,12 +118,13 @@ class NplFitConfig(ModelOptions):
     cache: Path
     pairs: str = "adjacent"            # engine.npl.layout.parse_pairs
     method: str = "exact"              # exact | adagrad | both
-    data: list[str] | None = None      # default: the recording's sources
-    field: str = "text"
-    tokens: int = DEFAULT_FIT_TOKENS   # fit + held-out tokens packed
+    data: list[str] | None = None      # fit data; default: the recording's sources
+    field: str | None = None           # default: the recording's
+    tokens: int = DEFAULT_FIT_TOKENS   # fit tokens (whole sequences)
     seq_len: int | None = None         # default: the recording's
-    seed: int = 0                      # data order and the held-out split
-    holdout: float = 0.1               # fraction of sequences held out
+    seed: int | None = None            # document order; default: the recording's
+    heldout_seqs: int = DEFAULT_HELDOUT_SEQS
+    heldout_data: list[str] | None = None  # held-out text from other files; default: the fit data's sources
     ridge: float = 1e-6
     stats_dtype: str = "float64"
     memory: int | None = None          # bytes the fit's matrices may take (default: measured; engine.npl.plan)
@@ -144,7 +148,8 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
 
     cache = Path(config.cache)
     limits = config.limits()
-    meta = cache_meta(cache, "fitting NPL maps")
+    rec = recording(cache, "fitting NPL maps")
+    meta = rec.meta
     out = sidecar_path(cache)
     if out.exists() and not config.force:
         raise UserError(f"{out} exists; add --force to fit the maps again (its results go with it)")
@@ -153,8 +158,17 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
     options.check()
     pairs = parse_pairs(config.pairs, int(meta["model"]["n_layers"]))
     seq_len = int(config.seq_len or meta["data"]["seq_len"])
-    if config.tokens < 2 * seq_len:
-        raise UserError(f"--tokens {config.tokens} gives fewer than 2 sequences of {seq_len}; ask for more")
+    if config.tokens < seq_len:
+        raise UserError(f"--tokens {config.tokens} is less than one sequence of {seq_len}; ask for more")
+    if config.heldout_seqs < 1:
+        raise UserError(f"--heldout-seqs {config.heldout_seqs} must be positive")
+    field_name = config.field or meta["data"]["field"]
+    seed = int(meta["data"]["seed"] if config.seed is None else config.seed)
+    specs = [str(s) for s in config.data or recorded_sources(meta)]
+    sources = open_data(specs, field_name, seed)  # a bad file is refused before the model loads
+    held_sources = open_data(config.heldout_data, field_name, seed) if config.heldout_data else None
+    plan = plan_fit_data(rec, sources.describe(), field_name, seed, seq_len, config.tokens // seq_len,
+                         config.heldout_seqs, held_sources is not None)
     job = _Job(out, command, on_progress, stop)
     report: dict = {}
     with job.running(lambda: report.get("message", "done")) as stop:
@@ -165,43 +179,48 @@ def fit_job(config: NplFitConfig, command: list[str] | None = None, on_progress=
         if len(groups) > 1:
             log(f"note: the {len(pairs)} pairs take {len(groups)} passes over the data (device memory)")
         job.phase("packing data")
-        specs = config.data or recorded_sources(meta)
-        packed, sources = pack_text(lm, specs, config.field, config.seed, seq_len, config.tokens // seq_len, log,
-                                job.report)
+        packed = pack_text(lm, sources, seq_len, plan.n_pack, log, job.report)
+        fit_tokens, heldout_tokens, heldout = split_fit_data(packed.tokens, plan, rec, specs, config.heldout_seqs,
+                                                             log)
+        fit_hashes = sequence_hashes(fit_tokens)
+        if held_sources is not None:
+            job.phase("packing held-out data")
+            given = pack_text(lm, held_sources, seq_len, config.heldout_seqs, log, job.report)
+            heldout_tokens, heldout = given_heldout(given.tokens, config.heldout_data,
+                                                    np.concatenate([rec.hashes, fit_hashes]), config.heldout_seqs,
+                                                    "--heldout-seqs")
+            if len(fit_tokens) < plan.n_fit:
+                log(f"note: the fit data holds {len(fit_tokens)} sequences of {seq_len}; fitting on those")
         job.progress.start()  # every up-front check passed
-        hashes = sequence_hashes(packed.tokens)
-        held = split_sequences(hashes, config.holdout, config.seed)
-        fit_tokens, heldout_tokens = packed.tokens[~held], packed.tokens[held]
-        needs = map_bytes(len(pairs) * len(options.methods()), lm.adapter.d_ffn) + 3 * packed.tokens.nbytes
+        needs = (map_bytes(len(pairs) * len(options.methods()), lm.adapter.d_ffn)
+                 + 3 * (fit_tokens.nbytes + heldout_tokens.nbytes))
         # each group's maps go into the sidecar's temporary as the group ends; it replaces the sidecar at finish
         with NplWriter(out, needs=needs) as writer:
             result = fit_maps(lm, fit_tokens, heldout_tokens, pairs, options, device, job.report, stop, groups,
                               writer, limits)
             job.phase("writing")
-            writer.finish(_sidecar_meta(config, meta, cache, lm, result, sources, specs, packed, seq_len, device,
-                                        len(fit_tokens), len(heldout_tokens)),
-                          hashes[~held], hashes[held], heldout_tokens, result.heldout_nll)
+            data = {"sources": sources.describe(), "specs": specs, "field": field_name, "seed": seed,
+                    "seq_len": seq_len, "fingerprint": packed.fingerprint(), "n_seqs": int(len(packed.tokens)),
+                    "fit_seqs": int(len(fit_tokens)), "heldout_seqs": int(len(heldout_tokens)),
+                    "recorded_seqs": plan.recorded}
+            writer.finish(_sidecar_meta(config, meta, cache, lm, result, data, heldout, device),
+                          fit_hashes, sequence_hashes(heldout_tokens), heldout_tokens, result.heldout_nll)
         with NplReader(out) as reader:
             summary = {m: {key: pair_summary(reader, m, key) for key in ("token_l2", "mse", "fvu")}
                        for m in reader.methods()}
-        lines = fit_lines(result, summary)
+        lines = fit_lines(result, summary, heldout)
         report["message"] = f"{len(result.pairs)} NPL maps fit on {result.fit_tokens} tokens"
     return FitReport(out, result, summary, lines)
 
 
-def _sidecar_meta(config, meta, cache: Path, lm, result, sources, specs, packed, seq_len: int, device,
-                  n_fit: int, n_heldout: int) -> dict:
+def _sidecar_meta(config, meta, cache: Path, lm, result, data: dict, heldout: dict, device) -> dict:
     return {
         "cache": cache_tie(meta), "cache_name": cache.name,
         "model": {"name": lm.name, "spec": meta["model"]["spec"], "fingerprint": lm.fingerprint,
                   "family": lm.adapter.name, "n_layers": len(lm.adapter.layers),
                   "d_ffn": lm.adapter.d_ffn, "dtype": config.dtype or meta["model"].get("dtype", "float32")},
         "fit": {"pairs": [list(p) for p in result.pairs], "pairs_spec": config.pairs, "options": result.options,
-                "data": {"sources": sources.describe(), "specs": list(specs), "field": config.field,
-                         "seed": config.seed, "seq_len": seq_len, "fingerprint": packed.fingerprint(),
-                         "n_seqs": int(len(packed.tokens)), "holdout": config.holdout,
-                         "split": "numpy default_rng([seed, 0x4E504C]).random(n) < holdout",
-                         "fit_seqs": int(n_fit), "heldout_seqs": int(n_heldout)},
+                "data": data, "heldout": heldout,
                 "fit_tokens": result.fit_tokens, "heldout_tokens": result.heldout_tokens,
                 "seconds": result.seconds, "device": str(device),
                 "heldout_ppl": float(np.exp(result.heldout_nll.astype(np.float64).mean()))
@@ -210,9 +229,9 @@ def _sidecar_meta(config, meta, cache: Path, lm, result, sources, specs, packed,
     }
 
 
-def fit_lines(result, summary: dict) -> list[str]:
-    lines = [f"fit tokens {result.fit_tokens}, held-out tokens {result.heldout_tokens}; seconds: "
-             + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())]
+def fit_lines(result, summary: dict, heldout: dict) -> list[str]:
+    seconds = ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items())
+    lines = [f"fit tokens {result.fit_tokens:,}; seconds: {seconds}", heldout_line(heldout)]
     words = {"token_l2": "L2 distance per token", "mse": "mean squared error", "fvu": "variance unexplained"}
     for method, by_key in summary.items():
         for key, groups in by_key.items():
@@ -226,10 +245,10 @@ def fit_lines(result, summary: dict) -> list[str]:
 @dataclass
 class NplSubstituteConfig(ModelOptions):
     cache: Path
-    data: list[str] | None = None      # default: the fit run's held-out sequences
-    field: str = "text"
-    seed: int = 0                      # document order of `data`
-    tokens: int | None = None          # at most this many held-out tokens (whole sequences)
+    heldout_data: list[str] | None = None  # default: the fit's held-out sequences
+    field: str | None = None           # of heldout_data; default: the recording's
+    seed: int | None = None            # document order of heldout_data; default: the recording's
+    tokens: int | None = None          # at most this many held-out tokens (whole sequences; heldout_data: 16 seqs)
     chunks: str | None = None          # "1-4"
     mappings: tuple[str, ...] = ("random", "zero", "identical", "npl")
     seeds: int = 3                     # random mapping: seeds averaged
@@ -250,6 +269,7 @@ class SubstituteReport:
     fine_table: str
     tokens: int
     tokens_per_s: dict
+    heldout: dict                      # engine.npl.inputs.heldout_info
 
 
 def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None, on_progress=None,
@@ -263,10 +283,17 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
 
     cache = Path(config.cache)
     limits = config.limits()
-    meta = cache_meta(cache, "substituting NPL maps")
+    rec = recording(cache, "substituting NPL maps")
+    meta = rec.meta
     out = sidecar_path(cache)
     with NplReader(out) as reader:
         reader.check_cache(meta, cache)
+        sources, stored = None, None
+        if config.heldout_data:
+            sources = open_data(config.heldout_data, config.field or meta["data"]["field"],
+                                int(meta["data"]["seed"] if config.seed is None else config.seed))
+        else:
+            stored = stored_heldout(reader, rec, cache, config.tokens, ", or give --heldout-data FILE...")
         n_layers = int(reader.meta["model"]["n_layers"])
         chunk_numbers = parse_chunks(config.chunks)
         fine_chunks = parse_chunks(config.fine_chunks) if config.fine_chunks else chunk_numbers
@@ -282,8 +309,11 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as stop:
             lm = job.load_model(meta, config, cache, reader)
-            job.phase("packing data" if config.data else "reading held-out data")
-            tokens, source = heldout_for(config, reader, lm, log, job.report)
+            if sources is not None:
+                job.phase("packing held-out data")
+                tokens, heldout = heldout_for(config, reader, rec, lm, sources, log, job.report)
+            else:
+                tokens, _nll, heldout = stored
             job.phase("reading maps")
             maps = (Maps.from_reader(reader, wanted, config.method, need_metrics=config.finegrained)
                     if need_maps else None)
@@ -309,7 +339,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
                       if k not in ("cache", "device", "model", "trust_remote_code", "allow_pickle", "batch_tokens",
                                     "device_memory", "host_memory")}
-            params.update(heldout_source=source, heldout_tokens=int(result.tokens), chunks=chunk_numbers,
+            params.update(heldout=heldout, heldout_tokens=int(result.tokens), chunks=chunk_numbers,
                           chunk_layers=[chunks(n_layers)[c - 1] for c in chunk_numbers],
                           layer0="kept actual (no previous layer)", original_ppl=result.original_ppl,
                           tokens_per_s={"plain": plain, "substitution": subst})
@@ -320,7 +350,7 @@ def substitute_job(config: NplSubstituteConfig, command: list[str] | None = None
             report["message"] = f"substitution perplexity on {result.tokens} held-out tokens"
         return SubstituteReport(result.original_ppl, rows, format_table1(rows, result.original_ppl), fine_rows,
                                 format_finegrained(fine_rows, result.original_ppl) if fine else "",
-                                result.tokens, {"plain": plain, "substitution": subst})
+                                result.tokens, {"plain": plain, "substitution": subst}, heldout)
 
 
 # --- functional and background neurons ----------------------------------------------------------------
@@ -340,6 +370,7 @@ class FunctionalReport:
     rows: list[dict]
     table: str
     background_frac: dict[int, float]
+    heldout: dict                      # engine.npl.inputs.heldout_info
 
 
 def functional_job(config: NplFunctionalConfig, command: list[str] | None = None, on_progress=None,
@@ -351,7 +382,8 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
 
     cache = Path(config.cache)
     limits = config.limits()
-    meta = cache_meta(cache, "finding functional neurons")
+    rec = recording(cache, "finding functional neurons")
+    meta = rec.meta
     out = sidecar_path(cache)
     params = FunctionalParams(theta=config.theta, top_ngrams=config.top_ngrams, min_count=config.min_count,
                               loss_fraction=config.loss_fraction)
@@ -361,10 +393,7 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
         if not scores:
             raise UserError(f"{out} has no {config.method} map between two different layers; fit some with "
                             f"`ffnscope npl fit {cache} --force`")
-        tokens, nll = reader.heldout_tokens(), reader.heldout_nll()
-        if config.tokens:
-            keep = max(1, config.tokens // tokens.shape[1])
-            tokens, nll = tokens[:keep], nll[:keep]
+        tokens, nll, heldout = stored_heldout(reader, rec, cache, config.tokens, "")
         job = _Job(out, command, on_progress, stop)
         report: dict = {}
         with job.running(lambda: report.get("message", "done")) as stop:
@@ -380,10 +409,10 @@ def functional_job(config: NplFunctionalConfig, command: list[str] | None = None
                       "s_all": np.asarray([result.s_all[k] for k in layers]),
                       "s_random": np.asarray([result.s_random[k] for k in layers])}
             job.phase("writing")
-            write_result(out, "functional", {**result.params, "method": config.method,
+            write_result(out, "functional", {**result.params, "method": config.method, "heldout": heldout,
                                              "heldout_tokens": int(tokens.size)}, result.rows, arrays)
             report["message"] = f"functional neurons on {tokens.size} held-out tokens"
     from ffnscope.engine.npl.report import format_functional
 
     return FunctionalReport(result.rows, format_functional(result.rows),
-                            {k: float(result.background[k].mean()) for k in result.layers})
+                            {k: float(result.background[k].mean()) for k in result.layers}, heldout)

@@ -10,6 +10,16 @@ FUNCTIONAL_KINDS = ("unigram", "bigram", "trigram", "hard", "easy", "pos_success
                     "pos_arbitrary", "random_tokens")
 
 
+def heldout_line(info: dict | None, tokens: int | None = None) -> str:
+    """"held-out: 16 sequences, 32,768 tokens, from <source>", printed with every NPL figure; `tokens`
+    alone where an older sidecar or result has no heldout_info (engine.npl.inputs)."""
+    if not isinstance(info, dict) or not isinstance(info.get("seqs"), int):
+        return f"held-out: {tokens or 0:,} tokens (an older fit: their source was not recorded)"
+    dropped = info.get("dropped") or 0
+    return (f"held-out: {info['seqs']:,} sequences, {info.get('tokens', 0):,} tokens, from {info.get('source', '?')}"
+            + (f"; {dropped} repeating recorded or fit text skipped" if dropped else ""))
+
+
 def _fmt(value: float) -> str:
     if value is None or not np.isfinite(value):
         return "inf" if value == float("inf") else "-"

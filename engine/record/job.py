@@ -13,6 +13,7 @@ import numpy as np
 from ffnscope.cache import schema
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.merge import check_same_recording
+from ffnscope.cache.provenance import weights_note
 from ffnscope.cache.runs import CachePairs
 from ffnscope.cache.state import DataState, GramCounts, LayerState, RecordingState, Samples
 from ffnscope.cache.store import read_state, remove_segments, write_state
@@ -115,6 +116,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         memory = plan_memory(config.device_memory, config.host_memory, lm, meta, device, config.batch_tokens)
         check_host_memory(lm, meta, memory, device.type)
         progress.start()  # every up-front check passed
+        if weights_note(lm.weights_from):  # weights dequantized from a GGUF: the job's log says so as info does
+            log(f"note: model {lm.name}, {weights_note(lm.weights_from)}")
         for note in sources.notes:
             log(f"note: {note}")
         if packed.short:

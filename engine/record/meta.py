@@ -124,6 +124,8 @@ def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> d
             "d_ffn": adapter.d_ffn, "vocab_size": int(lm.model.get_input_embeddings().weight.shape[0]),
             "activation": adapter.activation_name, "gated": adapter.gated, "dtype": config.dtype,
             "config": {k: v for k, v in model_config.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            # a dequantized .gguf's file and quantization (load.gguf_origin); not part of the fingerprint
+            **({"weights_from": lm.weights_from} if lm.weights_from else {}),
         },
         "tokenizer": {"name": getattr(lm.tokenizer, "name_or_path", ""), "size": len(lm.tokenizer),
                       "start_id": start_id, "sep_id": sep_id},
