@@ -153,16 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=out_path, required=True)
     merge.add_argument("--force", action="store_true")
 
-    rep2 = sub.add_parser("reproduce", help="compare the findings of two recordings of disjoint data (split halves)",
-                          description="Compare two analysed recordings of disjoint data from one model and "
-                                      "settings (like --part 1/2 and --part 2/2) finding by finding: dead, "
-                                      "detectors, suppression, positional neurons; the share found again.")
-    rep2.add_argument("files", type=Path, nargs=2, metavar="FILE", help="the two recordings, A and B")
-    rep2.add_argument("--format", choices=("table", "json"), default="table",
-                      help="a table in the terminal, or JSON for scripts (default: %(default)s)")
-    rep2.add_argument("--into", type=out_path, metavar="MERGED",
-                      help="also store per neuron whether its findings reproduce (column `reproduced`) in the "
-                           "merge of the two (`ffnscope merge A B --out MERGED`, analysed)")
+    repro = sub.add_parser("reproduce", help="compare the findings of two recordings of disjoint data (split halves)",
+                           description="Compare two analysed recordings of disjoint data from one model and "
+                                       "settings (like --part 1/2 and --part 2/2) finding by finding: dead, "
+                                       "detectors, suppression, positional neurons; the share found again.")
+    repro.add_argument("files", type=Path, nargs=2, metavar="FILE", help="the two recordings, A and B")
+    repro.add_argument("--format", choices=("table", "json"), default="table",
+                       help="a table in the terminal, or JSON for scripts (default: %(default)s)")
+    repro.add_argument("--into", type=out_path, metavar="MERGED",
+                       help="also store per neuron whether its findings reproduce (column `reproduced`) in the "
+                            "merge of the two (`ffnscope merge A B --out MERGED`, analysed)")
     return parser
 
 

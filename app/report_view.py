@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
@@ -60,11 +61,13 @@ def _summary_table(reader: CacheReader, rows) -> RichTable:
     caption = ([] if paper else [plain(f"dead: {dead_label(rec)}; dead τ=0: {PAPER_DEAD}")]) + [SUPPRESS_CAPTION]
     caption.insert(0, Text(support_rule(_rule(rows))))  # the rule behind tok det, 2g det, 3g det
     table = RichTable(title=Text(f"{_label(reader)} · {reader.n_tokens:,} tokens · {printable(rec.firing_rule)}"),
-                      caption=Text("\n").join(caption))
+                      caption=Text("\n").join(caption), box=box.SIMPLE_HEAD, pad_edge=False)  # fits 80 columns
     dead_headers = ["dead %"] if paper else [f"dead % {'τ_l' if relative else rule_short(rec)}", "dead % τ=0"]
     for header in ("layer", *(["τ_l"] if relative else []), *dead_headers, "alive %", "tok det", "2g det", "3g det",
                    "supp % logit", "supp % z", "positional"):
-        table.add_column(plain(header), justify="right")
+        # headers on two lines, so the table fits 80 columns without squeezing a column ("pos…")
+        table.add_column(Text(printable(header).replace(" ", "\n", 1)), justify="right",
+                         min_width=len(header) if header == "positional" else None)
     for row in rows.rows():
         ngram = row["ngram_layer"]
         dead = [f"{100 * row['dead_frac']:.1f}"] + ([] if paper else [f"{100 * row['dead_tau0_frac']:.1f}"])

@@ -102,8 +102,9 @@ def test_decided_positional_exports_true_false_and_counts(caches, tmp_path, fmt)
     assert not pos["too_few"]
     neurons = exported(caches[12], "neurons", fmt, tmp_path)
     by_neuron = {(int(r["layer"]), int(r["neuron"])): r for r in neurons}
-    assert (by_neuron[0, POSITIONAL]["positional"], by_neuron[0, POSITIONAL]["pos_strong"]) == (written(True, fmt),) * 2
-    assert (by_neuron[0, DETECTOR]["positional"], by_neuron[0, DETECTOR]["pos_strong"]) == (written(False, fmt),) * 2
+    for neuron, verdict in ((POSITIONAL, True), (DETECTOR, False)):
+        row = by_neuron[0, neuron]
+        assert (row["positional"], row["pos_strong"]) == (written(verdict, fmt),) * 2
     assert {r["positional"] for r in neurons} == {written(True, fmt), written(False, fmt)}
     plugin = [float(by_neuron[int(layer), n]["pos_mi_plugin"]) for layer in pos["layers"] for n in range(64)]
     np.testing.assert_allclose(plugin, pos["mi_plugin"].reshape(-1), rtol=0 if fmt != "markdown" else 1e-12)

@@ -66,9 +66,6 @@ def layer_table(reader: CacheReader, index: NeuronIndex | None = None) -> Table:
     store.require(reader)
     figures = layer_figures(index or NeuronIndex(reader))
     rows = {name: figures[name].tolist() for name in LAYER_KINDS}
-    rows["min_occurrences"] = [None if v != v else int(v) for v in rows["min_occurrences"]]
-    for key in ("suppress_frac_logit", "suppress_frac_z"):
-        rows[key] = [None if v != v else v for v in rows[key]]  # NaN: not known
     for name, kind in LAYER_KINDS.items():  # NaN in the figures: not known, exported as None (empty)
         rows[name] = [None if v is None or v != v else int(v) if kind == "int" else v for v in rows[name]]
     return Table(rows, kinds=LAYER_KINDS)

@@ -21,7 +21,7 @@ from ffnscope.cache.npl_store import NplReader, sequence_hashes
 from ffnscope.cache.reader import CacheReader
 
 DEFAULT_FIT_TOKENS = 131072
-DEFAULT_HELDOUT_SEQS = 16  # the floor for a held-out figure, where the data allows
+DEFAULT_HELDOUT_SEQS = 16  # held-out sequences behind every NPL figure, where the data allows
 _HASH_ROWS = 4096          # recorded sequences read at a time
 
 
