@@ -58,6 +58,7 @@ async def test_filter_detail_plot_export(hostile_cache, tmp_path):
         await choose(pilot, "token")
         assert shown(neurons) == [(r["layer"], r["neuron"]) for r in expected]
         assert f"{len(expected)} match" in screen_text(app)
+        assert "detectors: triggers seen >=" in screen_text(app)  # a count of detectors shows its rule
         await pilot.press("enter")
         detail = await wait_screen(pilot, DetailScreen)
         text = screen_text(app)

@@ -19,6 +19,7 @@ from ffnscope.app.tui.modals import AskScreen, ChooseScreen, ExportScreen
 from ffnscope.app.tui.recording import OpenRecording
 from ffnscope.app.tui.table import Column, VirtualTable
 from ffnscope.engine.analysis.dead import primary_is_tau0
+from ffnscope.engine.analysis.ngrams import support_rule
 from ffnscope.engine.explore.index import SORT_KEYS, UNKNOWN, NeuronFilter
 from ffnscope.engine.analysis.positional import KINDS
 
@@ -152,6 +153,8 @@ class NeuronsScreen(FramedScreen):
         note = f" · not analyzed: {', '.join(missing)}" if missing else ""
         if self.index.pos_note:  # "too few sequences per position (N) to call positional neurons"
             note += f" · {self.index.pos_note.split(':')[0]}"
+        if self.filter.detector and self.index.min_occurrences is not None:  # a count of detectors: its rule
+            note += f" · {support_rule(self.index.min_occurrences)}"
         # the count and the order first; the line wraps rather than cutting what follows
         self.query_one("#status", Static).update(Text(
             f" {scope} · {total:,} neurons · {len(self.rows):,} match · sort: {order} · "
