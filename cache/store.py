@@ -539,11 +539,16 @@ def open_file(path: Path, purpose: str) -> h5py.File:
     except OSError:
         raise UserError(f"{path} is not a readable HDF5 file (truncated or foreign); "
                         f"record it again or restore a good copy before {purpose}") from None
-    if f.attrs.get("format") != schema.FORMAT:
+    try:
+        form, version = f.attrs.get("format"), f.attrs.get("schema_version", -1)
+    except (OSError, KeyError, RuntimeError):  # damaged attribute data: h5py cannot decode it
+        f.close()
+        raise UserError(f"{path} is damaged (its attributes cannot be read); record it again or restore a good "
+                        f"copy before {purpose}") from None
+    if form != schema.FORMAT:
         f.close()
         raise UserError(f"{path} is an HDF5 file but not an ffnscope recording; give a cache written "
                         "by `ffnscope record`")
-    version = f.attrs.get("schema_version", -1)
     version = int(version) if isinstance(version, (int, np.integer)) else -1  # "two": not a version we know
     if version != schema.SCHEMA_VERSION:
         f.close()

@@ -168,6 +168,18 @@ def _flip_at(offset, count=1):
     return mutate
 
 
+def _flip_after(marker: bytes, offset: int, count: int):
+    """Bytes inverted `offset` past the first `marker` in the file: the root's "format" attribute name
+    is followed by the reference to its value, which h5py then cannot decode (an OSError on reading)."""
+    def mutate(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        at = data.find(marker) + offset
+        for i in range(at, at + count):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+    return mutate
+
+
 def _truncate(fraction):
     def mutate(path: Path) -> None:
         data = path.read_bytes()
@@ -325,6 +337,7 @@ VARIANTS = {
     **{f"bytes flipped at {fraction:g}": (_flip(fraction, 16), EITHER, ())
        for fraction in (0.0002, 0.001, 0.003, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)},
     **{f"one byte flipped at {offset}": (_flip_at(offset), EITHER, ()) for offset in (40, 96, 700, 1500, 3000)},
+    "root attribute value unreadable": (_flip_after(b"format", 40, 32), FAILS, ()),
 }
 
 
