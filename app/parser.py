@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "firing at most that often (on the calibration sample, then over the recording); 1 "
                           "counts every neuron, less saves memory (those skipped within the bound get no "
                           "detector verdict)")
-    rec.add_argument("--calib-tokens", type=tokens, default=32768,
-                     help="tokens of the calibration sample (relative --tau-rule, early n-gram skips)")
+    rec.add_argument("--calib-tokens", type=tokens, default=None,
+                     help="tokens of the calibration sample (relative --tau-rule, early n-gram skips); default: 5%% "
+                          "of the data, at most 32768 (under one sequence: no early skips)")
     rec.add_argument("--topk", type=whole(1, MAX_TOPK, "at most one context a sequence"), default=16,
                      help="strongest contexts kept per neuron")
     rec.add_argument("--samples", type=whole(0, MAX_SAMPLES, "each a vector of every layer"), default=2048,

@@ -79,14 +79,14 @@ def child_record(spec: dict) -> dict:
 
     def record_shards(self, state, tokens, lo):  # the shards alone: no load, no calibration
         _sync(device)
-        start, moved, hidden = time.perf_counter(), self.runner.bytes_moved, self.hidden_bytes_moved
+        start, moved, hidden = time.perf_counter(), self.runner.bytes_moved, self.blocks.hidden_bytes_moved
         try:
             return real_shards(self, state, tokens, lo)
         finally:
             _sync(device)
             timed["seconds"] += time.perf_counter() - start
             timed["moved"] += self.runner.bytes_moved - moved
-            timed["hidden_moved"] += self.hidden_bytes_moved - hidden
+            timed["hidden_moved"] += self.blocks.hidden_bytes_moved - hidden
             timed["tokens"] += int(tokens.size)
 
     def plan_memory(*args, **kwargs):

@@ -1,12 +1,29 @@
-"""Recording throughput against a bare forward pass, and weight traffic of layer-major streaming
-against per-batch offloading, on the same tokens, in one run.
+"""Recording throughput against a bare forward pass on the same tokens, where the time goes, the calibration's
+cost, and the weight traffic of layer-major streaming against per-batch offloading, in one run.
 
-    python bench/record_throughput.py [--model default] [--tokens 32768] [--budget-layers 2]
+    python bench/record_throughput.py [--model default] [--tokens 8192] [--repeat 3] [--skip-streaming]
 
-Prints: bare forward tokens/s (base model, no LM head); recording tokens/s (all layers, n-gram
-statistics on the first half, checkpoint included) and the ratio; the same under a device budget
-of N layers and its ratio to all-resident; weight bytes moved per token by layer-major streaming
-and by accelerate's cpu_offload (counted by wrapping its tensor mover) on the same batches.
+Bare forward passes (the base model, no LM head) and recordings (every layer, n-gram statistics on the first
+half, checkpoints on their cadence) alternate, --repeat times: this machine's speed drifts between minutes,
+so each recording is compared with the bare passes right before and after it. A recording is what a job runs
+after its calibration: the shards with their segments and checkpoints; the final (compressed) write follows
+and is timed apart. Each run prints its ratio and its profile beside it:
+
+    forward     LayerRunner.run without the probe's callbacks (the layers' own compute)
+    hooks       the probe's callbacks and take() (what reading g and act costs)
+    statistics  LayerStats.update (the fused per-batch kernels, the n-gram pairs)
+    layer ends  LayerStats.to_host and take_samples (pairs merged over the shard's batches)
+    embed       the embeddings and each batch's context (n-gram keys and tables)
+    segments    each shard's segment and its fold into the checkpoint's maps
+    checkpoints the checkpoints of the fixed-size statistics
+    other       the rest (the wall time minus the above)
+
+Then: the calibration as the job runs it on this data (the default sample: engine.record.config.
+default_calib_tokens) and, measured on a 32,768-token sample (what a 1M-token recording calibrates on), its
+share of a 1M-token recording at the recording speed measured here. With streaming (not --skip-streaming):
+throughput under a device budget of --budget-layers layers, and the bytes of the streamed layers' weights moved
+per token by layer-major streaming and by accelerate's cpu_offload (counted on the same layers' weights, by
+wrapping its tensor mover) on the same batches.
 """
 from __future__ import annotations
 
@@ -14,6 +31,8 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,16 +40,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ffnscope.engine.model.plan import plan_device  # noqa: E402
-from ffnscope.engine.data.sources import open_sources
-from ffnscope.engine.data.packing import pack  # noqa: E402
-from ffnscope.engine.model.runner import param_bytes  # noqa: E402
-from ffnscope.engine.record.meta import build_meta  # noqa: E402
+from ffnscope.engine.data.packing import pack, special_ids  # noqa: E402
+from ffnscope.engine.data.sources import open_sources  # noqa: E402
+from ffnscope.engine.model import hooks as hooks_module, runner as runner_module  # noqa: E402
 from ffnscope.engine.model.load import load_model  # noqa: E402
-from ffnscope.engine.record.config import RecordConfig
-from ffnscope.engine.record.job import empty_state, write_complete
-from ffnscope.engine.data.packing import special_ids  # noqa: E402
+from ffnscope.engine.model.plan import plan_device  # noqa: E402
+from ffnscope.engine.model.runner import param_bytes  # noqa: E402
+from ffnscope.engine.record import block as block_module, executor, job, stats as stats_module  # noqa: E402
+from ffnscope.engine.record.config import RecordConfig, default_calib_tokens  # noqa: E402
 from ffnscope.engine.record.executor import Recorder  # noqa: E402
+from ffnscope.engine.record.meta import build_meta  # noqa: E402
+
+PHASES = ("forward", "hooks", "statistics", "layer ends", "embed", "segments", "checkpoints")
+CALIB_1M = 32768  # the calibration sample of a 1M-token recording (default_calib_tokens)
+
+
+@contextmanager
+def profiled(seconds: Counter):
+    """Time the recording's phases into `seconds` by wrapping the functions that do them (nothing in the engine
+    knows it is timed)."""
+    def timed(owner, name, phase):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - t
+        return owner, name, real, wrapper
+
+    def keep(self, name):  # the probe's callbacks: run inside the layer's forward
+        real = real_keep(self, name)
+
+        def callback(k, t):
+            t0 = time.perf_counter()
+            real(k, t)
+            seconds["callbacks"] += time.perf_counter() - t0
+        return callback
+    real_keep = hooks_module.FFNProbe._keep
+    patches = [timed(runner_module.LayerRunner, "run", "forward"), timed(hooks_module.FFNProbe, "take", "hooks"),
+               timed(stats_module.LayerStats, "update", "statistics"),
+               timed(stats_module.LayerStats, "to_host", "layer ends"),
+               timed(stats_module.LayerStats, "take_samples", "layer ends"),
+               timed(block_module.BlockRunner, "_embed", "embed"), timed(executor, "write_segment", "segments"),
+               timed(executor, "fold_segments", "segments"), timed(Recorder, "_checkpoint", "checkpoints"),
+               (hooks_module.FFNProbe, "_keep", real_keep, keep)]
+    for owner, name, _real, wrapper in patches:
+        setattr(owner, name, wrapper)
+    try:
+        yield seconds
+    finally:
+        for owner, name, real, _wrapper in patches:
+            setattr(owner, name, real)
 
 
 def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:
@@ -42,31 +104,43 @@ def bare_forward(lm, tokens: np.ndarray, per_batch: int) -> float:
     return time.perf_counter() - start
 
 
-def run_recording(config, lm, meta, tokens, domains, resident: int) -> tuple[float, float, Recorder]:
-    """-> (calibration s, recording s, recorder); recorder.cpu_s: the recording's process CPU seconds (all
-    threads: the prefetch's reads count), steadier than wall time on a shared machine."""
-    recorder = Recorder(config, lm, meta, torch.device("cpu"), resident, domains)
+def calibration_seconds(config, lm, meta, tokens, domains, calib_tokens: int) -> float:
+    """The calibration a job runs before its first shard, on a sample of `calib_tokens`."""
+    meta = {**meta, "recording": {**meta["recording"], "calib_tokens": calib_tokens}}
+    recorder = Recorder(config, lm, meta, torch.device("cpu"), len(lm.adapter.layers), domains)
     t0 = time.perf_counter()
-    counted = recorder.calibrate(tokens)
-    t1, c1 = time.perf_counter(), time.process_time()
-    state = empty_state(meta, counted)
-    recorder.runner.bytes_moved = 0  # count the recording's weight traffic, not the calibration's
-    recorder.record_shards(state, tokens, 0)
-    write_complete(config.out, state, recorder)
-    recorder.cpu_s = time.process_time() - c1
-    return t1 - t0, time.perf_counter() - t1, recorder
+    recorder.calibrate(tokens)
+    return time.perf_counter() - t0
 
 
-def accelerate_offload_bytes(lm, tokens: np.ndarray, per_batch: int, n_batches: int) -> int:
-    """Bytes accelerate's cpu_offload moves to the execution device for the first batches."""
+def run_recording(config, lm, meta, tokens, domains, resident: int, counted: dict):
+    """The shards as a job records them after its calibration (`counted`: what it decided), profiled ->
+    (recording s, final write s, phase seconds, recorder)."""
+    recorder = Recorder(config, lm, meta, torch.device("cpu"), resident, domains)
+    state = job.empty_state(meta, counted)
+    with profiled(Counter()) as seconds:
+        t0 = time.perf_counter()
+        recorder.record_shards(state, tokens, 0)
+        t1 = time.perf_counter()
+    job.write_complete(config.out, state, recorder)
+    recorder.release_buffers()
+    seconds["forward"] -= seconds["callbacks"]  # they ran inside the forward
+    seconds["hooks"] += seconds.pop("callbacks")
+    return t1 - t0, time.perf_counter() - t1, seconds, recorder
+
+
+def accelerate_offload_bytes(lm, tokens: np.ndarray, per_batch: int, n_batches: int, layers: list[int]) -> int:
+    """Bytes of the given decoder layers' weights that accelerate's cpu_offload moves to the execution device
+    for the first batches."""
     import accelerate.hooks as hooks
     from accelerate import cpu_offload
 
+    counted = {id(m) for i in layers for m in lm.adapter.layers[i].modules()}
     moved = {"bytes": 0}
     original = hooks.set_module_tensor_to_device
 
     def counting(module, name, device, value=None, *args, **kwargs):
-        if value is not None:
+        if value is not None and id(module) in counted:
             moved["bytes"] += value.numel() * value.element_size()
         return original(module, name, device, value, *args, **kwargs)
 
@@ -82,17 +156,36 @@ def accelerate_offload_bytes(lm, tokens: np.ndarray, per_batch: int, n_batches: 
     return moved["bytes"]
 
 
+def warm_up(lm, tokens, per_batch: int, seq_len: int) -> None:
+    """JIT-compile the CPU kernels and touch the weights once, outside every timing."""
+    from ffnscope.engine.record.grams import GramTable, gram_keys
+
+    kernels = stats_module.cpu_kernels
+    if kernels is not None:
+        g = np.zeros((seq_len, 64), np.float32)
+        kernels.batch_stats(g, g, np.zeros(1, np.float32), 0, seq_len, np.zeros((1, 64), np.int64), np.zeros(64),
+                            np.zeros(64), np.zeros(64, np.float32), np.zeros((seq_len, 64), np.int64),
+                            np.zeros((1, 64), np.float32), np.zeros((1, 64), np.int64), np.zeros((1, 64), np.float32),
+                            np.zeros(64, np.int64))
+        keys, valid = gram_keys(tokens[:1], int(tokens.max()) + 1, 1)
+        kernels.pair_counts(g, g, -1.0, np.ones(64, bool), np.full(64, seq_len), GramTable.of(keys, valid))
+    bare_forward(lm, tokens[:per_batch], per_batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-tokens", type=int, default=8192)
-    parser.add_argument("--shard-tokens", type=int, default=262144)
+    parser.add_argument("--shard-tokens", type=int, help="default: the job's (engine.record.config)")
     parser.add_argument("--budget-layers", type=int, default=2)
     parser.add_argument("--skip-streaming", action="store_true")
+    parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--repeat", type=int, default=3, help="alternating bare/recording pairs")
     args = parser.parse_args()
+
+    from ffnscope.engine.record.config import default_shard_tokens
 
     lm = load_model(args.model)
     start_id, sep_id = special_ids(lm.tokenizer)
@@ -101,66 +194,71 @@ def main() -> None:
     tokens = packed.tokens
     n_tok = tokens.size
     per_batch = max(1, args.batch_tokens // args.seq_len)
-    print(f"model {lm.name}: {len(lm.adapter.layers)} layers, d_ffn {lm.adapter.d_ffn}; "
-          f"{n_tok} tokens in {len(tokens)} sequences of {args.seq_len}; batches of {per_batch} sequences; "
-          f"torch threads {torch.get_num_threads()}")
-
+    shard_tokens = args.shard_tokens or default_shard_tokens(n_tok, args.seq_len)
     out = Path(tempfile.mkdtemp()) / "bench.h5"
     config = RecordConfig(out=out, model=args.model, tokens=n_tok, seq_len=args.seq_len,
-                          batch_tokens=args.batch_tokens, shard_tokens=args.shard_tokens, device="cpu",
-                          calib_tokens=args.seq_len * per_batch)
+                          batch_tokens=args.batch_tokens, shard_tokens=shard_tokens, device="cpu")
     meta = build_meta(config, lm, sources, packed, args.seq_len, start_id, sep_id)
-    # warm-up: JIT-compile the CPU kernels and touch the weights once, outside every timing
-    from ffnscope.engine.record.stats import cpu_kernels
+    meta["recording"]["ngram_bound"], _ = job.ngram_bound(tokens, meta)
+    rec = meta["recording"]
+    print(f"model {lm.name}: {len(lm.adapter.layers)} layers, d_ffn {lm.adapter.d_ffn}; {n_tok} tokens in "
+          f"{len(tokens)} sequences of {args.seq_len}; batches of {per_batch} sequences, shards of {shard_tokens} "
+          f"tokens ({rec['n_shards']}); n-gram layers {rec['ngram_layers'][0]}-{rec['ngram_layers'][-1]}; "
+          f"torch threads {torch.get_num_threads()}")
+    warm_up(lm, tokens, per_batch, args.seq_len)
+    # what the job's calibration decides (the n-gram neurons counted from the start), once, untimed
+    counted = Recorder(config, lm, meta, torch.device("cpu"), len(lm.adapter.layers), packed.domains).calibrate(tokens)
+    print(f"n-gram neurons counted from the start: {sum(int(c.sum()) for c in counted.values())} of "
+          f"{len(counted) * lm.adapter.d_ffn} (calibration sample {rec['calib_tokens']} tokens)")
 
-    if cpu_kernels is not None:
-        g = np.zeros((args.seq_len, 64), np.float32)
-        cpu_kernels.batch_stats(g, g, np.zeros(1, np.float32), 0, args.seq_len, np.zeros((1, 64), np.int64),
-                                np.zeros(64), np.zeros(64), np.zeros(64, np.float32),
-                                np.zeros((args.seq_len, 64), np.int64), np.zeros((1, 64), np.float32),
-                                np.zeros((1, 64), np.int64), np.zeros((1, 64), np.float32), np.zeros(64, np.int64))
-    bare_forward(lm, tokens[:per_batch], per_batch)  # first touch of the batch buffers
-
-    # bare forward and recording alternate, --repeat times: this machine's speed drifts by 10-25 %
-    # between minutes, so each recording is compared with the bare passes right around it
-    bares, recs = [bare_forward(lm, tokens, per_batch)], []
-    for _ in range(args.repeat):
-        calib, rec, recorder = run_recording(config, lm, meta, tokens, packed.domains, len(lm.adapter.layers))
-        recs.append(rec)
+    bares, runs = [bare_forward(lm, tokens, per_batch)], []
+    for r in range(args.repeat):
+        rec_s, final_s, seconds, recorder = run_recording(config, lm, meta, tokens, packed.domains,
+                                                          len(lm.adapter.layers), counted)
         bares.append(bare_forward(lm, tokens, per_batch))
-    ratios = [(bares[i] + bares[i + 1]) / 2 / recs[i] for i in range(len(recs))]
-    rec_s = None
-    if not args.skip_streaming:
-        layers = list(lm.adapter.layers)
-        fixed = param_bytes(lm.adapter.base) - sum(param_bytes(layer) for layer in layers)
-        budget = fixed + args.budget_layers * max(param_bytes(layer) for layer in layers)
-        resident = plan_device(budget, lm, torch.device("cpu"), args.batch_tokens)
-        config_s = RecordConfig(**{**config.__dict__, "out": out.with_name("stream.h5")})
-        _, rec_s, rec_obj = run_recording(config_s, lm, meta, tokens, packed.domains, resident)
-    bare = float(np.median(bares))
-    print(f"bare forward        {n_tok / bare:9.1f} tok/s  (median of {', '.join(f'{b:.1f}' for b in bares)} s)")
-    print(f"recording           {n_tok / float(np.median(recs)):9.1f} tok/s  "
-          f"(runs {', '.join(f'{r:.1f}' for r in recs)} s)")
-    print(f"  ratio to the bare passes around each run: {', '.join(f'{r:.3f}' for r in ratios)}; "
-          f"median {float(np.median(ratios)):.3f}")
-    print(f"  statistics        {recorder.seconds['statistics']:.1f} s; checkpoints {recorder.seconds['checkpoints']:.1f} s; "
-          f"without checkpoints: ratio {bare / (rec - recorder.seconds['checkpoints']):.3f}")
-    print(f"  calibration pass  {calib:.1f} s on {config.calib_tokens} tokens "
-          f"(once per recording: {calib / 1e6 * 100 / (rec / n_tok):.2f}% of a 1M-token recording)")
-    print(f"  cache size        {out.stat().st_size / 2**20:.1f} MiB")
+        around = (bares[-2] + bares[-1]) / 2
+        runs.append((rec_s, final_s, around / rec_s))
+        other = rec_s - sum(seconds[p] for p in PHASES)
+        profile = ", ".join(f"{p} {seconds[p]:.1f}" for p in PHASES)
+        print(f"run {r + 1}: bare {bares[-2]:.1f} / {bares[-1]:.1f} s, recording {rec_s:.1f} s: ratio "
+              f"{around / rec_s:.3f}; final write {final_s:.1f} s (ratio with it {around / (rec_s + final_s):.3f})")
+        print(f"  profile s: {profile}, other {other:.1f}; forward / bare {seconds['forward'] / around:.3f}")
+    ratios = [r[2] for r in runs]
+    rec_med = float(np.median([r[0] for r in runs]))
+    print(f"bare forward {n_tok / float(np.median(bares)):.1f} tok/s; recording {n_tok / rec_med:.1f} tok/s; "
+          f"ratio median {float(np.median(ratios)):.3f} of {', '.join(f'{r:.3f}' for r in ratios)}; "
+          f"final write median {float(np.median([r[1] for r in runs])):.1f} s")
+    print(f"  cache size {out.stat().st_size / 2**20:.1f} MiB")
 
-    if rec_s is None:
+    if not args.skip_calibration:
+        job_calib = default_calib_tokens(n_tok, args.seq_len)
+        calib = calibration_seconds(config, lm, meta, tokens, packed.domains, job_calib)
+        print(f"calibration as the job runs it (sample {job_calib} tokens): {calib:.1f} s, "
+              f"{calib / rec_med:.1%} of this recording")
+        if len(tokens) * args.seq_len >= CALIB_1M:
+            calib_1m = calibration_seconds(config, lm, meta, tokens, packed.domains, CALIB_1M)
+            recording_1m = rec_med * 1_000_000 / n_tok
+            print(f"calibration of a 1M-token recording (sample {CALIB_1M} tokens, measured here): {calib_1m:.1f} s, "
+                  f"{calib_1m / recording_1m:.1%} of its recording at this speed ({recording_1m:.0f} s)")
+
+    if args.skip_streaming:
         return
+    layers = list(lm.adapter.layers)
+    fixed = param_bytes(lm.adapter.base) - sum(param_bytes(layer) for layer in layers)
+    budget = fixed + args.budget_layers * max(param_bytes(layer) for layer in layers)
+    resident = plan_device(budget, lm, torch.device("cpu"), args.batch_tokens)
+    config_s = RecordConfig(**{**config.__dict__, "out": out.with_name("stream.h5")})
+    stream_s, _final, _seconds, streamer = run_recording(config_s, lm, meta, tokens, packed.domains, resident,
+                                                         counted)
     print(f"streaming (budget {args.budget_layers} layers: {resident} resident, the rest stream): "
-          f"{n_tok / rec_s:9.1f} tok/s; ratio to all-resident {rec / rec_s:.3f}")
-    print(f"  process CPU s: all-resident {recorder.cpu_s:.1f} (wall {rec:.1f}), streaming {rec_obj.cpu_s:.1f} "
-          f"(wall {rec_s:.1f}); ratio by CPU time {recorder.cpu_s / rec_obj.cpu_s:.3f}")
+          f"{n_tok / stream_s:.1f} tok/s; ratio to all-resident {rec_med / stream_s:.3f}")
     n_batches = 2
-    offload = accelerate_offload_bytes(lm, tokens, per_batch, n_batches) / (n_batches * per_batch * args.seq_len)
-    ours = rec_obj.runner.bytes_moved / n_tok
-    shard = min(args.shard_tokens, n_tok)
-    print(f"weight bytes moved per token: layer-major streaming {ours:,.0f} (one copy of the streamed "
-          f"layers per shard of {shard} tokens); accelerate cpu_offload {offload:,.0f} (every weight per "
+    streamed = list(range(resident, len(layers)))
+    offload = accelerate_offload_bytes(lm, tokens, per_batch, n_batches, streamed) / (n_batches * per_batch *
+                                                                                      args.seq_len)
+    ours = streamer.runner.bytes_moved / n_tok
+    print(f"weight bytes of the {len(streamed)} streamed layers moved per token: layer-major streaming {ours:,.0f} "
+          f"(once per shard of {min(shard_tokens, n_tok)} tokens); accelerate cpu_offload {offload:,.0f} (once per "
           f"batch of {args.batch_tokens} tokens); ratio {offload / max(ours, 1e-9):.1f}x")
 
 

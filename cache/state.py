@@ -42,7 +42,7 @@ class Sparse:
         gram = np.concatenate([p.gram for p in parts])
         neuron = np.concatenate([p.neuron for p in parts]).astype(np.int32, copy=False)
         count = np.concatenate([p.count for p in parts]).astype(np.int64, copy=False)
-        order = np.lexsort((neuron, gram))
+        order = _pair_order(gram, neuron)
         gram, neuron, count = gram[order], neuron[order], count[order]
         starts = np.flatnonzero(np.r_[True, (gram[1:] != gram[:-1]) | (neuron[1:] != neuron[:-1])])
         g_sum = None
@@ -59,6 +59,16 @@ class Sparse:
 
     def __len__(self) -> int:
         return len(self.gram)
+
+
+def _pair_order(gram: np.ndarray, neuron: np.ndarray) -> np.ndarray:
+    """The stable order by (gram, neuron). One int64 key where it fits: numpy's stable sort of it (timsort) runs
+    through the parts' sorted runs (a recorder's batches come as runs) about twice as fast as lexsort's two
+    passes."""
+    width = int(neuron.max()) + 1
+    if int(gram.min()) >= 0 and int(gram.max()) < np.iinfo(np.int64).max // width:
+        return np.argsort(gram * width + neuron, kind="stable")
+    return np.lexsort((neuron, gram))
 
 
 @dataclass

@@ -8,7 +8,7 @@ What each architecture gets, in order, and its outcome:
      weight is used there, so this is the only refusal that is not a failure);
   3. one plain forward, and the config's own validation, which saving it runs ("not built" if either
      fails: the sweep's shrinking broke the tiny model);
-  4. recorded by the recorder's own parts (Recorder.run_block: LayerRunner, FFNProbe with its role
+  4. recorded by the recorder's own parts (BlockRunner.run: LayerRunner, FFNProbe with its role
      check on the first batch, LayerStats) over SEQS sequences in batches of BATCH_SEQS, twice:
      in memory (every layer resident, the torch statistics), and from files (saved with
      save_pretrained, loaded by engine.model.load.load_model per layer, every layer streamed from the
@@ -166,11 +166,10 @@ class Recording:
 
 
 def record_layers(adapter, tokens: np.ndarray, resident: int, fused: bool | None) -> Recording:
-    """One shard of `tokens` through engine.record.executor.Recorder.run_block, every layer recorded with
+    """One shard of `tokens` through engine.record.block.BlockRunner.run, every layer recorded with
     n-gram counts for every neuron; `resident` layers stay in memory, the others are streamed (from the
     files, where the adapter reads layers from them); fused: LayerStats' formulation (None: the CPU default)."""
-    from ffnscope.engine.record.config import RecordConfig
-    from ffnscope.engine.record.executor import Recorder
+    from ffnscope.engine.record.block import BlockRunner
     from ffnscope.engine.record.stats import LayerStats, cpu_kernels
 
     n, seq_len = tokens.shape
@@ -186,10 +185,9 @@ def record_layers(adapter, tokens: np.ndarray, resident: int, fused: bool | None
                           "batch_tokens": BATCH_SEQS * seq_len},
             "data": {"seq_len": seq_len, "seed": 0, "tokens_total": n * seq_len},
             "model": {"vocab_size": VOCAB, "d_ffn": d}, "tokenizer": {"start_id": BOS}}
-    config = RecordConfig(out=Path(tempfile.gettempdir()) / "ffnscope-arch-sweep.h5", batch_tokens=BATCH_SEQS * seq_len,
-                          topk=TOPK)
     cpu = torch.device("cpu")
-    recorder = Recorder(config, SimpleNamespace(adapter=adapter), meta, cpu, resident, np.zeros((n, seq_len), np.uint8))
+    blocks = BlockRunner(SimpleNamespace(adapter=adapter), meta, cpu, resident, BATCH_SEQS * seq_len,
+                         Path(tempfile.gettempdir()) / "ffnscope-arch-sweep.h5")
     fused = cpu_kernels is not None if fused is None else fused
     done, samples = {}, {}
 
@@ -200,7 +198,7 @@ def record_layers(adapter, tokens: np.ndarray, resident: int, fused: bool | None
         samples[index] = stats.take_samples()
         done[index] = stats.to_host()
 
-    index = recorder.run_block(tokens, np.arange(n), layers, stats_for, layer_done)
+    index = blocks.run(tokens, np.arange(n), layers, stats_for, layer_done, sample_rate=SAMPLE_RATE)
     return Recording(done, samples, index)
 
 

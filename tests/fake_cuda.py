@@ -29,6 +29,12 @@ torch does: the missing `.cpu()` is a bug a GPU shows); `.item()` / float() / in
 equal and allclose True, after the operands' devices were checked; ops whose output size depends on values
 (nonzero, unique, boolean-mask indexing, masked_select) act as if every element were selected / distinct.
 
+Host synchronizations are counted by name in `FakeRuntime.syncs`: the ops above with a cuda operand (each
+needs a value on the host: a GPU waits for its queue there), a blocking copy between the host and a cuda
+tensor ("to_host", "to_device": torch waits for the stream after it), and the runtime's waits (event / stream /
+device synchronize). A non_blocking copy is the stream's, not a wait, and is not counted (whether its host
+memory is pinned, the fake cannot tell).
+
 Covered: every device placement and transfer (skeleton, resident and streamed layers, buffers, hooks,
 statistics kernels and their host copies, the runtime calls and their order of record/wait), dtype and shape
 flow. Not covered: values (every number downstream of a fake tensor is 0, so no result is checked and
@@ -56,6 +62,7 @@ import safetensors
 import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
                                            FakeTensorMode)
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ffnscope.engine.model import accelerator
@@ -100,9 +107,14 @@ def register_cuda_guard() -> None:
 
 
 # --- the runtime stand-in ----------------------------------------------------------------------------
+def _count(counts: dict[str, int], name: str) -> None:
+    counts[name] = counts.get(name, 0) + 1
+
+
 class FakeEvent:
-    def __init__(self):
+    def __init__(self, syncs: dict[str, int]):
         self.recorded = False
+        self.syncs = syncs
 
     def record(self, stream=None) -> None:
         if stream is not None:
@@ -114,6 +126,7 @@ class FakeEvent:
 
     def synchronize(self) -> None:
         self._check()
+        _count(self.syncs, "event.synchronize")
 
     def wait(self, stream=None) -> None:
         self._check()
@@ -124,8 +137,9 @@ class FakeEvent:
 
 
 class FakeStream:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, syncs: dict[str, int]):
         self.device = torch.device(device)
+        self.syncs = syncs
         assert self.device.type == "cuda", f"a CUDA stream on {self.device}"
 
     def wait_event(self, event: FakeEvent) -> None:
@@ -135,24 +149,26 @@ class FakeStream:
         assert isinstance(stream, FakeStream)
 
     def synchronize(self) -> None:
-        pass
+        _count(self.syncs, "stream.synchronize")
 
     def record_event(self, event: FakeEvent | None = None) -> FakeEvent:
-        event = event or FakeEvent()
+        event = event or FakeEvent(self.syncs)
         event.record(self)
         return event
 
 
 class FakeRuntime:
-    """engine.model.accelerator's runtime without a GPU; counts what the engine asked of it."""
+    """engine.model.accelerator's runtime without a GPU; counts what the engine asked of it (`calls`) and the
+    host synchronizations (`syncs`, module doc)."""
 
     def __init__(self, free: int = 64 * GiB, total: int = 80 * GiB):
         self.free, self.total = free, total
         self.calls: dict[str, int] = {}
+        self.syncs: dict[str, int] = {}
         self._streams: dict[torch.device, FakeStream] = {}
 
     def _count(self, name: str) -> None:
-        self.calls[name] = self.calls.get(name, 0) + 1
+        _count(self.calls, name)
 
     def available(self) -> bool:
         return True
@@ -171,15 +187,15 @@ class FakeRuntime:
 
     def stream(self, device) -> FakeStream:
         self._count("stream")
-        return FakeStream(device)
+        return FakeStream(device, self.syncs)
 
     def current_stream(self, device) -> FakeStream:
         device = torch.device(device)
-        return self._streams.setdefault(device, FakeStream(device))
+        return self._streams.setdefault(device, FakeStream(device, self.syncs))
 
     def event(self) -> FakeEvent:
         self._count("event")
-        return FakeEvent()
+        return FakeEvent(self.syncs)
 
     def use_stream(self, stream):
         assert isinstance(stream, FakeStream), f"use_stream({stream!r})"
@@ -197,6 +213,7 @@ class FakeRuntime:
 
     def synchronize(self, device) -> None:
         assert torch.device(device).type == "cuda"
+        _count(self.syncs, "synchronize")
 
     def pinned_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         self._count("pinned_empty")
@@ -216,40 +233,73 @@ def _scalar(t: torch.Tensor):
     return 0.0 if t.dtype.is_floating_point or t.dtype.is_complex else 0
 
 
+def _is_mask(index) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
+
 def _unbool(indices):
     """Boolean masks among index tensors -> the long indices of every element (each one selected)."""
     out = []
     for index in indices:
-        if isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8):
+        if _is_mask(index):
             out.extend(_selected(index).unbind(1))
         else:
             out.append(index)
     return out
 
 
+def _on_cuda(args, kwargs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in pytree.tree_leaves((args, kwargs)))
+
+
+def _blocking_copy(func, args, kwargs, out) -> str | None:
+    """"to_host" / "to_device": a copy (to, _to_copy, copy_) between the host and a cuda tensor that the host
+    waits for (not non_blocking); else None."""
+    bound = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
+    source, target = (bound["src"], bound["self"]) if "src" in bound else (bound["self"], out)
+    if bound.get("non_blocking", False) or source.device.type == target.device.type:
+        return None
+    return {("cuda", "cpu"): "to_host", ("cpu", "cuda"): "to_device"}.get((source.device.type, target.device.type))
+
+
 class HostReads(TorchDispatchMode):
-    """Above FakeTensorMode: the ops whose result depends on values get a value-free stand-in (module doc)."""
+    """Above FakeTensorMode: the ops whose result depends on values get a value-free stand-in; each host
+    synchronization is counted by name into `syncs` (module doc)."""
 
     aten = torch.ops.aten
+
+    def __init__(self, syncs: dict[str, int] | None = None):
+        super().__init__()
+        self.syncs = {} if syncs is None else syncs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         aten = self.aten
         packet = func.overloadpacket
         if packet in (aten.index, aten._unsafe_index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+            if _on_cuda(args, kwargs) and any(map(_is_mask, args[1])):
+                _count(self.syncs, f"{packet.__name__}[bool]")  # a mask's selected count comes to the host
             args = (args[0], _unbool(args[1]), *args[2:])
         elif packet is aten.from_file:  # a memory-mapped file (no fake kernel): host memory without data
             return torch.empty(args[2] if len(args) > 2 else kwargs.get("size") or 0, dtype=kwargs.get("dtype"))
-        elif packet is aten.to:  # reaches us whole under inference mode, and FakeTensorMode would move a small
-            return func.decompose(*args, **kwargs)  # constant (an index list) with a real CUDA kernel
         elif packet in (aten._to_copy, aten.copy_, aten.copy):  # a fake meta tensor would copy out "fine"
             source, target = (args[0], kwargs.get("device")) if packet is aten._to_copy else (args[1], args[0].device)
             if source.device.type == "meta" and target is not None and torch.device(target).type != "meta":
                 raise NotImplementedError("Cannot copy out of meta tensor; no data!")  # torch's own words
         try:
-            return func(*args, **kwargs)
+            # `to` reaches us whole under inference mode, and FakeTensorMode would move a small constant (an
+            # index list) with a real CUDA kernel
+            out = func.decompose(*args, **kwargs) if packet is aten.to else func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
             pass
+        else:
+            if packet in (aten.to, aten._to_copy, aten.copy_, aten.copy):
+                copy = _blocking_copy(func, args, kwargs, out)
+                if copy:
+                    _count(self.syncs, copy)
+            return out
+        if _on_cuda(args, kwargs):  # a value the output's size or a Python value needs: the host waits for it
+            _count(self.syncs, packet.__name__)
         x = args[0]
         if packet in (aten._local_scalar_dense, aten.item):
             return _scalar(x)
@@ -381,5 +431,5 @@ def fake_cuda(runtime: FakeRuntime | None = None):
             stack.enter_context(mock.patch.object(owner, name, value))
         stack.enter_context(accelerator.use_runtime(runtime))
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(HostReads())  # above the fake mode: it sees each op first
+        stack.enter_context(HostReads(runtime.syncs))  # above the fake mode: it sees each op first
         yield runtime

@@ -71,12 +71,12 @@ def test_a_role_check_refusal_is_a_failure(monkeypatch):
 
 
 def test_a_runtime_error_is_a_failure_and_only_the_locator_refuses(monkeypatch):
-    from ffnscope.engine.record.executor import Recorder
+    from ffnscope.engine.record.block import BlockRunner
 
     def broken(*_a, **_k):
         raise RuntimeError("planted")
     with monkeypatch.context() as m:
-        m.setattr(Recorder, "run_block", broken)
+        m.setattr(BlockRunner, "run", broken)
         assert check("llama", files=False).reason == "recording in memory: RuntimeError: planted"
     monkeypatch.setattr(sites, "locate", lambda model: (_ for _ in ()).throw(sites.refuse("llama", "planted")))
     assert check("llama", files=False) == arch_sweep.Outcome("llama", "refused", "planted")

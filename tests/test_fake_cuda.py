@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 import ffnscope.engine.npl.plan as npl_plan
-import ffnscope.engine.record.executor as executor
+import ffnscope.engine.record.block as block
 import ffnscope.engine.record.job as record_job
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.load import load_model
@@ -68,7 +68,7 @@ def _one_resident(monkeypatch, hidden: str = "device") -> None:
     says (engine.model.plan.hidden_placement: device, pinned, memory or file)."""
     plan = record_job.plan_memory
     monkeypatch.setattr(record_job, "plan_memory", lambda *a, **k: dataclasses.replace(plan(*a, **k), resident=1))
-    monkeypatch.setattr(executor, "hidden_placement", lambda *_a, **_k: hidden)
+    monkeypatch.setattr(block, "hidden_placement", lambda *_a, **_k: hidden)
     monkeypatch.setattr(npl_plan, "runner_resident", lambda *_a, **_k: 1)
 
 

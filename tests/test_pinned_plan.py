@@ -2,7 +2,6 @@
 power of two, and cached), the shard's hidden-state buffer is made once and reused, and what grows with the
 recording's tokens is charged. Arithmetic at the sizes of OPT-66b and Llama-70B; no model is built."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.plan import (RecordSizes, hidden_seqs, host_other_bytes, host_token_bytes, pinned_blocks,
                                         pinned_bytes, plan)
-from ffnscope.engine.record.executor import Recorder
+from ffnscope.engine.record.block import BlockRunner
 from tests.test_plan import GiB, llama_70b, llama_layer, opt_66b, opt_layer
 
 H100_FREE = 79 * GiB
@@ -102,12 +101,11 @@ def test_the_hidden_buffer_holds_the_largest_block():
     assert hidden_seqs(meta(n_seqs=20, part=(0, 5), calib_tokens=1024)) == 20  # at most the whole data
 
 
-def bare_recorder(tmp_path, seqs, device, hidden_budget=1 << 62) -> Recorder:
-    """A Recorder with only what its hidden-state buffer needs (no model)."""
-    recorder = Recorder.__new__(Recorder)
+def bare_recorder(tmp_path, seqs, device, hidden_budget=1 << 62) -> BlockRunner:
+    """A BlockRunner with only what its hidden-state buffer needs (no model)."""
+    recorder = BlockRunner.__new__(BlockRunner)
     recorder.__dict__.update(_hidden=None, _hidden_seqs=seqs, _mapped=None, spilled=False, device=device,
-                             hidden_on_device=False, hidden_budget=hidden_budget,
-                             config=SimpleNamespace(out=tmp_path / "c.h5"))
+                             hidden_on_device=False, hidden_budget=hidden_budget, out=tmp_path / "c.h5")
     return recorder
 
 
@@ -124,7 +122,7 @@ def test_one_pinned_buffer_serves_the_calibration_and_every_shard(tmp_path):
     """A part of 21 sequences in shards of 8 (the last one 5) and a calibration of 12: one block of 12."""
     recorder = bare_recorder(tmp_path, hidden_seqs(meta(part=(0, 21), calib_tokens=384)), torch.device("cuda"))
     with accelerator.use_runtime(CountingRuntime()) as runtime:
-        blocks = [recorder._host_buffer((n, 32, 16), torch.float16) for n in (12, 8, 8, 5)]
+        blocks = [recorder._buffer((n, 32, 16), torch.float16) for n in (12, 8, 8, 5)]
     assert runtime.pinned == [(12, 32, 16)]
     assert [b.shape[0] for b in blocks] == [12, 8, 8, 5]
     assert len({b.data_ptr() for b in blocks}) == 1
@@ -134,7 +132,7 @@ def test_one_pinned_buffer_serves_the_calibration_and_every_shard(tmp_path):
 
 def test_over_the_budget_one_mapped_file_serves_every_shard(tmp_path):
     recorder = bare_recorder(tmp_path, 8, torch.device("cpu"), hidden_budget=1000)
-    first, last = (recorder._host_buffer((n, 32, 16), torch.float32) for n in (8, 3))
+    first, last = (recorder._buffer((n, 32, 16), torch.float32) for n in (8, 3))
     assert recorder.spilled and recorder._mapped.stat().st_size == 8 * 32 * 16 * 4
     assert first.data_ptr() == last.data_ptr() and np.array_equal(last.shape, (3, 32, 16))
     recorder.release_buffers()
@@ -146,13 +144,13 @@ def test_a_recording_runs_every_block_in_one_buffer(text_file, tmp_path, monkeyp
     from tests.helpers import record_tiny
     from tests.tiny_models import tiny_model_dir
 
-    blocks, real = [], Recorder._host_buffer
+    blocks, real = [], BlockRunner._buffer
 
     def spy(self, shape, dtype):
         buffer = real(self, shape, dtype)
         blocks.append((shape[0], buffer.untyped_storage().data_ptr()))
         return buffer
-    monkeypatch.setattr(Recorder, "_host_buffer", spy)
+    monkeypatch.setattr(BlockRunner, "_buffer", spy)
     model = tiny_model_dir(tmp_path / "model", "llama", n_layers=2)
     state = record_tiny(tmp_path / "c.h5", model, [text_file], tokens=31 * 32, tau_rule="quantile:0.9")
     assert state.data.tokens.shape[0] == 31

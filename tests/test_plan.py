@@ -4,7 +4,8 @@ import pytest
 
 from ffnscope.cache.errors import UserError
 from ffnscope.engine.model.plan import (SAMPLE_BYTES, RecordSizes, WeightSizes, device_weight_bytes,
-                                        device_workspace, host_other_bytes, host_weight_bytes, pinned_blocks, plan)
+                                        device_workspace, host_other_bytes, host_weight_bytes, kept_pairs_bytes,
+                                        pinned_blocks, plan)
 
 GiB = 1 << 30
 H200_FREE = 139 * GiB
@@ -109,7 +110,8 @@ def test_the_plan_says_when_the_shard_hidden_states_fit_on_the_gpu():
     # a weight budget of 4 layers leaves the shard no room beside them
     assert not plan(w, r, "cuda", w.base + 4 * w.per_layer, None, free=H200_FREE).hidden_on_device
     # the whole budget asked, but the GPU too full for the shard beside all the layers
-    full = w.base + 32 * w.per_layer + device_workspace(r.batch_tokens, r.d_model, r.d_ffn) + r.shard_hidden_bytes
+    full = w.base + 32 * w.per_layer + device_workspace(r.batch_tokens, r.d_model, r.d_ffn) + r.shard_hidden_bytes \
+        + kept_pairs_bytes(r, "cuda")
     short = plan(w, r, "cuda", None, None, free=int((full - 1000) / 0.9))
     assert short.resident == 32 and not short.hidden_on_device
     assert plan(w, r, "cuda", None, None, free=int((full + 1000) / 0.9)).hidden_on_device

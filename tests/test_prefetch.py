@@ -14,6 +14,7 @@ from ffnscope.engine.model.load import load_model
 from ffnscope.engine.model.plan import layer_sizes
 from ffnscope.engine.model.runner import LayerRunner
 from ffnscope.engine.model.weights import LayerWeights
+from ffnscope.engine.record.block import BlockRunner
 from ffnscope.engine.record.executor import Recorder
 from tests.helpers import assert_same_cache, record_tiny
 
@@ -74,7 +75,7 @@ def test_a_stop_during_a_prefetch_stops_cleanly_and_resumes(model_dirs, text_fil
     model_dir = model_dirs["llama"]
     budget = one_layer_budget(model_dir)
     whole = record_tiny(tmp_path / "whole.h5", model_dir, [text_file])
-    shards, real_run_block, real_shards = [], Recorder.run_block, Recorder.record_shards
+    shards, real_run_block, real_shards = [], BlockRunner.run, Recorder.record_shards
 
     def record_shards(self, *args, **kwargs):
         shards.append(0)  # from here on, run_block calls are shards (before: calibration)
@@ -85,7 +86,7 @@ def test_a_stop_during_a_prefetch_stops_cleanly_and_resumes(model_dirs, text_fil
             shards[0] += 1
         return real_run_block(self, *args, **kwargs)
     monkeypatch.setattr(Recorder, "record_shards", record_shards)
-    monkeypatch.setattr(Recorder, "run_block", run_block)
+    monkeypatch.setattr(BlockRunner, "run", run_block)
     waiting, stopped_waiting = threading.Event(), []
     real_weights, real_wait = LayerRunner.weights, LayerRunner._wait
 

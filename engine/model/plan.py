@@ -192,6 +192,16 @@ def device_workspace(batch_tokens: int, d_model: int, d_ffn: int) -> int:
     return batch_tokens * (8 * d_ffn + 16 * d_model) * 4
 
 
+def kept_pairs_bytes(r: RecordSizes, device_kind: str) -> int:
+    """GPU bytes of a shard's n-gram fires kept until each layer's end (engine.record.stats.LayerStats: no host
+    synchronization per batch), every neuron counted (a layer without n-grams is charged all the same)."""
+    if device_kind != "cuda":
+        return 0
+    from ffnscope.engine.record.stats import kept_pair_bytes  # here: stats imports numba
+
+    return kept_pair_bytes(r.shard_tokens, r.batch_tokens, r.d_ffn, r.hidden_itemsize)
+
+
 def batch_workspace_bytes(r: RecordSizes, device_kind: str) -> int:
     """Host bytes one forward batch of one layer needs. On the CPU its attention materializes the score
     matrix; on a GPU all that lives there, and the host sees only a batch of hidden states in and out."""
@@ -295,7 +305,7 @@ def plan(w: WeightSizes, r: RecordSizes, device_kind: str, device_memory: int | 
 
     On the CPU with a host budget, no device budget and layers read from their files, the device is the
     host: as many layers stay resident as the host budget leaves room for after one shard's hidden states."""
-    workspace = device_workspace(r.batch_tokens, r.d_model, r.d_ffn)
+    workspace = device_workspace(r.batch_tokens, r.d_model, r.d_ffn) + kept_pairs_bytes(r, device_kind)
     if device_kind == "cpu" and device_memory is None and host_memory is not None and w.from_files:
         # all the host holds but the base's non-layer weights and the resident layers, a shard's hidden states in
         others = host_weight_bytes(w, "cpu", 0, prefetch) - w.per_layer - w.base + host_other_bytes(r, "cpu") \

@@ -33,7 +33,6 @@ reused by every setting of the chunk.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,12 +42,12 @@ import torch
 from ffnscope.cache.errors import UserError
 from ffnscope.cache.merge import check_fingerprint
 from ffnscope.engine.jobs.stop import StopToken
-from ffnscope.engine.model import accelerator
 from ffnscope.engine.model.batches import seq_batches
 from ffnscope.engine.npl.capture import (GCapture, PassProgress, as_ids, make_runner, output_difference, run_layers,
                                           token_nll)
 from ffnscope.engine.npl.layout import chunks as make_chunks
 from ffnscope.engine.npl.layout import substituted
+from ffnscope.engine.npl.timing import DeviceTimer
 
 from ffnscope.engine.npl.report import MAPPINGS
 TREATMENTS = ("actual", "predicted", "zero", "random")
@@ -240,6 +239,9 @@ class RunResult:
         return _ppl(self.original_nll, self.tokens)
 
 
+SECONDS = ("original", "substituted", "explicit", "repeated")  # RunResult.seconds' buckets
+
+
 def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", batch_tokens: int = 8192,
                  on_progress=None, stop: StopToken | None = None, explicit: bool = False, limits=None,
                  maps: Maps | None = None) -> RunResult:
@@ -252,107 +254,172 @@ def run_settings(lm, tokens: np.ndarray, settings: list[Setting], device="cpu", 
     instead of all."""
     stop = stop or StopToken()
     device = torch.device(device)
-    adapter = lm.adapter
-    n_layers = len(adapter.layers)
-    seq_len = tokens.shape[1]
+    n_layers = len(lm.adapter.layers)
     for s in settings:
         if not s.layers or min(s.layers) < 1 or max(s.layers) >= n_layers:
             raise UserError(f"substituted layers must lie in 1-{n_layers - 1}; got {s.layers}")
-    groups: dict[int, list[int]] = {}  # first substituted layer -> its settings, in the order given
-    for n, s in enumerate(settings):
-        groups.setdefault(min(s.layers), []).append(n)
-    group_layers = {start: sorted({j for n in members for j in settings[n].layers})
-                    for start, members in groups.items()}
-    starts = sorted(groups) or [0]  # no setting: the unmodified pass alone
-    # progress in layer runs: per group, the pass up to its first layer (the first group's is the whole
-    # unmodified pass: every layer and the head), then each setting's from there
-    lead = [n_layers + 1 if g == 0 or explicit else start for g, start in enumerate(starts)]
-    units = tokens.size * (sum(lead) + sum(n_layers + 2 - min(s.layers) for s in settings))
-    progress = PassProgress(on_progress, len(tokens) * (seq_len - 1), units, "placing model")
-    progress.step()
-    held = max((maps.held_bytes(layers) for layers in group_layers.values()), default=0) if maps is not None else 0
-    runner = make_runner(lm, device, batch_tokens, held if device.type == "cuda" else 0, limits, seq_len, held,
+    groups = _groups(settings, explicit)
+    progress = _Progress(on_progress, tokens, settings, groups, n_layers)
+    progress.placing()
+    held = max(maps.held_bytes(group.layers) for group in groups) if maps is not None else 0
+    runner = make_runner(lm, device, batch_tokens, held if device.type == "cuda" else 0, limits, tokens.shape[1], held,
                          "the maps")
-    outcomes = [Outcome(s.labels, list(s.layers), nll_explicit=0.0 if explicit else None) for s in settings]
-    seconds = {"original": 0.0, "substituted": 0.0, "explicit": 0.0, "repeated": 0.0}
-    original_nll = 0.0
-    done = 0
-    plan = seq_batches(len(tokens), seq_len, batch_tokens)
-    for g, start in enumerate(starts):
-        members = groups.get(start, [])
+    run = _Substitution(lm.adapter, runner, settings, explicit, DeviceTimer(device, SECONDS), progress, stop)
+    batches = seq_batches(len(tokens), tokens.shape[1], batch_tokens)
+    for group in groups:
         if maps is not None:
-            maps.hold(group_layers.get(start, []))
-        whole = g == 0 or explicit  # the unmodified pass to the end: its loss (first group), explicit-only
-        wanted = {start - 1} if members else set()  # where the group's passes start (none: no setting)
-        if explicit:
-            wanted |= {k for n in members for j in settings[n].layers for k in (j - 1, j)}
-        capture = GCapture(adapter, wanted)
+            maps.hold(group.layers)
         with torch.inference_mode():
-            for lo, hi in plan:
+            for lo, hi in batches:
                 stop.check()
-                t0 = time.perf_counter()
-                ids = as_ids(tokens[lo:hi])
-                hidden = runner.embed(ids)
-                saved: dict = {}
-                deltas: dict[int, torch.Tensor] = {}
-                spent = [0.0]  # explicit-only work done inside the unmodified pass
-                n_tok = (hi - lo) * seq_len
-                step = lambda _k=None, _out=None: progress.step(n_tok, "substituting")  # noqa: E731
+                run.batch(group, tokens[lo:hi])
+    return run.result()
 
-                def explicit_only(k, gk):
-                    """At layer k's g site, inside its call: a streamed layer's weights, which FFN_k needs, are
-                    on the device only then. Adds each setting's FFN_k(replacement) - FFN_k(g_k); keeps g_k."""
-                    te = time.perf_counter()
-                    for n in members:
-                        if k in settings[n].layers:
-                            d = output_difference(adapter, k, settings[n].mapping(k, capture.g[k - 1], gk).to(gk.dtype),
-                                                  gk)
-                            deltas[n] = d if n not in deltas else deltas[n] + d
-                    spent[0] += _sync(device, te)
 
-                capture.replace = explicit_only if explicit else None
-                with capture.attached():
-                    capture.reset()
+@dataclass
+class _Group:
+    """The settings that start at one layer: they run together, over every batch, from the hidden state the
+    unmodified pass has there."""
+    start: int          # the first substituted layer (0: no setting, the unmodified pass alone)
+    members: list[int]  # the settings' indices, in the order given
+    layers: list[int]   # the layers they substitute: the maps held while the group runs
+    first: bool         # the first group: its unmodified pass gives the model's own loss
+    whole: bool         # its unmodified pass runs to the end: for its loss (first group), for explicit-only
 
-                    def keep(k, out):
-                        step()
-                        if k + 1 == start:
-                            saved["h"], saved["g"] = out, capture.g[k]
-                        capture.g.pop(k - 1, None)
 
-                    final = run_layers(runner, hidden, 0, n_layers if whole else start, keep)
-                if g == 0:
-                    original_nll += float(token_nll(adapter, final, ids).double().sum())
-                if whole:
-                    step()
-                seconds["original" if g == 0 else "repeated"] += _sync(device, t0) - spent[0]
-                te = time.perf_counter()
-                for n, delta in deltas.items():
-                    outcomes[n].nll_explicit += float(token_nll(adapter, final + delta, ids).double().sum())
-                seconds["explicit"] += spent[0] + _sync(device, te)
-                count = (hi - lo) * (seq_len - 1)
-                for n in members:
-                    setting, outcome = settings[n], outcomes[n]
-                    stop.check()
-                    t1 = time.perf_counter()
-                    replacer = _Replacer(set(setting.layers), setting.mapping)
-                    hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer,
-                                      explicit=True)
-                    replacer.hooks = hooks
-                    with hooks.attached():
-                        hooks.g[start - 1] = saved["g"]
-                        out = run_layers(runner, saved["h"], start, n_layers, step)
-                        outcome.nll_complete += float(token_nll(adapter, out, ids).double().sum())
-                        step()
-                        partial = out if hooks.delta is None else out + hooks.delta
-                        outcome.nll_partial += float(token_nll(adapter, partial, ids).double().sum())
-                        step()
-                    outcome.tokens += count
-                    outcome.seconds += _sync(device, t1)
-                if g == 0:
-                    done += count
-    seconds["substituted"] = sum(o.seconds for o in outcomes)
-    return RunResult(original_nll, done, outcomes, seconds)
+def _groups(settings: list[Setting], explicit: bool) -> list[_Group]:
+    members: dict[int, list[int]] = {}  # first substituted layer -> its settings
+    for n, s in enumerate(settings):
+        members.setdefault(min(s.layers), []).append(n)
+    groups = []
+    for g, start in enumerate(sorted(members) or [0]):  # no setting: the unmodified pass alone
+        ns = members.get(start, [])
+        layers = sorted({j for n in ns for j in settings[n].layers})
+        groups.append(_Group(start, ns, layers, first=g == 0, whole=g == 0 or explicit))
+    return groups
+
+
+class _Progress:
+    """run_settings' progress in layer runs (PassProgress units: a batch's tokens per layer or LM head run): per
+    group, the unmodified pass up to its first layer (every layer and the head when it runs whole), then each
+    setting's layers from there and its two heads (complete and partial loss)."""
+
+    def __init__(self, on_progress, tokens: np.ndarray, settings: list[Setting], groups: list[_Group], n_layers: int):
+        lead = [n_layers + 1 if group.whole else group.start for group in groups]
+        units = tokens.size * (sum(lead) + sum(n_layers + 2 - min(s.layers) for s in settings))
+        self._pass = PassProgress(on_progress, len(tokens) * (tokens.shape[1] - 1), units, "placing model")
+
+    def placing(self) -> None:
+        self._pass.step()
+
+    def ran(self, ids: torch.Tensor) -> None:
+        """A layer or the LM head ran on the batch `ids`."""
+        self._pass.step(ids.numel(), "substituting")
+
+
+class _Substitution:
+    """run_settings' passes, batch by batch, and what they add up to: the unmodified model's loss and each
+    setting's (Outcome); the seconds go to `timer`, the layer runs to `progress`."""
+
+    def __init__(self, adapter, runner, settings: list[Setting], explicit: bool, timer: DeviceTimer,
+                 progress: _Progress, stop: StopToken):
+        self.adapter, self.runner, self.settings, self.explicit = adapter, runner, settings, explicit
+        self.n_layers = len(adapter.layers)
+        self.timer, self.progress, self.stop = timer, progress, stop
+        self.outcomes = [Outcome(s.labels, list(s.layers), nll_explicit=0.0 if explicit else None) for s in settings]
+        self.original_nll = 0.0
+        self.tokens = 0  # the unmodified pass's predictions: every batch's, once
+
+    def result(self) -> RunResult:
+        return RunResult(self.original_nll, self.tokens, self.outcomes, self.timer.seconds)
+
+    def batch(self, group: _Group, tokens: np.ndarray) -> None:
+        """One batch of sequences through a group: the unmodified pass, then each setting's substituted pass."""
+        with self.timer("original" if group.first else "repeated"):
+            ids = as_ids(tokens)
+            at_start, final, deltas = self._unmodified(group, ids)
+            if group.first:
+                self.original_nll += self._nll(final, ids)
+            if group.whole:
+                self.progress.ran(ids)
+        with self.timer("explicit"):
+            for n, delta in deltas.items():
+                self.outcomes[n].nll_explicit += self._nll(final + delta, ids)
+        count = ids.shape[0] * (ids.shape[1] - 1)
+        for n in group.members:
+            self.stop.check()
+            with self.timer("substituted") as span:
+                self._substituted(n, group.start, at_start, ids)
+                self.outcomes[n].tokens += count
+            self.outcomes[n].seconds += span.seconds
+        if group.first:
+            self.tokens += count
+
+    def _unmodified(self, group: _Group, ids: torch.Tensor):
+        """The unmodified pass up to the group's first layer, to the end when `group.whole` -> the hidden state and
+        g entering the first layer (None without a setting); the final hidden state (None unless whole); with
+        explicit-only, each setting's delta: the sum over its layers j of FFN_j(replacement) - FFN_j(g_j)."""
+        wanted = {group.start - 1} if group.members else set()  # where the group's passes start
+        if self.explicit:
+            wanted |= {k for n in group.members for j in self.settings[n].layers for k in (j - 1, j)}
+        capture = GCapture(self.adapter, wanted)
+        explicit_only = (_ExplicitOnly(self.adapter, capture, {n: self.settings[n] for n in group.members}, self.timer)
+                         if self.explicit else None)
+        capture.replace = explicit_only
+
+        def on_layer(k, _out):
+            self.progress.ran(ids)
+            capture.g.pop(k - 1, None)  # no later layer reads it: keep one layer's g, not a pass's
+
+        with capture.attached():
+            hidden = run_layers(self.runner, self.runner.embed(ids), 0, group.start, on_layer)
+            at_start = (hidden, capture.g[group.start - 1]) if group.members else None
+            final = run_layers(self.runner, hidden, group.start, self.n_layers, on_layer) if group.whole else None
+        return at_start, final, explicit_only.deltas if explicit_only is not None else {}
+
+    def _substituted(self, n: int, start: int, at_start, ids: torch.Tensor) -> None:
+        """Setting n's pass from its first layer `start` (hidden state and g_{start-1} from the unmodified pass):
+        its complete and partial losses."""
+        outcome = self.outcomes[n]
+        hidden, g_before = at_start
+        hooks = _substitution_hooks(self.adapter, self.settings[n])
+        with hooks.attached():
+            hooks.g[start - 1] = g_before
+            out = run_layers(self.runner, hidden, start, self.n_layers, lambda _k, _out: self.progress.ran(ids))
+            outcome.nll_complete += self._nll(out, ids)
+            self.progress.ran(ids)
+            partial = out if hooks.delta is None else out + hooks.delta
+            outcome.nll_partial += self._nll(partial, ids)
+            self.progress.ran(ids)
+
+    def _nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+        return float(token_nll(self.adapter, hidden, ids).double().sum())
+
+
+class _ExplicitOnly:
+    """GCapture's replace callback on the unmodified pass, for explicit-only: at layer k's g site, inside its call
+    (a streamed layer's weights, which FFN_k needs, are on the device only then), adds each setting's
+    FFN_k(replacement) - FFN_k(g_k) to its `deltas`; keeps g_k. Timed apart from the pass it runs in."""
+
+    def __init__(self, adapter, capture: GCapture, settings: dict[int, Setting], timer: DeviceTimer):
+        self.adapter, self.capture, self.settings, self.timer = adapter, capture, settings, timer
+        self.deltas: dict[int, torch.Tensor] = {}
+
+    def __call__(self, k: int, gk: torch.Tensor) -> None:
+        with self.timer("explicit"):
+            for n, setting in self.settings.items():
+                if k in setting.layers:
+                    new = setting.mapping(k, self.capture.g[k - 1], gk).to(gk.dtype)
+                    d = output_difference(self.adapter, k, new, gk)
+                    self.deltas[n] = d if n not in self.deltas else self.deltas[n] + d
+
+
+def _substitution_hooks(adapter, setting: Setting) -> GCapture:
+    """Hooks that replace the setting's layers' g, keeping partial substitution's delta."""
+    replacer = _Replacer(set(setting.layers), setting.mapping)
+    hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer, explicit=True)
+    replacer.hooks = hooks
+    return hooks
 
 
 class _Replacer:
@@ -369,11 +436,6 @@ class _Replacer:
         new = self.mapping(k, self.hooks.g[k - 1], g)
         self.hooks.g.pop(k - 1, None)  # no later layer reads it: keep one layer's g, not a chunk's
         return new
-
-
-def _sync(device: torch.device, since: float) -> float:
-    accelerator.synchronize(device)
-    return time.perf_counter() - since
 
 
 # --- Table 1 ---------------------------------------------------------------------------------------
@@ -430,7 +492,8 @@ def table1_rows(result: RunResult) -> list[dict]:
 
 # --- Fig. 4: half the neurons of each layer one way, half another -------------------------------------
 def finegrained_settings(n_layers: int, maps: Maps, chunk_numbers: list[int], metrics=RANK_METRICS,
-                         grid=FINE_GRID, seeds: int = 1, random_scale: str = "npl", n_chunks: int = 4) -> list[Setting]:
+                         grid=FINE_GRID, seeds: int = 1, random_scale: str = "npl",
+                         n_chunks: int = 4) -> list[Setting]:
     """For each chunk and ranking metric: the top half of each layer's neurons (highest values of the
     metric of M_{j-1->j} on held-out data) treated one way and the bottom half another, plus 100%
     actual and 100% predicted. maps must carry metrics (Maps.from_reader(..., need_metrics=True))."""
@@ -468,19 +531,17 @@ def forward_throughput(lm, tokens: np.ndarray, setting: Setting | None = None, d
     seq_len = tokens.shape[1]
     runner = make_runner(lm, device, batch_tokens, seq_len=seq_len)
     n_layers = len(adapter.layers)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
+    timer = DeviceTimer(device, ["forward"])
+    with timer("forward"), torch.inference_mode():
         for lo, hi in seq_batches(len(tokens), seq_len, batch_tokens):
             ids = as_ids(tokens[lo:hi])
             hidden = runner.embed(ids)
             if setting is None:
                 token_nll(adapter, run_layers(runner, hidden, 0, n_layers), ids)
                 continue
-            replacer = _Replacer(set(setting.layers), setting.mapping)
-            hooks = GCapture(adapter, set(setting.layers) | {j - 1 for j in setting.layers}, replacer, explicit=True)
-            replacer.hooks = hooks
+            hooks = _substitution_hooks(adapter, setting)
             with hooks.attached():
                 out = run_layers(runner, hidden, 0, n_layers)
                 token_nll(adapter, out, ids)
                 token_nll(adapter, out if hooks.delta is None else out + hooks.delta, ids)
-    return tokens.size / _sync(device, t0)
+    return tokens.size / timer.seconds["forward"]

@@ -32,7 +32,7 @@ class RecordConfig:
     ngram_layers: str | None = None     # default: the recorded layers in the first half
     ngram_max_freq: float | None = None  # None ("auto"): count every neuron that can be a detector;
                                          # F: every neuron firing at most that often (1: every neuron)
-    calib_tokens: int = 32768           # tokens of the calibration sample (relative taus, early skips)
+    calib_tokens: int | None = None     # the calibration sample (relative taus, early skips); default_calib_tokens
     topk: int = 16
     samples: int = 2048                 # token positions whose full activation vectors are kept
     shard_tokens: int | None = None     # default: default_shard_tokens (a quarter of the recording, <= 262144)
@@ -243,6 +243,18 @@ def default_shard_tokens(tokens: int, seq_len: int) -> int:
     """Shards are the unit of checkpoints: a quarter of the recording (whole sequences), so a stopped
     small recording keeps most of its work, and at most 262144 tokens, so a big one checkpoints often."""
     return max(seq_len, min(262144, tokens // 4) // seq_len * seq_len)
+
+
+CALIB_SHARE = 0.05    # the default calibration sample: at most this share of the data's tokens ...
+CALIB_TOKENS = 32768  # ... and at most this many
+
+
+def default_calib_tokens(tokens_total: int, seq_len: int) -> int:
+    """The calibration sample when --calib-tokens is not given: whole sequences, at most CALIB_TOKENS and at most
+    CALIB_SHARE of the data (so it stays a small share of the recording's time); 0 where that is not one
+    sequence: no early n-gram skips (a small recording's counts are small anyway), and a relative firing rule
+    calibrates on one sequence."""
+    return min(CALIB_TOKENS, int(tokens_total * CALIB_SHARE)) // seq_len * seq_len
 
 
 # --part auto: where each launcher says which process this is

@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import config, njit, prange
 
+from ffnscope.cache.state import G_ORDERS, NGRAM_ORDERS, Sparse
+from ffnscope.engine.record.grams import GramTable
+
 # OpenMP's pool spins between parallel regions and starves torch's own threads of the cores they
 # share (twice slower layers measured); the workqueue pool sleeps instead.
 config.THREADING_LAYER = "workqueue"
@@ -87,21 +90,82 @@ def batch_stats(g, act, taus, primary, seq_len, fire_count, g_sum, g_sumsq, g_ma
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def firing_pairs(act, g, tau, counted, offsets, rows_out, cols_out, g_out):
-    """(row, neuron) of every fire of the counted neurons and g there, grouped by neuron, rows
-    ascending: offsets[c] is where neuron c's fires go (an exclusive prefix sum of the counted
-    neurons' fires in this batch)."""
-    n, d = act.shape
-    n_stripes = (d + _STRIPE - 1) // _STRIPE
+def gram_pairs(act, g, tau, cols, table_row, sum_of, n_sum_rows, offsets, row_out, neuron_out, count_out, g_out,
+               used):
+    """Count the (n-gram, neuron) pairs of one batch's fires (act > tau) of the neurons `cols`, every n-gram
+    order in one pass over act: each stripe of columns counts into a small dense table (a row per distinct
+    n-gram of the batch, of every order, stacked; a column per neuron of the stripe), then writes its nonzero
+    cells, table row then neuron ascending.
+
+    table_row (orders, n) int64: each token's n-gram's row in the table, -1 where that n-gram holds the start
+    token. sum_of (rows,) int64: a table row's row in the g-sum table (the orders that sum g), else -1: sums
+    run in token order, float64, as a bincount over the fires in order gives them. offsets (stripes + 1,):
+    where each stripe's entries start in the outputs (its columns' fires times the orders bound them).
+    Outputs: each pair's table row, neuron, count and g sum (NaN where not summed); used (stripes,) receives
+    each stripe's number of entries."""
+    n = act.shape[0]
+    n_orders = table_row.shape[0]
+    n_rows = sum_of.shape[0]
+    n_stripes = (cols.shape[0] + _STRIPE - 1) // _STRIPE
     for stripe in prange(n_stripes):
         lo = stripe * _STRIPE
-        hi = min(lo + _STRIPE, d)
-        cursor = offsets[lo:hi].copy()
+        width = min(lo + _STRIPE, cols.shape[0]) - lo
+        stripe_cols = cols[lo:lo + width]
+        counts = np.zeros((n_rows, width), np.int32)
+        sums = np.zeros((n_sum_rows, width), np.float64)
+        fires = np.empty(width, np.bool_)
         for row in range(n):
-            for j in range(hi - lo):
-                col = lo + j
-                if counted[col] and act[row, col] > tau:
-                    rows_out[cursor[j]] = row
-                    cols_out[cursor[j]] = col
-                    g_out[cursor[j]] = g[row, col]
-                    cursor[j] += 1
+            a_row = act[row]
+            for j in range(width):
+                fires[j] = a_row[stripe_cols[j]] > tau
+            for k in range(n_orders):
+                r = table_row[k, row]
+                if r < 0:
+                    continue
+                c_row = counts[r]
+                s = sum_of[r]
+                for j in range(width):
+                    c_row[j] += fires[j]
+                if s >= 0:
+                    s_row = sums[s]
+                    g_row = g[row]
+                    for j in range(width):
+                        if fires[j]:
+                            s_row[j] += np.float64(g_row[stripe_cols[j]])
+        at = offsets[stripe]
+        for r in range(n_rows):
+            c_row = counts[r]
+            s = sum_of[r]
+            for j in range(width):
+                if c_row[j]:
+                    row_out[at] = r
+                    neuron_out[at] = stripe_cols[j]
+                    count_out[at] = c_row[j]
+                    g_out[at] = sums[s, j] if s >= 0 else np.nan
+                    at += 1
+        used[stripe] = at - offsets[stripe]
+
+
+def pair_counts(act: np.ndarray, g: np.ndarray, tau: float, counted: np.ndarray, fires: np.ndarray,
+                table: GramTable) -> dict[int, Sparse]:
+    """One batch's (n-gram, neuron) pairs of the `counted` neurons' fires (act > tau), per order, g summed for
+    G_ORDERS (`table`: the batch's GramTable): each a run per stripe of neurons, sorted by n-gram then neuron.
+    `fires` (d,): each neuron's fires in the batch (batch_stats' batch_fires), which bound the outputs."""
+    cols = np.flatnonzero(counted).astype(np.int64)
+    starts = np.arange(0, len(cols), _STRIPE)
+    bound = np.add.reduceat(fires[cols] * len(NGRAM_ORDERS), starts) if len(cols) else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(bound)]).astype(np.int64)
+    total = int(offsets[-1])
+    rows, neurons = np.empty(total, np.int64), np.empty(total, np.int32)
+    counts, sums, used = np.empty(total, np.int64), np.empty(total, np.float64), np.empty(len(starts), np.int64)
+    gram_pairs(act, g, np.float32(tau), cols, table.table_row, table.sum_of, table.n_sum_rows, offsets, rows,
+               neurons, counts, sums, used)
+    keep = np.concatenate([np.arange(offsets[s], offsets[s] + used[s]) for s in range(len(starts))]) \
+        if len(starts) else np.zeros(0, np.int64)
+    rows, neurons, counts, sums = rows[keep], neurons[keep], counts[keep], sums[keep]
+    order_of = np.searchsorted(table.bounds, rows, "right") - 1
+    out = {}
+    for k, n in enumerate(NGRAM_ORDERS):
+        at = order_of == k
+        out[n] = Sparse(table.grams[rows[at]], neurons[at], counts[at], sums[at] if n in G_ORDERS else None)
+    return out

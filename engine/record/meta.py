@@ -87,7 +87,17 @@ def relative_rule_text(adapter, rule: str) -> str:
     return f"{head} > tau_l per layer ({describe_rule(rule)})"
 
 
+def layer_taus(rec: dict, index: int) -> list[float]:
+    """The thresholds of layer `index`'s fire_count rows (`rec`: the meta's recording dict): the absolute ones,
+    and for a relative rule the layer's own tau_l as the last (primary) row."""
+    if rec["primary_index"] < len(rec["taus"]):
+        return list(rec["taus"])
+    return [*rec["taus"], float(rec["layer_taus"][str(index)])]
+
+
 def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> dict:
+    from ffnscope.engine.record.config import default_calib_tokens
+
     adapter = lm.adapter
     n_layers = len(adapter.layers)
     kind, value = parse_tau_rule(getattr(config, "tau_rule", None))
@@ -144,7 +154,8 @@ def build_meta(config, lm, sources, packed, seq_len: int, start_id, sep_id) -> d
             # "auto": n-gram counts for every neuron that can still be a detector (ngram_bound, set by
             # engine.record.job); a number F: for the neurons firing at most F (the user's cap replaces it)
             "ngram_max_freq": "auto" if config.ngram_max_freq is None else float(config.ngram_max_freq),
-            "calib_tokens": config.calib_tokens,
+            "calib_tokens": (default_calib_tokens(int(packed.tokens.size), seq_len) if config.calib_tokens is None
+                             else config.calib_tokens),
             "topk": config.topk, "samples": config.samples,
             "sample_rate": min(1.0, config.samples / packed.tokens.size),
             "n_seqs_total": n_seqs, "part": list(config.part), "seq_range": [lo, hi],
