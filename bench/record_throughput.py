@@ -160,15 +160,16 @@ def warm_up(lm, tokens, per_batch: int, seq_len: int) -> None:
     """JIT-compile the CPU kernels and touch the weights once, outside every timing."""
     from ffnscope.engine.record.grams import GramTable, gram_keys
 
-    kernels = stats_module.cpu_kernels
-    if kernels is not None:
-        g = np.zeros((seq_len, 64), np.float32)
-        kernels.batch_stats(g, g, np.zeros(1, np.float32), 0, seq_len, np.zeros((1, 64), np.int64), np.zeros(64),
-                            np.zeros(64), np.zeros(64, np.float32), np.zeros((seq_len, 64), np.int64),
-                            np.zeros((1, 64), np.float32), np.zeros((1, 64), np.int64), np.zeros((1, 64), np.float32),
-                            np.zeros(64, np.int64))
-        keys, valid = gram_keys(tokens[:1], int(tokens.max()) + 1, 1)
-        kernels.pair_counts(g, g, -1.0, np.ones(64, bool), np.full(64, seq_len), GramTable.of(keys, valid))
+    keys, valid = gram_keys(tokens[:1], int(tokens.max()) + 1, 1)
+    ctx = stats_module.BatchContext(seq_start=torch.zeros(1, dtype=torch.int64),
+                                    gram_keys={n: torch.as_tensor(k.reshape(-1)) for n, k in keys.items()},
+                                    gram_valid={n: torch.as_tensor(v.reshape(-1)) for n, v in valid.items()},
+                                    sample_rows=torch.zeros(0, dtype=torch.int64), seq_len=seq_len,
+                                    gram_table=GramTable.of(keys, valid))
+    stats = stats_module.LayerStats(64, seq_len, [-1.0], 0, 1, torch.device("cpu"), np.ones(64, bool))
+    g = torch.zeros(seq_len, 64)
+    stats.update(g, g, ctx)
+    stats.to_host()
     bare_forward(lm, tokens[:per_batch], per_batch)
 
 

@@ -232,11 +232,18 @@ class Growing:
             self._buffer = buffer
 
     def append(self, rows: np.ndarray) -> None:
-        end = self._rows + rows.shape[self.axis]
+        self.tail(rows.shape[self.axis])[...] = rows
+        self.commit(rows.shape[self.axis])
+
+    def tail(self, n: int) -> np.ndarray:
+        """A view of the `n` rows after the ones held, to be filled in place and then held by commit(n)."""
+        end = self._rows + n
         if end > self._buffer.shape[self.axis]:
             self.reserve(max(end, 2 * self._buffer.shape[self.axis]))
-        self._buffer[self._span(self._rows, end)] = rows
-        self._rows = end
+        return self._buffer[self._span(self._rows, end)]
+
+    def commit(self, n: int) -> None:
+        self._rows += n
 
 
 def merge_sorted_counts(a: GramCounts, b: GramCounts) -> GramCounts:
@@ -328,6 +335,21 @@ class Samples:
         """Room for `n` samples in all (a recording draws about samples x its share of the data's tokens)."""
         self._index.reserve(n)
         self._acts.reserve(n)
+
+    def tail(self, index: np.ndarray) -> "Samples":
+        """The samples at global token indices `index` (after every one held), their vectors to be filled in
+        place (a recorder writes each layer's as it is done): a view of the room after the ones held, which
+        commit(that view) then holds without copying it."""
+        tail = Samples.__new__(Samples)
+        tail._index = Growing(self._index.tail(len(index)))
+        tail._index.array[:] = index
+        tail._acts = Growing(self._acts.tail(len(index)), axis=1)
+        return tail
+
+    def commit(self, tail: "Samples") -> None:
+        """Hold the samples of `tail` (from self.tail, filled)."""
+        self._index.commit(len(tail.index))
+        self._acts.commit(len(tail.index))
 
     def add(self, other: "Samples") -> None:
         if not len(self.index) or not len(other.index) or other.index[0] > self.index[-1]:

@@ -198,8 +198,9 @@ def record_layers(adapter, tokens: np.ndarray, resident: int, fused: bool | None
         samples[index] = stats.take_samples()
         done[index] = stats.to_host()
 
-    index = blocks.run(tokens, np.arange(n), layers, stats_for, layer_done, sample_rate=SAMPLE_RATE)
-    return Recording(done, samples, index)
+    mask = blocks.sample_rows(np.arange(n), SAMPLE_RATE)
+    blocks.run(tokens, np.arange(n), layers, stats_for, layer_done, sample_mask=mask)
+    return Recording(done, samples, (np.arange(n)[:, None] * seq_len + np.arange(seq_len))[mask])
 
 
 _TOKENIZER: list[Path] = []

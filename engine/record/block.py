@@ -50,7 +50,8 @@ class BlockRunner:
         self._hidden_seqs = hidden_seqs(meta)     # its sequences: the largest block (plan.hidden_seqs)
 
     def sample_rows(self, seq_index: np.ndarray, sample_rate: float) -> np.ndarray:
-        """Fixed random token positions, decided per global sequence so parts agree."""
+        """Fixed random token positions (a mask of the sequences' positions), decided per global sequence so
+        parts agree."""
         mask = np.zeros((len(seq_index), self.seq_len), bool)
         if sample_rate > 0:
             for row, s in enumerate(seq_index):
@@ -60,12 +61,13 @@ class BlockRunner:
         return mask
 
     def run(self, tokens: np.ndarray, seq_index: np.ndarray, layers: list[int], stats_for, layer_done,
-            report=None, sample_rate: float = 0.0) -> np.ndarray:
+            report=None, sample_mask: np.ndarray | None = None) -> None:
         """Push sequences through layers 0..max(layers), layer-major, handing each wanted layer's statistics to
         layer_done(index, stats) as soon as the layer is through (so only one layer's accumulators exist at a
-        time); -> the global indices of the sampled tokens (sample_rate of the positions)."""
+        time). sample_mask (sample_rows): the positions whose activation vectors the statistics keep."""
         batches = seq_batches(len(tokens), self.seq_len, self.batch_tokens)
-        sample_mask = self.sample_rows(seq_index, sample_rate)
+        if sample_mask is None:
+            sample_mask = np.zeros(tokens.shape, bool)
         hidden, contexts = self._embed(tokens, seq_index, batches, sample_mask)
         states = HiddenStates(hidden, self.device, batches)
         last = max(layers)
@@ -77,7 +79,6 @@ class BlockRunner:
             self.runner.close()
             states.finish()
             self.hidden_bytes_moved += states.bytes_moved
-        return (seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask]
 
     def _embed(self, tokens: np.ndarray, seq_index: np.ndarray, batches: list, sample_mask: np.ndarray):
         """The block's hidden states entering layer 0, and each batch's context (its n-gram keys, sampled rows:

@@ -35,7 +35,7 @@ class RecordConfig:
     calib_tokens: int | None = None     # the calibration sample (relative taus, early skips); default_calib_tokens
     topk: int = 16
     samples: int = 2048                 # token positions whose full activation vectors are kept
-    shard_tokens: int | None = None     # default: default_shard_tokens (a quarter of the recording, <= 262144)
+    shard_tokens: int | None = None     # default: default_shard_tokens (a quarter of the recording)
     batch_tokens: int = 8192
     device_memory: int | None = None    # bytes for weights on the device; None: what it has
     host_memory: int | None = None      # bytes of host memory the job may use; None: most of it
@@ -239,10 +239,14 @@ def _builtin_type(model_type) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
+MIN_SHARD_TOKENS = 32768  # each layer of each shard costs a fixed share (its accumulators, their host copies)
+
+
 def default_shard_tokens(tokens: int, seq_len: int) -> int:
     """Shards are the unit of checkpoints: a quarter of the recording (whole sequences), so a stopped
-    small recording keeps most of its work, and at most 262144 tokens, so a big one checkpoints often."""
-    return max(seq_len, min(262144, tokens // 4) // seq_len * seq_len)
+    recording keeps most of its work, and at most 262144 tokens, so a big one checkpoints often; but at least
+    MIN_SHARD_TOKENS (under a minute here), so what each shard costs besides its compute stays small."""
+    return max(seq_len, min(262144, max(MIN_SHARD_TOKENS, tokens // 4)) // seq_len * seq_len)
 
 
 CALIB_SHARE = 0.05    # the default calibration sample: at most this share of the data's tokens ...

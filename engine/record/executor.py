@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ffnscope.cache import schema
-from ffnscope.cache.state import DataState, PosIncrements, RecordingState, Samples, ngram_drop_limit
+from ffnscope.cache.state import DataState, PosIncrements, RecordingState, ngram_drop_limit
 from ffnscope.cache.store import (fold_segments, remove_segment, remove_segments, segments_dir, write_base,
                                   write_segment, write_state)
 from ffnscope.engine.jobs.progress import ProgressFile
@@ -54,6 +54,7 @@ class Recorder:
         self.progress = progress
         self.on_progress = on_progress
         self.shard_seconds: list[tuple[float, float]] = []  # (compute, checkpoint) per shard: bench/checkpoint_cost
+        self._stats: LayerStats | None = None  # the last layer's accumulators, reused by the next (LayerStats reuse)
 
     @property
     def runner(self):
@@ -193,7 +194,7 @@ class Recorder:
         shard: the final write follows) -> whether one was written."""
         data, samples, pairs = recorded
         state.data.add(data)
-        state.samples.add(samples)
+        state.samples.commit(samples)
         state.shards_done = shard + 1
         self.segments.append(write_segment(self.config.out, f"{shard:06d}", data, samples, pairs))
         self._named = fold_segments(self.config.out, self._named + self.segments[-1:], state.shards_done)
@@ -211,21 +212,25 @@ class Recorder:
 
     def _record_shard(self, state: RecordingState, block: np.ndarray, seq_index: np.ndarray, report):
         """One shard through the layers, its fixed-size statistics added to `state.layers` (and pos_fire's to
-        the increments) as each layer is done -> (its DataState, its Samples, its pair runs: layer -> order ->
-        Sparse, only what is still counted)."""
+        the increments) as each layer is done -> (its DataState, its Samples: filled in the room after
+        state.samples' (Samples.tail), its pair runs: layer -> order -> Sparse, only what is still counted)."""
         rec = self.meta["recording"]
         primary = rec["primary_index"]
-        samples: dict[int, np.ndarray] = {}
+        sample_mask = self.blocks.sample_rows(seq_index, rec["sample_rate"])
+        # the sampled vectors go straight into the room after the recording's: no copy per shard but the layer's
+        samples = state.samples.tail((seq_index[:, None] * self.seq_len + np.arange(self.seq_len))[sample_mask])
+        position = {index: p for p, index in enumerate(self.layers)}
         pairs: dict[int, dict] = {}
         overflowed: set[int] = set()  # layers whose pairs a GPU left incomplete (_exact_pairs)
 
         def stats_for(index):
             counted = state.layers[index].ngram_counted if index in self.ngram_layers else None
-            return LayerStats(self.d_ffn, self.seq_len, layer_taus(rec, index), primary, rec["topk"], self.device,
-                              counted)
+            self._stats = LayerStats(self.d_ffn, self.seq_len, layer_taus(rec, index), primary, rec["topk"],
+                                     self.device, counted, reuse=self._stats)  # the last layer's is done with
+            return self._stats
 
         def layer_done(index, stats):
-            samples[index] = stats.take_samples()
+            samples.acts[position[index]] = stats.take_samples()
             host, layer = stats.to_host(), state.layers[index]
             layer.add(host)  # the fixed-size statistics; the layer holds no pairs (_first_segments)
             self.increments.add(index, host.pos_fire)
@@ -236,13 +241,12 @@ class Recorder:
                     overflowed.add(index)
 
         self.increments.start(len(block))
-        sample_index = self.blocks.run(block, seq_index, self.layers, stats_for, layer_done, report,
-                                       rec["sample_rate"])
+        self.blocks.run(block, seq_index, self.layers, stats_for, layer_done, report, sample_mask)
         if overflowed:
             pairs.update(self._exact_pairs(state, block, seq_index, sorted(overflowed)))
         unigram, grams = data_counts(block, self.blocks.vocab, self.blocks.first_pos)
         data = DataState(block, seq_index, self.domains[seq_index], unigram, grams)
-        return data, Samples(sample_index.astype(np.int64), np.stack([samples[i] for i in self.layers])), pairs
+        return data, samples, pairs
 
     def _exact_pairs(self, state: RecordingState, block: np.ndarray, seq_index: np.ndarray, layers: list[int]):
         """The shard's n-gram pairs of `layers` again, batch by batch (LayerStats exact_pairs): on a GPU a batch

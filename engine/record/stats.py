@@ -98,11 +98,13 @@ class BatchContext:
 class LayerStats:
     """One layer's statistics over the batches of a shard. exact_pairs: n-gram pairs built batch by batch (the
     torch path then reads each batch's fires on the host: on a GPU a synchronization per batch); else kept on
-    the device, at most pair_capacity fires a batch (None: default_pair_capacity), see pairs_overflowed."""
+    the device, at most pair_capacity fires a batch (None: default_pair_capacity), see pairs_overflowed. reuse: a
+    LayerStats whose to_host was consumed: its accumulators are zeroed and reused (a fresh pos_fire of tens of MB
+    pages in anew every layer of every shard; to_host's arrays on the CPU are views of them)."""
 
     def __init__(self, d_ffn: int, seq_len: int, taus: list[float], primary: int, k: int,
                  device: torch.device, ngram_counted: np.ndarray | None, fused: bool | None = None,
-                 exact_pairs: bool = False, pair_capacity: int | None = None):
+                 exact_pairs: bool = False, pair_capacity: int | None = None, reuse: LayerStats | None = None):
         self.taus = taus
         self.primary = primary
         self.k = k
@@ -110,11 +112,18 @@ class LayerStats:
         self.d_ffn = d_ffn
         self.fused = (device.type == "cpu" and cpu_kernels is not None) if fused is None else fused
         acc_device = torch.device("cpu") if self.fused else device
-        self.fire_count = torch.zeros(len(taus), d_ffn, dtype=torch.int64, device=acc_device)
-        self.g_sum = torch.zeros(d_ffn, dtype=torch.float64, device=acc_device)
-        self.g_sumsq = torch.zeros(d_ffn, dtype=torch.float64, device=acc_device)
-        self.g_max = torch.full((d_ffn,), -torch.inf, device=acc_device)
-        self.pos_fire = torch.zeros(seq_len, d_ffn, dtype=torch.int64, device=acc_device)
+
+        def accumulator(name, shape, fill, dtype=torch.float32):
+            old = getattr(reuse, name, None)
+            if old is not None and old.shape == shape and old.dtype == dtype and old.device == acc_device:
+                return old.fill_(fill)
+            return torch.full(shape, fill, dtype=dtype, device=acc_device)
+        self.fire_count = accumulator("fire_count", (len(taus), d_ffn), 0, torch.int64)
+        self.g_sum = accumulator("g_sum", (d_ffn,), 0, torch.float64)
+        self.g_sumsq = accumulator("g_sumsq", (d_ffn,), 0, torch.float64)
+        self.g_max = accumulator("g_max", (d_ffn,), -torch.inf)
+        # int32: a count is at most the shard's sequences; the largest accumulator (positions x neurons)
+        self.pos_fire = accumulator("pos_fire", (seq_len, d_ffn), 0, torch.int32)
         self.topk_value = torch.full((k, d_ffn), -torch.inf, device=acc_device)
         self.topk_index = torch.full((k, d_ffn), -1, dtype=torch.int64, device=acc_device)
         self.topk_g = torch.full((k, d_ffn), torch.nan, device=acc_device)
@@ -161,7 +170,7 @@ class LayerStats:
         self.g_sum += g32.sum(0, dtype=torch.float64)
         self.g_sumsq += (g32 * g32).sum(0, dtype=torch.float64)
         torch.maximum(self.g_max, g32.amax(0), out=self.g_max)
-        self.pos_fire += primary_fires.view(-1, self.seq_len, self.d_ffn).sum(0)
+        self.pos_fire += primary_fires.view(-1, self.seq_len, self.d_ffn).sum(0, dtype=torch.int32)
         if self.ngram_counted is not None and self._keeps:
             self._keep_fires(primary_fires[:, self._counted], g, ctx)
         elif self.ngram_counted is not None:
@@ -187,13 +196,15 @@ class LayerStats:
         seq_arg = np.empty((n_seqs, self.d_ffn), np.int64)
         seq_g = np.empty((n_seqs, self.d_ffn), np.float32)
         batch_fires = np.empty(self.d_ffn, np.int64)
+        fire_bits = np.empty((len(g32), -(-self.d_ffn // cpu_kernels.STRIPE)), np.uint64)
         cpu_kernels.batch_stats(g32, a32, self._taus.numpy(), self.primary, self.seq_len,
                                 self.fire_count.numpy(), self.g_sum.numpy(), self.g_sumsq.numpy(),
-                                self.g_max.numpy(), self.pos_fire.numpy(), seq_max, seq_arg, seq_g, batch_fires)
+                                self.g_max.numpy(), self.pos_fire.numpy(), seq_max, seq_arg, seq_g, batch_fires,
+                                fire_bits)
         if self.ngram_counted is not None:
             table = ctx.gram_table or GramTable.of({n: k.numpy() for n, k in ctx.gram_keys.items()},
                                                    {n: v.numpy() for n, v in ctx.gram_valid.items()})
-            pairs = cpu_kernels.pair_counts(a32, g32, self.taus[self.primary], self.ngram_counted, batch_fires, table)
+            pairs = cpu_kernels.pair_counts(fire_bits, g32, self.ngram_counted, batch_fires, table)
             for n, part in pairs.items():
                 self._pairs[n].append(part)
         return (torch.from_numpy(g32), torch.from_numpy(a32), torch.from_numpy(seq_max), torch.from_numpy(seq_arg),
@@ -276,7 +287,7 @@ class LayerStats:
             i[empty], x[empty] = -1, np.nan
         state = LayerState(self.fire_count.cpu().numpy(), self.g_sum.cpu().numpy(),
                            self.g_sumsq.cpu().numpy(), self.g_max.cpu().numpy(),
-                           self.pos_fire.to(torch.int32).cpu().numpy(), value, index, g, *start)
+                           self.pos_fire.cpu().numpy(), value, index, g, *start)
         if self.ngram_counted is not None:
             state.ngram_counted = self.ngram_counted.copy()
             state.ngrams = (self._pairs_of_kept() if self._keeps else
