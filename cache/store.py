@@ -216,14 +216,16 @@ class Segment:
 
 def write_segment(path: Path, name: str, data: DataState, samples: Samples,
                   pairs: dict[int, dict[int, Sparse]] | None = None,
-                  counted: dict[int, np.ndarray] | None = None) -> Segment:
+                  counted: dict[int, np.ndarray] | None = None, streams: bool = True) -> Segment:
     """The streams of one shard (or of everything before a resume) as segment `name` of cache `path`,
     with its n-gram pairs (layer -> order -> Sparse) as sorted runs (cache.runs), uncompressed: written
     once, read back only by a resume, the final merge or a reader of the checkpoint. `counted` (layer ->
     ngram_counted), for a resume: each such layer's run is the sum of the checkpoint at `path`'s pairs,
-    merged from its runs as the final write merges them (memory bounded, never the pairs whole)."""
+    merged from its runs as the final write merges them (memory bounded, never the pairs whole).
+    streams=False: the runs alone (a recording's last shard: no checkpoint names it, and the final write
+    takes the streams from memory)."""
     directory = _made_segments_dir(path)
-    streams = _streams(data, samples)
+    streams = _streams(data, samples) if streams else {}
     needs = nbytes(streams) + nbytes(pairs or {}) + (_pair_bytes(path) if counted else 0)
     with replaced(directory / f"{name}.h5", failure=f"could not write a checkpoint of {path}", needs=needs) as f:
         for key, array in streams.items():

@@ -107,8 +107,8 @@ class BlockRunner:
                 gram_keys={n: k[rows] for n, k in on_dev["keys"].items()},
                 gram_valid={n: v[rows] for n, v in on_dev["valid"].items()},
                 sample_rows=sampled_dev[first:end] - rows.start, seq_len=seq_len,
-                gram_table=GramTable.of({n: k[lo:hi] for n, k in keys.items()}, {n: v[lo:hi] for n, v in valid.items()})
-                if dev.type == "cpu" else None))
+                gram_table=None if dev.type != "cpu" else GramTable.of({n: k[lo:hi] for n, k in keys.items()},
+                                                                        {n: v[lo:hi] for n, v in valid.items()})))
         if hidden is not None and hidden.device.type != dev.type:
             accelerator.synchronize(dev)  # once a block: the embeddings are in the host buffer before it is read
         return hidden, contexts

@@ -191,16 +191,19 @@ class Recorder:
     def _save_shard(self, state: RecordingState, shard: int, recorded, checkpoint: bool, since: float,
                     stopping: bool) -> bool:
         """A recorded shard into `state` and its segment; then a checkpoint if one is due (never after the last
-        shard: the final write follows) -> whether one was written."""
+        shard, `checkpoint` False: the final write follows, and takes from the shard's segment only its pair
+        runs) -> whether one was written."""
         data, samples, pairs = recorded
         state.data.add(data)
         state.samples.commit(samples)
         state.shards_done = shard + 1
-        self.segments.append(write_segment(self.config.out, f"{shard:06d}", data, samples, pairs))
+        self.segments.append(write_segment(self.config.out, f"{shard:06d}", data, samples, pairs, streams=checkpoint))
+        if not checkpoint:
+            return False
         self._named = fold_segments(self.config.out, self._named + self.segments[-1:], state.shards_done)
         per_shard = max(1, self.meta["recording"]["shard_tokens"] // self.seq_len)
         rebase = self.increments.full_after(per_shard)  # another shard would make them as wide as pos_fire
-        if not (checkpoint and self._checkpoint_due(since, stopping, rebase)):
+        if not self._checkpoint_due(since, stopping, rebase):
             return False
         if self.progress:
             self.progress.update(force=True, phase="checkpoint")

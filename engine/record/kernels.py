@@ -63,21 +63,21 @@ def batch_stats(g, act, taus, primary, seq_len, fire_count, g_sum, g_sumsq, g_ma
                 for j in range(width):
                     counts[t, j] += a_row[j] > tau
             bits = np.uint64(0)
-            for j in range(width):
-                a = a_row[j]
-                fired = a > tau_p
+            for j in range(width):  # branch-free: the compiler vectorizes it
+                fired = a_row[j] > tau_p
                 p_row[j] += fired
                 bits |= np.uint64(fired) << np.uint64(j)
-                x = x_row[j]
-                xd = np.float64(x)
+                xd = np.float64(x_row[j])
                 s[j] += xd
                 ss[j] += xd * xd
-                mx[j] = max(mx[j], x)
-                if pos > 0 and a > smax[j]:
-                    smax[j] = a
-                    sarg[j] = pos
-                    sg[j] = x
+                mx[j] = max(mx[j], x_row[j])
             fire_bits[row, stripe] = bits
+            if pos > 0:
+                for j in range(width):
+                    better = a_row[j] > smax[j]
+                    smax[j] = a_row[j] if better else smax[j]
+                    sarg[j] = pos if better else sarg[j]
+                    sg[j] = x_row[j] if better else sg[j]
             if pos == seq_len - 1:
                 seq = row // seq_len
                 seq_max[seq, lo:hi] = smax
