@@ -229,11 +229,12 @@ class Recorder:
         def stats_for(index):
             counted = state.layers[index].ngram_counted if index in self.ngram_layers else None
             self._stats = LayerStats(self.d_ffn, self.seq_len, layer_taus(rec, index), primary, rec["topk"],
-                                     self.device, counted, reuse=self._stats)  # the last layer's is done with
+                                     self.device, counted, reuse=self._stats,  # the last layer's is done with
+                                     samples_out=samples.acts[position[index]])
             return self._stats
 
         def layer_done(index, stats):
-            samples.acts[position[index]] = stats.take_samples()
+            stats.take_samples()  # into samples.acts
             host, layer = stats.to_host(), state.layers[index]
             layer.add(host)  # the fixed-size statistics; the layer holds no pairs (_first_segments)
             self.increments.add(index, host.pos_fire)

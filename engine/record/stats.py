@@ -100,11 +100,13 @@ class LayerStats:
     torch path then reads each batch's fires on the host: on a GPU a synchronization per batch); else kept on
     the device, at most pair_capacity fires a batch (None: default_pair_capacity), see pairs_overflowed. reuse: a
     LayerStats whose to_host was consumed: its accumulators are zeroed and reused (a fresh pos_fire of tens of MB
-    pages in anew every layer of every shard; to_host's arrays on the CPU are views of them)."""
+    pages in anew every layer of every shard; to_host's arrays on the CPU are views of them). samples_out: where
+    the sampled rows of g go (float32, as many rows as the batches sample): on the CPU as each batch comes."""
 
     def __init__(self, d_ffn: int, seq_len: int, taus: list[float], primary: int, k: int,
                  device: torch.device, ngram_counted: np.ndarray | None, fused: bool | None = None,
-                 exact_pairs: bool = False, pair_capacity: int | None = None, reuse: LayerStats | None = None):
+                 exact_pairs: bool = False, pair_capacity: int | None = None, reuse: LayerStats | None = None,
+                 samples_out: np.ndarray | None = None):
         self.taus = taus
         self.primary = primary
         self.k = k
@@ -132,6 +134,9 @@ class LayerStats:
         self.start_g = torch.full((1, d_ffn), torch.nan, device=acc_device)
         self._taus = torch.tensor(taus, dtype=torch.float32)
         self.samples: list[torch.Tensor] = []
+        # the layer's sampled vectors on the host (samples_out, filled as batches come where g is on the CPU)
+        self._samples_out = None if samples_out is None else torch.from_numpy(samples_out)
+        self._sampled = 0
         self.ngram_counted = ngram_counted
         self._keeps = not (self.fused or exact_pairs)  # the n-gram fires, on the device till the layer's end
         self.pair_capacity = pair_capacity
@@ -145,8 +150,12 @@ class LayerStats:
     @torch.inference_mode()
     def update(self, g: torch.Tensor, act: torch.Tensor, ctx: BatchContext) -> None:
         """g, act: (tokens, d_ffn) in the model's dtype; act is what the firing rule thresholds."""
-        if len(ctx.sample_rows):  # kept where g is, in its dtype: no host sync per batch on a GPU (take_samples)
+        n_sampled = len(ctx.sample_rows)
+        if n_sampled and self._samples_out is not None and g.device.type == "cpu":
+            self._samples_out[self._sampled:self._sampled + n_sampled] = g[ctx.sample_rows]
+        elif n_sampled:  # kept where g is, in its dtype: no host sync per batch on a GPU (take_samples)
             self.samples.append(g[ctx.sample_rows])
+        self._sampled += n_sampled
         if self.fused:
             g32, a32, seq_max, seq_arg, seq_g = self._update_fused(g, act, ctx)
         else:
@@ -295,11 +304,16 @@ class LayerStats:
         return state
 
     def take_samples(self) -> np.ndarray:
-        """The sampled rows of g, float32 (cache.state.Samples: any finite g, exactly)."""
-        if not self.samples:
-            return np.zeros((0, self.d_ffn), Samples.DTYPE)
-        # one move to the host per layer and shard, in g's dtype (half the bytes of a 16-bit model's)
-        return torch.cat(self.samples).cpu().float().numpy()
+        """The sampled rows of g, float32 (cache.state.Samples: any finite g, exactly): samples_out, filled."""
+        if self.samples:
+            # one move to the host per layer and shard, in g's dtype (half the bytes of a 16-bit model's)
+            taken = torch.cat(self.samples).cpu()
+            if self._samples_out is None:
+                return taken.float().numpy()
+            self._samples_out[:] = taken
+        if self._samples_out is not None:
+            return self._samples_out.numpy()
+        return np.zeros((0, self.d_ffn), Samples.DTYPE)
 
 
 def _merge_topk(kept: tuple, offered: tuple, k: int) -> tuple:
