@@ -1,4 +1,5 @@
-"""How fast the TUI opens a big cache and answers filter and sort keys, and its memory.
+"""How fast the TUI opens a big cache and answers filter and sort keys, and its memory; and how fast
+the new-recording form opens.
 
     python -m tests.synthetic_cache /tmp/opt66b.h5          # OPT-66b's shape: 64 x 36,864 neurons
     python bench/tui_open.py /tmp/opt66b.h5                 # (or --generate: makes it first when missing)
@@ -7,12 +8,19 @@ Runs the real app headless (Textual's Pilot) at 80x24: start -> layers screen ->
 neuron of every layer) -> a usable neurons screen; then each key of a filter/sort session. A timed
 key is posted to the app as a terminal would send it, and timed until the neurons screen holds the
 new rows plus one full render of the visible table (Pilot's own press() waits ~70 ms per key for
-the app to go idle, which a real terminal does not). Prints milliseconds and the process's memory."""
+the app to go idle, which a real terminal does not). Prints milliseconds and the process's memory.
+
+Then, in a fresh process (`--form` alone: only that), the app opens on the recordings screen listing
+the cache's folder and `n` opens the new-recording form, timed until the form shows its duration
+estimate (from the newest complete recording of the default model there, if any) and one frame of it
+is drawn. Record a small cache for it with `ffnscope record --model default --data builtin --tokens
+4096 --seq-len 512 --out DIR/small.h5`."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +33,7 @@ from ffnscope.app.tui.app import FFNScopeApp  # noqa: E402
 from ffnscope.app.tui.layers import LayersScreen  # noqa: E402
 from ffnscope.app.tui.modals import AskScreen, ChooseScreen  # noqa: E402
 from ffnscope.app.tui.neurons import NeuronsScreen  # noqa: E402
+from ffnscope.app.tui.recordings import RecordingsScreen  # noqa: E402
 from ffnscope.app.tui.table import VirtualTable  # noqa: E402
 
 # (what, keys before the timed key, the timed key(s)); choices in ChooseScreen are picked by id
@@ -145,10 +154,28 @@ async def main(path: Path, repeat: int) -> None:
         print(f"slowest key {worst:.0f} ms; memory after the session {current:.0f} MiB, peak {peak:.0f} MiB")
 
 
+async def form(folder: Path) -> None:
+    """The recordings screen listing `folder`, then `n`: ms until the form's estimate is in and drawn."""
+    app = FFNScopeApp([], dirs=[folder])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RecordingsScreen) and app.screen.rows)
+        await settled(pilot)  # the list's scan done
+        listed = len(app.screen.rows)
+        t0 = time.perf_counter()
+        post_key(app, "n")
+        await until(pilot, lambda: getattr(app.screen, "recordings", None) is not None)  # the form read the catalog
+        app.screen._on_timer_update()  # one frame of the form, drawn as Pilot's pause() draws it
+        ms = 1000 * (time.perf_counter() - t0)
+        estimate = str(app.screen.query_one("#estimate").render())
+        print(f"new-recording form (n), {listed} recording(s) in {folder}: {ms:.1f} ms to its estimate, drawn "
+              f"({estimate[:60]})")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache", type=Path)
     parser.add_argument("--repeat", type=int, default=1, help="run the key session this many times")
+    parser.add_argument("--form", action="store_true", help="time only the new-recording form (`n`)")
     parser.add_argument("--generate", action="store_true",
                         help="if CACHE is missing, first write it: the synthetic OPT-66b-shaped cache of "
                              "tests/synthetic_cache.py")
@@ -158,4 +185,9 @@ if __name__ == "__main__":
 
         if generate_cache([str(args.cache)]) not in (0, 1):  # 1: generated, with planted/found differences
             sys.exit(2)
-    asyncio.run(main(args.cache, args.repeat))
+    if args.form:
+        asyncio.run(form(args.cache.absolute().parent))
+    else:
+        asyncio.run(main(args.cache, args.repeat))
+        sys.stdout.flush()  # the form in a fresh process, as a first `n` finds it: its modules not imported yet
+        subprocess.run([sys.executable, *sys.orig_argv[1:], "--form"], check=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from textual import work
-from textual.worker import get_current_worker
+from textual.worker import Worker, get_current_worker
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -45,6 +45,7 @@ class FFNScopeApp(App):
         self.follow: Path | None = None        # a recording to open as soon as its job is done
         self.recordings: dict[Path, OpenRecording] = {}
         self._open_lock = threading.Lock()
+        self.opening: Worker | None = None  # the latest open; the recordings scan waits for it (RecordingsScreen.scan)
         self._jobs_running: set[Path] = set()
 
     def on_mount(self) -> None:
@@ -107,8 +108,11 @@ class FFNScopeApp(App):
             if rec is not None and rec.stale:
                 self.reload(path)
 
-    @work(thread=True, exclusive=True, group="open")
     def open_recording(self, path: Path) -> None:
+        self.opening = self._open(path)
+
+    @work(thread=True, exclusive=True, group="open")
+    def _open(self, path: Path) -> None:
         path = Path(path)
         try:
             rec = self._get(path)

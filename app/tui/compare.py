@@ -67,7 +67,7 @@ class CompareScreen(FramedScreen):
         return f"{printable(rec.path.stem)}: {rec.model_name} ({len(rec.index.layers)}L)"
 
     def draw(self) -> None:
-        figures = [(rec, rec.index.per_layer()) for rec in self.recs]
+        figures = [(rec, rec.index.per_layer(dead_sq=False)) for rec in self.recs]
         # numbered rows under a legend of whole names: the table fits 80 columns however long the names
         legend = Text()
         for number, rec in enumerate(self.recs, start=1):

@@ -16,6 +16,7 @@ from ffnscope.app.safe_text import printable
 from ffnscope.app.tui.base import HELP_KEY, FramedScreen
 from ffnscope.app.tui.cells import num, pct, token, tokens, unknown, yes_no
 from ffnscope.app.tui.recording import OpenRecording
+from ffnscope.cache.errors import UserError
 from ffnscope.cache.npl_store import sidecar_path
 from ffnscope.engine.analysis.ngrams import support_rule
 from ffnscope.engine.explore.detail import NeuronDetail, neuron_detail
@@ -67,7 +68,11 @@ class DetailScreen(FramedScreen):
 
     @work(thread=True, exclusive=True, group="detail")
     def _load(self, row: int) -> None:
-        detail = neuron_detail(self.rec.reader, self.rec.index, row)
+        try:  # the index reads the detector evidence on first use: a damaged file says so here
+            detail = neuron_detail(self.rec.reader, self.rec.index, row)
+        except UserError as exc:
+            self.app.call_from_thread(self.app.notify, printable(str(exc)), severity="error", markup=False)
+            return
         width = max(self.app.size.width - 4, 30)
         seq_len = len(detail.pos_freq)
         chart = position_chart(detail.pos_freq, f"firing frequency by position (of {seq_len})", width, 12)

@@ -70,7 +70,7 @@ class LayersScreen(FramedScreen):
     def __init__(self, rec: OpenRecording):
         super().__init__()
         self.rec = rec
-        self.figures = rec.index.per_layer()
+        self.figures = rec.index.per_layer(dead_sq=False)  # the one figure not shown reads g_sumsq
         self.reading = "logit"  # suppression's reading shown: "logit" (the paper's) or "z"
 
     def compose(self) -> ComposeResult:
@@ -88,7 +88,7 @@ class LayersScreen(FramedScreen):
                 for c in columns_for(self.rec.prov.recording)]
 
     def rebind(self, rec: OpenRecording) -> None:
-        self.rec, self.figures = rec, rec.index.per_layer()
+        self.rec, self.figures = rec, rec.index.per_layer(dead_sq=False)
         self.query_one(VirtualTable).set_columns(self._columns())
         self.on_mount()
 

@@ -137,7 +137,7 @@ class NeuronsScreen(FramedScreen):
             return  # a thread worker cannot be interrupted; a newer request has superseded this one
         self.rows = rows
         self.updates += 1
-        self.rec.warm_up()
+        self.call_after_refresh(self.rec.warm_up)  # after the first frame: warming competes with drawing it
         table = self.query_one(VirtualTable)
         table.set_columns(columns_for(self.sort))
         table.show(len(rows), self._cell, cursor=None if keep_cursor else 0)

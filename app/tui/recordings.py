@@ -94,13 +94,23 @@ class RecordingsScreen(FramedScreen):
     def on_mount(self) -> None:
         self.set_header("ffnscope", "", "Recordings")
         self.query_one(VirtualTable).focus()
-        self.scan()
-        self.set_interval(REFRESH_S, self.scan)
+        self.scanning = self.scan()
+        self.set_interval(REFRESH_S, self.rescan)
+
+    def rescan(self) -> None:
+        """The periodic scan, skipped while the last one runs (it may be waiting for an open)."""
+        if self.scanning.is_finished:
+            self.scanning = self.scan()
 
     @work(thread=True, exclusive=True, group="scan")
     def scan(self) -> None:
+        # after the recording being opened: HDF5 runs one call at a time, and the list (each file's metadata,
+        # checked) read beside the open made the open wait for it
+        while self.app.opening is not None and not self.app.opening.is_finished:
+            time.sleep(0.01)
         dirs = self.dirs if self.dirs is not None else [recordings_dir()]
-        summaries = catalog.scan(self.files, dirs)
+        opened = {rec.path: (rec.reader, rec.mtime[0]) for rec in list(self.app.recordings.values())}
+        summaries = catalog.scan(self.files, dirs, opened)  # an open recording is not opened and checked again
         job_list = jobs.list_jobs(dirs, self.files)
         by_path = {j.output.resolve(): j for j in job_list}
         rows = [Row(s.path, s, by_path.pop(s.path.resolve(), None)) for s in summaries]

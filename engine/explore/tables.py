@@ -71,9 +71,11 @@ def layer_table(reader: CacheReader, index: NeuronIndex | None = None) -> Table:
     return Table(rows, kinds=LAYER_KINDS)
 
 
-def layer_figures(index: NeuronIndex) -> dict[str, np.ndarray]:
+def layer_figures(index: NeuronIndex, dead_sq: bool = True) -> dict[str, np.ndarray]:
     """Every LAYER_KINDS column, one entry per recorded layer, summed from the neuron index: the one
     place the layer figures are computed (layer table exports, the report, the TUI's layers screen).
+    dead_sq=False leaves out dead_sq_frac, the one figure that reads every layer's g_sumsq (the screens,
+    which do not show it, open without that read).
     A figure nothing measured is NaN, never 0 (the layer table exports None, the views "-"): the n-gram
     counts outside the n-gram layers (and before the ngrams analysis), the positional counts where the
     positional analysis could not decide (too few sequences per position) or has not run, alive_freq of
@@ -85,27 +87,29 @@ def layer_figures(index: NeuronIndex) -> dict[str, np.ndarray]:
     analysis. 0.0 would claim "no detector suppresses its triggers", which nothing measured."""
     cols, n_layers, d = index.cols, len(index.layers), index.d_ffn
     rec = index.prov.recording
-    pos = np.repeat(np.arange(n_layers), d)
 
-    def count(mask):
-        return np.bincount(pos[mask], minlength=n_layers)
+    def count(mask):  # per layer: the index's rows are layer after layer, d_ffn each
+        return np.count_nonzero(mask.reshape(n_layers, d), axis=1)
 
     dead = cols["dead"]
-    fires, sumsq = cols["fire_count"], index.column("g_sumsq")
-    alive_freq, dead_sq = np.zeros(n_layers), np.zeros(n_layers)
+    fires, sumsq = cols["fire_count"], index.column("g_sumsq") if dead_sq else None
+    alive_freq, dead_sq_frac = np.zeros(n_layers), np.zeros(n_layers)
     for i in range(n_layers):  # per layer as engine.analysis.dead.firing_by_layer sums, to the last bit
         rows = slice(i * d, (i + 1) * d)
         alive = fires[rows][~dead[rows]]
         alive_freq[i] = float(alive.mean() / index.n_tokens) if alive.size else np.nan
-        total = float(sumsq[rows].sum())
-        dead_sq[i] = float(sumsq[rows][dead[rows]].sum() / total) if total > 0 else np.nan
+        if sumsq is not None:
+            total = float(sumsq[rows].sum())
+            dead_sq_frac[i] = float(sumsq[rows][dead[rows]].sum() / total) if total > 0 else np.nan
     n_total = index.prov.model.n_layers
     out = {"layer": np.array(index.layers, np.int64),
            "rel_depth": np.array(index.layers) / max(n_total - 1, 1),
            "tau": np.array([rec.layer_tau(layer) for layer in index.layers], np.float64),
            "dead_frac": count(dead) / max(d, 1), "dead_tau0_frac": count(cols["dead_tau0"]) / max(d, 1),
-           "dead_sq_frac": dead_sq, "alive_freq": alive_freq,
+           "dead_sq_frac": dead_sq_frac, "alive_freq": alive_freq,
            "ngram_layer": count(cols["ngram_counted"] != UNKNOWN) > 0}
+    if not dead_sq:
+        del out["dead_sq_frac"]
     counted = out["ngram_layer"]
 
     def ngram_count(values):  # n-gram figures: not known outside the n-gram layers
