@@ -67,6 +67,7 @@ class Analyzer:
         self.ngram_layers: list[int] = list(self.prov.recording.ngram_layers)
         self.fresh: dict[str, store.Result] = {}
         self.allow_pickle = False  # suppression loads the model: accept pickle weights
+        self.model = None  # the recorded model, already loaded in float32 (analyze's `model`): not loaded again
 
     def inputs(self, name: str) -> dict:
         """Results an analysis builds on: changing them makes it stale."""
@@ -144,17 +145,21 @@ class Analyzer:
         lm = self._load_model()
         adapter = lm.adapter
         norm = adapter.final_norm_scale()
-        norm = None if norm is None else norm.detach().float().numpy()
-        unembedding = adapter.unembedding().detach().float().numpy()
+        norm = None if norm is None else norm.detach().float().cpu().numpy()
+        # float64 once: the projection is float64, and numpy would cast a float32 one in every product
+        unembedding = adapter.unembedding().detach().float().cpu().numpy().astype(np.float64)
         keys = SUPPRESSION_KEYS
         parts: dict[str, list] = {k: [] for k in keys + ("layer",)}
         for row, layer in enumerate(ngrams["layers"]):
             neurons = np.flatnonzero(ngrams["n1/detector"][row])
             mine = ngrams["n1/covered_layer"] == layer
             triggers = [ngrams["n1/covered_gram"][mine & (ngrams["n1/covered_neuron"] == i)] for i in neurons]
-            rows = adapter.w_out(int(layer)).detach().float().numpy()[neurons]
-            # the update's direction: the sign of g at the triggers' firings (not of g's mean over all tokens)
-            g_at = trigger_g(self.reader.ngrams(int(layer), 1)[0], neurons, triggers, self.prov.model.d_ffn)
+            if len(neurons):
+                rows = adapter.w_out(int(layer)).detach().float().cpu().numpy()[neurons]
+                # the update's direction: the sign of g at the triggers' firings (not of g's mean over all tokens)
+                g_at = trigger_g(self.reader.ngrams(int(layer), 1)[0], neurons, triggers, self.prov.model.d_ffn)
+            else:  # no detector: nothing to read (its empty chunk keeps the stored types when no layer has one)
+                rows, g_at = np.zeros((0, unembedding.shape[1]), np.float32), np.zeros(0, np.float32)
             r = suppression_layer(neurons, triggers, rows, g_at, norm, unembedding, params)
             for k in keys:
                 parts[k].append(getattr(r, k))
@@ -166,11 +171,14 @@ class Analyzer:
         from ffnscope.engine.model.load import load_model
 
         model = self.prov.model
-        try:
-            lm = load_model(model.spec, "float32", allow_pickle=self.allow_pickle)
-        except UserError as exc:
-            raise UserError(f"suppression needs the recorded model '{model.spec}': {exc}; "
-                            "or skip it with --only dead ngrams positional") from None
+        if self.model is not None:
+            lm = self.model
+        else:
+            try:
+                lm = load_model(model.spec, "float32", allow_pickle=self.allow_pickle)
+            except UserError as exc:
+                raise UserError(f"suppression needs the recorded model '{model.spec}': {exc}; "
+                                "or skip it with --only dead ngrams positional") from None
         check_fingerprint(model.fingerprint, lm.fingerprint, f"the cache {self.reader.path}",
                           f"'{model.spec}' is not the model this cache was recorded with (fingerprint "
                           f"{lm.fingerprint} vs {model.fingerprint}); give the original model",
@@ -221,8 +229,18 @@ def put_suppression_rows(result: store.Result, parts: dict[str, list], top: int)
         result.put(key, np.concatenate(chunks) if chunks else empty)
 
 
+def _float32(lm) -> bool:
+    """Whether a loaded model's weights are float32 (a recording's --dtype may have been another)."""
+    import torch
+
+    return lm.model.dtype == torch.float32
+
+
 def analyze(path: Path, only: list[str] | None = None, settings: list[str] | None = None, log=print,
-            allow_pickle: bool = False) -> dict[str, str]:
+            allow_pickle: bool = False, model=None) -> dict[str, str]:
+    """`model`: the recorded model as engine.model.load.load_model gave it, when the caller holds it (a
+    recording that goes on to its analyses): suppression uses it instead of loading it again (seconds), if
+    its weights are float32, as suppression loads them; its fingerprint is checked against the cache's."""
     unknown = set(only or ()) - set(ANALYSES)
     if unknown:
         raise UserError(f"--only: unknown analysis {', '.join(sorted(unknown))}; choose from {', '.join(ANALYSES)}")
@@ -232,6 +250,7 @@ def analyze(path: Path, only: list[str] | None = None, settings: list[str] | Non
             raise UserError(f"{path} is a partial recording; finish it with `ffnscope record ... --resume` first")
         analyzer = Analyzer(reader, parsed, log)
         analyzer.allow_pickle = allow_pickle
+        analyzer.model = model if model is not None and _float32(model) else None
         status = analyzer.run(only)
         fresh, recording = list(analyzer.fresh.values()), store.recording_key(reader)
     store.write_results(path, fresh, recording)

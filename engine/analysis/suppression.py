@@ -94,8 +94,11 @@ def suppression_layer(neurons: np.ndarray, triggers: list[np.ndarray], rows: np.
                       chunk: int = 256) -> SuppressionResult:
     """neurons (m,), their trigger token ids, their W_out rows (m, d_model) and the mean g at their
     triggers' firings (m,), whose sign gives each update's direction (+ where unknown).
-    Works through the detectors `chunk` at a time: never an (all detectors x vocabulary) array."""
+    Works through the detectors `chunk` at a time: never an (all detectors x vocabulary) array. The
+    projection is float64 (rows x signs is); a float32 unembedding is cast here once, not in each chunk's
+    product, where numpy casts it again each time (pass it as float64 to cast it once for all layers)."""
     m, top = len(neurons), params.top
+    unembedding = np.asarray(unembedding, np.float64)
     signs = np.where(np.asarray(g_at_triggers) < 0, -1.0, 1.0)
     promoted = np.zeros((m, top), np.int64)
     suppressed = np.zeros((m, top), np.int64)
