@@ -32,9 +32,9 @@ def cmd_record(args) -> int:
     if not args.analyze:
         return run_record(args)
 
-    def after(_state, progress) -> None:  # the recording is complete; the progress file still says running
-        try:
-            _run_analyses(args.out, progress, allow_pickle=args.allow_pickle)
+    def after(_state, progress, lm) -> None:  # the recording is complete; the progress file still says running
+        try:  # suppression uses the recorded model as loaded, instead of loading it again
+            _run_analyses(args.out, progress, allow_pickle=args.allow_pickle, model=lm)
         except UserError as exc:
             raise UserError(f"the recording in {args.out} is complete, but its analysis failed: {exc}") from None
 
@@ -59,9 +59,10 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=False) -> dict[str, str]:
+def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=False,
+                  model=None) -> dict[str, str]:
     """engine.analysis.job.analyze with its steps in the progress file: phase "analyzing", and
-    "analysis" naming the one under way."""
+    "analysis" naming the one under way; `model`: the recorded model, when the caller holds it."""
     from ffnscope.engine.analysis.job import analyze
 
     from ffnscope.engine.safe_text import printable
@@ -73,7 +74,7 @@ def _run_analyses(path: Path, progress, only=None, settings=None, allow_pickle=F
 
     progress.update(force=True, phase="analyzing", analysis=None)
     with _sigterm_interrupts():
-        status = analyze(path, only, settings, log=log, allow_pickle=allow_pickle)
+        status = analyze(path, only, settings, log=log, allow_pickle=allow_pickle, model=model)
     progress.update(force=True, analysis=None)
     print("analyses: " + ", ".join(f"{name} {state}" for name, state in status.items()), file=sys.stderr)
     return status

@@ -76,9 +76,9 @@ def main() -> None:
     timed(seconds, Recorder, "record_shards", "recording")
     timed(seconds, job, "write_complete", "final write")
 
-    def after(_state, _progress) -> None:
+    def after(_state, _progress, lm) -> None:  # as `record --analyze`: with the recorded model
         t = time.perf_counter()
-        analyze(config.out, log=lambda *_: None)
+        analyze(config.out, log=lambda *_: None, model=lm)
         seconds["analyses"] += time.perf_counter() - t
 
     t0 = time.perf_counter()

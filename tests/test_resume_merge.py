@@ -169,7 +169,7 @@ def test_stop_after_the_last_shard_completes_the_recording_and_runs_no_analysis(
     config = RecordConfig(out=out, model=str(model_dirs["opt"]), data=[str(text_file)], tokens=256,
                           **{**FAST, "shard_tokens": 256})
     with pytest.raises(Stopped):
-        record(config, log=lambda _m: None, after=lambda state, progress: after.append(state))
+        record(config, log=lambda _m: None, after=lambda state, progress, lm: after.append(state))
     assert read_state(out, "testing").status == "complete" and after == []
     assert read_progress(out)["status"] == "stopped"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import sys
 from dataclasses import dataclass
@@ -162,13 +163,21 @@ def _convert(source: Path, target: Path, trust_remote_code: bool = False) -> Non
         kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=False, **kwargs)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    del model
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a half-written conversion is never taken for a finished one
+    # a name of this conversion's own: two jobs converting the same model at once never remove each other's
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        if (target / "config.json").is_file():  # another job finished first: its copy serves
+            return
+        shutil.rmtree(target, ignore_errors=True)  # a conversion that died before its config
+        tmp.rename(target)  # atomic: a half-written conversion is never taken for a finished one
+    except OSError:
+        if not (target / "config.json").is_file():  # not a race lost to another job: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def converted_dir(source: Path, trust_remote_code: bool = False) -> Path:

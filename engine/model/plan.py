@@ -192,14 +192,28 @@ def device_workspace(batch_tokens: int, d_model: int, d_ffn: int) -> int:
     return batch_tokens * (8 * d_ffn + 16 * d_model) * 4
 
 
+PAIR_SHARE = 16       # the default capacity of a batch's kept fires: 1/16 of its tokens x counted neurons
+PAIR_FLOOR = 1 << 16  # and at least this many (a small batch is kept whole)
+
+
+def default_pair_capacity(tokens: int, n_counted: int) -> int:
+    """Fires of a batch a GPU keeps for its n-gram pairs by default (engine.record.stats.LayerStats: no host
+    synchronization per batch): 1/PAIR_SHARE of its tokens x counted neurons, 3.7 times the highest mean fire
+    rate of SmolLM2-135M's n-gram layers at tau 1 (1.7 %); past it a batch overflows (pairs_overflowed)."""
+    return min(tokens * n_counted, max(PAIR_FLOOR, -(-tokens * n_counted // PAIR_SHARE)))
+
+
 def kept_pairs_bytes(r: RecordSizes, device_kind: str) -> int:
-    """GPU bytes of a shard's n-gram fires kept until each layer's end (engine.record.stats.LayerStats: no host
-    synchronization per batch), every neuron counted (a layer without n-grams is charged all the same)."""
+    """GPU bytes of a shard's n-gram fires kept until each layer's end, at the default capacity, every neuron
+    counted (a layer without n-grams is charged all the same): per kept fire its index (int32 while a batch's
+    tokens x neurons fit, else int64) and g there."""
     if device_kind != "cuda":
         return 0
-    from ffnscope.engine.record.stats import kept_pair_bytes  # here: stats imports numba
-
-    return kept_pair_bytes(r.shard_tokens, r.batch_tokens, r.d_ffn, r.hidden_itemsize)
+    batches, last = divmod(r.shard_tokens, r.batch_tokens)
+    index_bytes = 4 if r.batch_tokens * r.d_ffn < 2 ** 31 else 8
+    slots = batches * default_pair_capacity(r.batch_tokens, r.d_ffn)
+    slots += default_pair_capacity(last, r.d_ffn) if last else 0
+    return slots * (index_bytes + r.hidden_itemsize)
 
 
 def batch_workspace_bytes(r: RecordSizes, device_kind: str) -> int:

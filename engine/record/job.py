@@ -59,8 +59,8 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
            after=None) -> RecordingState:
     """Run (or resume) a recording job to completion; raises UserError or Stopped.
 
-    `after(state, progress)`, if given, runs once the cache is written complete, while the progress
-    file still says running (the CLI's `record --analyze` runs the analyses there). If it raises, the
+    `after(state, progress, lm)`, if given, runs once the cache is written complete, while the progress
+    file still says running (the CLI's `record --analyze` runs the analyses there, with the loaded model `lm`). If it raises, the
     complete recording stands and the progress file says failed (or stopped, for a signal)."""
     check_output(config)
     # without the n-gram pairs: the recorder carries them over from the checkpoint's runs, streamed
@@ -164,7 +164,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         if after is not None:
             if stop.after_shard:  # asked to stop during the last shard: the recording is whole, stop before more
                 raise Stopped()
-            after(state, progress)
+            after(state, progress, lm)
         progress.update(phase="done")
         progress.finish(COMPLETE, f"{state.n_tokens} tokens recorded" +
                         (f" (all the data holds; {config.tokens} asked)" if packed.short else ""))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ffnscope.cache.state import G_ORDERS, NGRAM_ORDERS, LayerState, Samples, Sparse
+from ffnscope.engine.model.plan import default_pair_capacity
 from ffnscope.engine.record.grams import GramTable
 
 try:
@@ -34,27 +35,8 @@ except ImportError:  # numba missing on this platform: the torch formulation ser
     cpu_kernels = None
 
 
-PAIR_SHARE = 16        # the default capacity of a batch's kept fires: 1/16 of its tokens x counted neurons
-PAIR_FLOOR = 1 << 16   # and at least this many (a small batch is kept whole)
 PAIR_CHUNK = 4         # batches' capacity of kept fires made into pairs at once at the layer's end: their sorts'
                        # transient (about 70 bytes a fire) stays below one batch's workspace (plan.device_workspace)
-
-
-def default_pair_capacity(tokens: int, n_counted: int) -> int:
-    """Fires of a batch kept on the device by default: 1/PAIR_SHARE of its tokens x counted neurons, 3.7 times
-    the highest mean fire rate of alive neurons in SmolLM2-135M's n-gram layers at tau 1 (1.7 %,
-    docs/study-smollm2.md); past it a batch overflows (LayerStats.pairs_overflowed)."""
-    return min(tokens * n_counted, max(PAIR_FLOOR, -(-tokens * n_counted // PAIR_SHARE)))
-
-
-def kept_pair_bytes(shard_tokens: int, batch_tokens: int, n_counted: int, g_itemsize: int) -> int:
-    """Device bytes LayerStats keeps for a shard's n-gram pairs until the layer's end, at the default capacity:
-    per kept fire its index (int32 while a batch's tokens x counted neurons fit, else int64) and g there."""
-    batches, last = divmod(shard_tokens, batch_tokens)
-    index_bytes = 4 if batch_tokens * n_counted <= torch.iinfo(torch.int32).max else 8
-    slots = batches * default_pair_capacity(batch_tokens, n_counted)
-    slots += default_pair_capacity(last, n_counted) if last else 0
-    return slots * (index_bytes + g_itemsize)
 
 
 def chunk_pairs(tokens: torch.Tensor, neurons: torch.Tensor, g_at: torch.Tensor, batch: torch.Tensor, n_batches: int,
