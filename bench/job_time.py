@@ -29,6 +29,7 @@ from ffnscope.engine.model.load import load_model  # noqa: E402
 from ffnscope.engine.record import job  # noqa: E402
 from ffnscope.engine.record.config import RecordConfig  # noqa: E402
 from ffnscope.engine.record.executor import Recorder  # noqa: E402
+from record_throughput import timed  # noqa: E402  (bench/ is on the path: this script's folder)
 
 PHASES = ("calibration", "recording", "final write", "analyses")
 
@@ -41,18 +42,6 @@ def bare_forward(lm, tokens: np.ndarray, batch_tokens: int) -> float:
         for lo in range(0, len(ids), per_batch):
             lm.adapter.base(input_ids=ids[lo:lo + per_batch], use_cache=False)
     return time.perf_counter() - start
-
-
-def timed(seconds: Counter, owner, name: str, phase: str):
-    real = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            seconds[phase] += time.perf_counter() - t
-    setattr(owner, name, wrapper)
 
 
 def main() -> None:
@@ -72,9 +61,10 @@ def main() -> None:
     before = bare_forward(lm, tokens, config.batch_tokens)
 
     seconds: Counter = Counter()
-    timed(seconds, Recorder, "calibrate", "calibration")
-    timed(seconds, Recorder, "record_shards", "recording")
-    timed(seconds, job, "write_complete", "final write")
+    for owner, name, _real, wrapper in (timed(seconds, Recorder, "calibrate", "calibration"),
+                                        timed(seconds, Recorder, "record_shards", "recording"),
+                                        timed(seconds, job, "write_complete", "final write")):
+        setattr(owner, name, wrapper)
 
     def after(_state, _progress, lm) -> None:  # as `record --analyze`: with the recorded model
         t = time.perf_counter()

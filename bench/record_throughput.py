@@ -55,20 +55,23 @@ PHASES = ("forward", "hooks", "statistics", "layer ends", "embed", "segments", "
 CALIB_1M = 32768  # the calibration sample of a 1M-token recording (default_calib_tokens)
 
 
+def timed(seconds: Counter, owner, name: str, phase: str) -> tuple:
+    """`owner.name` wrapped to add its seconds to seconds[phase] -> (owner, name, the real one, the wrapper)."""
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            seconds[phase] += time.perf_counter() - t
+    return owner, name, real, wrapper
+
+
 @contextmanager
 def profiled(seconds: Counter):
     """Time the recording's phases into `seconds` by wrapping the functions that do them (nothing in the engine
     knows it is timed)."""
-    def timed(owner, name, phase):
-        real = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return real(*args, **kwargs)
-            finally:
-                seconds[phase] += time.perf_counter() - t
-        return owner, name, real, wrapper
 
     def keep(self, name):  # the probe's callbacks: run inside the layer's forward
         real = real_keep(self, name)
@@ -79,13 +82,12 @@ def profiled(seconds: Counter):
             seconds["callbacks"] += time.perf_counter() - t0
         return callback
     real_keep = hooks_module.FFNProbe._keep
-    patches = [timed(runner_module.LayerRunner, "run", "forward"), timed(hooks_module.FFNProbe, "take", "hooks"),
-               timed(stats_module.LayerStats, "update", "statistics"),
-               timed(stats_module.LayerStats, "to_host", "layer ends"),
-               timed(stats_module.LayerStats, "take_samples", "layer ends"),
-               timed(block_module.BlockRunner, "_embed", "embed"), timed(executor, "write_segment", "segments"),
-               timed(executor, "fold_segments", "segments"), timed(Recorder, "_checkpoint", "checkpoints"),
-               (hooks_module.FFNProbe, "_keep", real_keep, keep)]
+    patches = [timed(seconds, *where) for where in (
+        (runner_module.LayerRunner, "run", "forward"), (hooks_module.FFNProbe, "take", "hooks"),
+        (stats_module.LayerStats, "update", "statistics"), (stats_module.LayerStats, "to_host", "layer ends"),
+        (stats_module.LayerStats, "take_samples", "layer ends"), (block_module.BlockRunner, "_embed", "embed"),
+        (executor, "write_segment", "segments"), (executor, "fold_segments", "segments"),
+        (Recorder, "_checkpoint", "checkpoints"))] + [(hooks_module.FFNProbe, "_keep", real_keep, keep)]
     for owner, name, _real, wrapper in patches:
         setattr(owner, name, wrapper)
     try:
