@@ -60,8 +60,9 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
     """Run (or resume) a recording job to completion; raises UserError or Stopped.
 
     `after(state, progress, lm)`, if given, runs once the cache is written complete, while the progress
-    file still says running (the CLI's `record --analyze` runs the analyses there, with the loaded model `lm`). If it raises, the
-    complete recording stands and the progress file says failed (or stopped, for a signal)."""
+    file still says running (the CLI's `record --analyze` runs the analyses there, with the loaded model
+    `lm`). If it raises, the complete recording stands and the progress file says failed (or stopped, for a
+    signal)."""
     check_output(config)
     # without the n-gram pairs: the recorder carries them over from the checkpoint's runs, streamed
     previous = read_state(config.out, "resuming", pairs=False) if config.resume else None
