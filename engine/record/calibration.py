@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ffnscope.engine.model.plan import calibration_seqs
 from ffnscope.engine.record.block import BlockRunner
 from ffnscope.engine.record.grams import data_counts
 from ffnscope.engine.record.meta import layer_taus, parse_tau_rule
@@ -25,8 +26,6 @@ SKIP_MARGIN = 2.0  # "auto" skips early only what fires this many times more oft
 def calibration_rows(meta: dict, n_seqs: int) -> np.ndarray:
     """Sequences of the calibration sample: spread evenly over the whole packed data (`n_seqs`, not this part's
     slice), so every part of a recording decides the same."""
-    from ffnscope.engine.model.plan import calibration_seqs
-
     n = calibration_seqs(n_seqs, meta["recording"]["calib_tokens"], meta["data"]["seq_len"])
     return np.unique(np.linspace(0, n_seqs - 1, n).round().astype(np.int64))
 
