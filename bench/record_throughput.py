@@ -197,7 +197,7 @@ def main() -> None:
     tokens = packed.tokens
     n_tok = tokens.size
     per_batch = max(1, args.batch_tokens // args.seq_len)
-    shard_tokens = args.shard_tokens or default_shard_tokens(n_tok, args.seq_len)
+    shard_tokens = args.shard_tokens or default_shard_tokens(n_tok, args.seq_len, args.batch_tokens)
     out = Path(tempfile.mkdtemp()) / "bench.h5"
     config = RecordConfig(out=out, model=args.model, tokens=n_tok, seq_len=args.seq_len,
                           batch_tokens=args.batch_tokens, shard_tokens=shard_tokens, device="cpu")

@@ -239,14 +239,12 @@ def _builtin_type(model_type) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
-MIN_SHARD_TOKENS = 32768  # each layer of each shard costs a fixed share (its accumulators, their host copies)
-
-
-def default_shard_tokens(tokens: int, seq_len: int) -> int:
+def default_shard_tokens(tokens: int, seq_len: int, batch_tokens: int) -> int:
     """Shards are the unit of checkpoints: a quarter of the recording (whole sequences), so a stopped
     recording keeps most of its work, and at most 262144 tokens, so a big one checkpoints often; but at least
-    MIN_SHARD_TOKENS (under a minute here), so what each shard costs besides its compute stays small."""
-    return max(seq_len, min(262144, max(MIN_SHARD_TOKENS, tokens // 4)) // seq_len * seq_len)
+    a batch: a smaller shard would run smaller batches, and pay what each shard costs besides its compute
+    (its accumulators per layer, its segment) more often."""
+    return max(seq_len, min(262144, max(batch_tokens, tokens // 4)) // seq_len * seq_len)
 
 
 CALIB_SHARE = 0.05    # the default calibration sample: at most this share of the data's tokens ...

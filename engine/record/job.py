@@ -103,7 +103,7 @@ def record(config: RecordConfig, command: list[str] | None = None, on_progress=N
         packed = pack(sources.documents(), lm.tokenizer, seq_len, config.tokens // seq_len, start_id, sep_id)
         if config.shard_tokens is None:  # a resumed run keeps the shards it was cut into
             config = replace(config, shard_tokens=previous.meta["recording"]["shard_tokens"] if previous is not None
-                             else default_shard_tokens(int(packed.tokens.size), seq_len))
+                             else default_shard_tokens(int(packed.tokens.size), seq_len, config.batch_tokens))
         meta = build_meta(config, lm, sources, packed, seq_len, start_id, sep_id)
         if previous is not None:
             check_same_recording(previous.meta, meta, config.out, for_resume=True)
